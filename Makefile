@@ -1,0 +1,48 @@
+# The few verbs a person needs. Everything installs into the repo (.venv, .stack) unless told otherwise.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= $(CURDIR)/.venv
+STACK_PREFIX ?= $(CURDIR)/.stack
+PROTO_DIR := proto
+PROTO_FILES := $(sort $(wildcard $(PROTO_DIR)/kybernate/api/*.proto))
+export STACK_PREFIX
+
+.PHONY: all venv proto proto-check stack test unit demo bench clean-stack
+
+all: venv
+
+# A venv with the package installed in editable mode plus the build/test tools.
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# Regenerate the Python code for every .proto under proto/ (committed; `make proto-check` verifies it).
+proto: venv
+	rm -f $(PROTO_DIR)/kybernate/api/*_pb2*.py $(PROTO_DIR)/kybernate/api/*_pb2*.pyi
+	$(VENV)/bin/python -m grpc_tools.protoc -I$(PROTO_DIR) \
+		--python_out=$(PROTO_DIR) --pyi_out=$(PROTO_DIR) --grpc_python_out=$(PROTO_DIR) \
+		$(PROTO_FILES)
+
+proto-check: venv
+	$(VENV)/bin/python tests/tools/check_proto.py
+
+# The private test stack: containerd 1.6.20 and 2.1.x, runc, CNI plugins, CRIU 4.x, checkpointctl.
+stack:
+	packaging/stack/provision.sh "$(STACK_PREFIX)"
+
+unit: venv proto-check
+	$(VENV)/bin/python -m pytest tests/unit -q
+
+test: venv stack proto-check
+	$(VENV)/bin/python -m pytest -q
+
+demo: venv stack
+	packaging/demo.sh
+
+bench: venv stack
+	$(VENV)/bin/python tests/bench/bench_shim.py
+
+clean-stack:
+	rm -rf "$(STACK_PREFIX)"

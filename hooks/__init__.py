@@ -1,0 +1,1 @@
+"""kybernate-hookd: the node daemon that runs the CUDA checkpoint steps."""

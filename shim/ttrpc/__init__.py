@@ -1,0 +1,1 @@
+"""ttrpc (containerd's RPC protocol over unix sockets), implemented for asyncio."""
