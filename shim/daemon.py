@@ -1,0 +1,99 @@
+"""The shim daemon: one asyncio loop serving containerd on our socket, forwarding to the runc shim.
+
+It lives exactly as long as its child: when the runc shim exits (after containerd's Shutdown, or
+because it was killed) the daemon answers what is in flight, removes its socket and exits, and
+containerd cleans up as it would for any shim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+
+from . import logs
+from .gpu_steps import GpuDriver
+from .runtime_options import KybernateOptions
+
+log = logging.getLogger(__name__)
+
+# After the child is gone, how long in-flight calls (all failing fast now) may take to be answered.
+DRAIN_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    namespace: str
+    group: str
+    address: str
+    bundle: str
+    child_address: str
+    child_task_api: int
+    debug: bool = False
+    kybernate: KybernateOptions = field(default_factory=KybernateOptions)
+
+
+def run(config: DaemonConfig, listener: socket.socket) -> int:
+    logs.setup(config.bundle, config.debug)
+    try:
+        asyncio.run(serve(config, listener))
+        return 0
+    except Exception:
+        log.exception("shim daemon failed")
+        return 1
+    finally:
+        _cleanup(config)
+
+
+def hookd_driver(options: KybernateOptions) -> GpuDriver:
+    from .hookd_driver import HookdDriver
+
+    return HookdDriver(options.hookd_socket, options.hookd_timeout_s)
+
+
+async def serve(config: DaemonConfig, listener: socket.socket) -> None:
+    from .service import TaskService
+    from .ttrpc.server import Server
+    from .upstream import Upstream
+
+    upstream = await Upstream.connect(config.child_address, config.child_task_api)
+    service = TaskService(upstream, config.namespace, config.kybernate, hookd_driver)
+    server = Server(service.handle)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info(
+        "serving",
+        extra={"fields": {"ns": config.namespace, "group": config.group, "child": config.child_address,
+                          "task_api": config.child_task_api, "pid": os.getpid()}},
+    )
+    serving = asyncio.create_task(server.serve_socket(listener), name="ttrpc-server")
+    child_gone = asyncio.create_task(upstream.wait_closed(), name="upstream-closed")
+    stopped = asyncio.create_task(stop.wait(), name="signal")
+    done, _ = await asyncio.wait({serving, child_gone, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if serving in done and serving.exception() is not None:
+        log.error("ttrpc server stopped", exc_info=serving.exception())
+    reason = "runc shim exited" if child_gone in done else "signal" if stopped in done else "server stopped"
+    log.info("shutting down", extra={"fields": {"reason": reason}})
+    if child_gone in done:
+        await server.drain(DRAIN_TIMEOUT_S)
+    server.close()
+    await server.wait_closed()
+    for task in (serving, child_gone, stopped):
+        task.cancel()
+    await asyncio.gather(serving, child_gone, stopped, return_exceptions=True)
+    await upstream.close()
+
+
+def _cleanup(config: DaemonConfig) -> None:
+    from .manager import GroupState, remove_socket
+
+    remove_socket(config.address)
+    try:
+        GroupState.path_for(config.address).unlink()
+    except FileNotFoundError:
+        pass

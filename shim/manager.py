@@ -1,0 +1,354 @@
+"""The shim binary's own lifecycle: `start`, `delete` and `-info`. Nothing here serves RPCs.
+
+`start` runs the stock runc shim's own `start` (which forks the runc shim daemon, our child), binds our
+socket, forks our daemon (no re-exec: the interpreter and imports are already paid for), rewrites
+`bundle/address` to ours and prints our address. `delete` cleans up after a dead shim the way the runc
+shim does, and also stops a runc shim left behind when our daemon was killed.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .cli import ShimArgs
+
+RUNC_SHIM_BINARY = "containerd-shim-runc-v2"
+# Where containerd's shims put their sockets, whatever containerd's --state says.
+SOCKET_DIR = Path("/run/containerd/s")
+# Per-group record of our daemon and its child, so `delete` can clean up after a killed daemon.
+GROUP_STATE_DIR = Path(os.environ.get("KYBERNATE_SHIM_STATE_DIR", "/run/kybernate/shims"))
+GROUP_LABELS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
+CHILD_START_TIMEOUT_S = 30.0
+
+
+class StartError(RuntimeError):
+    """The shim could not be started; the message says which step failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChildShim:
+    """The runc shim we started: its socket and which task API it serves (2 or 3)."""
+
+    address: str
+    task_api: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupState:
+    """What `delete` needs to know about a group's daemons after ours was killed."""
+
+    namespace: str
+    group: str
+    address: str
+    daemon_pid: int
+    child_address: str
+    child_task_api: int
+
+    @staticmethod
+    def path_for(address: str) -> Path:
+        return GROUP_STATE_DIR / (Path(socket_path(address)).name + ".json")
+
+    def save(self) -> None:
+        GROUP_STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.path_for(self.address)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self)))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, address: str) -> GroupState | None:
+        try:
+            return cls(**json.loads(cls.path_for(address).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def read_spec(bundle: Path) -> dict[str, object]:
+    try:
+        with open(bundle / "config.json", "rb") as f:
+            spec = json.load(f)
+    except OSError as err:
+        raise StartError(f"cannot read the OCI spec {bundle / 'config.json'}: {err.strerror}") from err
+    except ValueError as err:
+        raise StartError(f"the OCI spec {bundle / 'config.json'} is not valid JSON: {err}") from err
+    if not isinstance(spec, dict):
+        raise StartError(f"the OCI spec {bundle / 'config.json'} is not a JSON object")
+    return spec
+
+
+def annotations(spec: dict[str, object]) -> dict[str, str]:
+    found = spec.get("annotations") or {}
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
+
+
+def group_id(spec: dict[str, object], container_id: str) -> str:
+    """Containers of one pod share one shim, exactly as the runc shim groups them."""
+    notes = annotations(spec)
+    for label in GROUP_LABELS:
+        if notes.get(label):
+            return notes[label]
+    return container_id
+
+
+def socket_address(containerd_address: str, namespace: str, group: str) -> str:
+    # Hashed like the runc shim's name but over a different input, so the two never collide.
+    digest = hashlib.sha256(f"{containerd_address}/{namespace}/{group}/kybernate".encode()).hexdigest()
+    return f"unix://{SOCKET_DIR / digest}"
+
+
+def socket_path(address: str) -> str:
+    return address.removeprefix("unix://")
+
+
+def can_connect(address: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(socket_path(address))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def remove_socket(address: str) -> None:
+    try:
+        os.unlink(socket_path(address))
+    except FileNotFoundError:
+        pass
+
+
+def write_address(bundle: Path, address: str) -> None:
+    # containerd 1.6/1.7 reconnect from this file after a restart; write it atomically.
+    tmp = bundle / ".address.kybernate"
+    tmp.write_text(address)
+    tmp.replace(bundle / "address")
+
+
+def find_runc_shim() -> str:
+    configured = os.environ.get("KYBERNATE_RUNC_SHIM")
+    if configured:
+        return configured
+    found = shutil.which(RUNC_SHIM_BINARY)
+    if not found:
+        raise StartError(
+            f"{RUNC_SHIM_BINARY} is not on containerd's PATH; install containerd's runc shim "
+            "or set KYBERNATE_RUNC_SHIM to its path"
+        )
+    return found
+
+
+def parse_child_start_output(output: bytes) -> ChildShim:
+    """The runc shim prints a bare address (containerd 1.6/1.7) or JSON bootstrap params (2.x)."""
+    text = output.decode("utf-8", errors="replace").strip()
+    if text.startswith("{"):
+        try:
+            params = json.loads(text)
+            return ChildShim(address=str(params["address"]), task_api=int(params.get("version", 2)))
+        except (ValueError, KeyError, TypeError) as err:
+            raise StartError(f"runc shim printed unreadable bootstrap params {text!r}: {err}") from err
+    if not text.startswith("unix://") or "\n" in text:
+        raise StartError(f"runc shim start did not print an address: {text!r}")
+    return ChildShim(address=text, task_api=2)
+
+
+def run_child(runc_shim: str, args: list[str], bundle: Path, stdin: bytes) -> bytes:
+    try:
+        done = subprocess.run(
+            [runc_shim, *args],
+            cwd=bundle,
+            input=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            timeout=CHILD_START_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as err:
+        raise StartError(f"{runc_shim} {args[-1]} did not finish within {CHILD_START_TIMEOUT_S:.0f}s") from err
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).decode("utf-8", errors="replace").strip()
+        raise StartError(f"{runc_shim} {args[-1]} failed (exit {done.returncode}): {detail}")
+    return done.stdout
+
+
+def convert_options(stdin: bytes) -> tuple[bytes, object]:
+    """(the runc shim's stdin, Kybernate's settings) from the options containerd gave us."""
+    from . import runtime_options
+
+    try:
+        config = runtime_options.from_any_bytes(stdin)
+    except runtime_options.OptionsError as err:
+        raise StartError(str(err)) from err
+    return config.runc_any_bytes(), config.kybernate
+
+
+def start(args: ShimArgs, stdin: bytes) -> str:
+    bundle = Path(args.bundle or os.getcwd())
+    spec = read_spec(bundle)
+    group = group_id(spec, args.id)
+    address = socket_address(args.address, args.namespace, group)
+    if can_connect(address):
+        write_address(bundle, address)
+        return address
+    remove_socket(address)
+
+    runc_shim = find_runc_shim()
+    child_stdin, kybernate_options = convert_options(stdin)
+    child_cmd = [runc_shim, *args.child_flags(), "start"]
+    child = subprocess.Popen(
+        child_cmd, cwd=bundle, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    # Import the daemon while the runc shim starts: the two overlap instead of adding up.
+    from . import daemon
+
+    try:
+        out, err = child.communicate(child_stdin, timeout=CHILD_START_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        child.kill()
+        raise StartError(f"{runc_shim} start did not finish within {CHILD_START_TIMEOUT_S:.0f}s") from exc
+    if child.returncode != 0:
+        detail = (err or out).decode("utf-8", errors="replace").strip()
+        raise StartError(f"{runc_shim} start failed (exit {child.returncode}): {detail}")
+    child_shim = parse_child_start_output(out)
+
+    listener = bind_socket(address)
+    config = daemon.DaemonConfig(
+        namespace=args.namespace,
+        group=group,
+        address=address,
+        bundle=str(bundle),
+        child_address=child_shim.address,
+        child_task_api=child_shim.task_api,
+        debug=args.debug,
+        kybernate=kybernate_options,  # type: ignore[arg-type]
+    )
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        code = 1
+        try:
+            detach_from_caller()
+            code = daemon.run(config, listener)
+        finally:
+            os._exit(code)
+    listener.close()
+    GroupState(args.namespace, group, address, pid, child_shim.address, child_shim.task_api).save()
+    write_address(bundle, address)
+    return address
+
+
+def bind_socket(address: str) -> socket.socket:
+    path = socket_path(address)
+    os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        os.chmod(path, 0o600)
+        listener.listen(128)
+    except OSError as err:
+        listener.close()
+        raise StartError(f"cannot listen on {path}: {err.strerror}") from err
+    return listener
+
+
+def detach_from_caller() -> None:
+    """containerd reads start's stdout and stderr to EOF: the daemon must hold neither."""
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def delete(args: ShimArgs) -> bytes:
+    """Clean up after a dead shim and print the runc shim's DeleteResponse."""
+    bundle = Path(args.bundle or os.getcwd())
+    try:
+        group = group_id(read_spec(bundle), args.id)
+    except StartError:
+        group = args.id
+    address = socket_address(args.address, args.namespace, group)
+    if not can_connect(address):
+        stop_orphaned_child(address)
+    return run_child(find_runc_shim(), [*args.child_flags(), "delete"], bundle, b"")
+
+
+def stop_orphaned_child(address: str) -> None:
+    """Our daemon is gone: stop the runc shim it started, which would otherwise run on unseen."""
+    state = GroupState.load(address)
+    remove_socket(address)
+    if state is None:
+        return
+    # Found by the socket it listens on rather than a recorded pid, which may have been reused.
+    for candidate in child_shim_pids(state.child_address):
+        try:
+            os.kill(candidate, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    remove_socket(state.child_address)
+    try:
+        GroupState.path_for(address).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def child_shim_pids(child_address: str) -> list[int]:
+    """PIDs of runc shim processes serving `child_address`, found by the socket they listen on."""
+    path = socket_path(child_address)
+    inodes = _listening_inodes(path)
+    if not inodes:
+        return []
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry.name}/fd")
+            for fd in fds:
+                target = os.readlink(f"/proc/{entry.name}/fd/{fd}")
+                if target.startswith("socket:[") and int(target[8:-1]) in inodes:
+                    found.append(int(entry.name))
+                    break
+        except OSError as err:
+            if err.errno not in (errno.ENOENT, errno.EACCES, errno.ESRCH):
+                raise
+    return found
+
+
+def _listening_inodes(path: str) -> set[int]:
+    inodes = set()
+    try:
+        with open("/proc/net/unix") as table:
+            next(table)
+            for line in table:
+                fields = line.split()
+                if len(fields) >= 8 and fields[7] == path:
+                    inodes.add(int(fields[6]))
+    except OSError:
+        pass
+    return inodes
+
+
+def info(args: ShimArgs, stdin: bytes) -> bytes:
+    """`-info`: the runc shim answers, given options it can read."""
+    child_stdin, _ = convert_options(stdin)
+    flags = ["-debug"] if args.debug else []
+    runc_shim = find_runc_shim()
+    done = subprocess.run(
+        [runc_shim, *flags, "-info"], input=child_stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False
+    )
+    if done.returncode != 0:
+        raise StartError(f"{runc_shim} -info failed: {done.stderr.decode(errors='replace').strip()}")
+    sys.stderr.flush()
+    return done.stdout

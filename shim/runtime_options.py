@@ -1,0 +1,176 @@
+"""Runtime options: what containerd hands the shim, turned into what the runc shim understands.
+
+containerd sends options as a protobuf Any, on `start`'s stdin and in CreateTaskRequest.options.
+- CRI (and `ctr --runtime-config-path`) send `runtimeoptions.v1.Options`: a path to, or the body of, a
+  TOML file. The stock runc shim casts options blindly and would fail on it, so we read the TOML and
+  build `containerd.runc.v1.Options` from it.
+- `containerd.runc.v1.Options` (from a caller that already speaks runc) passes through unchanged.
+
+The TOML file holds runc's keys at the top level, spelled as in containerd's own runc options
+(`BinaryName`, `Root`, `SystemdCgroup`, ...), and Kybernate's own settings under `[kybernate]`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import any_pb2
+
+from kybernate.api import runc_options_pb2, runtimeoptions_pb2
+
+RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
+CRI_OPTIONS_TYPE = "runtimeoptions.v1.Options"
+
+# TOML key -> (protobuf field, python type). Spelling follows containerd's runc options table.
+RUNC_KEYS: dict[str, tuple[str, type]] = {
+    "NoPivotRoot": ("no_pivot_root", bool),
+    "NoNewKeyring": ("no_new_keyring", bool),
+    "ShimCgroup": ("shim_cgroup", str),
+    "IoUid": ("io_uid", int),
+    "IoGid": ("io_gid", int),
+    "BinaryName": ("binary_name", str),
+    "Root": ("root", str),
+    "CriuPath": ("criu_path", str),
+    "SystemdCgroup": ("systemd_cgroup", bool),
+    "CriuImagePath": ("criu_image_path", str),
+    "CriuWorkPath": ("criu_work_path", str),
+}
+
+DEFAULT_HOOKD_SOCKET = "/run/kybernate/hookd.sock"
+
+
+class OptionsError(ValueError):
+    """Runtime options that cannot be understood; the message says which and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class KybernateOptions:
+    """Kybernate's own settings from the `[kybernate]` table; annotations may override per pod."""
+
+    hookd_socket: str = DEFAULT_HOOKD_SOCKET
+    # How long the driver may wait for submitted GPU work before a lock gives up, in milliseconds.
+    lock_timeout_ms: int = 10_000
+    # Whether a plain Pause (not part of a checkpoint) moves VRAM to host memory (hot standby).
+    pause_releases_vram: bool = True
+    # Upper bound for one hookd call (checkpoint or restore of all GPU processes), in seconds.
+    hookd_timeout_s: float = 600.0
+
+
+KYBERNATE_KEYS: dict[str, type] = {
+    "hookd_socket": str,
+    "lock_timeout_ms": int,
+    "pause_releases_vram": bool,
+    "hookd_timeout_s": float,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """The runc options to hand on (None: none were given) and Kybernate's own settings."""
+
+    runc: runc_options_pb2.Options | None = None
+    kybernate: KybernateOptions = field(default_factory=KybernateOptions)
+
+    def runc_any_bytes(self) -> bytes:
+        """Serialized Any for the runc shim's stdin or CreateTaskRequest.options; empty when none."""
+        if self.runc is None:
+            return b""
+        return any_pb2.Any(type_url=RUNC_OPTIONS_TYPE, value=self.runc.SerializeToString()).SerializeToString()
+
+    def runc_any(self) -> any_pb2.Any | None:
+        if self.runc is None:
+            return None
+        return any_pb2.Any(type_url=RUNC_OPTIONS_TYPE, value=self.runc.SerializeToString())
+
+
+def _bare_type(type_url: str) -> str:
+    return type_url.rsplit("/", 1)[-1]
+
+
+def from_any(options: any_pb2.Any | None) -> RuntimeConfig:
+    if options is None or (not options.type_url and not options.value):
+        return RuntimeConfig()
+    kind = _bare_type(options.type_url)
+    if kind == RUNC_OPTIONS_TYPE:
+        runc = runc_options_pb2.Options()
+        runc.ParseFromString(options.value)
+        return RuntimeConfig(runc=runc)
+    if kind == CRI_OPTIONS_TYPE:
+        cri = runtimeoptions_pb2.Options()
+        cri.ParseFromString(options.value)
+        return from_cri_options(cri)
+    raise OptionsError(
+        f"runtime options of type {options.type_url!r} are not supported: "
+        f"use {CRI_OPTIONS_TYPE} (a TOML file) or {RUNC_OPTIONS_TYPE}"
+    )
+
+
+def from_any_bytes(data: bytes) -> RuntimeConfig:
+    if not data:
+        return RuntimeConfig()
+    wrapped = any_pb2.Any()
+    try:
+        wrapped.ParseFromString(data)
+    except Exception as err:  # protobuf raises DecodeError, a plain Exception subclass
+        raise OptionsError(f"runtime options are not a protobuf Any: {err}") from err
+    return from_any(wrapped)
+
+
+def from_cri_options(cri: runtimeoptions_pb2.Options) -> RuntimeConfig:
+    if cri.config_body:
+        text = bytes(cri.config_body).decode("utf-8", errors="replace")
+        origin = "ConfigBody"
+    elif cri.config_path:
+        path = Path(cri.config_path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise OptionsError(f"cannot read runtime options file {path}: {err.strerror}") from err
+        origin = str(path)
+    else:
+        return RuntimeConfig()
+    return from_toml(text, origin)
+
+
+def from_toml(text: str, origin: str = "runtime options") -> RuntimeConfig:
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise OptionsError(f"{origin}: not valid TOML: {err}") from err
+    runc = runc_options_pb2.Options()
+    for key, value in table.items():
+        # containerd 2.x passes the whole options table as the body, its own keys included.
+        if key in ("kybernate", "TypeUrl", "ConfigPath"):
+            continue
+        if key not in RUNC_KEYS:
+            raise OptionsError(f"{origin}: unknown key {key!r}; known: {', '.join(sorted(RUNC_KEYS))}, [kybernate]")
+        name, kind = RUNC_KEYS[key]
+        setattr(runc, name, _typed(origin, key, value, kind))
+    return RuntimeConfig(runc=runc, kybernate=kybernate_from_table(table.get("kybernate", {}), origin))
+
+
+def kybernate_from_table(table: object, origin: str) -> KybernateOptions:
+    if not isinstance(table, dict):
+        raise OptionsError(f"{origin}: [kybernate] must be a table")
+    values: dict[str, object] = {}
+    for key, value in table.items():
+        if key not in KYBERNATE_KEYS:
+            raise OptionsError(
+                f"{origin}: unknown key kybernate.{key}; known: {', '.join(sorted(KYBERNATE_KEYS))}"
+            )
+        values[key] = _typed(origin, f"kybernate.{key}", value, KYBERNATE_KEYS[key])
+    return KybernateOptions(**values)  # type: ignore[arg-type]
+
+
+def _typed(origin: str, key: str, value: object, kind: type) -> object:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, bool):
+        raise OptionsError(f"{origin}: {key} must be an integer, not {value!r}")
+    if not isinstance(value, kind):
+        raise OptionsError(f"{origin}: {key} must be {kind.__name__}, not {value!r}")
+    if kind is int and not 0 <= value <= 0xFFFFFFFF:  # type: ignore[operator]
+        raise OptionsError(f"{origin}: {key} out of range: {value!r}")
+    return value

@@ -1,0 +1,233 @@
+"""The task service containerd talks to: every call goes to the runc shim; five calls get GPU steps.
+
+Each intercepted RPC is one short method: decode what we need, run the GPU step in its place, forward,
+map errors once. Everything else is forwarded as bytes, so containerd's behaviour stays exact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from google.protobuf import any_pb2
+
+from kybernate.api import runc_options_pb2, task_pb2
+
+from . import gpu_steps, runtime_options
+from .gpu_steps import Event, GpuStepError, GpuSteps, Phase, TaskControl, TaskGpu
+from .runtime_options import KybernateOptions
+from .ttrpc.errors import Code, TTRPCError
+from .ttrpc.server import Call
+from .upstream import TASK_SERVICES, Upstream
+
+log = logging.getLogger(__name__)
+
+NAMESPACE_KEY = "containerd-namespace-ttrpc"
+CHECKPOINT_OPTIONS_TYPE = "containerd.runc.v1.CheckpointOptions"
+
+
+class TaskService:
+    def __init__(
+        self,
+        upstream: Upstream,
+        namespace: str,
+        default_options: KybernateOptions,
+        driver_for: Callable[[KybernateOptions], gpu_steps.GpuDriver],
+    ) -> None:
+        self.upstream = upstream
+        self.namespace = namespace
+        self.default_options = default_options
+        self.gpu = GpuSteps(
+            control=TaskControl(pids=self._pids, freeze=self._freeze, thaw=self._thaw),
+            driver_for=driver_for,
+        )
+        self._intercepted: dict[str, Callable[[Call], Awaitable[bytes]]] = {
+            "Create": self.create,
+            "Start": self.start,
+            "Pause": self.pause,
+            "Resume": self.resume,
+            "Checkpoint": self.checkpoint,
+            "Delete": self.delete,
+            "Connect": self.connect,
+            "Shutdown": self.shutdown,
+        }
+
+    async def handle(self, call: Call) -> bytes:
+        if call.service not in TASK_SERVICES:
+            raise TTRPCError(Code.UNIMPLEMENTED, f"service {call.service} is not served by the kybernate shim")
+        method = self._intercepted.get(call.method)
+        if method is None:
+            return await self.upstream.forward(call)
+        return await method(call)
+
+    # --- intercepted calls -------------------------------------------------------------------------
+
+    async def create(self, call: Call) -> bytes:
+        request = _decode(task_pb2.CreateTaskRequest, call)
+        try:
+            config = runtime_options.from_any(request.options if request.HasField("options") else None)
+        except runtime_options.OptionsError as err:
+            raise TTRPCError(Code.INVALID_ARGUMENT, str(err)) from err
+        payload = None
+        if request.HasField("options") and _bare_type(request.options.type_url) != runtime_options.RUNC_OPTIONS_TYPE:
+            # The runc shim would misread CRI's options: hand it runc options or none.
+            converted = config.runc_any()
+            if converted is None:
+                request.ClearField("options")
+            else:
+                request.options.CopyFrom(converted)
+            payload = request.SerializeToString()
+        options = config.kybernate if config.runc is not None else self.default_options
+        spec = _read_spec(request.bundle)
+        try:
+            options = gpu_steps.options_with_annotations(options, spec)
+        except GpuStepError as err:
+            raise TTRPCError(Code.INVALID_ARGUMENT, str(err)) from err
+        phase, manifest = Phase.NO_GPU, None
+        if gpu_steps.is_gpu_container(spec):
+            phase = Phase.LIVE
+            if request.checkpoint:
+                manifest = self._gpu_error_to_status(lambda: gpu_steps.read_manifest(request.checkpoint))
+                if manifest is not None and manifest.get("processes"):
+                    phase = Phase.RESTORE_PENDING
+        reply = await self.upstream.forward(call, payload)
+        self.gpu.created(
+            TaskGpu(request.id, self.namespace, request.bundle, options, phase, manifest=manifest)
+        )
+        return reply
+
+    async def start(self, call: Call) -> bytes:
+        request = _decode(task_pb2.StartRequest, call)
+        reply = await self.upstream.forward(call)
+        if not request.exec_id:
+            await self._gpu_step(Event.START, request.id, "restore GPU state after runc restored the task")
+        return reply
+
+    async def pause(self, call: Call) -> bytes:
+        request = _decode(task_pb2.PauseRequest, call)
+        await self._gpu_step(Event.PAUSE, request.id, "checkpoint GPU state before pausing")
+        try:
+            reply = await self.upstream.forward(call)
+        except TTRPCError:
+            await self._gpu_step(Event.PAUSE_FAILED, request.id, "restore GPU state after a failed pause")
+            raise
+        self._set_paused(request.id, True)
+        return reply
+
+    async def resume(self, call: Call) -> bytes:
+        request = _decode(task_pb2.ResumeRequest, call)
+        reply = await self.upstream.forward(call)
+        self._set_paused(request.id, False)
+        await self._gpu_step(Event.RESUME, request.id, "restore GPU state after resuming")
+        return reply
+
+    async def checkpoint(self, call: Call) -> bytes:
+        request = _decode(task_pb2.CheckpointTaskRequest, call)
+        await self._gpu_step(Event.CHECKPOINT, request.id, "checkpoint GPU state before the CRIU dump")
+        task = self.gpu.tasks.get(request.id)
+        if task is not None and task.phase is Phase.CHECKPOINTED and task.manifest is not None and request.path:
+            self._gpu_error_to_status(lambda: gpu_steps.write_manifest(request.path, task.manifest or {}))
+        try:
+            reply = await self.upstream.forward(call)
+        except TTRPCError:
+            await self._gpu_step(Event.CHECKPOINT_FAILED, request.id, "restore GPU state after a failed checkpoint")
+            raise
+        if not _checkpoint_exits(request.options if request.HasField("options") else None):
+            await self._gpu_step(Event.CHECKPOINT_DONE, request.id, "restore GPU state after checkpoint")
+        return reply
+
+    async def delete(self, call: Call) -> bytes:
+        request = _decode(task_pb2.DeleteRequest, call)
+        reply = await self.upstream.forward(call)
+        if not request.exec_id:
+            self.gpu.forget(request.id)
+        return reply
+
+    async def connect(self, call: Call) -> bytes:
+        reply = task_pb2.ConnectResponse.FromString(await self.upstream.forward(call))
+        # containerd treats the shim pid as the process to watch and kill: that is us, not the child.
+        reply.shim_pid = os.getpid()
+        return reply.SerializeToString()
+
+    async def shutdown(self, call: Call) -> bytes:
+        try:
+            return await self.upstream.forward(call)
+        except TTRPCError as err:
+            if err.code == Code.UNAVAILABLE:  # the runc shim exited while answering: that is the point
+                return b""
+            raise
+
+    # --- helpers -----------------------------------------------------------------------------------
+
+    def _set_paused(self, container_id: str, paused: bool) -> None:
+        task = self.gpu.tasks.get(container_id)
+        if task is not None:
+            task.paused = paused
+
+    async def _gpu_step(self, event: Event, container_id: str, what: str) -> None:
+        if self.gpu.phase(container_id) is Phase.NO_GPU:
+            return  # the common case: no GPU, no daemon, nothing imported
+        from kybernate.hooks.client import HookdError, HookdUnavailable
+
+        try:
+            await self.gpu.on(event, container_id)
+        except HookdUnavailable as err:
+            raise TTRPCError(Code.UNAVAILABLE, f"{container_id}: cannot {what}: {err}") from err
+        except HookdError as err:
+            raise TTRPCError(Code.from_wire(int(err.code)), f"{container_id}: cannot {what}: {err.message}") from err
+        except (GpuStepError, TimeoutError) as err:
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"{container_id}: cannot {what}: {err}") from err
+
+    @staticmethod
+    def _gpu_error_to_status(step: Callable[[], Any]) -> Any:
+        try:
+            return step()
+        except (GpuStepError, OSError) as err:
+            raise TTRPCError(Code.FAILED_PRECONDITION, str(err)) from err
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((NAMESPACE_KEY, self.namespace),)
+
+    async def _pids(self, container_id: str) -> list[int]:
+        reply = await self.upstream.call(
+            "Pids", task_pb2.PidsRequest(id=container_id), task_pb2.PidsResponse, metadata=self._metadata()
+        )
+        return [p.pid for p in reply.processes]
+
+    async def _freeze(self, container_id: str) -> None:
+        await self.upstream.call("Pause", task_pb2.PauseRequest(id=container_id), task_pb2.Empty,
+                                 metadata=self._metadata())
+
+    async def _thaw(self, container_id: str) -> None:
+        await self.upstream.call("Resume", task_pb2.ResumeRequest(id=container_id), task_pb2.Empty,
+                                 metadata=self._metadata())
+
+
+def _decode(kind: type[Any], call: Call) -> Any:
+    try:
+        return kind.FromString(call.payload)
+    except Exception as err:  # protobuf's DecodeError
+        raise TTRPCError(Code.INVALID_ARGUMENT, f"{call.method}: request is not a valid {kind.__name__}") from err
+
+
+def _bare_type(type_url: str) -> str:
+    return type_url.rsplit("/", 1)[-1]
+
+
+def _checkpoint_exits(options: any_pb2.Any | None) -> bool:
+    if options is None or _bare_type(options.type_url) != CHECKPOINT_OPTIONS_TYPE:
+        return False
+    return runc_options_pb2.CheckpointOptions.FromString(options.value).exit
+
+
+def _read_spec(bundle: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            spec = json.load(f)
+    except (OSError, ValueError) as err:
+        raise TTRPCError(Code.INVALID_ARGUMENT, f"cannot read the OCI spec in bundle {bundle}: {err}") from err
+    return spec if isinstance(spec, dict) else {}
+

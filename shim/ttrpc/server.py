@@ -1,0 +1,368 @@
+"""A ttrpc server on unix sockets: one task per connection, one task per request.
+
+Structure: serve_socket() owns a TaskGroup holding its accept loop and one task per connection; each
+connection owns a TaskGroup holding one task per in-flight request. Closing the server cancels the
+connection tasks, which cancels their requests and closes their sockets; nothing is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from .connection import Connection, from_socket, socket_path
+from .errors import Code, ConnectionClosed, TTRPCError
+from .frames import Event
+from .protocol import (
+    Ignored,
+    Metadata,
+    Request,
+    RequestReceived,
+    Response,
+    ServerProtocol,
+    StreamRejected,
+)
+
+log = logging.getLogger(__name__)
+
+LISTEN_BACKLOG = 64
+SOCKET_MODE = 0o600  # containerd and the shim run as the same user (root)
+_ACCEPT_RETRY_S = 0.1  # after EMFILE and friends
+_ACCEPT_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED})
+_UCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One incoming request, as a handler sees it."""
+
+    service: str
+    method: str
+    payload: bytes
+    metadata: Metadata
+    timeout_nano: int  # as the client sent it; the server already enforces it
+    stream_id: int
+
+
+# Returns the response payload; raises TTRPCError to answer with that status.
+Handler = Callable[[Call], Awaitable[bytes]]
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a unix socket (SO_PEERCRED)."""
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return pid, uid, gid
+
+
+class Server:
+    def __init__(self, handler: Handler, *, require_same_uid: bool = True) -> None:
+        self._handler = handler
+        self._require_same_uid = require_same_uid
+        self._closing = asyncio.Event()
+        self._idle = asyncio.Event()  # set while no serve_socket runs and no connection is open
+        self._idle.set()
+        self._no_calls = asyncio.Event()  # set while no request is in flight
+        self._no_calls.set()
+        self._serving = 0
+        self._connections: dict[_ServerConnection, asyncio.Task[None]] = {}
+        self._in_flight = 0
+        self._next_connection = 1
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests whose handler is running or whose answer is being written."""
+        return self._in_flight
+
+    @property
+    def closing(self) -> bool:
+        return self._closing.is_set()
+
+    async def serve_path(self, path: str) -> None:
+        """Bind a new socket at `path` ("unix://" prefix allowed), mode 0600, and serve it until close().
+
+        An existing file at the path is an error (EADDRINUSE): removing a stale socket is the caller's
+        decision. The socket file is removed when serving ends.
+        """
+        path = socket_path(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            # Before listen(): until then connect() is refused, so no one gets in under wider modes.
+            os.chmod(path, SOCKET_MODE)
+            bound = os.stat(path)
+            sock.listen(LISTEN_BACKLOG)
+        except BaseException:
+            sock.close()
+            os.unlink(path)
+            raise
+        try:
+            await self.serve_socket(sock)
+        finally:
+            try:
+                current = os.stat(path)
+                if (current.st_dev, current.st_ino) == (bound.st_dev, bound.st_ino):
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    async def serve_socket(self, sock: socket.socket) -> None:
+        """Accept and serve connections on a bound, listening unix socket until close().
+
+        The socket is closed on return. Cancelling this coroutine stops this listener and drops its
+        connections; close() does that for every listener. An accept error that is not transient
+        (EMFILE and the like are retried) drops this listener's connections and is raised.
+        """
+        if self._closing.is_set():
+            sock.close()
+            return
+        sock.setblocking(False)
+        self._serving += 1
+        self._idle.clear()
+        mine: set[asyncio.Task[None]] = set()  # this listener's connection tasks
+        failure: BaseException | None = None
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                # Outside the group, so that its error is raised as itself, not in an ExceptionGroup.
+                accept = asyncio.create_task(self._accept(sock, tasks, mine), name="ttrpc-accept")
+                closing = asyncio.create_task(self._closing.wait(), name="ttrpc-closing")
+                try:
+                    await asyncio.wait([accept, closing], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in (accept, closing, *mine):
+                        task.cancel()
+                    await asyncio.wait([accept, closing])
+                if not accept.cancelled():
+                    failure = accept.exception()
+        finally:
+            sock.close()
+            self._serving -= 1
+            self._update_idle()
+        if failure is not None:
+            log.error("accept failed; listener stopped", extra={"fields": {"error": failure}})
+            raise failure
+
+    def close(self) -> None:
+        """Stop accepting, cancel in-flight requests and close every connection. Idempotent."""
+        if not self._closing.is_set():
+            log.info("closing", extra={"fields": {"connections": len(self._connections), "in_flight": self._in_flight}})
+        self._closing.set()
+        for task in self._connections.values():
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        """Wait until close() was called and every listener and connection has stopped."""
+        await self._closing.wait()
+        await self._idle.wait()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the requests in flight to be answered; True if they were."""
+        try:
+            await asyncio.wait_for(self._no_calls.wait(), timeout)
+            return True
+        except TimeoutError:
+            log.warning("requests still in flight after drain", extra={"fields": {"in_flight": self._in_flight}})
+            return False
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    async def _accept(self, sock: socket.socket, tasks: asyncio.TaskGroup, mine: set[asyncio.Task[None]]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn_sock, _ = await loop.sock_accept(sock)
+            except OSError as err:
+                if err.errno not in _ACCEPT_TRANSIENT:
+                    raise
+                log.error("accept failed; retrying", extra={"fields": {"error": err}})
+                await asyncio.sleep(_ACCEPT_RETRY_S)
+                continue
+            if self._closing.is_set():  # accepted just as close() ran: it would never be cancelled
+                conn_sock.close()
+                return
+            name = f"server#{self._next_connection}"
+            self._next_connection += 1
+            if not self._admit(conn_sock, name):
+                conn_sock.close()
+                continue
+            connection = _ServerConnection(self, name)
+            task = tasks.create_task(connection.run(conn_sock), name=f"ttrpc {name}")
+            mine.add(task)
+            task.add_done_callback(mine.discard)
+            self._connections[connection] = task
+            self._idle.clear()
+
+    def _admit(self, sock: socket.socket, name: str) -> bool:
+        if not self._require_same_uid:
+            return True
+        try:
+            pid, uid, _ = peer_credentials(sock)
+        except OSError as err:
+            log.warning("refused connection: no peer credentials", extra={"fields": {"conn": name, "error": err}})
+            return False
+        if uid != os.geteuid():
+            log.warning("refused connection from another user", extra={"fields": {"conn": name, "pid": pid, "uid": uid}})
+            return False
+        return True
+
+    def _connection_done(self, connection: _ServerConnection) -> None:
+        self._connections.pop(connection, None)
+        self._update_idle()
+
+    def _update_idle(self) -> None:
+        if self._serving == 0 and not self._connections:
+            self._idle.set()
+
+    def _call_started(self) -> None:
+        self._in_flight += 1
+        self._no_calls.clear()
+
+    def _call_done(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._no_calls.set()
+
+
+class _ServerConnection:
+    """One accepted connection: the protocol state, its requests in flight, its socket."""
+
+    def __init__(self, server: Server, name: str) -> None:
+        self._server = server
+        self.name = name
+        self._protocol = ServerProtocol()
+        self._conn: Connection | None = None
+        self._tasks: asyncio.TaskGroup | None = None  # None once requests may no longer start
+        self._requests: dict[int, asyncio.Task[None]] = {}
+
+    async def run(self, sock: socket.socket) -> None:
+        try:
+            reader, writer = await from_socket(sock)
+        except BaseException as err:
+            sock.close()
+            self._server._connection_done(self)
+            if not isinstance(err, Exception):
+                raise
+            log.error("cannot set up connection", extra={"fields": {"conn": self.name, "error": err}})
+            return
+        conn = self._conn = Connection(reader, writer, name=self.name)
+        log.debug("connection accepted", extra={"fields": {"conn": self.name}})
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                conn.start(self._on_frame, self._on_closed)
+                try:
+                    await conn.wait_closed()
+                finally:
+                    # Stop the reader before the group ends so no request starts in a finished group.
+                    self._tasks = None
+                    conn.close()
+                    for task in self._requests.values():
+                        task.cancel()
+        finally:
+            try:
+                await conn.wait_closed()
+            finally:
+                self._server._connection_done(self)
+                log.debug("connection closed", extra={"fields": {"conn": self.name}})
+
+    def _on_closed(self, reason: BaseException | None) -> None:
+        # The peer is gone or broke the protocol: nobody is left to read the answers.
+        self._tasks = None
+        for task in self._requests.values():
+            task.cancel()
+
+    async def _on_frame(self, frame: Event) -> None:
+        event = self._protocol.receive(frame)  # a ProtocolError drops the connection
+        if isinstance(event, RequestReceived):
+            if self._tasks is None:
+                return
+            self._server._call_started()
+            task = self._tasks.create_task(
+                self._serve(event.stream_id, event.request), name=f"ttrpc {self.name} stream {event.stream_id}"
+            )
+            self._requests[event.stream_id] = task
+        elif isinstance(event, StreamRejected):
+            log.warning(
+                "rejected request",
+                extra={"fields": {"conn": self.name, "stream": event.stream_id, "code": event.error.code.name,
+                                  "error": event.error.message}},
+            )
+            await self._answer(event.stream_id, Response.from_error(event.error))
+        elif isinstance(event, Ignored):
+            log.debug("ignored frame", extra={"fields": {"conn": self.name, "stream": event.stream_id,
+                                                         "reason": event.reason}})
+
+    async def _serve(self, stream_id: int, request: Request) -> None:
+        call = Call(request.service, request.method, request.payload, request.metadata, request.timeout_nano, stream_id)
+        started = time.monotonic()
+        try:
+            try:
+                response = Response(payload=await self._call_handler(call))
+            except TTRPCError as err:
+                response = Response.from_error(err)
+            log.debug(
+                "call",
+                extra={"fields": {"conn": self.name, "stream": stream_id, "rpc": f"{call.service}/{call.method}",
+                                  "code": response.status_code.name, "ms": round((time.monotonic() - started) * 1e3, 1)}},
+            )
+            await self._answer(stream_id, response)
+        except Exception:
+            log.exception("answering a request failed", extra={"fields": {"conn": self.name, "stream": stream_id}})
+        finally:
+            self._requests.pop(stream_id, None)
+            self._server._call_done()
+
+    async def _call_handler(self, call: Call) -> bytes:
+        """The handler's payload; every failure as a TTRPCError. Cancellation of this task propagates."""
+        if call.timeout_nano < 0:
+            raise TTRPCError(Code.DEADLINE_EXCEEDED, "deadline exceeded before the call started")
+        deadline = asyncio.timeout(call.timeout_nano / 1e9 if call.timeout_nano else None)
+        try:
+            async with deadline:
+                return await self._server._handler(call)
+        except TTRPCError:
+            raise
+        except TimeoutError as err:
+            if deadline.expired():
+                raise TTRPCError(Code.DEADLINE_EXCEEDED, "deadline exceeded") from None
+            self._log_failure(call, err)
+        except asyncio.CancelledError as err:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being cancelled: connection or server closing
+            # A CancelledError nobody asked this task for (e.g. a future the handler awaited was
+            # cancelled): answer it rather than leave the client waiting for ever.
+            self._log_failure(call, err)
+            raise TTRPCError(Code.CANCELLED, "call cancelled") from None
+        except Exception as err:
+            self._log_failure(call, err)
+        raise TTRPCError(Code.UNKNOWN, "internal error")
+
+    def _log_failure(self, call: Call, err: BaseException) -> None:
+        log.error(
+            "handler failed",
+            exc_info=err,
+            extra={"fields": {"conn": self.name, "stream": call.stream_id, "rpc": f"{call.service}/{call.method}"}},
+        )
+
+    async def _answer(self, stream_id: int, response: Response) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            await conn.send(lambda: ServerProtocol.response_frame(stream_id, response))
+        except ConnectionClosed:
+            log.debug("answer dropped: connection closed", extra={"fields": {"conn": self.name, "stream": stream_id}})
