@@ -43,7 +43,7 @@ class Connection:
         self._reader = reader
         self._writer = writer
         self._decoder = FrameDecoder()
-        self._write_lock = asyncio.Lock()  # held from building a frame until it is handed to the socket
+        self._write_lock = asyncio.Lock()  # held from building a frame until the socket took it (drain)
         self._reader_task: asyncio.Task[None] | None = None
         self._closing = False
         self.close_reason: BaseException | None = None
@@ -57,7 +57,10 @@ class Connection:
         """Start the reader task. `on_closed` is called exactly once, when it ends for any reason."""
         if self._reader_task is not None:
             raise RuntimeError("connection already started")
-        self._reader_task = asyncio.create_task(self._read(on_frame, on_closed), name=f"ttrpc-reader {self.name}")
+        task = asyncio.create_task(self._read(on_frame), name=f"ttrpc-reader {self.name}")
+        # A done-callback, not a finally: it also runs when the task is cancelled before it first ran.
+        task.add_done_callback(lambda _: self._finish(on_closed))
+        self._reader_task = task
 
     async def send(self, build: Callable[[], Frame]) -> Frame:
         """Write the frame `build()` returns; build runs under the write lock, so ids allocated there
@@ -96,14 +99,13 @@ class Connection:
         except (ConnectionError, OSError):
             pass  # the peer reset the connection: closed either way
 
-    async def _read(self, on_frame: OnFrame, on_closed: OnClosed) -> None:
-        reason: BaseException | None = None
+    async def _read(self, on_frame: OnFrame) -> None:
         try:
             while True:
                 data = await self._reader.read(READ_CHUNK)
                 if not data:
                     if self._decoder.buffered or self._decoder.discarding:
-                        reason = ConnectionClosed(f"connection {self.name} closed by the peer in the middle of a frame")
+                        self.close_reason = ConnectionClosed(f"connection {self.name}: EOF in the middle of a frame")
                         log.warning("peer closed mid-frame", extra={"fields": {"conn": self.name}})
                     else:
                         log.debug("peer closed", extra={"fields": {"conn": self.name}})
@@ -112,17 +114,19 @@ class Connection:
                 for event in self._decoder:
                     await on_frame(event)
         except ProtocolError as err:
-            reason = err
+            self.close_reason = err
             log.error("protocol violation, closing connection", extra={"fields": {"conn": self.name, "error": err}})
         except (ConnectionError, OSError) as err:
-            reason = err
+            self.close_reason = err
             log.info("connection lost", extra={"fields": {"conn": self.name, "error": err}})
         except Exception as err:
-            reason = err
+            self.close_reason = err
             log.exception("connection reader failed", extra={"fields": {"conn": self.name}})
-        finally:
-            # Also on cancellation (close()), which then propagates.
-            self._closing = True
-            self.close_reason = reason
-            self._writer.close()
-            on_closed(reason)
+
+    def _finish(self, on_closed: OnClosed) -> None:
+        self._closing = True
+        self._writer.close()
+        try:
+            on_closed(self.close_reason)
+        except Exception:
+            log.exception("connection close callback failed", extra={"fields": {"conn": self.name}})

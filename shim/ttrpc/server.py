@@ -215,7 +215,9 @@ class Server:
             log.warning("refused connection: no peer credentials", extra={"fields": {"conn": name, "error": err}})
             return False
         if uid != os.geteuid():
-            log.warning("refused connection from another user", extra={"fields": {"conn": name, "pid": pid, "uid": uid}})
+            log.warning(
+                "refused connection from another user", extra={"fields": {"conn": name, "pid": pid, "uid": uid}}
+            )
             return False
         return True
 
@@ -314,10 +316,11 @@ class _ServerConnection:
                 response = Response(payload=await self._call_handler(call))
             except TTRPCError as err:
                 response = Response.from_error(err)
+            elapsed_ms = round((time.monotonic() - started) * 1e3, 1)
             log.debug(
                 "call",
                 extra={"fields": {"conn": self.name, "stream": stream_id, "rpc": f"{call.service}/{call.method}",
-                                  "code": response.status_code.name, "ms": round((time.monotonic() - started) * 1e3, 1)}},
+                                  "code": response.status_code.name, "ms": elapsed_ms}},
             )
             await self._answer(stream_id, response)
         except Exception:

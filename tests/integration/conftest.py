@@ -1,0 +1,99 @@
+"""Fixtures for tests that run containers under the kybernate runtime on private containerds."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from harness.containerd import Containerd
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNTIME = "io.containerd.kybernate.v1"
+# The venv's bin holds the `containerd-shim-kybernate-v1` console script; containerd finds shims on PATH.
+VENV_BIN = Path(sys.executable).parent
+SHIM_BINARY = "containerd-shim-kybernate-v1"
+RUNC_SHIM_BINARY = "containerd-shim-runc-v2"
+# Appends 0, 1, 2, ... to /count five times a second: a restart from scratch shows as a break.
+COUNTER = "i=0; while true; do echo $i >> /count; i=$((i+1)); sleep 0.2; done"
+T = TypeVar("T")
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 15.0) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def runtime_config_snippet(version: str, runtime_toml: Path) -> str:
+    """The shipped containerd-config snippet for this version, pointed at a test runtime.toml."""
+    name = "config-v2-kybernate.toml" if version == "1.6" else "config-v3-kybernate.toml"
+    text = (ROOT / "containerd-config" / name).read_text()
+    return text.replace("/etc/kybernate/runtime.toml", str(runtime_toml))
+
+
+@pytest.fixture
+def kyb_factory(containerd_factory, tmp_path) -> Callable[..., Containerd]:
+    """start(version, runtime_toml_text=None, env=None) -> containerd with the kybernate runtime registered."""
+
+    def start(version: str, *, runtime_toml: str | None = None, env: dict[str, str] | None = None) -> Containerd:
+        path = tmp_path / f"runtime-{version}.toml"
+        if runtime_toml is None:
+            runtime_toml = (ROOT / "containerd-config" / "runtime.toml").read_text()
+        path.write_text(runtime_toml)
+        return containerd_factory(
+            version, extra_path=[VENV_BIN], extra_config=runtime_config_snippet(version, path), env=env
+        )
+
+    return start
+
+
+@pytest.fixture(params=["1.6", "2.1"], ids=["ctrd1.6", "ctrd2.1"])
+def kyb(request, kyb_factory) -> Containerd:
+    return kyb_factory(request.param)
+
+
+# --- what a shim leaves on the host ---------------------------------------------------------------
+
+
+def processes() -> dict[int, list[str]]:
+    found = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                raw = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if raw:
+                found[int(entry.name)] = raw.decode(errors="replace").rstrip("\0").split("\0")
+    return found
+
+
+def shim_pids(binary: str, namespace: str) -> list[int]:
+    """Daemons of the given shim binary serving this containerd namespace.
+
+    Ours is forked from `start` without re-exec, so its command line still ends in `start`; the runc
+    shim re-executes itself without it. Call this when no start or delete is in flight.
+    """
+    pids = []
+    for pid, argv in processes().items():
+        if not (any(Path(a).name == binary for a in argv[:2]) and namespace in argv):
+            continue
+        if binary == RUNC_SHIM_BINARY and "start" in argv:
+            continue
+        pids.append(pid)
+    return pids
+
+
+def mounts_under(path: str) -> list[str]:
+    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4].startswith(path)]
