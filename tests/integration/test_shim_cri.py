@@ -1,0 +1,57 @@
+"""The kybernate runtime through CRI, as the kubelet drives it: RuntimeClass handler `kybernate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import RUNC_SHIM_BINARY, SHIM_BINARY, mounts_under, shim_pids, wait_for
+from harness.containerd import CRI_NAMESPACE, Containerd
+from harness.cri import pb
+from harness.images import BUSYBOX_IMAGE
+
+pytestmark = pytest.mark.stack
+
+
+def test_pod_with_two_containers_is_served_by_one_kybernate_shim(kyb: Containerd) -> None:
+    with kyb.cri() as cri:
+        config = cri.pod_config("two", annotations={"kybernate.io/lock-timeout-ms": "5000"})
+        pod = cri.run_pod(config, runtime_handler="kybernate")
+        assert cri.pod_status(pod).state == pb.SANDBOX_READY
+        ids = [
+            cri.create_container(pod, config, name, BUSYBOX_IMAGE, command=["sh", "-c", f"echo {name} > /who; sleep 3600"])
+            for name in ("first", "second")
+        ]
+        for cid in ids:
+            cri.start_container(cid)
+        for cid, name in zip(ids, ("first", "second")):
+            assert cri.container_status(cid).state == pb.CONTAINER_RUNNING
+            assert wait_for(f"{name} to write", lambda: cri.exec_sync(cid, ["cat", "/who"]).stdout) == f"{name}\n".encode()
+
+        # Sandbox and both containers: one kybernate daemon, one runc shim behind it.
+        assert len(shim_pids(SHIM_BINARY, CRI_NAMESPACE)) == 1
+        assert len(shim_pids(RUNC_SHIM_BINARY, CRI_NAMESPACE)) == 1
+
+        for cid in ids:
+            cri.stop_container(cid, grace_s=0)
+            assert cri.container_status(cid).state == pb.CONTAINER_EXITED
+            cri.remove_container(cid)
+        cri.stop_pod(pod)
+        cri.remove_pod(pod)
+        assert pod not in [p.id for p in cri.list_pods()]
+
+    wait_for("the shims to exit", lambda: not shim_pids(SHIM_BINARY, CRI_NAMESPACE)
+             and not shim_pids(RUNC_SHIM_BINARY, CRI_NAMESPACE))
+    assert mounts_under(str(kyb.state)) == []
+
+
+def test_bad_runtime_options_fail_the_pod_with_a_clear_error(kyb_factory) -> None:
+    c = kyb_factory("2.1", runtime_toml='Bogus = "x"\n')
+    with c.cri() as cri:
+        config = cri.pod_config("bad")
+        with pytest.raises(Exception) as failure:
+            cri.run_pod(config, runtime_handler="kybernate")
+        assert "unknown key 'Bogus'" in str(failure.value)
+        assert cri.list_pods() == [] or all(p.state != pb.SANDBOX_READY for p in cri.list_pods())
+    assert shim_pids(SHIM_BINARY, CRI_NAMESPACE) == []
+    assert shim_pids(RUNC_SHIM_BINARY, CRI_NAMESPACE) == []
