@@ -39,7 +39,7 @@ test: venv stack proto-check
 	$(VENV)/bin/python -m pytest -q
 
 demo: venv stack
-	packaging/demo.sh
+	$(VENV)/bin/python tests/demo.py
 
 bench: venv stack
 	$(VENV)/bin/python tests/bench/bench_shim.py
