@@ -14,9 +14,14 @@ import signal
 import socket
 from dataclasses import dataclass, field
 
+# Imported at module level on purpose: `start` imports this module while the runc shim starts, so
+# these imports overlap that instead of delaying the first call after the fork.
 from . import logs
 from .gpu_steps import GpuDriver
 from .runtime_options import KybernateOptions
+from .service import TaskService
+from .ttrpc.server import Server
+from .upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +60,6 @@ def hookd_driver(options: KybernateOptions) -> GpuDriver:
 
 
 async def serve(config: DaemonConfig, listener: socket.socket) -> None:
-    from .service import TaskService
-    from .ttrpc.server import Server
-    from .upstream import Upstream
-
     upstream = await Upstream.connect(config.child_address, config.child_task_api)
     service = TaskService(upstream, config.namespace, config.kybernate, hookd_driver)
     server = Server(service.handle)
@@ -93,7 +94,4 @@ def _cleanup(config: DaemonConfig) -> None:
     from .manager import GroupState, remove_socket
 
     remove_socket(config.address)
-    try:
-        GroupState.path_for(config.address).unlink()
-    except FileNotFoundError:
-        pass
+    GroupState.remove(config.address)

@@ -12,21 +12,21 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from .cli import ShimArgs
 
+# This module is on every container's start and delete path: it avoids dataclasses, pathlib and
+# shutil (~15 ms of imports together) and imports protobuf only when options need converting.
+
 RUNC_SHIM_BINARY = "containerd-shim-runc-v2"
 # Where containerd's shims put their sockets, whatever containerd's --state says.
-SOCKET_DIR = Path("/run/containerd/s")
+SOCKET_DIR = "/run/containerd/s"
 # Per-group record of our daemon and its child, so `delete` can clean up after a killed daemon.
-GROUP_STATE_DIR = Path(os.environ.get("KYBERNATE_SHIM_STATE_DIR", "/run/kybernate/shims"))
+GROUP_STATE_DIR = os.environ.get("KYBERNATE_SHIM_STATE_DIR", "/run/kybernate/shims")
 GROUP_LABELS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
 CHILD_START_TIMEOUT_S = 30.0
 
@@ -35,54 +35,76 @@ class StartError(RuntimeError):
     """The shim could not be started; the message says which step failed."""
 
 
-@dataclass(frozen=True, slots=True)
 class ChildShim:
     """The runc shim we started: its socket and which task API it serves (2 or 3)."""
 
-    address: str
-    task_api: int
+    __slots__ = ("address", "task_api")
+
+    def __init__(self, address: str, task_api: int) -> None:
+        self.address = address
+        self.task_api = task_api
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ChildShim) and (self.address, self.task_api) == (other.address, other.task_api)
+
+    def __repr__(self) -> str:
+        return f"ChildShim(address={self.address!r}, task_api={self.task_api})"
 
 
-@dataclass(frozen=True, slots=True)
 class GroupState:
     """What `delete` needs to know about a group's daemons after ours was killed."""
 
-    namespace: str
-    group: str
-    address: str
-    daemon_pid: int
-    child_address: str
-    child_task_api: int
+    FIELDS = ("namespace", "group", "address", "daemon_pid", "child_address", "child_task_api")
+    __slots__ = FIELDS
+
+    def __init__(
+        self, namespace: str, group: str, address: str, daemon_pid: int, child_address: str, child_task_api: int
+    ) -> None:
+        self.namespace = namespace
+        self.group = group
+        self.address = address
+        self.daemon_pid = daemon_pid
+        self.child_address = child_address
+        self.child_task_api = child_task_api
 
     @staticmethod
-    def path_for(address: str) -> Path:
-        return GROUP_STATE_DIR / (Path(socket_path(address)).name + ".json")
+    def path_for(address: str) -> str:
+        return os.path.join(GROUP_STATE_DIR, os.path.basename(socket_path(address)) + ".json")
 
     def save(self) -> None:
-        GROUP_STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.makedirs(GROUP_STATE_DIR, mode=0o700, exist_ok=True)
         path = self.path_for(self.address)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self)))
-        tmp.replace(path)
+        with open(path + ".tmp", "w") as f:
+            json.dump({k: getattr(self, k) for k in self.FIELDS}, f)
+        os.replace(path + ".tmp", path)
 
     @classmethod
     def load(cls, address: str) -> GroupState | None:
         try:
-            return cls(**json.loads(cls.path_for(address).read_text()))
+            with open(cls.path_for(address)) as f:
+                return cls(**json.load(f))
         except (OSError, ValueError, TypeError):
             return None
 
+    @classmethod
+    def remove(cls, address: str) -> None:
+        try:
+            os.unlink(cls.path_for(address))
+        except FileNotFoundError:
+            pass
 
-def read_spec(bundle: Path) -> dict[str, object]:
+
+def read_spec(bundle: str) -> dict[str, object]:
+    path = os.path.join(bundle, "config.json")
     try:
-        with open(bundle / "config.json", "rb") as f:
+        with open(path, "rb") as f:
             spec = json.load(f)
     except OSError as err:
-        raise StartError(f"cannot read the OCI spec {bundle / 'config.json'}: {err.strerror}") from err
+        raise StartError(f"cannot read the OCI spec {path}: {err.strerror}") from err
     except ValueError as err:
-        raise StartError(f"the OCI spec {bundle / 'config.json'} is not valid JSON: {err}") from err
+        raise StartError(f"the OCI spec {path} is not valid JSON: {err}") from err
     if not isinstance(spec, dict):
-        raise StartError(f"the OCI spec {bundle / 'config.json'} is not a JSON object")
+        raise StartError(f"the OCI spec {path} is not a JSON object")
     return spec
 
 
@@ -103,7 +125,7 @@ def group_id(spec: dict[str, object], container_id: str) -> str:
 def socket_address(containerd_address: str, namespace: str, group: str) -> str:
     # Hashed like the runc shim's name but over a different input, so the two never collide.
     digest = hashlib.sha256(f"{containerd_address}/{namespace}/{group}/kybernate".encode()).hexdigest()
-    return f"unix://{SOCKET_DIR / digest}"
+    return f"unix://{SOCKET_DIR}/{digest}"
 
 
 def socket_path(address: str) -> str:
@@ -129,18 +151,26 @@ def remove_socket(address: str) -> None:
         pass
 
 
-def write_address(bundle: Path, address: str) -> None:
+def write_address(bundle: str, address: str) -> None:
     # containerd 1.6/1.7 reconnect from this file after a restart; write it atomically.
-    tmp = bundle / ".address.kybernate"
-    tmp.write_text(address)
-    tmp.replace(bundle / "address")
+    tmp = os.path.join(bundle, ".address.kybernate")
+    with open(tmp, "w") as f:
+        f.write(address)
+    os.replace(tmp, os.path.join(bundle, "address"))
 
 
 def find_runc_shim() -> str:
     configured = os.environ.get("KYBERNATE_RUNC_SHIM")
     if configured:
         return configured
-    found = shutil.which(RUNC_SHIM_BINARY)
+    found = next(
+        (
+            candidate
+            for directory in os.environ.get("PATH", "").split(os.pathsep)
+            if directory and os.access(candidate := os.path.join(directory, RUNC_SHIM_BINARY), os.X_OK)
+        ),
+        None,
+    )
     if not found:
         raise StartError(
             f"{RUNC_SHIM_BINARY} is not on containerd's PATH; install containerd's runc shim "
@@ -163,7 +193,7 @@ def parse_child_start_output(output: bytes) -> ChildShim:
     return ChildShim(address=text, task_api=2)
 
 
-def run_child(runc_shim: str, args: list[str], bundle: Path, stdin: bytes) -> bytes:
+def run_child(runc_shim: str, args: list[str], bundle: str, stdin: bytes) -> bytes:
     try:
         done = subprocess.run(
             [runc_shim, *args],
@@ -184,6 +214,8 @@ def run_child(runc_shim: str, args: list[str], bundle: Path, stdin: bytes) -> by
 
 def convert_options(stdin: bytes) -> tuple[bytes, object]:
     """(the runc shim's stdin, Kybernate's settings) from the options containerd gave us."""
+    if not stdin:
+        return b"", None
     from . import runtime_options
 
     try:
@@ -194,7 +226,7 @@ def convert_options(stdin: bytes) -> tuple[bytes, object]:
 
 
 def start(args: ShimArgs, stdin: bytes) -> str:
-    bundle = Path(args.bundle or os.getcwd())
+    bundle = args.bundle or os.getcwd()
     spec = read_spec(bundle)
     group = group_id(spec, args.id)
     address = socket_address(args.address, args.namespace, group)
@@ -204,12 +236,18 @@ def start(args: ShimArgs, stdin: bytes) -> str:
     remove_socket(address)
 
     runc_shim = find_runc_shim()
-    child_stdin, kybernate_options = convert_options(stdin)
     child_cmd = [runc_shim, *args.child_flags(), "start"]
+    # The runc shim reads its stdin only after it has forked its daemon, so it can start now and the
+    # option conversion and our daemon's imports overlap its start instead of adding up.
     child = subprocess.Popen(
         child_cmd, cwd=bundle, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    # Import the daemon while the runc shim starts: the two overlap instead of adding up.
+    try:
+        child_stdin, kybernate_options = convert_options(stdin)
+    except StartError:
+        child.kill()
+        child.wait()
+        raise
     from . import daemon
 
     try:
@@ -231,7 +269,7 @@ def start(args: ShimArgs, stdin: bytes) -> str:
         child_address=child_shim.address,
         child_task_api=child_shim.task_api,
         debug=args.debug,
-        kybernate=kybernate_options,  # type: ignore[arg-type]
+        kybernate=kybernate_options or daemon.KybernateOptions(),  # type: ignore[arg-type]
     )
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -273,7 +311,7 @@ def detach_from_caller() -> None:
 
 def delete(args: ShimArgs) -> bytes:
     """Clean up after a dead shim and print the runc shim's DeleteResponse."""
-    bundle = Path(args.bundle or os.getcwd())
+    bundle = args.bundle or os.getcwd()
     try:
         group = group_id(read_spec(bundle), args.id)
     except StartError:
@@ -297,10 +335,7 @@ def stop_orphaned_child(address: str) -> None:
         except ProcessLookupError:
             pass
     remove_socket(state.child_address)
-    try:
-        GroupState.path_for(address).unlink()
-    except FileNotFoundError:
-        pass
+    GroupState.remove(address)
 
 
 def child_shim_pids(child_address: str) -> list[int]:
