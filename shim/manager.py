@@ -236,18 +236,13 @@ def start(args: ShimArgs, stdin: bytes) -> str:
     remove_socket(address)
 
     runc_shim = find_runc_shim()
+    # Bad options must fail before anything is started.
+    child_stdin, kybernate_options = convert_options(stdin)
     child_cmd = [runc_shim, *args.child_flags(), "start"]
-    # The runc shim reads its stdin only after it has forked its daemon, so it can start now and the
-    # option conversion and our daemon's imports overlap its start instead of adding up.
     child = subprocess.Popen(
         child_cmd, cwd=bundle, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    try:
-        child_stdin, kybernate_options = convert_options(stdin)
-    except StartError:
-        child.kill()
-        child.wait()
-        raise
+    # Our daemon's imports overlap the runc shim's start instead of adding to it.
     from . import daemon
 
     try:
@@ -259,8 +254,11 @@ def start(args: ShimArgs, stdin: bytes) -> str:
         detail = (err or out).decode("utf-8", errors="replace").strip()
         raise StartError(f"{runc_shim} start failed (exit {child.returncode}): {detail}")
     child_shim = parse_child_start_output(out)
-
-    listener = bind_socket(address)
+    try:
+        listener = bind_socket(address)
+    except StartError:
+        stop_child_shim(child_shim.address)  # nothing would ever talk to it
+        raise
     config = daemon.DaemonConfig(
         namespace=args.namespace,
         group=group,
@@ -326,53 +324,62 @@ def stop_orphaned_child(address: str) -> None:
     """Our daemon is gone: stop the runc shim it started, which would otherwise run on unseen."""
     state = GroupState.load(address)
     remove_socket(address)
-    if state is None:
-        return
-    # Found by the socket it listens on rather than a recorded pid, which may have been reused.
-    for candidate in child_shim_pids(state.child_address):
-        try:
-            os.kill(candidate, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    remove_socket(state.child_address)
+    if state is not None:
+        stop_child_shim(state.child_address)
     GroupState.remove(address)
 
 
-def child_shim_pids(child_address: str) -> list[int]:
-    """PIDs of runc shim processes serving `child_address`, found by the socket they listen on."""
-    path = socket_path(child_address)
-    inodes = _listening_inodes(path)
-    if not inodes:
-        return []
-    found = []
+def stop_child_shim(child_address: str) -> None:
+    """Kill the runc shim daemon serving `child_address` and remove every socket it listened on.
+
+    It is found by the socket it listens on rather than by a recorded pid, which may have been reused.
+    """
+    unix_table = _unix_socket_table()
+    wanted = {inode for inode, path in unix_table.items() if path == socket_path(child_address)}
+    for pid, inodes in _socket_inodes_by_pid().items():
+        if not inodes & wanted:
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        # Its debug socket too (containerd passes -debug when it logs at debug level).
+        for inode in inodes:
+            path = unix_table.get(inode, "")
+            if path.startswith(SOCKET_DIR + "/"):
+                remove_socket(path)
+    remove_socket(child_address)
+
+
+def _unix_socket_table() -> dict[int, str]:
+    """inode -> path of every named unix socket on the host."""
+    table = {}
+    try:
+        with open("/proc/net/unix") as sockets:
+            next(sockets)
+            for line in sockets:
+                fields = line.split()
+                if len(fields) >= 8:
+                    table[int(fields[6])] = fields[7]
+    except OSError:
+        pass
+    return table
+
+
+def _socket_inodes_by_pid() -> dict[int, set[int]]:
+    found: dict[int, set[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            fds = os.listdir(f"/proc/{entry.name}/fd")
-            for fd in fds:
+            for fd in os.listdir(f"/proc/{entry.name}/fd"):
                 target = os.readlink(f"/proc/{entry.name}/fd/{fd}")
-                if target.startswith("socket:[") and int(target[8:-1]) in inodes:
-                    found.append(int(entry.name))
-                    break
+                if target.startswith("socket:["):
+                    found.setdefault(int(entry.name), set()).add(int(target[8:-1]))
         except OSError as err:
             if err.errno not in (errno.ENOENT, errno.EACCES, errno.ESRCH):
                 raise
     return found
-
-
-def _listening_inodes(path: str) -> set[int]:
-    inodes = set()
-    try:
-        with open("/proc/net/unix") as table:
-            next(table)
-            for line in table:
-                fields = line.split()
-                if len(fields) >= 8 and fields[7] == path:
-                    inodes.add(int(fields[6]))
-    except OSError:
-        pass
-    return inodes
 
 
 def info(args: ShimArgs, stdin: bytes) -> bytes:

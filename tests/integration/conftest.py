@@ -78,15 +78,15 @@ def processes() -> dict[int, list[str]]:
     return found
 
 
-def shim_pids(binary: str, namespace: str) -> list[int]:
-    """Daemons of the given shim binary serving this containerd namespace.
+def shim_pids(c: Containerd, binary: str) -> list[int]:
+    """Daemons of the given shim binary serving this containerd instance.
 
     Ours is forked from `start` without re-exec, so its command line still ends in `start`; the runc
     shim re-executes itself without it. Call this when no start or delete is in flight.
     """
     pids = []
-    for pid, argv in processes().items():
-        if not (any(Path(a).name == binary for a in argv[:2]) and namespace in argv):
+    for pid, argv in c.shim_pids().items():
+        if not any(Path(a).name == binary for a in argv[:2]):
             continue
         if binary == RUNC_SHIM_BINARY and "start" in argv:
             continue

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from conftest import RUNC_SHIM_BINARY, SHIM_BINARY, mounts_under, shim_pids, wait_for
-from harness.containerd import CRI_NAMESPACE, Containerd
+from harness.containerd import Containerd
 from harness.cri import pb
 from harness.images import BUSYBOX_IMAGE
 
@@ -29,8 +29,8 @@ def test_pod_with_two_containers_is_served_by_one_kybernate_shim(kyb: Containerd
             assert wait_for(f"{name} to write", lambda: cri.exec_sync(cid, ["cat", "/who"]).stdout) == f"{name}\n".encode()
 
         # Sandbox and both containers: one kybernate daemon, one runc shim behind it.
-        assert len(shim_pids(SHIM_BINARY, CRI_NAMESPACE)) == 1
-        assert len(shim_pids(RUNC_SHIM_BINARY, CRI_NAMESPACE)) == 1
+        assert len(shim_pids(kyb, SHIM_BINARY)) == 1
+        assert len(shim_pids(kyb, RUNC_SHIM_BINARY)) == 1
 
         for cid in ids:
             cri.stop_container(cid, grace_s=0)
@@ -40,8 +40,8 @@ def test_pod_with_two_containers_is_served_by_one_kybernate_shim(kyb: Containerd
         cri.remove_pod(pod)
         assert pod not in [p.id for p in cri.list_pods()]
 
-    wait_for("the shims to exit", lambda: not shim_pids(SHIM_BINARY, CRI_NAMESPACE)
-             and not shim_pids(RUNC_SHIM_BINARY, CRI_NAMESPACE))
+    wait_for("the shims to exit", lambda: not shim_pids(kyb, SHIM_BINARY)
+             and not shim_pids(kyb, RUNC_SHIM_BINARY))
     assert mounts_under(str(kyb.state)) == []
 
 
@@ -53,5 +53,5 @@ def test_bad_runtime_options_fail_the_pod_with_a_clear_error(kyb_factory) -> Non
             cri.run_pod(config, runtime_handler="kybernate")
         assert "unknown key 'Bogus'" in str(failure.value)
         assert cri.list_pods() == [] or all(p.state != pb.SANDBOX_READY for p in cri.list_pods())
-    assert shim_pids(SHIM_BINARY, CRI_NAMESPACE) == []
-    assert shim_pids(RUNC_SHIM_BINARY, CRI_NAMESPACE) == []
+    assert shim_pids(c, SHIM_BINARY) == []
+    assert shim_pids(c, RUNC_SHIM_BINARY) == []

@@ -75,8 +75,8 @@ def test_detached_exec_pause_resume_kill_delete(kyb: Containerd) -> None:
     kyb.ctr("tasks", "delete", "d1")
     kyb.ctr("containers", "delete", "d1")
     assert kyb.ctr("containers", "ls", "-q").stdout.split() == []
-    wait_for("the shims to exit", lambda: not shim_pids(SHIM_BINARY, kyb.namespace)
-             and not shim_pids(RUNC_SHIM_BINARY, kyb.namespace))
+    wait_for("the shims to exit", lambda: not shim_pids(kyb, SHIM_BINARY)
+             and not shim_pids(kyb, RUNC_SHIM_BINARY))
 
 
 def test_checkpoint_leave_running_then_restore_continues_the_counter(kyb: Containerd) -> None:
@@ -105,12 +105,12 @@ def test_containerd_restart_reconnects_to_running_shims(kyb: Containerd) -> None
     names = ["r1", "r2", "r3"]
     for name in names:
         run_d(kyb, name, "sleep", "3600")
-    daemons = sorted(shim_pids(SHIM_BINARY, kyb.namespace))
+    daemons = sorted(shim_pids(kyb, SHIM_BINARY))
     assert len(daemons) == 3
 
     kyb.restart()
 
-    assert sorted(shim_pids(SHIM_BINARY, kyb.namespace)) == daemons  # the same shims, reconnected
+    assert sorted(shim_pids(kyb, SHIM_BINARY)) == daemons  # the same shims, reconnected
     for name in names:
         assert task_status(kyb, name) == "RUNNING"
         r = kyb.ctr("tasks", "exec", "--exec-id", f"x{name}", name, "echo", name)
@@ -121,9 +121,10 @@ def test_containerd_restart_reconnects_to_running_shims(kyb: Containerd) -> None
 
 
 def test_killing_the_shim_daemon_cleans_up_like_a_runc_shim(kyb: Containerd) -> None:
+    sockets_before = [str(p) for p in Path("/run/containerd/s").iterdir()]
     run_d(kyb, "victim", "sleep", "3600")
-    [ours] = shim_pids(SHIM_BINARY, kyb.namespace)
-    [child] = shim_pids(RUNC_SHIM_BINARY, kyb.namespace)
+    [ours] = shim_pids(kyb, SHIM_BINARY)
+    [child] = shim_pids(kyb, RUNC_SHIM_BINARY)
     address = manager.socket_address(str(kyb.address), kyb.namespace, "victim")
     state = manager.GroupState.load(address)
     assert state is not None and state.daemon_pid == ours
@@ -138,12 +139,15 @@ def test_killing_the_shim_daemon_cleans_up_like_a_runc_shim(kyb: Containerd) -> 
     assert not Path(manager.socket_path(address)).exists()
     assert not Path(manager.socket_path(state.child_address)).exists()
     assert manager.GroupState.load(address) is None
+    # No socket of the killed pair is left, the runc shim's debug socket included.
+    assert all(Path(p).exists() for p in sockets_before), "a socket that existed before was removed"
+    assert sorted(Path("/run/containerd/s").iterdir()) == sorted(Path(p) for p in sockets_before)
 
 
 def test_ordinary_deletes_leave_nothing_behind(kyb: Containerd) -> None:
     kyb.ctr("run", "--rm", "--runtime", RUNTIME, BUSYBOX_IMAGE, "gone", "true")
-    assert shim_pids(SHIM_BINARY, kyb.namespace) == []
-    assert shim_pids(RUNC_SHIM_BINARY, kyb.namespace) == []
+    assert shim_pids(kyb, SHIM_BINARY) == []
+    assert shim_pids(kyb, RUNC_SHIM_BINARY) == []
     address = manager.socket_address(str(kyb.address), kyb.namespace, "gone")
     assert not Path(manager.socket_path(address)).exists()
     assert manager.GroupState.load(address) is None
