@@ -1,0 +1,703 @@
+#!/usr/bin/env python3
+"""Drive the GPU checkpoint scenarios against a running containerd, timing every phase.
+
+Started by tests/gpu/on_gpu.sh (which provisions containerd, runc, CRIU and the image first); it can
+also be run by hand against any containerd 1.6+ that ctr reaches.
+
+Runtimes:
+  runc       the stock `io.containerd.runc.v2`; this script itself does the CUDA driver steps
+             (lock + checkpoint before ctr freezes the task, restore + unlock after) from its own
+             process through ctypes (tests/gpu/cudackpt.py): the raw floor Kybernate must approach.
+  kybernate  `io.containerd.kybernate.v1` + kybernate-hookd do the GPU steps inside Pause /
+             Checkpoint / Resume / Start: NOT YET WIRED (see KybernateSteps).
+
+Scenarios (comma-separated, run in order, each in its own container):
+  driver-floor   no containerd: workload as a plain host process, N cycles of lock/checkpoint/
+                 restore/unlock (the driver alone).
+  exit-restore   GPU lock+checkpoint → ctr c checkpoint --task --rw → kill, delete →
+                 ctr c restore --live --rw → GPU restore+unlock on the new pid → verify.
+  leave-running  GPU lock+checkpoint → ctr t checkpoint --image-path (raw CRIU dump, no content
+                 store) → ctr c checkpoint --task --rw (full) → GPU restore+unlock, same pid → verify.
+  pause-resume   GPU lock+checkpoint → ctr t pause → (VRAM is free) → ctr t resume → GPU
+                 restore+unlock → verify (tier 1, hot standby).
+  export-import  like exit-restore, plus ctr images export / rm / import of the checkpoint between.
+  remap          like exit-restore, with an explicit GPU UUID pair on restore (identity on one
+                 GPU; --remap-to other GPU index where there are several).
+
+Verification: the workload's counter must continue past its pre-checkpoint value and its checksum
+must equal the reference taken at start (ok=True).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+ALL_SCENARIOS = ("driver-floor", "exit-restore", "leave-running", "pause-resume", "export-import", "remap")
+RUNTIME_NAMES = {"runc": "io.containerd.runc.v2", "kybernate": "io.containerd.kybernate.v1"}
+PASS_ENV = re.compile(r"^(PATH|LD_LIBRARY_PATH|LANG|LC_ALL|CUDA_.*|NVIDIA_.*|NCCL_.*|TORCH_.*|NVSHMEM_.*|"
+                      r"PYTORCH_.*|TRITON_.*)$")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class StepError(RuntimeError):
+    pass
+
+
+class NotWired(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# ctr wrapper: every command is timed and recorded verbatim
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Ctr:
+    binary: str
+    address: str
+    namespace: str
+    commands: list = field(default_factory=list)
+
+    def argv(self, *args: str) -> list[str]:
+        return [self.binary, "--address", self.address, "--namespace", self.namespace, *args]
+
+    def run(self, *args: str, timeout: float = 300, check: bool = True) -> tuple[float, str]:
+        argv = self.argv(*args)
+        t = time.perf_counter()
+        try:
+            p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+            rc, out = p.returncode, (p.stdout + p.stderr).strip()
+        except subprocess.TimeoutExpired as e:
+            rc, out = 124, f"timeout after {timeout}s: {e.stdout or ''}{e.stderr or ''}"
+        dt = time.perf_counter() - t
+        dt = round(dt, 3)
+        self.commands.append({"cmd": shlex.join(argv), "rc": rc, "s": dt, "out": out[-2000:]})
+        if check and rc != 0:
+            raise StepError(f"ctr {' '.join(args[:3])} failed rc={rc}: {out[-1500:]}")
+        return dt, out
+
+    def task_pid(self, cid: str) -> int:
+        _, out = self.run("task", "ls")
+        for line in out.splitlines()[1:]:
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] == cid:
+                return int(parts[1])
+        raise StepError(f"no task {cid} in `ctr task ls`: {out}")
+
+    def task_status(self, cid: str) -> str:
+        _, out = self.run("task", "ls", check=False)
+        for line in out.splitlines()[1:]:
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] == cid:
+                return parts[2]
+        return "ABSENT"
+
+    def remove(self, cid: str) -> float:
+        """Kill (SIGKILL), delete the task, delete the container; return the seconds it took."""
+        t = time.perf_counter()
+        if self.task_status(cid) != "ABSENT":
+            self.run("task", "kill", "--signal", "SIGKILL", cid, check=False)
+            for _ in range(100):
+                if self.task_status(cid) in ("STOPPED", "ABSENT"):
+                    break
+                time.sleep(0.05)
+            self.run("task", "delete", cid, check=False)
+        self.run("container", "delete", cid, check=False)
+        return time.perf_counter() - t
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU step strategies
+# ---------------------------------------------------------------------------------------------
+def _nvidia_fds(pid: int) -> int:
+    n = 0
+    for fd in glob.glob(f"/proc/{pid}/fd/*"):
+        try:
+            if os.readlink(fd).startswith("/dev/nvidia"):
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return -1.0
+
+
+class Vram:
+    """Used VRAM of GPU 0 in MiB through NVML (nvidia-ml-py), else nvidia-smi, else -1."""
+
+    def __init__(self) -> None:
+        self.nvml = None
+        try:
+            import pynvml  # type: ignore
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # noqa: BLE001 - optional
+            self.nvml = None
+
+    def used_mib(self) -> float:
+        if self.nvml is not None:
+            return self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used / (1 << 20)
+        if shutil.which("nvidia-smi"):
+            p = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                               capture_output=True, text=True)
+            try:
+                return float(p.stdout.strip().splitlines()[0])
+            except (ValueError, IndexError):
+                return -1.0
+        return -1.0
+
+
+class RuncSteps:
+    """runc runtime: this process does the driver steps itself, resident (cuInit once)."""
+
+    name = "runc"
+
+    lock_timeout_ms = 10000  # the driver's own lock timeout
+    big_timeout = 120.0  # checkpoint / restore; set from --vram-gib by the Runner
+
+    def __init__(self, no_gpu: bool) -> None:
+        self.no_gpu = no_gpu
+        self.drv = None
+        self.vram = None
+        if not no_gpu:
+            from cudackpt import Driver
+
+            self.drv = Driver()
+            self.vram = Vram()
+
+    def _bounded(self, what: str, timeout: float, fn, *args):
+        """Run one driver call in a thread so that a hung call costs a scenario, not the run."""
+        box: dict = {}
+
+        def body() -> None:
+            try:
+                box["v"] = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                box["e"] = e
+
+        th = threading.Thread(target=body, name=what, daemon=True)
+        th.start()
+        th.join(timeout)
+        if th.is_alive():
+            raise StepError(f"{what} still running after {timeout:.0f}s (hung?)")
+        if "e" in box:
+            raise box["e"]
+        return box["v"]
+
+    def info(self) -> dict:
+        if self.drv is None:
+            return {"gpu": False}
+        return {"gpu": True, "libcuda": self.drv.path, "cuda_driver_version": self.drv.cuda_version,
+                "cuInit_s": round(self.drv.init_s, 3), "uuids": self.drv.device_uuids(),
+                "nvml": self.vram.nvml is not None}
+
+    def freeze(self, pid: int, rec: dict) -> None:
+        """Lock + checkpoint (VRAM → host RAM). Must happen BEFORE any cgroup freeze."""
+        if self.drv is None:
+            return
+        rec["vram_used_mib_before"] = round(self.vram.used_mib(), 1)
+        rec["rss_mib_before"] = round(_rss_mib(pid), 1)
+        rec["nvidia_fds_before"] = _nvidia_fds(pid)
+        rec["gpu_lock_s"] = round(self._bounded("lock", 30, self.drv.lock, pid, self.lock_timeout_ms), 4)
+        rec["gpu_checkpoint_s"] = round(self._bounded("checkpoint", self.big_timeout, self.drv.checkpoint, pid), 4)
+        rec["state_after_checkpoint"] = self.drv.state(pid)
+        rec["vram_used_mib_checkpointed"] = round(self.vram.used_mib(), 1)
+        rec["rss_mib_checkpointed"] = round(_rss_mib(pid), 1)
+        rec["nvidia_fds_checkpointed"] = _nvidia_fds(pid)
+
+    def thaw(self, pid: int, rec: dict, pairs: list[tuple[str, str]] | None = None) -> None:
+        """Restore (host RAM → VRAM, optionally remapped) + unlock."""
+        if self.drv is None:
+            return
+        rec["state_before_restore"] = self.drv.state(pid)
+        try:
+            rec["restore_tid"] = self.drv.restore_tid(pid)
+        except Exception as e:  # noqa: BLE001 - informative only
+            rec["restore_tid"] = str(e)
+        rec["gpu_restore_s"] = round(self._bounded("restore", self.big_timeout, self.drv.restore, pid, pairs), 4)
+        rec["gpu_unlock_s"] = round(self._bounded("unlock", 30, self.drv.unlock, pid), 4)
+        rec["state_after_unlock"] = self.drv.state(pid)
+        rec["vram_used_mib_after"] = round(self.vram.used_mib(), 1)
+        rec["rss_mib_after"] = round(_rss_mib(pid), 1)
+
+
+class KybernateSteps:
+    """kybernate runtime: the shim + hookd do the GPU steps; the script only drives ctr.
+
+    NOT YET WIRED. What wiring means, once shim/ and hooks/ exist:
+      * on_gpu.sh installs `containerd-shim-kybernate-v1` on containerd's PATH and registers
+        `io.containerd.kybernate.v1` (see the KYBERNATE-RUNTIME block there), and starts
+        kybernate-hookd on its unix socket;
+      * freeze()/thaw() become no-ops here, and each scenario instead asserts from hookd's API (or the
+        shim's log) that Pause did lock+checkpoint, Resume/Start did restore+unlock;
+      * remap passes the target GPU through the restore annotation, not a driver call.
+    """
+
+    name = "kybernate"
+
+    def __init__(self, no_gpu: bool) -> None:
+        raise NotWired("--runtime kybernate is not wired yet: needs containerd-shim-kybernate-v1 and "
+                       "kybernate-hookd (see KybernateSteps docstring in tests/gpu/scenario.py)")
+
+
+# ---------------------------------------------------------------------------------------------
+# workload helpers
+# ---------------------------------------------------------------------------------------------
+def read_status(out_dir: str) -> dict:
+    try:
+        with open(os.path.join(out_dir, "status")) as f:
+            line = f.read().strip()
+    except OSError:
+        return {}
+    d = {"raw": line}
+    for tok in line.split():
+        if "=" in tok:
+            k, v = tok.split("=", 1)
+            d[k] = v
+        else:
+            d["kind"] = tok
+    return d
+
+
+def wait_status(out_dir: str, pred, timeout: float, what: str) -> dict:
+    deadline = time.monotonic() + timeout
+    st: dict = {}
+    while time.monotonic() < deadline:
+        st = read_status(out_dir)
+        if st and pred(st):
+            return st
+        time.sleep(0.05)
+    raise StepError(f"timeout ({timeout}s) waiting for {what}; last status: {st.get('raw')!r}")
+
+
+def ready_checksum(out_dir: str) -> str:
+    with open(os.path.join(out_dir, "workload.log")) as f:
+        for line in f:
+            if line.startswith("ready "):
+                return line.split("checksum=", 1)[1].split()[0]
+    raise StepError("no ready line in workload.log")
+
+
+def verify_continues(out_dir: str, before: dict, ref: str, t_unlock_wall: float, timeout: float = 60) -> dict:
+    c0 = int(before.get("counter", 0))
+    st = wait_status(out_dir, lambda s: "counter" in s and int(s["counter"]) >= c0 + 2,
+                     timeout, f"counter > {c0 + 1} after restore")
+    first_after = None
+    with open(os.path.join(out_dir, "workload.log")) as f:
+        for line in f:
+            m = re.match(r"counter=(\d+) .*ts=([\d.]+)", line)
+            if m and int(m.group(1)) == c0 + 1:
+                first_after = float(m.group(2))
+    ok = st.get("ok") == "True" and st.get("checksum") == ref
+    res = {"counter_before": c0, "counter_after": int(st["counter"]), "checksum_after": st.get("checksum"),
+           "checksum_ref": ref, "ok_flag": st.get("ok"), "verified": ok}
+    if first_after is not None and "ts" in before:
+        res["workload_gap_s"] = round(first_after - float(before["ts"]), 3)
+        res["first_tick_after_unlock_s"] = round(first_after - t_unlock_wall, 3)
+    if not ok:
+        raise StepError(f"verification failed: {res}")
+    return res
+
+
+def container_env() -> list[str]:
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items())
+           if PASS_ENV.match(k) and not k.startswith("NVIDIA_REQUIRE")]
+    env += ["HOME=/tmp", "USER=root", "PYTHONUNBUFFERED=1", "PYTHONDONTWRITEBYTECODE=1", "KYB_OUT_DIR=/out"]
+    return env
+
+
+def host_binds(extra_paths: list[str]) -> list[str]:
+    """Host paths to bind read-only so that the host python + torch + driver libs run inside.
+
+    Top-level directories (non-recursive bind: CRIU must know every mount as external, which runc
+    only declares for mounts in the spec) plus every host mount point below them, parents first.
+    """
+    import importlib.util
+
+    wanted = ["/usr", "/etc", sys.executable, os.path.realpath(sys.executable), sys.prefix, sys.base_prefix,
+              "/usr/local/nvidia"] + extra_paths
+    spec = importlib.util.find_spec("torch")
+    if spec and spec.origin:
+        wanted.append(os.path.dirname(spec.origin))
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        p = "/" + name
+        if os.path.isdir(p) and not os.path.islink(p):
+            wanted.append(p)
+    skip = {"", "proc", "sys", "dev", "tmp", "run", "out", "kyb", "bb"}
+    tops = []
+    for p in wanted:
+        if not p or not os.path.exists(p):
+            continue
+        top = "/" + p.strip("/").split("/")[0]
+        if top.strip("/") in skip or top in tops:
+            continue
+        tops.append(top)
+    mounts = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].replace("\\040", " ")
+            if any(mp.startswith(t + "/") for t in tops) and mp not in mounts:
+                mounts.append(mp)
+    mounts.sort(key=lambda m: m.count("/"))
+    return tops + mounts
+
+
+# ---------------------------------------------------------------------------------------------
+# the scenarios
+# ---------------------------------------------------------------------------------------------
+class Runner:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.ctr = Ctr(a.ctr, a.address, a.namespace)
+        self.steps = (KybernateSteps if a.runtime == "kybernate" else RuncSteps)(a.no_gpu)
+        self.steps.big_timeout = max(60.0, 6.0 * a.vram_gib)
+        self.backend = "py" if a.no_gpu else "torch"
+        self.binds = host_binds(a.bind or [])
+        self.devices = sorted(p for p in glob.glob("/dev/nvidia*") if not os.path.isdir(p)) if not a.no_gpu else []
+
+    # -- containers ---------------------------------------------------------------------------
+    def out_dir(self, name: str) -> str:
+        d = os.path.join(self.a.base, "out", name)
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        return d
+
+    def start_container(self, cid: str, out: str) -> tuple[float, list[str]]:
+        args = ["run", "-d", "--runtime", RUNTIME_NAMES[self.a.runtime], "--cwd", "/",
+                "--log-uri", f"file://{out}/stdout.log"]
+        if self.a.snapshotter:
+            args += ["--snapshotter", self.a.snapshotter]
+        if not self.a.own_netns:
+            args.append("--net-host")  # host netns: CRIU then needs no `ip`/`iptables-save`
+        for dev in self.devices:
+            args += ["--device", dev]
+        for b in self.binds:
+            args += ["--mount", f"type=bind,src={b},dst={b},options=bind:ro"]
+        args += ["--mount", f"type=bind,src={out},dst=/out,options=bind:rw",
+                 "--mount", f"type=bind,src={HERE},dst=/kyb,options=bind:ro"]
+        for e in container_env():
+            args += ["--env", e]
+        args += [self.a.image, cid, sys.executable, "/kyb/workload.py", "--vram-gib", str(self.a.vram_gib),
+                 "--out-dir", "/out", "--backend", self.backend]
+        dt, _ = self.ctr.run(*args, timeout=120)
+        return dt, args
+
+    def launch(self, name: str, rec: dict) -> tuple[str, str, int, str]:
+        cid = f"kyb-{name}"
+        self.ctr.remove(cid)
+        out = self.out_dir(name)
+        dt, _ = self.start_container(cid, out)
+        rec["ctr_run_s"] = round(dt, 3)
+        t = time.perf_counter()
+        wait_status(out, lambda s: "counter" in s and int(s["counter"]) >= 3, self.a.ready_timeout, "workload ticks")
+        rec["workload_ready_s"] = round(time.perf_counter() - t, 2)
+        ref = ready_checksum(out)
+        pid = self.ctr.task_pid(cid)
+        rec["pid"] = pid
+        rec["checksum_ref"] = ref
+        return cid, out, pid, ref
+
+    def collect_logs(self, cid: str, rec: dict) -> None:
+        """Copy CRIU / runc logs of this container (bundle, work dirs) next to the results."""
+        dst = os.path.join(self.a.base, "logs", cid)
+        os.makedirs(dst, exist_ok=True)
+        pats = [os.path.join(self.a.state, "**", cid, "*.log"), os.path.join(self.a.state, "**", cid, "log.json"),
+                os.path.join(self.a.base, "tmp", "**", "*.log"), os.path.join(self.a.base, "criu-work", "**", "*.log")]
+        got = []
+        for pat in pats:
+            for f in glob.glob(pat, recursive=True):
+                try:
+                    target = os.path.join(dst, f.strip("/").replace("/", "_"))
+                    shutil.copy(f, target)
+                    got.append(target)
+                except OSError:
+                    pass
+        rec["logs"] = got
+
+    # -- scenarios ----------------------------------------------------------------------------
+    def s_driver_floor(self, rec: dict) -> None:
+        if self.a.no_gpu:
+            raise StepError("driver-floor needs a GPU")
+        out = self.out_dir("driver-floor")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", KYB_OUT_DIR=out)
+        cmd = [sys.executable, os.path.join(HERE, "workload.py"), "--vram-gib", str(self.a.vram_gib),
+               "--out-dir", out, "--backend", "torch"]
+        rec["cmd"] = shlex.join(cmd)
+        with open(os.path.join(out, "stdout.log"), "w") as so:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=so, stderr=subprocess.STDOUT, env=env)
+        try:
+            t = time.perf_counter()
+            wait_status(out, lambda s: "counter" in s and int(s["counter"]) >= 3, self.a.ready_timeout, "ticks")
+            rec["workload_ready_s"] = round(time.perf_counter() - t, 2)
+            ref = ready_checksum(out)
+            rec["pid"] = proc.pid
+            rec["cycles"] = []
+            for i in range(self.a.cycles):
+                cyc: dict = {}
+                before = read_status(out)
+                t0 = time.perf_counter()
+                self.steps.freeze(proc.pid, cyc)
+                self.steps.thaw(proc.pid, cyc)
+                t_wall = time.time()  # after unlock
+                cyc["total_s"] = round(time.perf_counter() - t0, 3)
+                cyc.update(verify_continues(out, before, ref, t_wall))
+                rec["cycles"].append(cyc)
+                log(f"driver-floor cycle {i}: {cyc}")
+        finally:
+            proc.kill()
+            proc.wait()
+
+    def _checkpoint_restore(self, name: str, rec: dict, export: bool = False, remap: bool = False) -> None:
+        cid, out, pid, ref = self.launch(name, rec)
+        ref_img = f"kybernate.test/ckpt/{name}:1"
+        self.ctr.run("images", "rm", ref_img, check=False)
+        before = read_status(out)
+        t0 = time.perf_counter()
+        self.steps.freeze(pid, rec)
+        try:
+            rec["ctr_checkpoint_s"], _ = self.ctr.run("container", "checkpoint", "--task", "--rw", cid, ref_img,
+                                                      timeout=self.a.step_timeout)
+        except StepError:
+            self.collect_logs(cid, rec)
+            raise
+        rec["checkpoint_image_bytes"] = self.image_size(ref_img)
+        rec["delete_s"] = round(self.ctr.remove(cid), 3)
+        if export:
+            tar = os.path.join(self.a.base, "tmp", f"{name}.tar")
+            rec["export_s"], _ = self.ctr.run("images", "export", "--skip-manifest-json", "--all-platforms", tar,
+                                              ref_img, timeout=self.a.step_timeout)
+            rec["export_tar_bytes"] = os.path.getsize(tar)
+            rec["image_rm_s"], _ = self.ctr.run("images", "rm", "--sync", ref_img)
+            rec["import_s"], _ = self.ctr.run("images", "import", "--no-unpack", "--all-platforms", tar,
+                                              timeout=self.a.step_timeout)
+            os.unlink(tar)
+        try:
+            rec["ctr_restore_s"], _ = self.ctr.run("container", "restore", "--live", "--rw", cid, ref_img,
+                                                   timeout=self.a.step_timeout)
+        except StepError:
+            self.collect_logs(cid, rec)
+            raise
+        new_pid = self.ctr.task_pid(cid)
+        rec["restored_pid"] = new_pid
+        pairs = None
+        if remap:
+            uuids = self.steps.info().get("uuids", [])
+            if uuids:
+                src = uuids[self.a.gpu_index]
+                dst = uuids[self.a.remap_to if self.a.remap_to is not None else self.a.gpu_index]
+                pairs = [(src, dst)]
+                rec["gpu_pairs"] = pairs
+        self.steps.thaw(new_pid, rec, pairs)
+        t_wall = time.time()  # after unlock
+        rec["total_s"] = round(time.perf_counter() - t0, 3)
+        rec.update(verify_continues(out, before, ref, t_wall))
+        self.ctr.remove(cid)
+        self.ctr.run("images", "rm", ref_img, check=False)
+
+    def s_exit_restore(self, rec: dict) -> None:
+        self._checkpoint_restore("exit-restore", rec)
+
+    def s_export_import(self, rec: dict) -> None:
+        self._checkpoint_restore("export-import", rec, export=True)
+
+    def s_remap(self, rec: dict) -> None:
+        self._checkpoint_restore("remap", rec, remap=True)
+
+    def s_leave_running(self, rec: dict) -> None:
+        cid, out, pid, ref = self.launch("leave-running", rec)
+        ref_img = "kybernate.test/ckpt/leave-running:1"
+        self.ctr.run("images", "rm", ref_img, check=False)
+        img_dir = os.path.join(self.a.base, "tmp", "raw-ckpt")
+        work_dir = os.path.join(self.a.base, "criu-work", "leave-running")
+        for d in (img_dir, work_dir):
+            shutil.rmtree(d, ignore_errors=True)
+            os.makedirs(d)
+        before = read_status(out)
+        t0 = time.perf_counter()
+        self.steps.freeze(pid, rec)
+        try:
+            rec["ctr_task_checkpoint_raw_s"], _ = self.ctr.run(
+                "task", "checkpoint", "--image-path", img_dir, "--work-path", work_dir, cid,
+                timeout=self.a.step_timeout)
+            rec["raw_image_bytes"] = dir_size(img_dir)
+            shutil.rmtree(img_dir, ignore_errors=True)
+            rec["ctr_checkpoint_s"], _ = self.ctr.run("container", "checkpoint", "--task", "--rw", cid, ref_img,
+                                                      timeout=self.a.step_timeout)
+            rec["checkpoint_image_bytes"] = self.image_size(ref_img)
+        except StepError:
+            self.collect_logs(cid, rec)
+            raise
+        rec["task_status_after"] = self.ctr.task_status(cid)
+        self.steps.thaw(pid, rec)
+        t_wall = time.time()  # after unlock
+        rec["total_s"] = round(time.perf_counter() - t0, 3)
+        rec.update(verify_continues(out, before, ref, t_wall))
+        self.collect_logs(cid, rec)
+        self.ctr.remove(cid)
+        self.ctr.run("images", "rm", ref_img, check=False)
+
+    def s_pause_resume(self, rec: dict) -> None:
+        cid, out, pid, ref = self.launch("pause-resume", rec)
+        before = read_status(out)
+        t0 = time.perf_counter()
+        self.steps.freeze(pid, rec)
+        rec["ctr_pause_s"], _ = self.ctr.run("task", "pause", cid)
+        rec["task_status_paused"] = self.ctr.task_status(cid)
+        time.sleep(1.0)  # parked: tier 1, VRAM free for others
+        rec["ctr_resume_s"], _ = self.ctr.run("task", "resume", cid)
+        self.steps.thaw(pid, rec)
+        t_wall = time.time()  # after unlock
+        rec["total_s_incl_1s_parked"] = round(time.perf_counter() - t0, 3)
+        rec.update(verify_continues(out, before, ref, t_wall))
+        self.ctr.remove(cid)
+
+    def image_size(self, ref: str) -> int:
+        """Bytes of a checkpoint image: its index plus every blob the index lists."""
+        _, out = self.ctr.run("images", "ls", check=False)
+        digest = None
+        for line in out.splitlines()[1:]:
+            parts = line.split()
+            if len(parts) > 2 and parts[0] == ref:
+                digest = parts[2]
+        if not digest:
+            return -1
+        rc_out = self.ctr.run("content", "get", digest, check=False)[1]
+        try:
+            index = json.loads(rc_out)
+        except ValueError:
+            return -1
+        return len(rc_out) + sum(int(m.get("size", 0)) for m in index.get("manifests", []))
+
+
+def dir_size(d: str) -> int:
+    total = 0
+    for root, _, files in os.walk(d):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ctr", default=shutil.which("ctr") or "ctr")
+    p.add_argument("--address", required=True)
+    p.add_argument("--namespace", default="kybgpu")
+    p.add_argument("--image", default="docker.io/kybernate/gpu-skeleton:latest")
+    p.add_argument("--snapshotter", default="")
+    p.add_argument("--base", required=True, help="work dir: out/, logs/, tmp/ go below it")
+    p.add_argument("--state", default="", help="containerd state dir (to find runc/CRIU logs)")
+    p.add_argument("--runtime", choices=tuple(RUNTIME_NAMES), default="runc")
+    p.add_argument("--scenario", default="driver-floor,exit-restore",
+                   help=f"comma-separated, from: {', '.join(ALL_SCENARIOS)}")
+    p.add_argument("--vram-gib", type=float, default=2.6)
+    p.add_argument("--cycles", type=int, default=3, help="driver-floor cycles")
+    p.add_argument("--gpu-index", type=int, default=0)
+    p.add_argument("--remap-to", type=int, default=None)
+    p.add_argument("--bind", action="append", help="extra host path to bind read-only (repeatable)")
+    p.add_argument("--own-netns", action="store_true", help="own network namespace (default: --net-host)")
+    p.add_argument("--no-gpu", action="store_true", help="plumbing test on a CPU machine: py backend, no driver")
+    p.add_argument("--ready-timeout", type=float, default=180)
+    p.add_argument("--step-timeout", type=float, default=300)
+    p.add_argument("--results", default="", help="write results JSON here")
+    a = p.parse_args(argv)
+    a.state = a.state or os.path.join(a.base, "state")
+    os.makedirs(os.path.join(a.base, "tmp"), exist_ok=True)
+
+    results: dict = {"runtime": a.runtime, "vram_gib": a.vram_gib, "scenarios": {}, "started": time.time()}
+
+    def save() -> None:
+        if a.results:
+            with open(a.results, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+
+    try:
+        runner = Runner(a)
+    except NotWired as e:
+        log(f"NOT WIRED: {e}")
+        results["error"] = f"not wired: {e}"
+        save()
+        return 3
+    results["driver"] = runner.steps.info()
+    results["binds"] = runner.binds
+    results["devices"] = runner.devices
+    log(f"driver: {results['driver']}")
+    log(f"binds: {runner.binds}  devices: {runner.devices}")
+    rc = 0
+    for name in [s.strip() for s in a.scenario.split(",") if s.strip()]:
+        if name not in ALL_SCENARIOS:
+            log(f"unknown scenario {name}")
+            rc = 2
+            continue
+        rec: dict = {}
+        results["scenarios"][name] = rec
+        log(f"=== {name} ===")
+        t = time.perf_counter()
+        try:
+            getattr(runner, "s_" + name.replace("-", "_"))(rec)
+            rec["result"] = "PASS"
+        except Exception as e:  # noqa: BLE001 - keep going, record why
+            rec["result"] = "FAIL"
+            rec["error"] = f"{type(e).__name__}: {e}"
+            rc = 1
+            try:
+                runner.collect_logs(f"kyb-{name}", rec)
+                runner.ctr.remove(f"kyb-{name}")
+            except Exception:  # noqa: BLE001
+                pass
+        rec["scenario_wall_s"] = round(time.perf_counter() - t, 2)
+        log(f"{name}: {rec['result']} {json.dumps({k: v for k, v in rec.items() if k != 'logs'}, default=str)}")
+        results["commands"] = runner.ctr.commands
+        save()
+    results["finished"] = time.time()
+    save()
+    print_summary(results)
+    return rc
+
+
+def print_summary(results: dict) -> None:
+    keys = ("gpu_lock_s", "gpu_checkpoint_s", "ctr_pause_s", "ctr_task_checkpoint_raw_s", "ctr_checkpoint_s",
+            "delete_s", "export_s", "import_s", "ctr_restore_s", "ctr_resume_s", "gpu_restore_s", "gpu_unlock_s",
+            "total_s", "workload_gap_s")
+    print("\n==== summary (seconds) ====")
+    for name, rec in results["scenarios"].items():
+        rows = rec.get("cycles") or [rec]
+        for i, r in enumerate(rows):
+            vals = " ".join(f"{k.replace('_s', '')}={r[k]}" for k in keys if k in r)
+            tag = f"{name}[{i}]" if "cycles" in rec else name
+            print(f"{tag:18s} {rec.get('result', '?'):4s} {vals} verified={r.get('verified')}")
+        if rec.get("error"):
+            print(f"{'':18s} error: {rec['error'][:600]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
