@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 # these imports overlap that instead of delaying the first call after the fork.
 from . import logs
 from .gpu_steps import GpuDriver
-from .runtime_options import KybernateOptions
+from .runtime_options import KybernateOptions, RuntimeConfig
 from .service import TaskService
 from .ttrpc.server import Server
 from .upstream import Upstream
@@ -38,7 +38,7 @@ class DaemonConfig:
     child_address: str
     child_task_api: int
     debug: bool = False
-    kybernate: KybernateOptions = field(default_factory=KybernateOptions)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 def run(config: DaemonConfig, listener: socket.socket) -> int:
@@ -53,15 +53,22 @@ def run(config: DaemonConfig, listener: socket.socket) -> int:
         _cleanup(config)
 
 
-def hookd_driver(options: KybernateOptions) -> GpuDriver:
-    from .hookd_driver import HookdDriver
+_drivers: dict[tuple[str, float], GpuDriver] = {}
 
-    return HookdDriver(options.hookd_socket, options.hookd_timeout_s)
+
+def hookd_driver(options: KybernateOptions) -> GpuDriver:
+    """One hookd connection per socket for the daemon's life; only GPU containers ever get here."""
+    key = (options.hookd_socket, options.hookd_timeout_s)
+    if key not in _drivers:
+        from .hookd_driver import HookdDriver
+
+        _drivers[key] = HookdDriver(*key)
+    return _drivers[key]
 
 
 async def serve(config: DaemonConfig, listener: socket.socket) -> None:
     upstream = await Upstream.connect(config.child_address, config.child_task_api)
-    service = TaskService(upstream, config.namespace, config.kybernate, hookd_driver)
+    service = TaskService(upstream, config.namespace, config.runtime, hookd_driver)
     server = Server(service.handle)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -16,8 +16,12 @@ import signal
 import socket
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 from .cli import ShimArgs
+
+if TYPE_CHECKING:
+    from .runtime_options import RuntimeConfig
 
 # This module is on every container's start and delete path: it avoids dataclasses, pathlib and
 # shutil (~15 ms of imports together) and imports protobuf only when options need converting.
@@ -212,17 +216,14 @@ def run_child(runc_shim: str, args: list[str], bundle: str, stdin: bytes) -> byt
     return done.stdout
 
 
-def convert_options(stdin: bytes) -> tuple[bytes, object]:
-    """(the runc shim's stdin, Kybernate's settings) from the options containerd gave us."""
-    if not stdin:
-        return b"", None
+def convert_options(stdin: bytes) -> RuntimeConfig:
+    """The options containerd gave us (or the node's defaults), validated before anything starts."""
     from . import runtime_options
 
     try:
-        config = runtime_options.from_any_bytes(stdin)
+        return runtime_options.from_any_bytes(stdin)
     except runtime_options.OptionsError as err:
         raise StartError(str(err)) from err
-    return config.runc_any_bytes(), config.kybernate
 
 
 def start(args: ShimArgs, stdin: bytes) -> str:
@@ -237,7 +238,7 @@ def start(args: ShimArgs, stdin: bytes) -> str:
 
     runc_shim = find_runc_shim()
     # Bad options must fail before anything is started.
-    child_stdin, kybernate_options = convert_options(stdin)
+    runtime_config = convert_options(stdin)
     child_cmd = [runc_shim, *args.child_flags(), "start"]
     child = subprocess.Popen(
         child_cmd, cwd=bundle, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -246,7 +247,7 @@ def start(args: ShimArgs, stdin: bytes) -> str:
     from . import daemon
 
     try:
-        out, err = child.communicate(child_stdin, timeout=CHILD_START_TIMEOUT_S)
+        out, err = child.communicate(runtime_config.runc_any_bytes(), timeout=CHILD_START_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
         child.kill()
         raise StartError(f"{runc_shim} start did not finish within {CHILD_START_TIMEOUT_S:.0f}s") from exc
@@ -267,7 +268,7 @@ def start(args: ShimArgs, stdin: bytes) -> str:
         child_address=child_shim.address,
         child_task_api=child_shim.task_api,
         debug=args.debug,
-        kybernate=kybernate_options or daemon.KybernateOptions(),  # type: ignore[arg-type]
+        runtime=runtime_config,
     )
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -384,7 +385,7 @@ def _socket_inodes_by_pid() -> dict[int, set[int]]:
 
 def info(args: ShimArgs, stdin: bytes) -> bytes:
     """`-info`: the runc shim answers, given options it can read."""
-    child_stdin, _ = convert_options(stdin)
+    child_stdin = convert_options(stdin).runc_any_bytes()
     flags = ["-debug"] if args.debug else []
     runc_shim = find_runc_shim()
     done = subprocess.run(

@@ -12,6 +12,7 @@ The TOML file holds runc's keys at the top level, spelled as in containerd's own
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,9 @@ RUNC_KEYS: dict[str, tuple[str, type]] = {
 }
 
 DEFAULT_HOOKD_SOCKET = "/run/kybernate/hookd.sock"
+# The node's defaults, used when containerd passes no options (ctr, or a CRI runtime without ConfigPath).
+NODE_CONFIG_ENV = "KYBERNATE_CONFIG"
+DEFAULT_NODE_CONFIG = "/etc/kybernate/runtime.toml"
 
 
 class OptionsError(ValueError):
@@ -107,9 +111,23 @@ def from_any(options: any_pb2.Any | None) -> RuntimeConfig:
     )
 
 
-def from_any_bytes(data: bytes) -> RuntimeConfig:
-    if not data:
+def node_default() -> RuntimeConfig:
+    """The node's runtime.toml ($KYBERNATE_CONFIG, else /etc/kybernate/runtime.toml); defaults if absent."""
+    path = os.environ.get(NODE_CONFIG_ENV) or DEFAULT_NODE_CONFIG
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
         return RuntimeConfig()
+    except OSError as err:
+        raise OptionsError(f"cannot read the node's runtime options {path}: {err.strerror}") from err
+    return from_toml(text, path)
+
+
+def from_any_bytes(data: bytes) -> RuntimeConfig:
+    """Options from `start`'s stdin; none means the node's defaults."""
+    if not data:
+        return node_default()
     wrapped = any_pb2.Any()
     try:
         wrapped.ParseFromString(data)

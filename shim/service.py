@@ -18,7 +18,7 @@ from kybernate.api import runc_options_pb2, task_pb2
 
 from . import gpu_steps, runtime_options
 from .gpu_steps import Event, GpuStepError, GpuSteps, Phase, TaskControl, TaskGpu
-from .runtime_options import KybernateOptions
+from .runtime_options import KybernateOptions, RuntimeConfig
 from .ttrpc.errors import Code, TTRPCError
 from .ttrpc.server import Call
 from .upstream import TASK_SERVICES, Upstream
@@ -34,12 +34,12 @@ class TaskService:
         self,
         upstream: Upstream,
         namespace: str,
-        default_options: KybernateOptions,
+        defaults: RuntimeConfig,
         driver_for: Callable[[KybernateOptions], gpu_steps.GpuDriver],
     ) -> None:
         self.upstream = upstream
         self.namespace = namespace
-        self.default_options = default_options
+        self.defaults = defaults
         self.gpu = GpuSteps(
             control=TaskControl(pids=self._pids, freeze=self._freeze, thaw=self._thaw),
             driver_for=driver_for,
@@ -67,20 +67,26 @@ class TaskService:
 
     async def create(self, call: Call) -> bytes:
         request = _decode(task_pb2.CreateTaskRequest, call)
-        try:
-            config = runtime_options.from_any(request.options if request.HasField("options") else None)
-        except runtime_options.OptionsError as err:
-            raise TTRPCError(Code.INVALID_ARGUMENT, str(err)) from err
+        given = request.options if request.HasField("options") else None
+        kind = _bare_type(given.type_url) if given is not None else ""
         payload = None
-        if request.HasField("options") and _bare_type(request.options.type_url) != runtime_options.RUNC_OPTIONS_TYPE:
-            # The runc shim would misread CRI's options: hand it runc options or none.
+        if kind == runtime_options.RUNC_OPTIONS_TYPE:
+            # Already runc options: handed on untouched; Kybernate's settings are the node's.
+            config = RuntimeConfig(kybernate=self.defaults.kybernate)
+        else:
+            try:
+                config = self.defaults if given is None else runtime_options.from_any(given)
+            except runtime_options.OptionsError as err:
+                raise TTRPCError(Code.INVALID_ARGUMENT, str(err)) from err
+            # The runc shim would misread CRI's options: hand it runc options, or none.
             converted = config.runc_any()
-            if converted is None:
-                request.ClearField("options")
-            else:
+            if converted is not None:
                 request.options.CopyFrom(converted)
-            payload = request.SerializeToString()
-        options = config.kybernate if config.runc is not None else self.default_options
+                payload = request.SerializeToString()
+            elif given is not None:
+                request.ClearField("options")
+                payload = request.SerializeToString()
+        options = config.kybernate
         spec = _read_spec(request.bundle)
         try:
             options = gpu_steps.options_with_annotations(options, spec)

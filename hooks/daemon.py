@@ -1,0 +1,234 @@
+"""kybernate-hookd: the node daemon. `main()` parses flags, serves gRPC on a root-only unix socket,
+serves Prometheus metrics, and stops gracefully on SIGTERM/SIGINT, naming whatever is stuck.
+
+    kybernate-hookd [--socket /run/kybernate/hookd.sock] [--backend ctypes|binary] [--libcuda PATH]
+                    [--cuda-checkpoint PATH] [--libnvml PATH] [--metrics-address 127.0.0.1:9464]
+                    [--log-level info]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+from . import blocking, logs, metrics
+from .blocking import run_blocking
+from .cuda import CheckpointDriver
+from .errors import KybernateError
+from .manager import GpuManager
+from .nvml import Nvml
+from .settings import DriverSettings, ManagerSettings, ServerSettings, Settings
+
+log = logging.getLogger(__name__)
+
+
+class StartError(Exception):
+    """hookd cannot start; the message says why and what to do."""
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    d, s, m = DriverSettings(), ServerSettings(), ManagerSettings()
+    p = argparse.ArgumentParser(prog="kybernate-hookd", description="Kybernate node daemon: CUDA checkpoint steps for the shim.")
+    p.add_argument("--socket", default=s.socket, help="unix socket to serve on (root only, mode 0600) [%(default)s]")
+    p.add_argument("--backend", choices=("ctypes", "binary"), default=d.backend,
+                   help="ctypes: libcuda in-process; binary: exec cuda-checkpoint per step [%(default)s]")
+    p.add_argument("--libcuda", default=d.libcuda, help="CUDA driver library for --backend ctypes [%(default)s]")
+    p.add_argument("--cuda-checkpoint", default=d.cuda_checkpoint, help="cuda-checkpoint for --backend binary [%(default)s]")
+    p.add_argument("--libnvml", default=d.libnvml, help="libnvidia-ml path [the loader's libnvidia-ml.so.1]")
+    p.add_argument("--metrics-address", default=s.metrics_address, help="HOST:PORT for /metrics; empty disables [%(default)s]")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--lock-timeout-ms", type=int, default=m.default_lock_timeout_ms,
+                   help="lock timeout when a request gives none, ms [%(default)s]")
+    p.add_argument("--max-parallel", type=int, default=m.max_parallel, help="driver calls at once [%(default)s]")
+    p.add_argument("--restore-vram-headroom-bytes", type=int, default=m.restore_vram_headroom_bytes,
+                   help="extra free VRAM a restore target must have, bytes per GPU [%(default)s]")
+    p.add_argument("--shutdown-grace-s", type=float, default=s.shutdown_grace_s,
+                   help="seconds in-flight requests get on SIGTERM [%(default)s]")
+    p.add_argument("--stop-timeout-s", type=float, default=s.stop_timeout_s,
+                   help="then seconds to wait for driver calls still running [%(default)s]")
+    a = p.parse_args(argv)
+    if a.max_parallel < 1:
+        p.error("--max-parallel must be at least 1")
+    if a.metrics_address:
+        try:
+            metrics.parse_address(a.metrics_address)
+        except ValueError as err:
+            p.error(str(err))
+    return Settings(
+        server=replace(s, socket=a.socket, metrics_address=a.metrics_address, shutdown_grace_s=a.shutdown_grace_s,
+                       stop_timeout_s=a.stop_timeout_s),
+        driver=replace(d, backend=a.backend, libcuda=a.libcuda, cuda_checkpoint=a.cuda_checkpoint, libnvml=a.libnvml),
+        manager=replace(m, default_lock_timeout_ms=a.lock_timeout_ms, max_parallel=a.max_parallel,
+                        restore_vram_headroom_bytes=a.restore_vram_headroom_bytes),
+        log_level=a.log_level,
+    )
+
+
+def open_driver(settings: DriverSettings, transfer_timeout_s: float) -> CheckpointDriver:
+    """Blocking (cuInit can take seconds): call through run_blocking."""
+    if settings.backend == "binary":
+        from .binary import CudaCheckpointBinary
+
+        return CudaCheckpointBinary(settings.cuda_checkpoint, step_timeout_s=transfer_timeout_s)
+    from .cuda import CudaDriver
+
+    return CudaDriver(settings.libcuda)
+
+
+def prepare_socket(path: str) -> None:
+    """A 0700 directory (created if missing) and no stale socket; refuse if another hookd answers there."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700)
+        os.chmod(directory, 0o700)  # makedirs' mode is filtered by the umask
+    elif os.stat(directory).st_mode & 0o077:
+        log.warning("socket directory is open to other users; the socket itself stays 0600",
+                    extra={"fields": {"dir": directory, "mode": oct(os.stat(directory).st_mode & 0o777)}})
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartError(f"{path} exists and is not a socket: remove it or choose another --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # left by a hookd that died: nobody listens
+        return
+    finally:
+        probe.close()
+    raise StartError(f"another kybernate-hookd is already serving {path}: stop it first (systemctl stop kybernate-hookd)")
+
+
+class Daemon:
+    """The running daemon: driver, NVML, manager, gRPC server and metrics server."""
+
+    def __init__(self, settings: Settings, driver: CheckpointDriver | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics.Metrics(in_flight=lambda: len(blocking.in_flight()))
+        self._driver = driver
+        self._executor = ThreadPoolExecutor(max_workers=settings.manager.max_parallel, thread_name_prefix="hookd-driver")
+        self._nvml = Nvml(settings.driver.libnvml)
+        self._server: Any = None
+        self._metrics_server: asyncio.Server | None = None
+        self._bound = False  # the socket file is ours to remove
+        self.manager: GpuManager | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        if self._metrics_server is None or not self._metrics_server.sockets:
+            return None
+        return int(self._metrics_server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        import grpc
+
+        from kybernate.api import hookd_pb2_grpc
+
+        from .service import HookdService
+
+        s = self.settings
+        if self._driver is None:
+            try:
+                self._driver = await run_blocking(open_driver, s.driver, s.manager.transfer_timeout_s,
+                                                  what="driver init", executor=self._executor)
+            except KybernateError as err:
+                raise StartError(err.message) from err
+        await run_blocking(self._nvml.start, what="nvml init", executor=self._executor)
+        self.manager = GpuManager(self._driver, self._nvml, s.manager, self.metrics, self._executor)
+        health = await self.manager.health()
+        prepare_socket(s.server.socket)
+        self._server = grpc.aio.server()
+        add_servicer: Callable[[Any, Any], None] = hookd_pb2_grpc.add_HookdServicer_to_server  # unannotated, generated
+        add_servicer(HookdService(self.manager, self.metrics), self._server)
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others could connect
+        try:
+            self._server.add_insecure_port(f"unix:{s.server.socket}")
+            await self._server.start()
+            self._bound = True
+        finally:
+            os.umask(old_umask)
+        os.chmod(s.server.socket, 0o600)
+        if s.server.metrics_address:
+            self._metrics_server = await metrics.serve(self.metrics, s.server.metrics_address)
+        log.info("serving", extra={"fields": {
+            "socket": s.server.socket, "backend": health.backend, "driver": health.driver_version,
+            "cuda": health.cuda_version, "nvml": health.nvml, "gpus": len(health.gpus),
+            "metrics": f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "off", "pid": os.getpid()}})
+
+    async def stop(self) -> int:
+        """Graceful stop; 0 when everything finished, 1 when driver calls are still running (named in the log)."""
+        s = self.settings.server
+        loop = asyncio.get_running_loop()
+        log.info("stopping", extra={"fields": {"grace_s": s.shutdown_grace_s}})
+        if self._server is not None:
+            await self._server.stop(grace=s.shutdown_grace_s)  # then in-flight handlers are cancelled
+        deadline = loop.time() + s.stop_timeout_s
+        while loop.time() < deadline:
+            busy = (self.manager.busy() if self.manager else []) + [f"{c.what} for {c.age():.1f} s" for c in blocking.in_flight()]
+            if not busy:
+                break
+            log.warning("waiting for work in progress", extra={"fields": {"busy": "; ".join(busy)}})
+            await asyncio.sleep(min(2.0, max(0.0, deadline - loop.time())))
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            await self._metrics_server.wait_closed()
+        if self._bound:
+            try:
+                os.unlink(s.socket)
+            except FileNotFoundError:
+                pass
+        stuck = blocking.in_flight()
+        if stuck:
+            log.error("exiting with driver calls still running; their processes may be left LOCKED or CHECKPOINTED",
+                      extra={"fields": {"calls": "; ".join(f"{c.what} for {c.age():.1f} s" for c in stuck)}})
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            return 1
+        self._nvml.close()
+        if self._driver is not None:
+            self._driver.close()
+        self._executor.shutdown(wait=True)
+        log.info("stopped")
+        return 0
+
+
+async def run(settings: Settings) -> int:
+    daemon = Daemon(settings)
+    try:
+        await daemon.start()
+    except StartError as err:
+        log.error("cannot start", extra={"fields": {"error": str(err)}})
+        await daemon.stop()
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    return await daemon.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+    logs.setup(settings.log_level)
+    code = asyncio.run(run(settings))
+    if code == 1:
+        # Worker threads are still inside the driver; the interpreter would wait for them forever.
+        logging.shutdown()
+        os._exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""What /proc and the cgroup filesystems say about a container's processes.
+
+These are reads of small kernel files (microseconds, never blocking on I/O), so they run on the
+event loop directly; driver calls never do.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import InvalidRequest
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _read(path: Path | str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def pids_of_cgroup(cgroup_path: str, root: Path = CGROUP_ROOT) -> list[int]:
+    """Every pid in the cgroup and its descendants.
+
+    `cgroup_path` is either a directory under the cgroup filesystem or an OCI cgroupsPath
+    ("/kubepods/pod…/…"), which is looked up in the unified hierarchy and each v1 hierarchy.
+    """
+    candidates = [Path(cgroup_path)]
+    relative = cgroup_path.lstrip("/")
+    candidates += [root / relative]
+    if root.is_dir():
+        candidates += [h / relative for h in sorted(root.iterdir()) if h.is_dir()]
+    for directory in candidates:
+        if (directory / "cgroup.procs").is_file():
+            pids: set[int] = set()
+            for dirpath, _dirs, files in os.walk(directory):
+                if "cgroup.procs" in files:
+                    pids.update(int(p) for p in _read(Path(dirpath) / "cgroup.procs").split() if p.isdigit())
+            return sorted(pids)
+    raise InvalidRequest(f"cgroup {cgroup_path!r} not found under {root} (no cgroup.procs): pass the container's pids")
+
+
+def _mounts() -> list[tuple[str, str, set[str]]]:
+    out = []
+    for line in _read("/proc/self/mounts").splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[2] in ("cgroup", "cgroup2"):
+            out.append((parts[1], parts[2], set(parts[3].split(","))))
+    return out
+
+
+def paused(pid: int) -> str | None:
+    """Why the driver could not reach this process right now, or None.
+
+    The driver blocks on a stopped or cgroup-frozen target until it runs again, whatever timeout it
+    was given (measured on driver 580): a frozen container must be refused, not called.
+    """
+    stat = _read(f"/proc/{pid}/stat")
+    state = stat.rpartition(")")[2].split()[:1]
+    if state and state[0] in ("T", "t"):
+        return "stopped (SIGSTOP or a tracer such as CRIU)"
+    mounts = _mounts()
+    for line in _read(f"/proc/{pid}/cgroup").splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            for mnt, kind, _opts in mounts:
+                if kind == "cgroup2":
+                    base = Path(mnt + path)
+                    if _read(base / "cgroup.freeze").strip() == "1" or "frozen 1" in _read(base / "cgroup.events"):
+                        return f"frozen (cgroup v2 {base})"
+        elif "freezer" in controllers.split(","):
+            for mnt, kind, opts in mounts:
+                if kind == "cgroup" and "freezer" in opts:
+                    state_file = Path(mnt + path) / "freezer.state"
+                    value = _read(state_file).strip()
+                    if value in ("FROZEN", "FREEZING"):
+                        return f"frozen ({state_file} is {value})"
+    return None
+
+
+def alive(pid: int) -> bool:
+    state = _read(f"/proc/{pid}/stat").rpartition(")")[2].split()[:1]
+    return bool(state) and state[0] not in ("Z", "X")

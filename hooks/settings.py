@@ -1,0 +1,61 @@
+"""kybernate-hookd settings: plain dataclasses, every field with its unit. Flags map onto them in daemon.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_SOCKET = "/run/kybernate/hookd.sock"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    # Unix socket the shim connects to. Its directory is created mode 0700, the socket mode 0600: root only.
+    socket: str = DEFAULT_SOCKET
+    # Prometheus endpoint as HOST:PORT (plain HTTP, GET /metrics). Empty: no metrics server.
+    metrics_address: str = "127.0.0.1:9464"
+    # On SIGTERM/SIGINT, seconds in-flight RPCs get to finish before they are cancelled.
+    shutdown_grace_s: float = 30.0
+    # After that, seconds to wait for driver calls still running (they cannot be interrupted) before
+    # exiting anyway with status 1, naming each one in the log.
+    stop_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class DriverSettings:
+    # "ctypes": libcuda in-process, initialised once (fast). "binary": exec cuda-checkpoint per step.
+    backend: str = "ctypes"
+    # The CUDA driver library for the ctypes backend: a soname for the loader's search, or a path.
+    libcuda: str = "libcuda.so.1"
+    # The cuda-checkpoint executable for the binary backend: a name looked up in PATH, or a path.
+    cuda_checkpoint: str = "cuda-checkpoint"
+    # libnvidia-ml for the GPU inventory; empty: nvidia-ml-py's own lookup of libnvidia-ml.so.1.
+    libnvml: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerSettings:
+    # Lock timeout when the request gives 0, in milliseconds: how long a lock may wait for the
+    # process's submitted GPU work to finish.
+    default_lock_timeout_ms: int = 10_000
+    # Extra seconds hookd waits beyond the lock timeout for the driver's lock call to return before
+    # it reports DEADLINE_EXCEEDED (the driver ignores the timeout while the target is stopped).
+    lock_grace_s: float = 5.0
+    # Seconds to wait for a state query or an unlock (both take about a millisecond normally).
+    query_timeout_s: float = 30.0
+    # Seconds to wait for one process's checkpoint or restore (VRAM <-> host RAM: measured 1.6-5.5 GB/s,
+    # so 600 s covers well over 500 GiB per process).
+    transfer_timeout_s: float = 600.0
+    # Driver calls in flight at once (threads). The steps are CPU-bound per target process and scale
+    # across processes, so allow at least one per CUDA process of the largest container.
+    max_parallel: int = 32
+    # Bytes a target GPU must have free on top of what the checkpoint held there, per GPU.
+    restore_vram_headroom_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    driver: DriverSettings = field(default_factory=DriverSettings)
+    manager: ManagerSettings = field(default_factory=ManagerSettings)
+    # Python logging level name: debug, info, warning, error.
+    log_level: str = "info"

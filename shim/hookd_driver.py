@@ -1,0 +1,24 @@
+"""The shim's GpuDriver: kybernate-hookd over its unix socket, one client per socket for the daemon's life."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kybernate.hooks.client import HookdClient
+
+
+class HookdDriver:
+    def __init__(self, socket_path: str, timeout_s: float) -> None:
+        self._client = HookdClient(socket_path)
+        self._timeout_s = timeout_s
+
+    async def checkpoint(self, namespace: str, container_id: str, pids: list[int], lock_timeout_ms: int) -> dict[str, Any]:
+        manifest = await self._client.checkpoint_gpu(
+            namespace, container_id, pids, lock_timeout_ms=lock_timeout_ms, deadline_s=self._timeout_s
+        )
+        return manifest.to_dict()
+
+    async def restore(
+        self, namespace: str, container_id: str, pids: list[int], manifest: dict[str, Any] | None
+    ) -> None:
+        await self._client.restore_gpu(namespace, container_id, pids, manifest=manifest, deadline_s=self._timeout_s)
