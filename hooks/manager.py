@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 GiB = float(1 << 30)
+# Manifests remembered for containers checkpointed and never restored here (a checkpoint that exited
+# the container, restored elsewhere): bounded, oldest forgotten first.
+REMEMBERED_MANIFESTS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +163,8 @@ class GpuManager:
         self._containers: dict[tuple[str, str], _Container] = {}
         self._pending: dict[int, _Pending] = {}
         self._settling: set[asyncio.Task[None]] = set()
-        self._ops: dict[int, tuple[str, float]] = {}  # id(task) -> (what, since) for the stop log
+        self._ops: dict[int, tuple[str, float]] = {}  # id(session) -> (what, since) for the stop log
+        self._remembered: dict[tuple[str, str], None] = {}  # insertion-ordered: oldest first
 
     # ---- public: one method per RPC ----------------------------------------------------------
 
@@ -186,7 +190,7 @@ class GpuManager:
                 await self._undo_checkpoint(ref, states, failures, cancelled)
             outcomes = tuple(tasks[pid].result() for pid in sorted(tasks))
             manifest = self._manifest(states, inventory, box.manifest, usage_before)
-            box.manifest = manifest
+            self._remember(ref, box, manifest)
             self._metrics.moved("device_to_host", sum(
                 p.vram_bytes for p in manifest.processes if states.get(p.pid) != CudaState.CHECKPOINTED))
             log.info("checkpointed", extra={"fields": {"container": ref.name, "processes": len(outcomes),
@@ -205,7 +209,7 @@ class GpuManager:
                                              "restored" + _FAILED_HINT.get(state, ""), pid=pid)
             todo = {pid: s for pid, s in states.items() if s in (CudaState.CHECKPOINTED, CudaState.LOCKED)}
             if not todo:
-                box.manifest = None
+                self._forget(ref, box)
                 return RestoreResult(tuple(ProcessOutcome(pid, s.name, s.name) for pid, s in sorted(states.items())))
             if manifest is None or manifest.empty:
                 manifest = box.manifest  # what this daemon remembers of the container's last checkpoint
@@ -227,7 +231,7 @@ class GpuManager:
             outcomes.update({pid: ProcessOutcome(pid, s.name, s.name) for pid, s in states.items() if pid not in todo})
             if manifest is not None:
                 self._metrics.moved("host_to_device", manifest.vram_bytes)
-            box.manifest = None
+            self._forget(ref, box)
             log.info("restored", extra={"fields": {"container": ref.name, "processes": len(todo), "remapped": remapped,
                                                    "pairs": ",".join(f"{p.old_uuid}={p.new_uuid}" for p in pairs)}})
             return RestoreResult(tuple(outcomes[pid] for pid in sorted(outcomes)), tuple(pairs), remapped)
@@ -422,8 +426,9 @@ class GpuManager:
             raise asyncio.CancelledError
         states: dict[int, CudaState] = {}
         not_cuda: dict[int, str] = {}
-        for pid, task in tasks.items():
-            error = task.exception()
+        fatal: list[BaseException] = []
+        for pid, task in sorted(tasks.items()):
+            error = task.exception()  # read every one: an unread task exception is logged as a leak
             if error is None:
                 states[pid] = task.result()[0]
             elif isinstance(error, StepFailed) and error.driver_error:
@@ -434,7 +439,9 @@ class GpuManager:
                     log.warning("unexpected driver answer; treated as not a CUDA process",
                                 extra={"fields": {"pid": pid, "error": error.driver_error}})
             else:
-                raise error
+                fatal.append(error)
+        if fatal:
+            raise fatal[0]
         return states, not_cuda
 
     def _cross_check(self, ref: ContainerRef, states: Mapping[int, CudaState], not_cuda: Mapping[int, str],
@@ -588,6 +595,24 @@ class GpuManager:
         return primary
 
     # ---- bookkeeping --------------------------------------------------------------------------------
+
+    def _remember(self, ref: ContainerRef, box: _Container, manifest: GpuManifest) -> None:
+        key = (ref.namespace, ref.container_id)
+        box.manifest = manifest
+        self._remembered.pop(key, None)
+        self._remembered[key] = None
+        while len(self._remembered) > REMEMBERED_MANIFESTS:
+            oldest = next(iter(self._remembered))
+            del self._remembered[oldest]
+            old = self._containers.get(oldest)
+            if old is not None:
+                old.manifest = None
+                if old.users == 0:
+                    del self._containers[oldest]
+
+    def _forget(self, ref: ContainerRef, box: _Container) -> None:
+        box.manifest = None
+        self._remembered.pop((ref.namespace, ref.container_id), None)
 
     def _container(self, ref: ContainerRef, op: str) -> _Session:
         return _Session(self, ref, op)

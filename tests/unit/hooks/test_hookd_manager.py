@@ -4,6 +4,7 @@ pausing, timeouts, the VRAM pre-check and GPU remapping."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import subprocess
 import sys
@@ -173,15 +174,22 @@ def test_a_lock_that_times_out_in_the_driver_rolls_back(make_manager: MakeManage
 
 
 def test_a_frozen_container_is_refused_without_calling_the_driver(make_manager: MakeManager, node: fakegpu.FakeNode,
-                                                                  spawn: Spawn, freezer: Freezer) -> None:
+                                                                  spawn: Spawn, freezer: Freezer,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
     a, b = spawn("a"), spawn("b")
+    plain = subprocess.Popen(["sleep", "60"])  # no CUDA; its pid sorts after b's
     freezer.add(b)
     freezer.freeze()
     started = time.monotonic()
     with pytest.raises(ProcessPaused) as info:
-        run(make_manager().checkpoint(ref(a, b), lock_timeout_ms=200))
+        run(make_manager().checkpoint(ref(a, b, plain.pid), lock_timeout_ms=200))
+    plain.kill()
+    plain.wait()
     assert time.monotonic() - started < 1.0
     assert info.value.code == 9 and info.value.pid == b and "frozen" in info.value.message
+    del info  # its traceback keeps the request's tasks alive
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]  # every task's outcome was read
     assert not events_for(node, pid=b)  # a driver call would have blocked until the thaw
     assert not events_for(node, "lock")
     freezer.thaw()
@@ -401,3 +409,21 @@ def test_a_missing_nvml_is_reported_once_and_clearly(tmp_path: Path) -> None:
     assert done.returncode == 0
     assert "NVML unavailable: no GPU inventory, so no VRAM pre-check before restore and no automatic GPU remap" \
         in done.stderr
+
+
+def test_remembered_manifests_are_bounded(make_manager: MakeManager, spawn: Spawn,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from kybernate.hooks import manager as manager_module
+
+    monkeypatch.setattr(manager_module, "REMEMBERED_MANIFESTS", 1)
+    a, b = spawn("a"), spawn("b")
+
+    async def go() -> None:
+        m = make_manager()
+        await m.checkpoint(ref(a, cid="old"))
+        await m.checkpoint(ref(b, cid="new"))
+        assert list(m._containers) == [("k8s.io", "new")]  # "old" was checkpointed, never restored here
+        await m.restore(ref(b, cid="new"))
+        assert m._containers == {}
+
+    run(go())
