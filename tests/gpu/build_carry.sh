@@ -174,6 +174,11 @@ if fresh wheels "$WANT"; then
     stamp wheels "$WANT"
 fi
 
+# ---- kybernate itself: rebuilt every time, it is the code under test ---------------------------
+rm -rf "$CARRY/kybernate"; mkdir -p "$CARRY/kybernate"
+"$VENV_PY" -m pip wheel -q --no-deps --no-build-isolation -w "$CARRY/kybernate" "$REPO" 2>&1 | grep -v '^WARNING' >&2 || true
+ls "$CARRY"/kybernate/kybernate-*.whl >/dev/null || { log "ERROR: building the kybernate wheel failed"; exit 1; }
+
 # ---- manifest + size check --------------------------------------------------------------------
 {
     echo "# tests/gpu/build_carry.sh $(date -u +%Y-%m-%dT%H:%M:%SZ)"

@@ -11,8 +11,8 @@
 # (at most 8 files: probe.txt, results.json, summary.txt, logs.tgz, + the caller's run.log).
 #
 # Options:
-#   --runtime runc|kybernate   runc: stock runc shim, GPU steps done by scenario.py through ctypes
-#                              (implemented). kybernate: our shim + hookd (NOT YET WIRED: exits 3).
+#   --runtime runc|kybernate   runc: stock runc shim, GPU steps done by scenario.py through ctypes.
+#                              kybernate: our shim + kybernate-hookd do the GPU steps inside ctr's calls.
 #   --scenario LIST            comma-separated: driver-floor exit-restore leave-running pause-resume
 #                              export-import remap (default: driver-floor,exit-restore,pause-resume,leave-running)
 #   --vram-gib N               VRAM the workload fills (default 2.6)
@@ -62,7 +62,7 @@ NS=kybgpu
 IMAGE=docker.io/kybernate/gpu-skeleton:latest
 ADDR=$BASE/containerd.sock
 export PYTHONUNBUFFERED=1
-PY=$(command -v python3)
+PY=${KYB_PY:-$(command -v python3)}
 mkdir -p "$OUT"
 T_START=$(date +%s.%N)
 say() { echo "[on_gpu $(date +%H:%M:%S)] $*"; }
@@ -205,27 +205,40 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
 [metrics]
   address = ""
 
-# KYBERNATE-RUNTIME (not yet wired). ctr needs no runtime entry: --runtime io.containerd.kybernate.v1
-# makes containerd exec containerd-shim-kybernate-v1 from its PATH ($BASE/bin comes first). CRI would
-# need [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kybernate] with
-# runtime_type = "io.containerd.kybernate.v1" and pod_annotations = ["kybernate.io/*"].
+# ctr needs no runtime entry: --runtime io.containerd.kybernate.v1 makes containerd exec
+# containerd-shim-kybernate-v1 from its PATH ($BASE/bin comes first).
 EOF
 
 CTRD_PATH="$BASE/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 kybernate_setup() {
-    # KYBERNATE-RUNTIME: NOT YET WIRED. When shim/ and hooks/ have entry points this function must:
-    #   1. write $BASE/bin/containerd-shim-kybernate-v1: a wrapper that runs the shim with the host
-    #      python and PYTHONPATH=$BASE/site:$REPO (grpcio/protobuf wheels + the repo);
-    #   2. start kybernate-hookd (same python) on its root-only unix socket, logging to $BASE/hookd.log,
-    #      and wait until it answers;
-    #   3. export what the shim needs to find hookd (socket path) into containerd's environment.
-    # Until then the kybernate runtime is refused rather than faked.
-    say "--runtime kybernate: NOT YET WIRED (see kybernate_setup in tests/gpu/on_gpu.sh and"
-    say "KybernateSteps in tests/gpu/scenario.py); nothing was run"
-    return 3
+    # The kybernate runtime: our wheel into $BASE/site, the shim binary on containerd's PATH (a wrapper
+    # running it with this machine's python), and kybernate-hookd on its default socket.
+    local whl
+    whl=$(ls "$CARRY"/kybernate/kybernate-*.whl 2>/dev/null | head -1)
+    [ -n "$whl" ] || { say "no kybernate wheel in $CARRY/kybernate (run tests/gpu/build_carry.sh)"; return 3; }
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$BASE/site" "$whl" \
+        || return 3
+    cat >"$BASE/bin/containerd-shim-kybernate-v1" <<SHIM
+#!/bin/sh
+PYTHONPATH=$BASE/site exec $PY -c 'import sys; from kybernate.shim.cli import main; sys.exit(main())' "\$@"
+SHIM
+    chmod +x "$BASE/bin/containerd-shim-kybernate-v1"
+    "$BASE/bin/containerd-shim-kybernate-v1" -v || return 3
+    mkdir -p /run/kybernate
+    PYTHONPATH=$BASE/site setsid "$PY" -m kybernate.hooks.daemon --socket /run/kybernate/hookd.sock \
+        --libcuda "${KYB_LIBCUDA:-/usr/local/nvidia/lib64/libcuda.so.1}" --metrics-address 127.0.0.1:9464 --log-level info \
+        >"$BASE/hookd.log" 2>&1 </dev/null &
+    echo $! >"$BASE/hookd.pid"
+    for _ in $(seq 1 100); do
+        [ -S /run/kybernate/hookd.sock ] && break
+        sleep 0.1
+    done
+    [ -S /run/kybernate/hookd.sock ] || { say "hookd did not come up:"; tail -20 "$BASE/hookd.log"; return 3; }
+    say "kybernate-hookd up (pid $(cat "$BASE/hookd.pid")) after $(elapsed)s"
+    return 0
 }
 if [ "$RUNTIME" = kybernate ]; then
-    kybernate_setup || { echo '{"error": "kybernate runtime not wired yet"}' >"$OUT/results.json"; exit 3; }
+    kybernate_setup || { echo '{"error": "kybernate runtime setup failed"}' >"$OUT/results.json"; exit 3; }
 fi
 
 say "starting containerd (root $BASE/root, state $BASE/state, socket $ADDR)"
@@ -297,9 +310,10 @@ if [ "$CTRD_UP" = 1 ] && [ "$KEEP" != 1 ]; then
 fi
 if [ "$KEEP" != 1 ]; then
     kill "$(cat "$BASE/containerd.pid")" 2>/dev/null
+    [ -f "$BASE/hookd.pid" ] && kill "$(cat "$BASE/hookd.pid")" 2>/dev/null
     sleep 0.5
 fi
-(cd "$BASE" && tar -czf "$OUT/logs.tgz" --ignore-failed-read containerd.log config.toml image.json scenario.log \
+(cd "$BASE" && tar -czf "$OUT/logs.tgz" --ignore-failed-read containerd.log hookd.log config.toml image.json scenario.log \
     logs out 2>/dev/null)
 say "done rc=$RC, wall $(elapsed)s; results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 if [ "$KEEP" != 1 ]; then

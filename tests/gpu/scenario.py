@@ -249,22 +249,92 @@ class RuncSteps:
 
 
 class KybernateSteps:
-    """kybernate runtime: the shim + hookd do the GPU steps; the script only drives ctr.
-
-    NOT YET WIRED. What wiring means, once shim/ and hooks/ exist:
-      * on_gpu.sh installs `containerd-shim-kybernate-v1` on containerd's PATH and registers
-        `io.containerd.kybernate.v1` (see the KYBERNATE-RUNTIME block there), and starts
-        kybernate-hookd on its unix socket;
-      * freeze()/thaw() become no-ops here, and each scenario instead asserts from hookd's API (or the
-        shim's log) that Pause did lock+checkpoint, Resume/Start did restore+unlock;
-      * remap passes the target GPU through the restore annotation, not a driver call.
+    """kybernate runtime: the shim + hookd do every GPU step inside the ctr calls; this script only drives
+    ctr and reads what happened: hookd's metrics (driver step durations) and the shim's per-RPC timings
+    from containerd's log. It calls the driver only to read a process's state (cuCheckpointProcessGetState).
     """
 
     name = "kybernate"
+    big_timeout = 120.0
 
-    def __init__(self, no_gpu: bool) -> None:
-        raise NotWired("--runtime kybernate is not wired yet: needs containerd-shim-kybernate-v1 and "
-                       "kybernate-hookd (see KybernateSteps docstring in tests/gpu/scenario.py)")
+    def __init__(self, no_gpu: bool, metrics_url: str, containerd_log: str) -> None:
+        self.no_gpu = no_gpu
+        self.metrics_url = metrics_url
+        self.containerd_log = containerd_log
+        self.drv = None
+        self.vram = None
+        self._metrics0: dict[str, float] = {}
+        self._log_offset = 0
+        if not no_gpu:
+            from cudackpt import Driver
+
+            self.drv = Driver()
+            self.vram = Vram()
+
+    def info(self) -> dict:
+        info: dict = {"gpu": not self.no_gpu, "hookd_metrics": self.metrics_url}
+        if self.drv is not None:
+            info.update(libcuda=self.drv.path, cuda_driver_version=self.drv.cuda_version, uuids=self.drv.device_uuids())
+        return info
+
+    def metrics(self) -> dict[str, float]:
+        import urllib.request
+
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("kybernate_hookd_step_duration_seconds_sum") or \
+               line.startswith("kybernate_hookd_step_duration_seconds_count") or \
+               line.startswith("kybernate_hookd_bytes_total"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    def vram_mib(self) -> float | None:
+        return round(self.vram.used_mib(), 1) if self.vram is not None else None
+
+    def freeze(self, pid: int, rec: dict) -> None:
+        """Nothing to do: the shim checkpoints the GPU inside Pause. Take the 'before' readings."""
+        self._metrics0 = self.metrics()
+        try:
+            self._log_offset = os.path.getsize(self.containerd_log)
+        except OSError:
+            self._log_offset = 0
+        rec["vram_used_mib_before"] = self.vram_mib()
+        rec["rss_mib_before"] = round(_rss_mib(pid), 1)
+
+    def thaw(self, pid: int, rec: dict, pairs: list[tuple[str, str]] | None = None) -> None:
+        """Nothing to do: the shim restored the GPU inside Resume / Start. Record what hookd and the shim did."""
+        after = self.metrics()
+        for step in ("lock", "checkpoint", "restore", "unlock"):
+            key = f'kybernate_hookd_step_duration_seconds_sum{{step="{step}"}}'
+            count = f'kybernate_hookd_step_duration_seconds_count{{step="{step}"}}'
+            rec[f"gpu_{step}_s"] = round(after.get(key, 0.0) - self._metrics0.get(key, 0.0), 4)
+            rec[f"gpu_{step}_calls"] = int(after.get(count, 0.0) - self._metrics0.get(count, 0.0))
+        for direction in ("device_to_host", "host_to_device"):
+            key = f'kybernate_hookd_bytes_total{{direction="{direction}"}}'
+            rec[f"bytes_{direction}"] = int(after.get(key, 0.0) - self._metrics0.get(key, 0.0))
+        rec["shim_rpc_ms"] = self.shim_rpcs()
+        if self.drv is not None:
+            rec["state_after_unlock"] = self.drv.state(pid)
+        rec["vram_used_mib_after"] = self.vram_mib()
+
+    def shim_rpcs(self) -> list[tuple[str, float]]:
+        """(method, ms) of every intercepted call our shim answered since freeze(), from containerd's log."""
+        import re
+
+        found = []
+        try:
+            with open(self.containerd_log, errors="replace") as f:
+                f.seek(self._log_offset)
+                for line in f:
+                    m = re.search(r"rpc=containerd\.task\.v[23]\.Task/(\w+) code=(\w+) ms=([\d.]+)", line)
+                    if m and m.group(1) in ("Create", "Start", "Pause", "Resume", "Checkpoint", "Delete"):
+                        found.append((f"{m.group(1)}:{m.group(2)}", float(m.group(3))))
+        except OSError:
+            pass
+        return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +446,13 @@ class Runner:
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
         self.ctr = Ctr(a.ctr, a.address, a.namespace)
-        self.steps = (KybernateSteps if a.runtime == "kybernate" else RuncSteps)(a.no_gpu)
+        # The raw floor is always the driver alone, called from here; the scenarios use the runtime's way.
+        self.floor = RuncSteps(a.no_gpu)
+        self.floor.big_timeout = max(60.0, 6.0 * a.vram_gib)
+        if a.runtime == "kybernate":
+            self.steps = KybernateSteps(a.no_gpu, a.hookd_metrics, os.path.join(a.base, "containerd.log"))
+        else:
+            self.steps = self.floor
         self.steps.big_timeout = max(60.0, 6.0 * a.vram_gib)
         self.backend = "py" if a.no_gpu else "torch"
         self.binds = host_binds(a.bind or [])
@@ -463,8 +539,8 @@ class Runner:
                 cyc: dict = {}
                 before = read_status(out)
                 t0 = time.perf_counter()
-                self.steps.freeze(proc.pid, cyc)
-                self.steps.thaw(proc.pid, cyc)
+                self.floor.freeze(proc.pid, cyc)
+                self.floor.thaw(proc.pid, cyc)
                 t_wall = time.time()  # after unlock
                 cyc["total_s"] = round(time.perf_counter() - t0, 3)
                 cyc.update(verify_continues(out, before, ref, t_wall))
@@ -570,6 +646,8 @@ class Runner:
         self.steps.freeze(pid, rec)
         rec["ctr_pause_s"], _ = self.ctr.run("task", "pause", cid)
         rec["task_status_paused"] = self.ctr.task_status(cid)
+        if self.steps.vram is not None:
+            rec["vram_used_mib_paused"] = round(self.steps.vram.used_mib(), 1)  # hot standby: VRAM released
         time.sleep(1.0)  # parked: tier 1, VRAM free for others
         rec["ctr_resume_s"], _ = self.ctr.run("task", "resume", cid)
         self.steps.thaw(pid, rec)
@@ -629,6 +707,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ready-timeout", type=float, default=180)
     p.add_argument("--step-timeout", type=float, default=300)
     p.add_argument("--results", default="", help="write results JSON here")
+    p.add_argument("--hookd-metrics", default="http://127.0.0.1:9464/metrics", help="kybernate-hookd's /metrics")
     a = p.parse_args(argv)
     a.state = a.state or os.path.join(a.base, "state")
     os.makedirs(os.path.join(a.base, "tmp"), exist_ok=True)
@@ -648,6 +727,7 @@ def main(argv: list[str]) -> int:
         save()
         return 3
     results["driver"] = runner.steps.info()
+    results["floor_driver"] = runner.floor.info()
     results["binds"] = runner.binds
     results["devices"] = runner.devices
     log(f"driver: {results['driver']}")
