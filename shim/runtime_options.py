@@ -60,6 +60,8 @@ class KybernateOptions:
     pause_releases_vram: bool = True
     # Upper bound for one hookd call (checkpoint or restore of all GPU processes), in seconds.
     hookd_timeout_s: float = 600.0
+    # The only directory `kybernate.io/restore-from` archives are read from.
+    checkpoint_dir: str = "/var/lib/kybernate/checkpoints"
 
 
 KYBERNATE_KEYS: dict[str, type] = {
@@ -67,6 +69,7 @@ KYBERNATE_KEYS: dict[str, type] = {
     "lock_timeout_ms": int,
     "pause_releases_vram": bool,
     "hookd_timeout_s": float,
+    "checkpoint_dir": str,
 }
 
 

@@ -6,9 +6,11 @@ map errors once. Everything else is forwarded as bytes, so containerd's behaviou
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import shutil
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,7 +18,7 @@ from google.protobuf import any_pb2
 
 from kybernate.api import runc_options_pb2, task_pb2
 
-from . import gpu_steps, runtime_options
+from . import gpu_steps, restore_from, runtime_options
 from .gpu_steps import Event, GpuStepError, GpuSteps, Phase, TaskControl, TaskGpu
 from .runtime_options import KybernateOptions, RuntimeConfig
 from .ttrpc.errors import Code, TTRPCError
@@ -92,6 +94,10 @@ class TaskService:
             options = gpu_steps.options_with_annotations(options, spec)
         except GpuStepError as err:
             raise TTRPCError(Code.INVALID_ARGUMENT, str(err)) from err
+        plan = await self._restore_plan(request, spec, options.checkpoint_dir)
+        if plan is not None:
+            request.checkpoint = plan.checkpoint_dir  # runc restores from it at Start
+            payload = request.SerializeToString()
         phase, manifest = Phase.NO_GPU, None
         if gpu_steps.is_gpu_container(spec):
             phase = Phase.LIVE
@@ -100,6 +106,8 @@ class TaskService:
                 if manifest is not None and manifest.get("processes"):
                     phase = Phase.RESTORE_PENDING
         reply = await self.upstream.forward(call, payload)
+        if plan is not None:
+            await self._apply_rootfs(request.id, request.bundle, plan)
         self.gpu.created(
             TaskGpu(request.id, self.namespace, request.bundle, options, phase, manifest=manifest)
         )
@@ -167,6 +175,42 @@ class TaskService:
             raise
 
     # --- helpers -----------------------------------------------------------------------------------
+
+    async def _restore_plan(
+        self, request: Any, spec: dict[str, Any], checkpoint_dir: str
+    ) -> restore_from.RestorePlan | None:
+        """Unpack the archive `kybernate.io/restore-from` names; any problem fails the Create, nothing started."""
+        try:
+            reference = restore_from.requested(spec)
+            if reference is None:
+                return None
+            if request.checkpoint:
+                raise restore_from.RestoreError(f"{restore_from.ANNOTATION} and a checkpoint were both given")
+            archive = restore_from.resolve(reference, checkpoint_dir)
+            workdir = os.path.join(request.bundle, restore_from.WORKDIR_NAME)
+            # Unpacking reads and writes up to the size of the container's memory: off the event loop.
+            plan = await asyncio.to_thread(restore_from.unpack, archive, workdir)
+        except restore_from.RestoreError as err:
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"{request.id}: cannot restore: {err}") from err
+        archived = restore_from.archived_container_name(plan)
+        name = (spec.get("annotations") or {}).get(restore_from.CONTAINER_NAME)
+        if archived and name and archived != name:
+            # A pod annotation reaches every container of the pod; only the one the archive holds restores.
+            log.info("restore-from archive holds another container; starting this one fresh",
+                     extra={"fields": {"id": request.id, "container": name, "archived": archived}})
+            await asyncio.to_thread(shutil.rmtree, os.path.dirname(plan.checkpoint_dir), True)
+            return None
+        log.info("restoring from archive", extra={"fields": {"id": request.id, "archive": plan.archive}})
+        return plan
+
+    async def _apply_rootfs(self, container_id: str, bundle: str, plan: restore_from.RestorePlan) -> None:
+        try:
+            await asyncio.to_thread(restore_from.apply_rootfs, plan, os.path.join(bundle, "rootfs"))
+        except restore_from.RestoreError as err:
+            # containerd will not know of the task: take it back out of the runc shim.
+            await self.upstream.call("Delete", task_pb2.DeleteRequest(id=container_id), task_pb2.DeleteResponse,
+                                     metadata=self._metadata())
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"{container_id}: cannot restore: {err}") from err
 
     def _set_paused(self, container_id: str, paused: bool) -> None:
         task = self.gpu.tasks.get(container_id)

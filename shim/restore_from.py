@@ -1,0 +1,149 @@
+"""Restore a new container from a checkpoint archive named by the `kybernate.io/restore-from` annotation.
+
+The archive is what CRI's CheckpointContainer writes (checkpointctl's layout): `checkpoint/` holds the
+CRIU images (and Kybernate's `kybernate.json` for GPU containers), `rootfs-diff.tar` the files the
+container had changed, `deleted.files` (when present) a JSON list of files it had removed.
+
+The shim does the restore itself because containerd's own restore-inside-CreateContainer is off by
+default from 2.2 and absent before 2.1: unpack the archive into the bundle, hand the runc shim the CRIU
+images as the task's checkpoint (runc then restores at Start instead of starting), and lay the rootfs
+diff over the freshly mounted rootfs before Start.
+
+Archives are only read from one directory (`[kybernate] checkpoint_dir`): a reference that resolves
+outside it, through `..` or a symlink, is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+from dataclasses import dataclass
+from typing import Any
+
+ANNOTATION = "kybernate.io/restore-from"
+CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+CONTAINER_NAME = "io.kubernetes.cri.container-name"
+WORKDIR_NAME = "kybernate-restore"
+# Members we take from an archive; anything else in it is left alone.
+CHECKPOINT_PREFIX = "checkpoint/"
+ROOTFS_DIFF = "rootfs-diff.tar"
+DELETED_FILES = "deleted.files"
+CONFIG_DUMP = "config.dump"
+
+
+class RestoreError(Exception):
+    """The archive cannot be used; the message names the archive and what is wrong with it."""
+
+
+@dataclass(frozen=True, slots=True)
+class RestorePlan:
+    archive: str
+    checkpoint_dir: str  # the CRIU images, handed to the runc shim as CreateTaskRequest.checkpoint
+    rootfs_diff: str | None
+    deleted_files: tuple[str, ...]
+
+
+def requested(spec: dict[str, Any]) -> str | None:
+    """The archive reference for this container, or None (no annotation, or the pod's sandbox)."""
+    notes = spec.get("annotations") or {}
+    value = notes.get(ANNOTATION)
+    if value is None or notes.get(CONTAINER_TYPE) == "sandbox":
+        return None
+    if not str(value).strip():
+        raise RestoreError(f"annotation {ANNOTATION} is empty: name a checkpoint archive")
+    return str(value)
+
+
+def resolve(reference: str, checkpoint_dir: str) -> str:
+    """The archive's real path, which must lie inside `checkpoint_dir`."""
+    root = os.path.realpath(checkpoint_dir)
+    candidate = reference if os.path.isabs(reference) else os.path.join(root, reference)
+    real = os.path.realpath(candidate)
+    if os.path.commonpath([root, real]) != root or real == root:
+        raise RestoreError(
+            f"{ANNOTATION}={reference!r} resolves to {real}, outside the checkpoint directory {root}: "
+            "archives are only read from there ([kybernate] checkpoint_dir)"
+        )
+    if not os.path.isfile(real):
+        raise RestoreError(f"{ANNOTATION}={reference!r}: no checkpoint archive at {real}")
+    return real
+
+
+def unpack(archive: str, workdir: str) -> RestorePlan:
+    """Check the archive is a container checkpoint and unpack what a restore needs into `workdir`."""
+    if os.path.exists(workdir):
+        shutil.rmtree(workdir)
+    os.makedirs(workdir, mode=0o700)
+    try:
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if _wanted(m.name)]
+            names = {m.name.lstrip("./") for m in members}
+            if CHECKPOINT_PREFIX + "inventory.img" not in names:
+                raise RestoreError(
+                    f"{archive} is not a container checkpoint archive (no {CHECKPOINT_PREFIX}inventory.img): "
+                    "use an archive written by CRI CheckpointContainer"
+                )
+            # The "data" filter refuses absolute names, `..`, links out of the tree and device files.
+            tar.extractall(workdir, members=members, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as err:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise RestoreError(f"cannot read checkpoint archive {archive}: {err}") from err
+    except RestoreError:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    rootfs_diff = os.path.join(workdir, ROOTFS_DIFF)
+    return RestorePlan(
+        archive=archive,
+        checkpoint_dir=os.path.join(workdir, "checkpoint"),
+        rootfs_diff=rootfs_diff if os.path.isfile(rootfs_diff) else None,
+        deleted_files=_deleted_files(os.path.join(workdir, DELETED_FILES), archive),
+    )
+
+
+def archived_container_name(plan: RestorePlan) -> str | None:
+    """The container name recorded in the archive, if it has one (CRI's `<name>_<pod>_...`)."""
+    path = os.path.join(os.path.dirname(plan.checkpoint_dir), CONFIG_DUMP)
+    try:
+        with open(path) as f:
+            name = json.load(f).get("name", "")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(name).split("_", 1)[0] or None
+
+
+def apply_rootfs(plan: RestorePlan, rootfs: str) -> None:
+    """Lay the checkpointed container's file changes over the new container's mounted rootfs."""
+    try:
+        if plan.rootfs_diff is not None:
+            with tarfile.open(plan.rootfs_diff) as tar:
+                tar.extractall(rootfs, filter="data")
+        for name in plan.deleted_files:
+            target = os.path.realpath(os.path.join(rootfs, name.lstrip("/")))
+            if os.path.commonpath([os.path.realpath(rootfs), target]) != os.path.realpath(rootfs):
+                raise RestoreError(f"{plan.archive}: deleted file {name!r} lies outside the rootfs")
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            elif os.path.lexists(target):
+                os.unlink(target)
+    except (tarfile.TarError, OSError) as err:
+        raise RestoreError(f"cannot apply the rootfs changes of {plan.archive}: {err}") from err
+
+
+def _wanted(name: str) -> bool:
+    name = name.lstrip("./")
+    return name.startswith(CHECKPOINT_PREFIX) or name in ("checkpoint", ROOTFS_DIFF, DELETED_FILES, CONFIG_DUMP)
+
+
+def _deleted_files(path: str, archive: str) -> tuple[str, ...]:
+    try:
+        with open(path) as f:
+            names = json.load(f)
+    except FileNotFoundError:
+        return ()
+    except (OSError, ValueError) as err:
+        raise RestoreError(f"{archive}: {DELETED_FILES} is not a JSON list: {err}") from err
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise RestoreError(f"{archive}: {DELETED_FILES} is not a JSON list of paths")
+    return tuple(names)
