@@ -10,9 +10,11 @@ real driver.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -256,3 +258,40 @@ def test_restore_on_another_gpu_passes_the_pairs(kyb_factory, gpu: GpuNode) -> N
     assert restore.result == "CUDA_SUCCESS"
     assert restore.pairs == 1 and restore.gpu == G1
     assert gpu.node.state("p-mv").get("state", "").upper() == "RUNNING"
+
+
+def test_cri_archive_carries_the_gpu_manifest_and_a_new_pod_gets_its_gpu_state_back(
+    kyb_factory, gpu: GpuNode, tmp_path: Path
+) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    c = kyb_factory("2.1", runtime_toml=gpu.runtime_toml() + f'checkpoint_dir = "{checkpoints}"\n')
+    env = {"NVIDIA_VISIBLE_DEVICES": "all", **gpu.node.env, **gpu.node.process_env("p-pod", G0, 2 * GiB)}
+    with c.cri() as cri:
+        config = cri.pod_config("a")
+        pod = cri.run_pod(config, runtime_handler="kybernate")
+        cid = cri.create_container(pod, config, "trainer", BUSYBOX_IMAGE, command=["sh", "-c", COUNTER], env=env)
+        cri.start_container(cid)
+        wait_for("the counter", lambda: len(cri.exec_sync(cid, ["cat", "/count"]).stdout.split()) > 3)
+        cri.checkpoint_container(cid, checkpoints / "trainer.tar")
+        # CRI's checkpoint leaves the container running, its GPU state back on the GPU.
+        assert gpu.node.state("p-pod").get("state", "").upper() == "RUNNING"
+        cri.stop_pod(pod)
+        cri.remove_pod(pod)
+
+    with tarfile.open(checkpoints / "trainer.tar") as tar:
+        manifest = json.load(tar.extractfile("checkpoint/kybernate.json"))  # type: ignore[arg-type]
+    assert [p["gpu_uuids"] for p in manifest["processes"]] == [[G0]]
+    assert [g["uuid"] for g in manifest["gpus"]] == [G0]
+
+    with c.cri() as cri:
+        config = cri.pod_config("b", annotations={"kybernate.io/restore-from": "trainer.tar"})
+        pod = cri.run_pod(config, runtime_handler="kybernate")
+        cid = cri.create_container(pod, config, "trainer", BUSYBOX_IMAGE, command=["sh", "-c", COUNTER], env=env)
+        cri.start_container(cid)
+        restore, unlock = gpu.events("p-pod")[-2:]
+        assert (restore.op, unlock.op) == ("restore", "unlock")
+        assert restore.alive and not restore.frozen and restore.result == "CUDA_SUCCESS"
+        assert gpu.node.state("p-pod").get("state", "").upper() == "RUNNING"
+        last = int(cri.exec_sync(cid, ["cat", "/count"]).stdout.split()[-1])
+        wait_for("the counter to go on", lambda: int(cri.exec_sync(cid, ["cat", "/count"]).stdout.split()[-1]) > last)
