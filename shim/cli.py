@@ -10,7 +10,6 @@ millisecond of import time is paid per container.
 
 from __future__ import annotations
 
-import os
 import sys
 from . import __version__
 

@@ -15,8 +15,9 @@ from harness import images  # noqa: E402
 from harness.containerd import Containerd  # noqa: E402
 from harness.stack import load_stack  # noqa: E402
 
+from harness.workload import COUNTER  # noqa: E402
+
 RUNTIME = "io.containerd.kybernate.v1"
-COUNTER = "i=0; while true; do echo $i >> /count; i=$((i+1)); sleep 0.2; done"
 
 
 def say(text: str) -> None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 from harness.containerd import Containerd
+
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = "io.containerd.kybernate.v1"
@@ -18,20 +17,6 @@ RUNTIME = "io.containerd.kybernate.v1"
 VENV_BIN = Path(sys.executable).parent
 SHIM_BINARY = "containerd-shim-kybernate-v1"
 RUNC_SHIM_BINARY = "containerd-shim-runc-v2"
-# Appends 0, 1, 2, ... to /count five times a second: a restart from scratch shows as a break.
-COUNTER = "i=0; while true; do echo $i >> /count; i=$((i+1)); sleep 0.2; done"
-T = TypeVar("T")
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 15.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def runtime_config_snippet(version: str, runtime_toml: Path) -> str:

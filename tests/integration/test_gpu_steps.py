@@ -20,10 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import RUNTIME, wait_for
+from conftest import RUNTIME
 from harness.containerd import Containerd
 from harness.containerd_api import ContainerdApi, criu_checkpoint
 from harness.images import BUSYBOX_IMAGE
+from harness.workload import read_counts, task_pid, task_status, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fakes"))
 import fakegpu  # noqa: E402
@@ -91,27 +92,13 @@ def run_gpu(c: Containerd, gpu: GpuNode, name: str, proc_id: str, **kw: object) 
     c.ctr("run", "-d", "--runtime", RUNTIME, *gpu.container_env(proc_id, **kw), BUSYBOX_IMAGE, name, "sh", "-c", COUNTER)
 
 
-_seq = 0
-
 
 def counts(c: Containerd, name: str) -> list[int]:
-    global _seq
-    _seq += 1
-    return [int(x) for x in c.ctr("tasks", "exec", "--exec-id", f"r{_seq}", name, "cat", "/count").stdout.split()]
+    return read_counts(c, name)
 
 
-def task_pid(c: Containerd, name: str) -> int:
-    for line in c.ctr("tasks", "ls").stdout.splitlines()[1:]:
-        if line.split()[0] == name:
-            return int(line.split()[1])
-    raise AssertionError(f"no task {name}")
 
 
-def task_status(c: Containerd, name: str) -> str | None:
-    for line in c.ctr("tasks", "ls").stdout.splitlines()[1:]:
-        if line.split()[0] == name:
-            return line.split()[-1]
-    return None
 
 
 def ops(events: list[fakegpu.Event]) -> list[tuple[str, int]]:

@@ -7,10 +7,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import COUNTER, wait_for
 from harness.containerd import Containerd
 from harness.cri import pb
 from harness.images import BUSYBOX_IMAGE
+from harness.workload import COUNTER, wait_for
 
 pytestmark = pytest.mark.stack
 ANNOTATION = "kybernate.io/restore-from"

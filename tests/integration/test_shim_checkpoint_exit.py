@@ -8,24 +8,15 @@ the control: it shows the client is right whatever our shim does.
 from __future__ import annotations
 
 import pytest
-from conftest import COUNTER, RUNTIME, processes, wait_for
+from conftest import RUNTIME, processes
 from harness.containerd import Containerd
 from harness.containerd_api import CRIU_CHECKPOINT_MEDIA_TYPE, ContainerdApi, criu_checkpoint
 from harness.images import BUSYBOX_IMAGE
+from harness.workload import COUNTER, read_counts, wait_for
 
 pytestmark = pytest.mark.stack
 
 RUNC_RUNTIME = "io.containerd.runc.v2"
-
-_seq = 0
-
-
-def read_counts(c: Containerd, name: str) -> list[int]:
-    global _seq
-    _seq += 1
-    out = c.ctr("tasks", "exec", "--exec-id", f"read{_seq}", name, "cat", "/count").stdout
-    return [int(line) for line in out.split()]
-
 
 @pytest.mark.parametrize("runtime", [RUNTIME, RUNC_RUNTIME], ids=["kybernate", "runc-control"])
 def test_checkpoint_with_exit_then_restore_continues_the_counter(kyb: Containerd, runtime: str) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
-from conftest import RUNC_SHIM_BINARY, SHIM_BINARY, mounts_under, shim_pids, wait_for
+from conftest import RUNC_SHIM_BINARY, SHIM_BINARY, mounts_under, shim_pids
 from harness.containerd import Containerd
 from harness.cri import pb
 from harness.images import BUSYBOX_IMAGE
+from harness.workload import wait_for
 
 pytestmark = pytest.mark.stack
 

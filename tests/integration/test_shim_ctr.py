@@ -10,11 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import (
-    COUNTER, RUNC_SHIM_BINARY, RUNTIME, SHIM_BINARY, mounts_under, processes, shim_pids, wait_for,
-)
+from conftest import RUNC_SHIM_BINARY, RUNTIME, SHIM_BINARY, mounts_under, processes, shim_pids
 from harness.containerd import Containerd
 from harness.images import BUSYBOX_IMAGE
+from harness.workload import COUNTER, read_counts, task_status, wait_for
 
 from kybernate.shim import manager
 
@@ -25,22 +24,9 @@ def run_d(c: Containerd, name: str, *cmd: str) -> None:
     c.ctr("run", "-d", "--runtime", RUNTIME, BUSYBOX_IMAGE, name, *cmd)
 
 
-def task_status(c: Containerd, name: str) -> str | None:
-    for line in c.ctr("tasks", "ls").stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0] == name:
-            return fields[-1]
-    return None
 
 
-_seq = 0
 
-
-def read_counts(c: Containerd, name: str) -> list[int]:
-    global _seq
-    _seq += 1
-    out = c.ctr("tasks", "exec", "--exec-id", f"read{_seq}", name, "cat", "/count").stdout
-    return [int(line) for line in out.split()]
 
 
 def test_attached_run_passes_stdout_stderr_and_exit_code(kyb: Containerd) -> None:

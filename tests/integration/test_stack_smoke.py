@@ -8,44 +8,17 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 import tarfile
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 from harness.containerd import Containerd
 from harness.cri import pb
 from harness.images import BUSYBOX_IMAGE
+from harness.workload import COUNTER, read_counts, wait_for
 from harness.stack import Stack
 
 pytestmark = pytest.mark.stack
-
-# Appends 0, 1, 2, ... to /count, five a second: any restart from scratch or lost state shows as a
-# break in the sequence.
-COUNTER = "i=0; while true; do echo $i >> /count; i=$((i+1)); sleep 0.2; done"
-T = TypeVar("T")
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 10.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
-
-
-_exec_seq = 0
-
-
-def read_counts(ctrd: Containerd, container: str) -> list[int]:
-    global _exec_seq
-    _exec_seq += 1
-    out = ctrd.ctr("tasks", "exec", "--exec-id", f"read{_exec_seq}", container, "cat", "/count").stdout
-    return [int(line) for line in out.split()]
 
 
 def test_counter_survives_checkpoint_delete_and_live_restore(containerd: Containerd) -> None:

@@ -55,17 +55,6 @@ def spawn(node: fakegpu.FakeNode) -> Callable[..., int]:
     return _spawn
 
 
-def _wait_exec(pid: int) -> None:
-    # Until exec, /proc/<pid>/environ is still the parent's: wait for the child's own environment.
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            if b"FAKEGPU_PROC=" in Path(f"/proc/{pid}/environ").read_bytes():
-                return
-        except OSError:
-            pass
-        time.sleep(0.002)
-    raise AssertionError(f"pid {pid} never exec'd")
 
 
 @pytest.fixture
