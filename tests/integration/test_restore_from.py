@@ -3,6 +3,7 @@ as the kubelet drives it: no containerd patch, containerd 1.6.20 and 2.1.9 alike
 
 from __future__ import annotations
 
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -48,13 +49,16 @@ def checkpoint_a_counter(c: Containerd, archive: Path) -> int:
 
 
 @pytest.mark.parametrize("target", ["1.6", "2.1"])
-def test_a_new_pod_carries_on_from_the_archive(kyb_factory, checkpoints: Path, target: str) -> None:
+def test_a_new_pod_carries_on_from_the_archive(kyb_factory, stack, checkpoints: Path, target: str) -> None:
     # The archive is written by containerd 2.1 (1.6 has no CRI checkpoint) and restored by a second
     # containerd, as on another node.
     source = kyb_factory("2.1", runtime_toml=runtime_toml(checkpoints))
     before = checkpoint_a_counter(source, checkpoints / "counter.tar")
     with tarfile.open(checkpoints / "counter.tar") as tar:
         assert "checkpoint/inventory.img" in tar.getnames()
+    shown = subprocess.run([str(stack.checkpointctl), "show", str(checkpoints / "counter.tar")],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "counter" in shown.stdout, shown.stderr
 
     node_b = kyb_factory(target, runtime_toml=runtime_toml(checkpoints))
     with node_b.cri() as cri:
@@ -71,6 +75,23 @@ def test_a_new_pod_carries_on_from_the_archive(kyb_factory, checkpoints: Path, t
         assert restored == list(range(len(restored)))
         # The new pod has its own network: a new IP from this node's subnet.
         assert cri.pod_status(pod).network.ip
+
+
+def test_only_the_archived_container_of_a_pod_restores(kyb_factory, checkpoints: Path) -> None:
+    c = kyb_factory("2.1", runtime_toml=runtime_toml(checkpoints))
+    before = checkpoint_a_counter(c, checkpoints / "counter.tar")
+    with c.cri() as cri:
+        config = cri.pod_config("two", annotations={ANNOTATION: "counter.tar"})
+        pod = cri.run_pod(config, runtime_handler="kybernate")
+        counter = cri.create_container(pod, config, "counter", BUSYBOX_IMAGE, command=["sh", "-c", COUNTER])
+        sidecar = cri.create_container(pod, config, "sidecar", BUSYBOX_IMAGE,
+                                       command=["sh", "-c", "echo fresh > /state; sleep 600"])
+        cri.start_container(counter)
+        cri.start_container(sidecar)
+        assert counts(cri, counter)[-1] >= before  # restored
+        # The sidecar started from its image: no /count from the archive, its own file written.
+        assert wait_for("the sidecar", lambda: cri.exec_sync(sidecar, ["cat", "/state"]).stdout) == b"fresh\n"
+        assert cri.exec_sync(sidecar, ["ls", "/count"]).exit_code != 0
 
 
 @pytest.mark.parametrize(
