@@ -69,26 +69,7 @@ class TaskService:
 
     async def create(self, call: Call) -> bytes:
         request = _decode(task_pb2.CreateTaskRequest, call)
-        given = request.options if request.HasField("options") else None
-        kind = _bare_type(given.type_url) if given is not None else ""
-        payload = None
-        if kind == runtime_options.RUNC_OPTIONS_TYPE:
-            # Already runc options: handed on untouched; Kybernate's settings are the node's.
-            config = RuntimeConfig(kybernate=self.defaults.kybernate)
-        else:
-            try:
-                config = self.defaults if given is None else runtime_options.from_any(given)
-            except runtime_options.OptionsError as err:
-                raise TTRPCError(Code.INVALID_ARGUMENT, str(err)) from err
-            # The runc shim would misread CRI's options: hand it runc options, or none.
-            converted = config.runc_any()
-            if converted is not None:
-                request.options.CopyFrom(converted)
-                payload = request.SerializeToString()
-            elif given is not None:
-                request.ClearField("options")
-                payload = request.SerializeToString()
-        options = config.kybernate
+        options, changed = self._options_for_child(request)
         spec = _read_spec(request.bundle)
         try:
             options = gpu_steps.options_with_annotations(options, spec)
@@ -97,20 +78,12 @@ class TaskService:
         plan = await self._restore_plan(request, spec, options.checkpoint_dir)
         if plan is not None:
             request.checkpoint = plan.checkpoint_dir  # runc restores from it at Start
-            payload = request.SerializeToString()
-        phase, manifest = Phase.NO_GPU, None
-        if gpu_steps.is_gpu_container(spec):
-            phase = Phase.LIVE
-            if request.checkpoint:
-                manifest = self._gpu_error_to_status(lambda: gpu_steps.read_manifest(request.checkpoint))
-                if manifest is not None and manifest.get("processes"):
-                    phase = Phase.RESTORE_PENDING
-        reply = await self.upstream.forward(call, payload)
+            changed = True
+        phase, manifest = self._gpu_phase(spec, request.checkpoint)
+        reply = await self.upstream.forward(call, request.SerializeToString() if changed else None)
         if plan is not None:
             await self._apply_rootfs(request.id, request.bundle, plan)
-        self.gpu.created(
-            TaskGpu(request.id, self.namespace, request.bundle, options, phase, manifest=manifest)
-        )
+        self.gpu.created(TaskGpu(request.id, self.namespace, request.bundle, options, phase, manifest=manifest))
         return reply
 
     async def start(self, call: Call) -> bytes:
@@ -175,6 +148,39 @@ class TaskService:
             raise
 
     # --- helpers -----------------------------------------------------------------------------------
+
+    def _options_for_child(self, request: Any) -> tuple[KybernateOptions, bool]:
+        """Kybernate's settings for this task; rewrites request.options into what the runc shim reads.
+
+        Returns whether the request changed. The runc shim casts options blindly: CRI's must become runc
+        options (or none); no options at all get the node's defaults.
+        """
+        given = request.options if request.HasField("options") else None
+        if given is not None and _bare_type(given.type_url) == runtime_options.RUNC_OPTIONS_TYPE:
+            return self.defaults.kybernate, False  # already runc's: handed on untouched
+        try:
+            config = self.defaults if given is None else runtime_options.from_any(given)
+        except runtime_options.OptionsError as err:
+            raise TTRPCError(Code.INVALID_ARGUMENT, str(err)) from err
+        converted = config.runc_any()
+        if converted is not None:
+            request.options.CopyFrom(converted)
+            return config.kybernate, True
+        if given is not None:
+            request.ClearField("options")
+            return config.kybernate, True
+        return config.kybernate, False
+
+    def _gpu_phase(self, spec: dict[str, Any], checkpoint_dir: str) -> tuple[Phase, dict[str, Any] | None]:
+        """Where a new task starts in the GPU lifecycle, with the manifest of the checkpoint it comes from."""
+        if not gpu_steps.is_gpu_container(spec):
+            return Phase.NO_GPU, None
+        if not checkpoint_dir:
+            return Phase.LIVE, None
+        manifest = self._gpu_error_to_status(lambda: gpu_steps.read_manifest(checkpoint_dir))
+        if manifest is not None and manifest.get("processes"):
+            return Phase.RESTORE_PENDING, manifest
+        return Phase.LIVE, manifest
 
     async def _restore_plan(
         self, request: Any, spec: dict[str, Any], checkpoint_dir: str
