@@ -1,0 +1,1113 @@
+#!/usr/bin/env python3
+"""Install Kybernate on a node, register it in containerd's config, or take it away again.
+
+Runs as root, on the node itself (`--host-root /`, the default) or in a privileged pod that has the
+node's directories mounted under `--host-root` (see packaging/kubernetes/daemonset.yaml). Standard
+library only: it must run on whatever python3 is there. Every path it prints is a path on the node.
+
+What an install changes (host paths; nothing else is touched):
+
+  /opt/kybernate/venv/                        a venv for the HOST's python3 (>= 3.11), built from the
+                                              wheels in --wheels by unpacking them (no pip, no chroot)
+  /opt/kybernate/installed.json               what was installed (payload digest, python)
+  /opt/kybernate/install.py                   a copy of this script, for `--uninstall` later
+  /usr/local/bin/containerd-shim-kybernate-v1 launchers: run the venv's python on the console entry
+  /usr/local/bin/kybernate-hookd              points of the kybernate wheel
+  /etc/kybernate/runtime.toml                 only if missing: never overwrites the operator's file
+  /etc/systemd/system/kybernate-hookd.service the hookd unit, enabled for multi-user.target (a symlink
+                                              in multi-user.target.wants, what `systemctl enable` makes)
+  containerd's config (--containerd-config, /etc/containerd/config.toml):
+    version = 3 (containerd 2.x): drop-in <config dir>/conf.d/kybernate.toml, and its path added to the
+        top-level `imports` unless an existing import already covers it;
+    version = 2 (containerd 1.6/1.7): a marked block appended to config.toml itself. A drop-in is no
+        option there: containerd 1.x replaces a plugin's WHOLE section with an imported file's section
+        (containerd issue #5837, changed in 2.0 by #9982), so a drop-in naming the CRI plugin wipes the
+        operator's CRI settings; with the stock `containerd config default` file the CRI plugin then
+        refuses to load at all (tests/integration/test_installer.py shows both on 1.6.20).
+    Every edit of config.toml is preceded by a backup, config.toml.kybernate-backup-<UTC time>.
+
+It restarts nothing unless asked: --restart-containerd restarts containerd (only when its config
+changed, or a change from an earlier run has not been loaded yet) and --start-hookd (re)starts
+kybernate-hookd, both through the host's systemctl. Without them it prints the commands to run.
+A second run with the same payload changes nothing and says so; --dry-run prints every change
+(with diffs) and makes none. Exit status: 0 done (or nothing to do), 1 refused or failed, 2 usage.
+"""
+
+from __future__ import annotations
+
+import sys
+
+if sys.version_info < (3, 11):  # before anything newer is imported: say it plainly
+    sys.stderr.write("install.py: error: needs Python 3.11 or newer to run (this is %d.%d)\n" % sys.version_info[:2])
+    sys.exit(1)
+
+import argparse  # noqa: E402
+import difflib  # noqa: E402
+import email.parser  # noqa: E402
+import glob  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import tomllib  # noqa: E402
+import zipfile  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path, PurePosixPath  # noqa: E402
+from typing import Any  # noqa: E402
+
+RUNTIME_NAME = "kybernate"
+RUNTIME_TYPE = "io.containerd.kybernate.v1"
+MIN_HOST_PYTHON = (3, 11)
+# Where CRI keeps its runtimes, per config version.
+CRI_RUNTIME_PLUGIN = {2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.runtime"}
+SNIPPETS = {2: "containerd-config/config-v2-kybernate.toml", 3: "containerd-config/config-v3-kybernate.toml"}
+RUNTIME_TOML_SOURCE = "containerd-config/runtime.toml"
+UNIT_SOURCE = "packaging/systemd/kybernate-hookd.service"
+
+DEFAULT_CONTAINERD_CONFIG = "/etc/containerd/config.toml"
+OPT = PurePosixPath("/opt/kybernate")
+VENV = OPT / "venv"
+RECORD = OPT / "installed.json"
+RESTART_PENDING = OPT / "containerd-restart-pending"
+SELF_COPY = OPT / "install.py"
+BIN_DIR = PurePosixPath("/usr/local/bin")
+LAUNCHERS = ("containerd-shim-kybernate-v1", "kybernate-hookd")
+RUNTIME_TOML = PurePosixPath("/etc/kybernate/runtime.toml")
+UNIT = PurePosixPath("/etc/systemd/system/kybernate-hookd.service")
+UNIT_WANTS = PurePosixPath("/etc/systemd/system/multi-user.target.wants/kybernate-hookd.service")
+HOST_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
+
+# Every file this script writes carries this mark; it only ever replaces or removes files that do.
+MARK = "kybernate install.py"
+BLOCK_BEGIN = f"# >>> kybernate runtime: added by {MARK}; `install.py --uninstall` removes this block"
+BLOCK_END = "# <<< kybernate runtime"
+_BLOCK_RE = re.compile(r"(?ms)^# >>> kybernate runtime\b.*?^# <<< kybernate runtime[^\n]*(?:\n|\Z)")
+_LAUNCHER_CALL = re.compile(r"^([\w.]+):([\w.]+)$")
+
+
+class InstallError(Exception):
+    """Something the operator must fix; the message says what and how. Nothing was changed."""
+
+
+# ---- the host -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Host:
+    """The node's filesystem as seen from here: host paths map to paths under root."""
+
+    root: Path
+
+    def path(self, host_path: PurePosixPath | str) -> Path:
+        return self.root / str(host_path).lstrip("/")
+
+    def resolve_link(self, host_path: PurePosixPath) -> list[PurePosixPath]:
+        """The chain of names a host path's symlinks lead through (absolute targets stay on the host)."""
+        chain = [host_path]
+        for _ in range(16):
+            local = self.path(chain[-1])
+            if not local.is_symlink():
+                break
+            target = PurePosixPath(os.readlink(local))
+            nxt = target if target.is_absolute() else PurePosixPath(os.path.normpath(chain[-1].parent / target))
+            if nxt == chain[-1]:
+                break
+            chain.append(nxt)
+        return chain
+
+
+@dataclass(frozen=True)
+class HostExec:
+    """How to run a command on the node: directly, through nsenter into PID 1's mounts, or not at all."""
+
+    mode: str  # "direct" | "nsenter" | "none"
+
+    def argv(self, cmd: list[str]) -> list[str]:
+        return ["nsenter", "--target", "1", "--mount", "--", *cmd] if self.mode == "nsenter" else cmd
+
+    def run(self, cmd: list[str], *, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(cmd), capture_output=True, text=True, timeout=timeout)
+
+
+def pick_host_exec(requested: str, host: Host) -> HostExec:
+    if requested == "auto":
+        return HostExec("direct" if os.path.samefile(host.root, "/") else "none")
+    if requested == "nsenter":
+        try:
+            same = os.readlink("/proc/1/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+        except OSError as e:
+            raise InstallError(f"--host-exec nsenter: cannot read /proc/1/ns/mnt ({e}): the pod needs hostPID: true "
+                               "and privileges") from None
+        if same:
+            raise InstallError("--host-exec nsenter: PID 1 here is not the node's init (same mount namespace as this "
+                               "process): give the pod hostPID: true")
+        if shutil.which("nsenter") is None:
+            raise InstallError("--host-exec nsenter: no nsenter binary here (util-linux)")
+    return HostExec(requested)
+
+
+# ---- plan -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Change:
+    """One change to the node: what it is in words (and a diff where it edits a file), and how to make it."""
+
+    what: str
+    apply: Callable[[], None]
+    diff: str = ""
+
+
+@dataclass
+class Plan:
+    changes: list[Change] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    containerd_config_changed: bool = False
+    hookd_changed: bool = False
+
+    def add(self, what: str, apply: Callable[[], None], diff: str = "") -> None:
+        self.changes.append(Change(what, apply, diff))
+
+
+def _diff(old: str, new: str, name: str) -> str:
+    return "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"{name} (now)", f"{name} (new)"))
+
+
+def _write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Replace path in one rename, keeping an existing file's mode and owner."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st: os.stat_result | None = path.stat()
+    except FileNotFoundError:
+        st = None
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode if mode is not None else (st.st_mode & 0o7777 if st else 0o644))
+        if st is not None:
+            os.chown(tmp, st.st_uid, st.st_gid)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _remove_dir(path: Path) -> None:
+    """Remove a directory and all in it; one that is a mount point (a pod's hostPath) stays, empty."""
+    for child in path.iterdir():
+        _remove(child)
+    try:
+        path.rmdir()
+    except OSError:
+        if not os.path.ismount(path):
+            raise
+
+
+def _has_mark(path: Path, lines: int = 3) -> bool:
+    try:
+        with path.open("r", errors="replace") as f:
+            head = [f.readline() for _ in range(lines)]
+    except (FileNotFoundError, IsADirectoryError):
+        return False
+    return any(MARK in line for line in head)
+
+
+def _plan_file(plan: Plan, host: Host, host_path: PurePosixPath, text: str, mode: int, *, what: str) -> bool:
+    """Write a file this script owns (it carries MARK); refuse to replace one that does not. True: changes."""
+    local = host.path(host_path)
+    if local.is_symlink() or local.exists():
+        if not _has_mark(local):
+            raise InstallError(f"{host_path} exists and was not written by this installer: move it away "
+                               "(or remove it) and run again")
+        if local.read_text(errors="replace") == text and (local.stat().st_mode & 0o777) == mode:
+            return False
+        plan.add(f"replace {host_path} ({what})", lambda: _write_atomic(local, text.encode(), mode),
+                 _diff(local.read_text(errors="replace"), text, str(host_path)))
+        return True
+    plan.add(f"write {host_path} ({what})", lambda: _write_atomic(local, text.encode(), mode))
+    return True
+
+
+# ---- the payload: wheels for the host's python ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Wheel:
+    path: Path
+    name: str  # normalized (PEP 503)
+    version: str
+    tags: frozenset[tuple[str, str, str]]
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _parse_wheel(path: Path) -> Wheel:
+    parts = path.name[:-4].split("-")
+    if len(parts) not in (5, 6):
+        raise InstallError(f"{path}: not a wheel file name (name-version[-build]-python-abi-platform.whl)")
+    py, abi, plat = parts[-3:]
+    tags = frozenset((p, a, pl) for p in py.split(".") for a in abi.split(".") for pl in plat.split("."))
+    return Wheel(path, _normalize(parts[0]), parts[1], tags)
+
+
+def _tag_fits(tag: tuple[str, str, str], minor: int, arch: str) -> bool:
+    """Whether a wheel tag runs on CPython 3.<minor>, glibc Linux on arch (musllinux does not)."""
+    py, abi, plat = tag
+    if plat != "any" and plat != f"linux_{arch}" and not (plat.startswith("manylinux") and plat.endswith("_" + arch)):
+        return False
+    m = re.fullmatch(r"(py|cp)3(\d*)", py)
+    if not m:
+        return False
+    n = int(m.group(2)) if m.group(2) else None
+    if abi == "none":
+        return n is None or n <= minor
+    if abi == "abi3":
+        return m.group(1) == "cp" and n is not None and n <= minor
+    return m.group(1) == "cp" and n == minor and abi in (f"cp3{minor}", f"cp3{minor}m")
+
+
+def _wheel_metadata(w: Wheel) -> email.message.Message:
+    with zipfile.ZipFile(w.path) as z:
+        names = [n for n in z.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", n)]
+        if len(names) != 1:
+            raise InstallError(f"{w.path.name}: no single *.dist-info/METADATA inside: not a usable wheel")
+        return email.parser.Parser().parsestr(z.read(names[0]).decode("utf-8", "replace"))
+
+
+def _python_ok(spec: str, version: tuple[int, int]) -> bool:
+    """Requires-Python, for the clauses that matter here (>=, >, <, <=, ==/!= with optional .*)."""
+    for clause in filter(None, (c.strip() for c in spec.split(","))):
+        m = re.fullmatch(r"(>=|<=|==|!=|~=|>|<)\s*(\d+)(?:\.(\d+))?[\d.]*(\.\*)?", clause)
+        if not m:
+            continue
+        op, want = m.group(1), (int(m.group(2)), int(m.group(3) or 0))
+        ok = {">=": version >= want, "~=": version >= want, ">": version > want, "<": version < want,
+              "<=": version <= want, "==": version == want, "!=": version != want}[op]
+        if not ok:
+            return False
+    return True
+
+
+def select_wheels(wheels_dir: Path, version: tuple[int, int], arch: str) -> list[Wheel]:
+    """kybernate's wheel and everything it needs, for this python; a clear error for anything missing."""
+    tag = f"cp{version[0]}{version[1]}"
+    if not wheels_dir.is_dir():
+        raise InstallError(f"--wheels {wheels_dir}: no such directory")
+    candidates = sorted(wheels_dir.glob("*.whl"))
+    if not candidates and (wheels_dir / tag).is_dir():
+        candidates = sorted((wheels_dir / tag).glob("*.whl"))
+    if not candidates:
+        subdirs = sorted(p.name for p in wheels_dir.iterdir() if p.is_dir())
+        have = f" (it has {', '.join(subdirs)})" if subdirs else ""
+        raise InstallError(f"--wheels {wheels_dir}: no *.whl there nor in {tag}/{have}: the payload has no wheels "
+                           f"for the host's Python {version[0]}.{version[1]}")
+    fitting: dict[str, list[Wheel]] = {}
+    misfits: dict[str, list[str]] = {}
+    for path in candidates:
+        w = _parse_wheel(path)
+        if any(_tag_fits(t, version[1], arch) for t in w.tags):
+            fitting.setdefault(w.name, []).append(w)
+        else:
+            misfits.setdefault(w.name, []).append(path.name)
+    for name, ws in fitting.items():
+        if len(ws) > 1:
+            raise InstallError(f"--wheels: several wheels of {name} fit ({', '.join(w.path.name for w in ws)}): "
+                               "keep one")
+    chosen: dict[str, Wheel] = {}
+    todo = [RUNTIME_NAME]
+    while todo:
+        name = todo.pop()
+        if name in chosen:
+            continue
+        if name not in fitting:
+            why = (f"only {', '.join(misfits[name])}, which does not fit CPython {version[0]}.{version[1]} on {arch}"
+                   if name in misfits else "none at all")
+            raise InstallError(f"--wheels {wheels_dir}: no wheel of {name} for the host ({why})")
+        w = chosen[name] = fitting[name][0]
+        meta = _wheel_metadata(w)
+        if not _python_ok(meta.get("Requires-Python", ""), version):
+            raise InstallError(f"{w.path.name} requires Python {meta['Requires-Python']}; the host has "
+                               f"{version[0]}.{version[1]}")
+        for req in meta.get_all("Requires-Dist") or []:
+            # Requirements under a marker (extras, other platforms) are not needed on a Linux CPython here.
+            if ";" in req:
+                continue
+            m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req)
+            if m:
+                todo.append(_normalize(m.group(1)))
+    return [chosen[n] for n in sorted(chosen)]
+
+
+def _payload_digest(wheels: list[Wheel], python: str) -> str:
+    h = hashlib.sha256(python.encode())
+    for w in wheels:
+        h.update(w.path.name.encode())
+        h.update(hashlib.sha256(w.path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _console_scripts(w: Wheel) -> dict[str, str]:
+    with zipfile.ZipFile(w.path) as z:
+        names = [n for n in z.namelist() if re.fullmatch(r"[^/]+\.dist-info/entry_points\.txt", n)]
+        if not names:
+            return {}
+        text = z.read(names[0]).decode()
+    scripts: dict[str, str] = {}
+    section = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line.strip("[]").strip()
+        elif section == "console_scripts" and "=" in line:
+            k, v = line.split("=", 1)
+            scripts[k.strip()] = v.strip()
+    return scripts
+
+
+def _unpack_wheel(w: Wheel, venv: Path, site: Path, venv_python: str) -> None:
+    """What pip does for a wheel, minus what a venv of ours does not need (no RECORD rewrite, no bytecode)."""
+    with zipfile.ZipFile(w.path) as z:
+        for info in z.infolist():
+            if info.is_dir():
+                continue
+            rel = PurePosixPath(info.filename)
+            if rel.is_absolute() or ".." in rel.parts:
+                raise InstallError(f"{w.path.name}: unsafe path {info.filename!r} inside")
+            data = z.read(info)
+            if rel.parts[0].endswith(".data") and len(rel.parts) > 2:
+                scheme, rest = rel.parts[1], PurePosixPath(*rel.parts[2:])
+                if scheme in ("purelib", "platlib"):
+                    dest = site / rest
+                elif scheme == "scripts":
+                    dest = venv / "bin" / rest
+                    if data.startswith(b"#!python"):
+                        data = b"#!" + venv_python.encode() + data[len(b"#!python"):]
+                elif scheme == "data":
+                    dest = venv / rest
+                else:  # headers: nothing here compiles against them
+                    continue
+            else:
+                dest = site / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+            os.chmod(dest, 0o755 if (info.external_attr >> 16) & 0o111 else 0o644)
+        for n in z.namelist():
+            if re.fullmatch(r"[^/]+\.dist-info/METADATA", n):
+                (site / PurePosixPath(n).parent / "INSTALLER").write_text(MARK + "\n")
+
+
+def _build_venv(host: Host, wheels: list[Wheel], python: PurePosixPath, version: tuple[int, int],
+                record: dict[str, Any]) -> None:
+    """A fresh venv beside the old one, then swapped in by rename, so a broken build leaves the old one."""
+    final = host.path(VENV)
+    new = final.with_name(final.name + ".new")
+    old = final.with_name(final.name + ".old")
+    for p in (new, old):
+        _remove(p)
+    venv_python = str(VENV / "bin" / "python3")
+    site = new / "lib" / f"python{version[0]}.{version[1]}" / "site-packages"
+    site.mkdir(parents=True)
+    (new / "bin").mkdir()
+    os.symlink(str(python), new / "bin" / "python3")
+    os.symlink("python3", new / "bin" / "python")
+    os.symlink("python3", new / "bin" / f"python{version[0]}.{version[1]}")
+    (new / "pyvenv.cfg").write_text(
+        f"home = {python.parent}\ninclude-system-site-packages = false\n"
+        f"version = {version[0]}.{version[1]}\nexecutable = {python}\n"
+        f"# built by {MARK} from the wheels listed in {RECORD}\n")
+    for w in wheels:
+        _unpack_wheel(w, new, site, venv_python)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(new, final)
+    _remove(old)
+    _write_atomic(host.path(RECORD), (json.dumps(record, indent=2) + "\n").encode(), 0o644)
+
+
+# ---- the host's python ----------------------------------------------------------------------------
+
+
+def find_host_python(host: Host, given: str | None, host_exec: HostExec) -> tuple[PurePosixPath, tuple[int, int]]:
+    """The interpreter the venv will use (a host path, symlinks followed to the versioned name) and its version."""
+    candidates = [given] if given else list(HOST_PYTHONS)
+    found = [PurePosixPath(c) for c in candidates if os.path.lexists(host.path(c))]
+    if not found:
+        where = given or " or ".join(HOST_PYTHONS)
+        raise InstallError(f"no python3 on the node at {where}: install python3 (3.11 or newer) there first"
+                           + ("" if given else ", or name it with --python"))
+    chain = host.resolve_link(found[0])
+    for name in reversed(chain):
+        m = re.fullmatch(r"python(\d+)\.(\d+)", name.name)
+        if m:
+            python, version = name, (int(m.group(1)), int(m.group(2)))
+            break
+    else:
+        if host_exec.mode == "none":
+            raise InstallError(f"cannot tell the version of {found[0]} from its name: name the interpreter with its "
+                               "version, e.g. --python /usr/bin/python3.11")
+        r = host_exec.run([str(chain[-1]), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], timeout=30)
+        if r.returncode != 0:
+            raise InstallError(f"{chain[-1]} did not run: {r.stderr.strip()}")
+        major, minor = (int(x) for x in r.stdout.strip().split("."))
+        python, version = chain[-1], (major, minor)
+    if not os.path.lexists(host.path(python)):
+        raise InstallError(f"{found[0]} leads to {python}, which does not exist on the node")
+    if version < MIN_HOST_PYTHON:
+        newer = sorted(p.name for p in host.path("/usr/bin").glob("python3.*")
+                       if re.fullmatch(r"python3\.(\d+)", p.name) and int(p.name.split(".")[1]) >= MIN_HOST_PYTHON[1])
+        hint = f"; this node has {', '.join('/usr/bin/' + n for n in newer)}: pass --python with one" if newer else (
+            ": install python3.11 or newer and pass --python /usr/bin/python3.X")
+        raise InstallError(f"the node's {python} is Python {version[0]}.{version[1]}; Kybernate needs "
+                           f"{MIN_HOST_PYTHON[0]}.{MIN_HOST_PYTHON[1]} or newer{hint}")
+    return python, version
+
+
+# ---- containerd's config --------------------------------------------------------------------------
+
+
+def _dig(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _toml(text: str, what: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise InstallError(f"{what} is not valid TOML ({e}): fix it first") from None
+
+
+def _snippet_tables(source: Path, version: int) -> str:
+    """The runtime entry from containerd-config/, from its first table on (its header talks to humans)."""
+    path = source / SNIPPETS[version]
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InstallError(f"{path} not found: run the installer from a Kybernate checkout or payload, "
+                           "or point --source at one") from None
+    lines = text.splitlines(True)
+    start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("[")), len(lines))
+    body = "".join(lines[start:])
+    parsed = _toml(body, str(path))
+    entry = _dig(parsed, "plugins", CRI_RUNTIME_PLUGIN[version], "containerd", "runtimes", RUNTIME_NAME)
+    if not entry or entry.get("runtime_type") != RUNTIME_TYPE:
+        raise InstallError(f"{path} does not define runtimes.{RUNTIME_NAME} with runtime_type {RUNTIME_TYPE}")
+    return body
+
+
+def _array_span(text: str, start: int) -> tuple[int, list[tuple[int, int, str]]]:
+    """From the '[' at start: the index just past the matching ']', and the string elements (start, end, value)."""
+    i, depth, items = start, 0, []
+    while i < len(text):
+        c = text[i]
+        if c == "#":
+            i = text.find("\n", i)
+            if i < 0:
+                break
+            continue
+        if c in "\"'":
+            triple = text.startswith(c * 3, i)
+            q = c * 3 if triple else c
+            j = i + len(q)
+            while j < len(text) and not text.startswith(q, j):
+                j += 2 if (c == '"' and text[j] == "\\") else 1
+            end = j + len(q)
+            if depth == 1 and not triple:
+                raw = text[i:end]
+                items.append((i, end, tomllib.loads(f"v = {raw}")["v"]))
+            i = end
+            continue
+        if c == "[":
+            depth += 1
+        elif c == "]":
+            depth -= 1
+            if depth == 0:
+                return i + 1, items
+        i += 1
+    raise ValueError("unterminated array")
+
+
+_IMPORTS_RE = re.compile(r"(?m)^[ \t]*imports[ \t]*=[ \t]*(?=\[)")
+_VERSION_RE = re.compile(r"(?m)^[ \t]*version[ \t]*=[ \t]*3[ \t]*(?:#[^\n]*)?$")
+
+
+def _add_import(text: str, entry: str) -> str | None:
+    """config.toml with entry appended to its top-level imports; None when the text is too unusual to edit."""
+    literal = json.dumps(entry)
+    m = _IMPORTS_RE.search(text)
+    if not m:
+        v = _VERSION_RE.search(text)
+        return None if v is None else text[:v.end()] + f"\nimports = [{literal}]" + text[v.end():]
+    try:
+        end, items = _array_span(text, m.end())
+    except ValueError:
+        return None
+    close = end - 1
+    if not items:
+        return text[:close] + literal + text[close:]
+    last_end = items[-1][1]
+    line_end = text.find("\n", last_end, close)
+    if line_end >= 0:  # one element per line: a new line after the last one, same indent
+        indent = re.search(r"([ \t]*)$", text[:items[-1][0]])
+        pad = indent.group(1) if indent else "  "
+        rest = text[last_end:line_end].split("#", 1)[0]
+        if "," in rest:
+            return text[:line_end] + f"\n{pad}{literal}," + text[line_end:]
+        return text[:last_end] + "," + text[last_end:line_end] + f"\n{pad}{literal}" + text[line_end:]
+    comma = text.find(",", last_end, close)
+    if comma >= 0:
+        return text[:comma + 1] + " " + literal + text[comma + 1:]
+    return text[:last_end] + ", " + literal + text[last_end:]
+
+
+def _drop_import(text: str, entry: str) -> str | None:
+    """config.toml without entry in its top-level imports; None when it is not there as a plain string."""
+    m = _IMPORTS_RE.search(text)
+    if not m:
+        return None
+    try:
+        _, items = _array_span(text, m.end())
+    except ValueError:
+        return None
+    for k, (s, e, value) in enumerate(items):
+        if value != entry:
+            continue
+        after = re.match(r"[ \t]*,[ \t]*", text[e:])
+        if after:
+            e += after.end()
+        elif k > 0:  # the last element: the comma before it goes
+            s = text.rindex(",", items[k - 1][1], s)
+        line_start = text.rfind("\n", 0, s) + 1
+        line_end = text.find("\n", e)
+        if not text[line_start:s].strip() and line_end >= 0 and not text[e:line_end].strip():
+            s, e = line_start, line_end + 1  # it stood alone on its line: the line goes
+        return text[:s] + text[e:]
+    return None
+
+
+def _imports_cover(patterns: list[str], config_dir: PurePosixPath, target: PurePosixPath) -> str | None:
+    for p in patterns:
+        full = PurePosixPath(p) if PurePosixPath(p).is_absolute() else config_dir / p
+        if full == target or (any(ch in p for ch in "*?[") and target.match(str(full))):
+            return p
+    return None
+
+
+def _backup_name(host: Host, config: PurePosixPath) -> PurePosixPath:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name = config.with_name(f"{config.name}.kybernate-backup-{stamp}")
+    n = 1
+    while os.path.lexists(host.path(name)):
+        n += 1
+        name = config.with_name(f"{config.name}.kybernate-backup-{stamp}-{n}")
+    return name
+
+
+def _plan_config_edit(plan: Plan, host: Host, config: PurePosixPath, old: str, new: str, why: str) -> None:
+    local = host.path(config)
+    backup = _backup_name(host, config)
+
+    def back_up() -> None:
+        shutil.copy2(local, host.path(backup))
+    plan.add(f"back up {config} to {backup}", back_up)
+    plan.add(f"edit {config}: {why}", lambda: _write_atomic(local, new.encode()), _diff(old, new, str(config)))
+    plan.containerd_config_changed = True
+
+
+def plan_containerd(plan: Plan, host: Host, config: PurePosixPath, source: Path | None, uninstall: bool) -> None:
+    local = host.path(config)
+    dropin = config.parent / "conf.d" / f"{RUNTIME_NAME}.toml"
+    local_dropin = host.path(dropin)
+    try:
+        text = local.read_text()
+    except FileNotFoundError:
+        if uninstall:
+            plan.notes.append(f"{config} does not exist: nothing to take out of it")
+            text = None
+        else:
+            raise InstallError(
+                f"{config} does not exist (containerd runs on built-in defaults). Generate it first: "
+                f"`containerd config default > {config}`, review it, restart containerd, then run this again"
+            ) from None
+    except OSError as e:
+        raise InstallError(f"cannot read {config}: {e}") from None
+    if uninstall:
+        if text is not None:
+            _plan_containerd_uninstall(plan, host, config, text, dropin)
+        if local_dropin.exists():
+            if _has_mark(local_dropin):
+                plan.add(f"remove {dropin}", lambda: local_dropin.unlink())
+                plan.containerd_config_changed = True
+            else:
+                plan.notes.append(f"left {dropin}: not written by this installer")
+        return
+
+    assert text is not None and source is not None
+    parsed = _toml(text, str(config))
+    version = parsed.get("version")
+    if version not in (2, 3):
+        shown = "no `version` key (containerd reads that as version 1)" if version is None else f"version = {version!r}"
+        raise InstallError(
+            f"{config} has {shown}; this installer knows config version 2 (containerd 1.6/1.7) and 3 "
+            f"(containerd 2.x). Regenerate the file with `containerd config default` of the installed containerd "
+            f"(or `containerd config migrate`), or add containerd-config/config-v*-kybernate.toml by hand")
+    imports = parsed.get("imports", [])
+    if not isinstance(imports, list) or not all(isinstance(i, str) for i in imports):
+        raise InstallError(f"{config}: `imports` is not a list of paths")
+    cri = CRI_RUNTIME_PLUGIN[version]
+    tables = _snippet_tables(source, version)
+
+    if version == 2:
+        blocks = _BLOCK_RE.findall(text)
+        if len(blocks) > 1:
+            raise InstallError(f"{config} has {len(blocks)} kybernate blocks: keep at most one (or none) and run again")
+        base = _BLOCK_RE.sub("", text).rstrip("\n") + "\n"
+        base_parsed = _toml(base, str(config))
+        if _dig(base_parsed, "plugins", cri, "containerd", "runtimes", RUNTIME_NAME) is not None:
+            plan.notes.append(f"{config} already registers runtimes.{RUNTIME_NAME} outside this installer's block: "
+                              "left as it is")
+            return
+        _refuse_cri_imports(host, config, imports, cri)
+        block = f"{BLOCK_BEGIN}\n# (from {SNIPPETS[2]})\n{tables.rstrip()}\n{BLOCK_END}\n"
+        new = base + "\n" + block
+        try:
+            ok = tomllib.loads(new) == _merge(base_parsed, tomllib.loads(tables))
+        except tomllib.TOMLDecodeError:
+            ok = False
+        if not ok:
+            raise InstallError(f"{config}: appending the runtime entry would not give the intended config (the file "
+                               f"defines those tables in a way that cannot be extended): add {SNIPPETS[2]} by hand")
+        if new != text:
+            why = "replace the kybernate block" if blocks else "append the kybernate runtime block"
+            _plan_config_edit(plan, host, config, text, new, why)
+        return
+
+    # version 3: a drop-in, and an imports entry unless one already covers it.
+    if _dig(parsed, "plugins", cri, "containerd", "runtimes", RUNTIME_NAME) is not None:
+        plan.notes.append(f"{config} already registers runtimes.{RUNTIME_NAME} itself: left as it is, no drop-in")
+        return
+    dropin_text = (f"# Written by {MARK} from {SNIPPETS[3]}; `install.py --uninstall` removes it.\n"
+                   "# Runtime settings live in /etc/kybernate/runtime.toml, not here.\n"
+                   f"version = 3\n\n{tables}")
+    if _plan_file(plan, host, dropin, dropin_text, 0o644, what="containerd drop-in with the kybernate runtime"):
+        plan.containerd_config_changed = True
+    covered = _imports_cover(imports, config.parent, dropin)
+    if covered == str(dropin):
+        plan.notes.append(f"{config} already imports {dropin}")
+        return
+    if covered:
+        plan.notes.append(f"{config}: imports already covers {dropin} ({covered!r})")
+        return
+    edited = _add_import(text, str(dropin))
+    expected = dict(parsed, imports=[*imports, str(dropin)])
+    try:
+        ok = edited is not None and tomllib.loads(edited) == expected
+    except tomllib.TOMLDecodeError:
+        ok = False
+    if not ok or edited is None:
+        raise InstallError(f"{config}: could not add {str(dropin)!r} to `imports` safely: add it by hand "
+                           f"(imports = [..., \"{dropin}\"]) and run again")
+    _plan_config_edit(plan, host, config, text, edited, f"add {dropin} to imports")
+
+
+def _refuse_cri_imports(host: Host, config: PurePosixPath, imports: list[str], cri: str) -> None:
+    """containerd 1.x: an imported file's CRI section would replace the one the block extends."""
+    for pattern in imports:
+        full = PurePosixPath(pattern) if PurePosixPath(pattern).is_absolute() else config.parent / pattern
+        for match in sorted(glob.glob(str(host.path(full)))):
+            try:
+                data = tomllib.loads(Path(match).read_text())
+            except (OSError, tomllib.TOMLDecodeError):
+                continue
+            if _dig(data, "plugins", cri) is not None:
+                shown = "/" + str(Path(match).relative_to(host.root))
+                raise InstallError(
+                    f"{shown} (imported by {config}) has a [plugins.\"{cri}\"] section; containerd 1.6/1.7 replace "
+                    f"the whole CRI section with an imported one, so an entry in {config.name} would be lost. "
+                    f"Add {SNIPPETS[2]} to {shown} by hand instead")
+
+
+def _plan_containerd_uninstall(plan: Plan, host: Host, config: PurePosixPath, text: str,
+                               dropin: PurePosixPath) -> None:
+    new = text
+    whys = []
+    if _BLOCK_RE.search(new):
+        new = _BLOCK_RE.sub("", new)
+        if new.endswith("\n\n"):  # the blank line the install put before the block
+            new = new[:-1]
+        whys.append("remove the kybernate runtime block")
+    try:
+        parsed = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        parsed = {}
+    if str(dropin) in (parsed.get("imports") or []):
+        dropped = _drop_import(new, str(dropin))
+        expected = [i for i in parsed["imports"] if i != str(dropin)]
+        try:
+            ok = dropped is not None and tomllib.loads(dropped).get("imports", []) == expected
+        except tomllib.TOMLDecodeError:
+            ok = False
+        if not ok or dropped is None:
+            raise InstallError(f"{config}: could not take {str(dropin)!r} out of `imports` safely: remove it by hand")
+        new = dropped
+        whys.append(f"remove {dropin} from imports")
+    if new != text:
+        _toml(new, f"{config} after the edit")
+        _plan_config_edit(plan, host, config, text, new, ", ".join(whys))
+
+
+# ---- install / uninstall --------------------------------------------------------------------------
+
+
+def _launcher(name: str, call: str) -> str:
+    m = _LAUNCHER_CALL.match(call)
+    if not m:
+        raise InstallError(f"kybernate wheel: console script {name} = {call!r} is not module:function")
+    module, attr = m.groups()
+    return (f"#!{VENV}/bin/python3\n"
+            f"# {name}: written by {MARK}; `install.py --uninstall` removes it.\n"
+            "import sys\n"
+            f"from {module} import {attr.split('.')[0]}\n"
+            f"sys.exit({attr}())\n")
+
+
+def plan_install(plan: Plan, host: Host, args: argparse.Namespace, host_exec: HostExec) -> None:
+    source = args.source
+    config = PurePosixPath(args.containerd_config)
+    # Everything that can refuse comes first: nothing is planned to change before all checks passed.
+    python, version = find_host_python(host, args.python, host_exec)
+    wheels = select_wheels(args.wheels, version, os.uname().machine)
+    plan_containerd(plan, host, config, source, uninstall=False)
+    unit_src = source / UNIT_SOURCE
+    runtime_src = source / RUNTIME_TOML_SOURCE
+    for p in (unit_src, runtime_src):
+        if not p.is_file():
+            raise InstallError(f"{p} not found: run the installer from a Kybernate checkout or payload (--source)")
+    kyb = next(w for w in wheels if w.name == RUNTIME_NAME)
+    scripts = _console_scripts(kyb)
+    missing = [n for n in LAUNCHERS if n not in scripts]
+    if missing:
+        raise InstallError(f"{kyb.path.name} has no console script {', '.join(missing)}: wrong wheel?")
+    launchers = {n: _launcher(n, scripts[n]) for n in LAUNCHERS}
+
+    # The venv: rebuilt when the payload or the python changed, else left alone.
+    digest = _payload_digest(wheels, str(python))
+    record = {"payload_sha256": digest, "python": str(python), "python_version": f"{version[0]}.{version[1]}",
+              "wheels": [w.path.name for w in wheels], "installer": MARK}
+    try:
+        current = json.loads(host.path(RECORD).read_text())
+    except (OSError, ValueError):
+        current = {}
+    link = host.path(VENV / "bin" / "python3")
+    venv_ok = (current.get("payload_sha256") == digest and host.path(VENV / "pyvenv.cfg").is_file()
+               and link.is_symlink() and os.readlink(link) == str(python))
+    if not venv_ok:
+        verb = "rebuild" if host.path(VENV).exists() else "create"
+        plan.add(f"{verb} {VENV} for {python} (Python {version[0]}.{version[1]}) from {len(wheels)} wheels: "
+                 + ", ".join(w.path.name for w in wheels),
+                 lambda: _build_venv(host, wheels, python, version, record))
+        plan.hookd_changed = True
+    self_text = Path(__file__).read_text()
+    if not host.path(SELF_COPY).is_file() or host.path(SELF_COPY).read_text() != self_text:
+        plan.add(f"write {SELF_COPY} (this installer, for --uninstall)",
+                 lambda: _write_atomic(host.path(SELF_COPY), self_text.encode(), 0o755))
+    for name, text in launchers.items():
+        if _plan_file(plan, host, BIN_DIR / name, text, 0o755, what=f"launcher for {VENV}") and name == LAUNCHERS[1]:
+            plan.hookd_changed = True
+
+    if os.path.lexists(host.path(RUNTIME_TOML)):
+        plan.notes.append(f"kept {RUNTIME_TOML} (exists; never overwritten)")
+    else:
+        text = runtime_src.read_text()
+        plan.add(f"write {RUNTIME_TOML} (defaults from {RUNTIME_TOML_SOURCE})",
+                 lambda: _write_atomic(host.path(RUNTIME_TOML), text.encode(), 0o644))
+
+    unit_text = (f"# Installed by {MARK} from {UNIT_SOURCE}; the installer replaces this file.\n"
+                 "# Customise with a drop-in (`systemctl edit kybernate-hookd`), not here.\n"
+                 + (source / UNIT_SOURCE).read_text())
+    if _plan_file(plan, host, UNIT, unit_text, 0o644, what="systemd unit of kybernate-hookd"):
+        plan.hookd_changed = True
+    wants = host.path(UNIT_WANTS)
+    if not (wants.is_symlink() and os.readlink(wants) == str(UNIT)):
+        if os.path.lexists(wants):
+            raise InstallError(f"{UNIT_WANTS} exists but is not a link to {UNIT}: remove it and run again")
+
+        def enable() -> None:
+            wants.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(str(UNIT), wants)
+        plan.add(f"enable kybernate-hookd: link {UNIT_WANTS} -> {UNIT}", enable)
+
+
+def plan_uninstall(plan: Plan, host: Host, args: argparse.Namespace) -> None:
+    plan_containerd(plan, host, PurePosixPath(args.containerd_config), None, uninstall=True)
+    for name in LAUNCHERS:
+        p = host.path(BIN_DIR / name)
+        if os.path.lexists(p):
+            if _has_mark(p):
+                plan.add(f"remove {BIN_DIR / name}", p.unlink)
+            else:
+                plan.notes.append(f"left {BIN_DIR / name}: not written by this installer")
+    wants = host.path(UNIT_WANTS)
+    if wants.is_symlink() and os.readlink(wants) == str(UNIT):
+        plan.add(f"disable kybernate-hookd: remove {UNIT_WANTS}", wants.unlink)
+    unit = host.path(UNIT)
+    if unit.exists():
+        if _has_mark(unit):
+            plan.add(f"remove {UNIT}", unit.unlink)
+            plan.hookd_changed = True
+        else:
+            plan.notes.append(f"left {UNIT}: not written by this installer")
+    opt = host.path(OPT)
+    if opt.exists() and (any(opt.iterdir()) or not os.path.ismount(opt)):
+        plan.add(f"remove {OPT} (the venv, its record and the installer copy)", lambda: _remove_dir(opt))
+    plan.notes.append(f"kept {RUNTIME_TOML} and any {args.containerd_config}.kybernate-backup-* files")
+
+
+# ---- checks before changing anything -------------------------------------------------------------
+
+
+def check_writable(host: Host, plan: Plan, paths: list[PurePosixPath]) -> None:
+    """Each path's nearest existing directory must be writable here (read-only mounts fail with EROFS)."""
+    if not plan.changes:
+        return
+    for hp in paths:
+        p = host.path(hp)
+        while not p.exists() and p != host.root:
+            p = p.parent
+        d = p if p.is_dir() else p.parent
+        if not os.access(d, os.W_OK):
+            why = "read-only filesystem" if _read_only(d) else "permission denied (run as root)"
+            shown = "/" + str(d.relative_to(host.root)) if d != host.root else "/"
+            raise InstallError(f"cannot write {shown} on the node ({why})" +
+                               ("" if str(host.root) == "/" else f"; under --host-root {host.root}: mount it read-write"))
+
+
+def _read_only(d: Path) -> bool:
+    try:
+        return bool(os.statvfs(d).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def running_kybernate_shims() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(a.endswith(b"containerd-shim-kybernate-v1") for a in argv[:2]):
+                pids.append(int(entry.name))
+    return sorted(pids)
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    here = Path(__file__).resolve()
+    repo = here.parents[2] if len(here.parents) > 2 else here.parent  # packaging/installer/install.py
+    p = argparse.ArgumentParser(
+        prog="install.py",
+        description="Install Kybernate on this node and register io.containerd.kybernate.v1 with containerd.",
+        epilog="Docs: docs/install.md. Exit status: 0 done or nothing to do, 1 refused or failed, 2 usage.")
+    p.add_argument("--host-root", type=Path, default=Path("/"),
+                   help="where the node's / is mounted here [%(default)s]")
+    p.add_argument("--wheels", type=Path,
+                   help="directory of wheels (kybernate + dependencies), or of cp3XX/ subdirectories per Python")
+    p.add_argument("--python", help="the node's interpreter for the venv (host path) [/usr/bin/python3]")
+    p.add_argument("--containerd-config", default=DEFAULT_CONTAINERD_CONFIG,
+                   help="containerd's config file (host path) [%(default)s]")
+    p.add_argument("--source", type=Path, default=repo,
+                   help="Kybernate checkout or payload holding containerd-config/ and packaging/systemd/ [%(default)s]")
+    p.add_argument("--uninstall", action="store_true", help="take Kybernate out again (keeps runtime.toml and backups)")
+    p.add_argument("--dry-run", action="store_true", help="print every change and make none")
+    p.add_argument("--restart-containerd", action="store_true",
+                   help="restart containerd (systemctl) when its config changed; default: print the command")
+    p.add_argument("--start-hookd", action="store_true",
+                   help="install: daemon-reload and (re)start kybernate-hookd now (systemctl)")
+    p.add_argument("--stop-hookd", action="store_true", help="uninstall: stop kybernate-hookd first (systemctl)")
+    p.add_argument("--host-exec", choices=("auto", "direct", "nsenter", "none"), default="auto",
+                   help="how to run systemctl on the node: auto = directly when --host-root is /, else not at all; "
+                        "nsenter = through PID 1's mount namespace (a pod with hostPID) [%(default)s]")
+    p.add_argument("--force", action="store_true", help="uninstall even while kybernate shims still run")
+    args = p.parse_args(argv)
+    if not args.uninstall and args.wheels is None:
+        p.error("--wheels is required to install")
+    if args.uninstall and args.start_hookd:
+        p.error("--start-hookd is for installing; --stop-hookd goes with --uninstall")
+    if not args.uninstall and args.stop_hookd:
+        p.error("--stop-hookd goes with --uninstall")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    except InstallError as e:
+        print(f"install.py: error: {e}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    root = args.host_root.resolve()
+    if not root.is_dir():
+        raise InstallError(f"--host-root {args.host_root}: no such directory")
+    host = Host(root)
+    host_exec = pick_host_exec(args.host_exec, host)
+    systemd = host.path("/run/systemd/system").is_dir()
+    wants_systemctl = args.restart_containerd or args.start_hookd or args.stop_hookd
+    if wants_systemctl and host_exec.mode == "none":
+        raise InstallError("--restart-containerd/--start-hookd/--stop-hookd need the node's systemctl: run on the "
+                           "node (--host-root /) or in a pod with hostPID and --host-exec nsenter")
+    if wants_systemctl and not systemd:
+        raise InstallError("the node does not run systemd (no /run/systemd/system): restart containerd and start "
+                           "kybernate-hookd your own way, without --restart-containerd/--start-hookd/--stop-hookd")
+
+    plan = Plan()
+    if args.uninstall:
+        plan_uninstall(plan, host, args)
+        if host_exec.mode != "none" and not args.force and any(c.what.startswith("remove") for c in plan.changes):
+            shims = running_kybernate_shims()
+            if shims:
+                raise InstallError(
+                    f"{len(shims)} kybernate shim(s) still run (pids {', '.join(map(str, shims))}): their containers "
+                    "need the launcher and the venv until they stop. Drain the node or delete those pods first "
+                    "(or pass --force)")
+    else:
+        plan_install(plan, host, args, host_exec)
+    config = PurePosixPath(args.containerd_config)
+    check_writable(host, plan, [config.parent, config.parent / "conf.d", OPT, BIN_DIR, RUNTIME_TOML.parent,
+                                UNIT.parent, UNIT_WANTS.parent])
+
+    pending = not args.uninstall and host.path(RESTART_PENDING).exists()
+    cmds = _host_commands(plan, args, restart=plan.containerd_config_changed or pending)
+    if str(root) != "/":
+        print(f"host root: {root}")
+    if args.dry_run:
+        print("dry run, nothing is changed; these changes would be made:" if plan.changes else
+              "dry run: nothing would change")
+        for c in plan.changes:
+            _show(c, "would ")
+        for n in plan.notes:
+            print(f"note: {n}")
+        for cmd in cmds:
+            print(f"{'would run' if cmd.run else 'then run'}: {' '.join(cmd.argv)}  ({cmd.why})")
+        return 0
+
+    failed = False
+    for cmd in (c for c in cmds if c.before_changes):
+        failed |= not _run_host_command(cmd, host, host_exec, config, args)
+    done = 0
+    try:
+        for c in plan.changes:
+            _show(c, "")
+            c.apply()
+            done += 1
+    except OSError as e:
+        raise InstallError(f"failed at `{plan.changes[done].what}`: {e}; the {done} change(s) before it were made, "
+                           "none after it: fix the cause and run again") from None
+    for n in plan.notes:
+        print(f"note: {n}")
+    if not args.uninstall and plan.containerd_config_changed:  # until a restart succeeds
+        _write_atomic(host.path(RESTART_PENDING), b"containerd's config changed; containerd not restarted since\n",
+                      0o644)
+    for cmd in (c for c in cmds if not c.before_changes):
+        failed |= not _run_host_command(cmd, host, host_exec, config, args)
+    if not plan.changes:
+        print("nothing to change: " + ("Kybernate is not installed here" if args.uninstall else
+                                       "Kybernate is installed and registered with containerd"))
+    else:
+        print("uninstalled" if args.uninstall else "installed")
+    return 1 if failed else 0
+
+
+def _show(c: Change, prefix: str) -> None:
+    print(prefix + c.what)
+    if c.diff:
+        print("  " + c.diff.rstrip("\n").replace("\n", "\n  "))
+
+
+@dataclass(frozen=True)
+class HostCommand:
+    why: str
+    argv: list[str]
+    run: bool  # False: printed for the operator to run
+    before_changes: bool = False
+
+
+def _host_commands(plan: Plan, args: argparse.Namespace, restart: bool) -> list[HostCommand]:
+    """The systemctl commands the changes call for, in the order they must happen."""
+    cmds: list[HostCommand] = []
+    if args.uninstall:
+        if plan.hookd_changed:
+            cmds.append(HostCommand("stop the node daemon", ["systemctl", "stop", "kybernate-hookd"],
+                                    args.stop_hookd, before_changes=True))
+            cmds.append(HostCommand("forget the removed unit", ["systemctl", "daemon-reload"], args.stop_hookd))
+    elif plan.hookd_changed:
+        cmds.append(HostCommand("load the new unit", ["systemctl", "daemon-reload"], args.start_hookd))
+        cmds.append(HostCommand("start the node daemon on the new files", ["systemctl", "restart", "kybernate-hookd"],
+                                args.start_hookd))
+    elif args.start_hookd:
+        cmds.append(HostCommand("make sure the node daemon runs", ["systemctl", "start", "kybernate-hookd"], True))
+    if restart:
+        why = "load the changed config" if plan.containerd_config_changed else "load the config an earlier run changed"
+        cmds.append(HostCommand(why + "; running containers keep running", ["systemctl", "restart", "containerd"],
+                                args.restart_containerd))
+    return cmds
+
+
+def _run_host_command(cmd: HostCommand, host: Host, host_exec: HostExec, config: PurePosixPath,
+                      args: argparse.Namespace) -> bool:
+    if not cmd.run:
+        print(f"to do: {' '.join(cmd.argv)}  ({cmd.why})")
+        return True
+    if cmd.argv == ["systemctl", "restart", "containerd"]:
+        # Never restart into a config containerd cannot load: ask containerd itself first.
+        check = host_exec.run(["containerd", "--config", str(config), "config", "dump"], timeout=60)
+        if check.returncode != 0 or (not args.uninstall and RUNTIME_TYPE not in check.stdout):
+            said = (check.stderr.strip() or "the kybernate runtime is not in its output")[-800:]
+            print(f"install.py: error: `containerd --config {config} config dump` does not accept the new config "
+                  f"({said}); containerd NOT restarted", file=sys.stderr)
+            return False
+    print(f"running: {' '.join(host_exec.argv(cmd.argv))}  ({cmd.why})")
+    r = host_exec.run(cmd.argv)
+    if r.returncode != 0:
+        print(f"install.py: error: {' '.join(cmd.argv)} exited {r.returncode}: {r.stderr.strip()}", file=sys.stderr)
+        return False
+    if cmd.argv[-1] == "containerd":
+        host.path(RESTART_PENDING).unlink(missing_ok=True)
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())
