@@ -31,6 +31,9 @@ CHECKPOINT_PREFIX = "checkpoint/"
 ROOTFS_DIFF = "rootfs-diff.tar"
 DELETED_FILES = "deleted.files"
 CONFIG_DUMP = "config.dump"
+# Overlay whiteouts, as containerd's diff writes them into rootfs-diff.tar.
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_WHITEOUT = ".wh..wh..opq"
 
 
 class RestoreError(Exception):
@@ -114,21 +117,56 @@ def archived_container_name(plan: RestorePlan) -> str | None:
 
 
 def apply_rootfs(plan: RestorePlan, rootfs: str) -> None:
-    """Lay the checkpointed container's file changes over the new container's mounted rootfs."""
+    """Lay the checkpointed container's file changes over the new container's mounted rootfs.
+
+    Deletions come first (`deleted.files`, and the overlay whiteouts a diff may carry instead:
+    `.wh.<name>` removes <name>, `.wh..wh..opq` empties its directory), then the changed files.
+    """
     try:
+        deletions = list(plan.deleted_files)
+        opaque_dirs: list[str] = []
+        members: list[tarfile.TarInfo] = []
         if plan.rootfs_diff is not None:
             with tarfile.open(plan.rootfs_diff) as tar:
-                tar.extractall(rootfs, filter="data")
-        for name in plan.deleted_files:
-            target = os.path.realpath(os.path.join(rootfs, name.lstrip("/")))
-            if os.path.commonpath([os.path.realpath(rootfs), target]) != os.path.realpath(rootfs):
-                raise RestoreError(f"{plan.archive}: deleted file {name!r} lies outside the rootfs")
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target)
-            elif os.path.lexists(target):
-                os.unlink(target)
+                for member in tar.getmembers():
+                    parent, base = os.path.split(member.name.lstrip("./"))
+                    if base == OPAQUE_WHITEOUT:
+                        opaque_dirs.append(parent)
+                    elif base.startswith(WHITEOUT_PREFIX):
+                        deletions.append(os.path.join(parent, base[len(WHITEOUT_PREFIX):]))
+                    else:
+                        members.append(member)
+                for directory in opaque_dirs:
+                    target = _inside(rootfs, directory, plan.archive)
+                    for entry in os.listdir(target) if os.path.isdir(target) else ():
+                        _remove(os.path.join(target, entry))
+                for name in deletions:
+                    _remove(_inside(rootfs, name, plan.archive))
+                # The "data" filter refuses absolute names, `..`, links out of the tree and device files.
+                tar.extractall(rootfs, members=members, filter="data")
+        else:
+            for name in deletions:
+                _remove(_inside(rootfs, name, plan.archive))
     except (tarfile.TarError, OSError) as err:
         raise RestoreError(f"cannot apply the rootfs changes of {plan.archive}: {err}") from err
+
+
+def _inside(rootfs: str, name: str, archive: str) -> str:
+    """`name` under `rootfs`, following symlinks in its parents only: the entry itself is what we act on."""
+    root = os.path.realpath(rootfs)
+    parent, base = os.path.split(name.strip("/"))
+    real_parent = os.path.realpath(os.path.join(root, parent))
+    if os.path.commonpath([root, real_parent]) != root or base in ("", ".", ".."):
+        raise RestoreError(f"{archive}: {name!r} lies outside the container's rootfs")
+    return os.path.join(real_parent, base)
+
+
+def _remove(path: str) -> None:
+    """Remove a file, link or directory tree; a symlink is removed itself, never what it points to."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
 
 
 def _wanted(name: str) -> bool:

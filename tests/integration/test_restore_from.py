@@ -15,6 +15,8 @@ from harness.workload import COUNTER, wait_for
 
 pytestmark = pytest.mark.stack
 ANNOTATION = "kybernate.io/restore-from"
+# The container changes its rootfs before counting: one file made, one deleted (a whiteout in the diff).
+WORKLOAD = "rm /etc/group; echo hi > /made; " + COUNTER
 
 
 @pytest.fixture
@@ -37,7 +39,7 @@ def checkpoint_a_counter(c: Containerd, archive: Path) -> int:
     with c.cri() as cri:
         config = cri.pod_config("a")
         pod = cri.run_pod(config, runtime_handler="kybernate")
-        cid = cri.create_container(pod, config, "counter", BUSYBOX_IMAGE, command=["sh", "-c", COUNTER])
+        cid = cri.create_container(pod, config, "counter", BUSYBOX_IMAGE, command=["sh", "-c", WORKLOAD])
         cri.start_container(cid)
         # Long enough that a container started afresh could not catch up before the first read.
         wait_for("the counter", lambda: len(counts(cri, cid)) > 15)
@@ -64,9 +66,12 @@ def test_a_new_pod_carries_on_from_the_archive(kyb_factory, stack, checkpoints: 
     with node_b.cri() as cri:
         config = cri.pod_config("b", annotations={ANNOTATION: "counter.tar"})
         pod = cri.run_pod(config, runtime_handler="kybernate")
-        cid = cri.create_container(pod, config, "counter", BUSYBOX_IMAGE, command=["sh", "-c", COUNTER])
+        cid = cri.create_container(pod, config, "counter", BUSYBOX_IMAGE, command=["sh", "-c", WORKLOAD])
         cri.start_container(cid)
         assert cri.container_status(cid).state == pb.CONTAINER_RUNNING
+        # The rootfs changes came along: the made file is there, the deleted one is gone.
+        assert cri.exec_sync(cid, ["cat", "/made"]).stdout == b"hi\n"
+        assert cri.exec_sync(cid, ["ls", "/etc/group"]).exit_code != 0
         # Read at once: a fresh start would show a handful of lines, a restore at least A's.
         assert counts(cri, cid)[-1] >= before
         restored = wait_for("the restored counter to move on",
