@@ -25,6 +25,8 @@ from .stack import Stack
 # Unix socket paths must stay under 108 bytes: a short fixed base, not pytest's long tmp paths.
 RUN_BASE = Path("/run/kyb-test")
 CRI_NAMESPACE = "k8s.io"
+# Where the kybernate shim keeps one record per shim daemon (shim/manager.py, GROUP_STATE_DIR).
+KYBERNATE_SHIM_STATE_DIR = Path("/run/kybernate/shims")
 # Default runc root of the runc shim for containers not created through CRI (ctr run, ctr restore).
 _DEFAULT_RUNC_ROOT = Path("/run/containerd/runc")
 # Where ctr puts IO fifos unless told otherwise (--fifo-dir).
@@ -331,6 +333,9 @@ class Containerd:
         for path in sockets:
             if path.startswith("/run/containerd/s/"):  # where shims put theirs, whatever --state says
                 Path(path).unlink(missing_ok=True)
+            # A kybernate shim killed here never ran its exit cleanup: drop its record too. containerd
+            # would have done it through `delete`, but this containerd is gone for good.
+            Path(KYBERNATE_SHIM_STATE_DIR, Path(path).name + ".json").unlink(missing_ok=True)
 
     def _kill_namespace_cgroups(self) -> None:
         """Processes left in this instance's ctr namespace cgroups (say, after a shim was killed)."""
