@@ -95,8 +95,8 @@ def freezer(request: pytest.FixtureRequest) -> Iterator[Freezer]:
         elif v2 is not None:
             f = Freezer(v2 / name, v1=False)
         else:
-            pytest.skip("no cgroup freezer on this machine")
+            pytest.fail("no cgroup freezer on this machine: the hookd tests need cgroup v1 freezer or cgroup v2")
     except PermissionError:
-        pytest.skip("creating a cgroup needs root")
+        pytest.fail("creating a cgroup needs root: run the tests as root (make test does)")
     yield f
     f.remove()
