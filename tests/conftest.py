@@ -69,8 +69,9 @@ def containerd_factory(
         extra_config: str = "",
         env: Mapping[str, str] | None = None,
         with_images: bool = True,
+        netns: str | None = None,
     ) -> Containerd:
-        c = Containerd(stack, version, extra_path=extra_path, extra_config=extra_config, env=env)
+        c = Containerd(stack, version, extra_path=extra_path, extra_config=extra_config, env=env, netns=netns)
         started.append(c)
         c.start()
         if with_images:

@@ -54,6 +54,7 @@ class Containerd:
         extra_config: str = "",
         env: Mapping[str, str] | None = None,
         log_level: str = "debug",
+        netns: str | None = None,
     ) -> None:
         if version not in stack.containerd:
             raise ValueError(f"containerd {version!r} is not in the stack (have {sorted(stack.containerd)})")
@@ -70,6 +71,8 @@ class Containerd:
         self.log_path = self.dir / "containerd.log"
         # A namespace of its own: ctr-made containers then get their own cgroups and runc state dirs.
         self.namespace = f"kyb-{self.id}"
+        # A named network namespace (/run/netns/<name>) to run in, as a node of its own; None: the host's.
+        self.netns = netns
         self.bridge = f"kyb{self.id}"
         self.subnet = ""
         self.extra_config = extra_config
@@ -93,13 +96,22 @@ class Containerd:
             self.subnet = _free_subnet()
             self._write_cni_conf()
             self.config_path.write_text(self._config() + "\n" + self.extra_config + "\n")
-        with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                [str(self.binaries.containerd), "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                # Its own session: a Ctrl-C aimed at pytest must not kill it before teardown runs.
-                start_new_session=True,
-            )
+        netns_fd = os.open(f"/run/netns/{self.netns}", os.O_RDONLY) if self.netns else -1
+        try:
+            with open(self.log_path, "ab") as log:
+                self._proc = subprocess.Popen(
+                    [str(self.binaries.containerd), "--config", str(self.config_path)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                    # Its own session: a Ctrl-C aimed at pytest must not kill it before teardown runs.
+                    start_new_session=True,
+                    # Network namespace only (not `ip netns exec`, which also makes a mount namespace):
+                    # its CNI bridge and pods then live in that "node", its mounts stay visible here.
+                    preexec_fn=(lambda: _join_netns(netns_fd)) if netns_fd >= 0 else None,
+                    pass_fds=(netns_fd,) if netns_fd >= 0 else (),
+                )
+        finally:
+            if netns_fd >= 0:
+                os.close(netns_fd)
         self._wait_ready(timeout)
 
     def restart(self) -> None:
@@ -477,6 +489,16 @@ def _mount_points() -> list[str]:
         # mountinfo escapes space, tab, newline and backslash as \ooo octal.
         points.append(raw.encode().decode("unicode_escape"))
     return points
+
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _join_netns(fd: int) -> None:
+    """In the forked child, before exec: move into the network namespace behind `fd`."""
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "setns into the node's network namespace failed")
 
 
 def _free_subnet() -> str:

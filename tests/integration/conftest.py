@@ -30,15 +30,16 @@ def runtime_config_snippet(version: str, runtime_toml: Path) -> str:
 def kyb_factory(containerd_factory, tmp_path) -> Callable[..., Containerd]:
     """start(version, runtime_toml_text=None, env=None) -> containerd with the kybernate runtime registered."""
 
-    def start(version: str, *, runtime_toml: str | None = None, env: dict[str, str] | None = None) -> Containerd:
+    def start(version: str, *, runtime_toml: str | None = None, env: dict[str, str] | None = None,
+              netns: str | None = None) -> Containerd:
         """runtime_toml is both the CRI runtime's ConfigPath and the node default ($KYBERNATE_CONFIG) for ctr."""
-        path = tmp_path / f"runtime-{version}.toml"
+        path = tmp_path / f"runtime-{version}-{netns or 'host'}.toml"
         if runtime_toml is None:
             runtime_toml = (ROOT / "containerd-config" / "runtime.toml").read_text()
         path.write_text(runtime_toml)
         return containerd_factory(
             version, extra_path=[VENV_BIN], extra_config=runtime_config_snippet(version, path),
-            env={"KYBERNATE_CONFIG": str(path), **(env or {})},
+            env={"KYBERNATE_CONFIG": str(path), **(env or {})}, netns=netns,
         )
 
     return start
