@@ -8,9 +8,16 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Mapping
 
 
 class LogfmtFormatter(logging.Formatter):
+    """`static` fields go on every line (the shim adds `runtime=io.containerd.kybernate.v1`)."""
+
+    def __init__(self, static: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self._static = [f"{key}={_quote(value)}" for key, value in (static or {}).items()]
+
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         parts = [
@@ -18,6 +25,7 @@ class LogfmtFormatter(logging.Formatter):
             f"level={record.levelname.lower()}",
             f"logger={record.name}",
             f"msg={_quote(record.getMessage())}",
+            *self._static,
         ]
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):

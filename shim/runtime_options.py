@@ -92,14 +92,15 @@ class RuntimeConfig:
         return any_pb2.Any(type_url=RUNC_OPTIONS_TYPE, value=self.runc.SerializeToString())
 
 
-def _bare_type(type_url: str) -> str:
+def bare_type(type_url: str) -> str:
+    """`type.googleapis.com/x.y.Z` and `x.y.Z` alike: containerd sends bare names, others prefixed."""
     return type_url.rsplit("/", 1)[-1]
 
 
 def from_any(options: any_pb2.Any | None) -> RuntimeConfig:
     if options is None or (not options.type_url and not options.value):
         return RuntimeConfig()
-    kind = _bare_type(options.type_url)
+    kind = bare_type(options.type_url)
     if kind == RUNC_OPTIONS_TYPE:
         runc = runc_options_pb2.Options()
         runc.ParseFromString(options.value)

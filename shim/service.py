@@ -7,7 +7,6 @@ map errors once. Everything else is forwarded as bytes, so containerd's behaviou
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -18,7 +17,7 @@ from google.protobuf import any_pb2
 
 from kybernate.api import runc_options_pb2, task_pb2
 
-from . import gpu_steps, restore_from, runtime_options
+from . import gpu_steps, manager, restore_from, runtime_options
 from .gpu_steps import Event, GpuStepError, GpuSteps, Phase, TaskControl, TaskGpu
 from .runtime_options import KybernateOptions, RuntimeConfig
 from .ttrpc.errors import Code, TTRPCError
@@ -156,7 +155,7 @@ class TaskService:
         options (or none); no options at all get the node's defaults.
         """
         given = request.options if request.HasField("options") else None
-        if given is not None and _bare_type(given.type_url) == runtime_options.RUNC_OPTIONS_TYPE:
+        if given is not None and runtime_options.bare_type(given.type_url) == runtime_options.RUNC_OPTIONS_TYPE:
             return self.defaults.kybernate, False  # already runc's: handed on untouched
         try:
             config = self.defaults if given is None else runtime_options.from_any(given)
@@ -269,21 +268,14 @@ def _decode(kind: type[Any], call: Call) -> Any:
         raise TTRPCError(Code.INVALID_ARGUMENT, f"{call.method}: request is not a valid {kind.__name__}") from err
 
 
-def _bare_type(type_url: str) -> str:
-    return type_url.rsplit("/", 1)[-1]
-
-
 def _checkpoint_exits(options: any_pb2.Any | None) -> bool:
-    if options is None or _bare_type(options.type_url) != CHECKPOINT_OPTIONS_TYPE:
+    if options is None or runtime_options.bare_type(options.type_url) != CHECKPOINT_OPTIONS_TYPE:
         return False
     return runc_options_pb2.CheckpointOptions.FromString(options.value).exit
 
 
 def _read_spec(bundle: str) -> dict[str, Any]:
     try:
-        with open(os.path.join(bundle, "config.json"), "rb") as f:
-            spec = json.load(f)
-    except (OSError, ValueError) as err:
-        raise TTRPCError(Code.INVALID_ARGUMENT, f"cannot read the OCI spec in bundle {bundle}: {err}") from err
-    return spec if isinstance(spec, dict) else {}
-
+        return manager.read_spec(bundle)
+    except manager.StartError as err:
+        raise TTRPCError(Code.INVALID_ARGUMENT, str(err)) from err

@@ -93,10 +93,6 @@ def run_gpu(c: Containerd, gpu: GpuNode, name: str, proc_id: str, **kw: object) 
 
 
 
-def counts(c: Containerd, name: str) -> list[int]:
-    return read_counts(c, name)
-
-
 
 
 
@@ -109,8 +105,8 @@ def ops(events: list[fakegpu.Event]) -> list[tuple[str, int]]:
 def test_checkpoint_exit_and_restore_put_gpu_steps_around_freeze_and_criu(kyb_factory, gpu: GpuNode, version) -> None:
     c = kyb_factory(version, runtime_toml=gpu.runtime_toml())
     run_gpu(c, gpu, "train", "p-train")
-    wait_for("the counter", lambda: len(counts(c, "train")) > 3)
-    before = counts(c, "train")[-1]
+    wait_for("the counter", lambda: len(read_counts(c, "train")) > 3)
+    before = read_counts(c, "train")[-1]
     old_pid = task_pid(c, "train")
 
     with ContainerdApi(c.address, c.namespace) as api:
@@ -130,14 +126,14 @@ def test_checkpoint_exit_and_restore_put_gpu_steps_around_freeze_and_criu(kyb_fa
     assert restore.alive and not restore.frozen and unlock.state == "RUNNING"
     assert restore.pairs in (0, -1) and restore.gpu == G0
     assert gpu.node.state("p-train").get("state") in ("RUNNING", "running")
-    resumed = wait_for("the restored counter", lambda: (n := counts(c, "train")) and n[-1] > before + 1 and n)
+    resumed = wait_for("the restored counter", lambda: (n := read_counts(c, "train")) and n[-1] > before + 1 and n)
     assert resumed == list(range(len(resumed)))
 
 
 def test_pause_is_hot_standby_and_resume_brings_the_gpu_back(kyb_factory, gpu: GpuNode) -> None:
     c = kyb_factory("2.1", runtime_toml=gpu.runtime_toml())
     run_gpu(c, gpu, "idle", "p-idle")
-    wait_for("the counter", lambda: len(counts(c, "idle")) > 2)
+    wait_for("the counter", lambda: len(read_counts(c, "idle")) > 2)
     pid = task_pid(c, "idle")
 
     c.ctr("tasks", "pause", "idle")
@@ -150,14 +146,14 @@ def test_pause_is_hot_standby_and_resume_brings_the_gpu_back(kyb_factory, gpu: G
     assert ops(gpu.events("p-idle"))[2:] == [("restore", pid), ("unlock", pid)]
     assert not gpu.events("p-idle")[2].frozen  # restored after the thaw
     assert gpu.node.state("p-idle").get("state", "").upper() == "RUNNING"
-    last = counts(c, "idle")[-1]
-    wait_for("the counter to go on", lambda: counts(c, "idle")[-1] > last)
+    last = read_counts(c, "idle")[-1]
+    wait_for("the counter to go on", lambda: read_counts(c, "idle")[-1] > last)
 
 
 def test_failed_criu_dump_rolls_the_gpu_back_and_the_workload_runs_on(kyb_factory, gpu: GpuNode) -> None:
     c = kyb_factory("2.1", runtime_toml=gpu.runtime_toml())
     run_gpu(c, gpu, "keep", "p-keep")
-    wait_for("the counter", lambda: len(counts(c, "keep")) > 2)
+    wait_for("the counter", lambda: len(read_counts(c, "keep")) > 2)
     pid = task_pid(c, "keep")
     # An image path CRIU cannot write to makes the dump fail after the GPU was checkpointed.
     r = c.ctr("tasks", "checkpoint", "--image-path", "/proc/kybernate-cannot-write-here", "keep", check=False)
@@ -166,14 +162,14 @@ def test_failed_criu_dump_rolls_the_gpu_back_and_the_workload_runs_on(kyb_factor
     assert task_status(c, "keep") == "RUNNING"
     assert ops(gpu.events("p-keep")) == [("lock", pid), ("checkpoint", pid), ("restore", pid), ("unlock", pid)]
     assert gpu.node.state("p-keep").get("state", "").upper() == "RUNNING"
-    last = counts(c, "keep")[-1]
-    wait_for("the counter to go on", lambda: counts(c, "keep")[-1] > last)
+    last = read_counts(c, "keep")[-1]
+    wait_for("the counter to go on", lambda: read_counts(c, "keep")[-1] > last)
 
 
 def test_lock_timeout_fails_the_pause_and_leaves_the_task_running(kyb_factory, gpu: GpuNode) -> None:
     c = kyb_factory("2.1", runtime_toml=gpu.runtime_toml(lock_timeout_ms=300))
     run_gpu(c, gpu, "busy", "p-busy")
-    wait_for("the counter", lambda: len(counts(c, "busy")) > 2)
+    wait_for("the counter", lambda: len(read_counts(c, "busy")) > 2)
     # Submitted GPU work that takes 5 s to drain: longer than the 300 ms lock timeout.
     gpu.node.set_faults(["lock busy 5000"])
 
@@ -183,22 +179,22 @@ def test_lock_timeout_fails_the_pause_and_leaves_the_task_running(kyb_factory, g
     assert task_status(c, "busy") == "RUNNING"
     gpu.node.clear_faults()
     assert gpu.node.state("p-busy").get("state", "RUNNING").upper() == "RUNNING"
-    last = counts(c, "busy")[-1]
-    wait_for("the counter to go on", lambda: counts(c, "busy")[-1] > last)
+    last = read_counts(c, "busy")[-1]
+    wait_for("the counter to go on", lambda: read_counts(c, "busy")[-1] > last)
 
 
 def test_hookd_down_fails_gpu_checkpoints_clearly_and_plain_containers_do_not_care(kyb_factory, gpu: GpuNode) -> None:
     c = kyb_factory("2.1", runtime_toml='[kybernate]\nhookd_socket = "/run/kyb-test/no-hookd-here.sock"\n')
     run_gpu(c, gpu, "g", "p-g")
     c.ctr("run", "-d", "--runtime", RUNTIME, BUSYBOX_IMAGE, "plain", "sleep", "600")
-    wait_for("the counter", lambda: len(counts(c, "g")) > 2)
+    wait_for("the counter", lambda: len(read_counts(c, "g")) > 2)
 
     r = c.ctr("containers", "checkpoint", "--task", "g", "kyb.local/ckpt/g:1", check=False)
     assert r.returncode != 0
     assert "kybernate-hookd is not reachable" in r.stderr, r.stderr
     assert task_status(c, "g") == "RUNNING"
-    last = counts(c, "g")[-1]
-    wait_for("the GPU workload to go on", lambda: counts(c, "g")[-1] > last)
+    last = read_counts(c, "g")[-1]
+    wait_for("the GPU workload to go on", lambda: read_counts(c, "g")[-1] > last)
     assert gpu.events("p-g") == []  # nothing touched its GPU state
 
     c.ctr("tasks", "pause", "plain")
@@ -210,7 +206,7 @@ def test_hookd_down_fails_gpu_checkpoints_clearly_and_plain_containers_do_not_ca
 def test_restore_is_refused_without_enough_free_vram_and_works_once_there_is(kyb_factory, gpu: GpuNode) -> None:
     c = kyb_factory("2.1", runtime_toml=gpu.runtime_toml())
     run_gpu(c, gpu, "big", "p-big", vram=40 * GiB)
-    wait_for("the counter", lambda: len(counts(c, "big")) > 2)
+    wait_for("the counter", lambda: len(read_counts(c, "big")) > 2)
     c.ctr("tasks", "pause", "big")  # VRAM now in host memory
     hog = gpu.node.spawn("hog", G0, 60 * GiB)
     try:
@@ -233,7 +229,7 @@ def test_restore_is_refused_without_enough_free_vram_and_works_once_there_is(kyb
 def test_restore_on_another_gpu_passes_the_pairs(kyb_factory, gpu: GpuNode) -> None:
     c = kyb_factory("2.1", runtime_toml=gpu.runtime_toml())
     run_gpu(c, gpu, "mv", "p-mv", gpu_uuid=G0)
-    wait_for("the counter", lambda: len(counts(c, "mv")) > 2)
+    wait_for("the counter", lambda: len(read_counts(c, "mv")) > 2)
     with ContainerdApi(c.address, c.namespace) as api:
         descriptors = api.checkpoint_task("mv", exit=True)
         c.ctr("tasks", "delete", "mv")
