@@ -14,6 +14,7 @@ from .model import (
     GpuPair,
     GpuProcessRecord,
     HealthInfo,
+    InheritedDrop,
     NodeGpu,
     ProcessOutcome,
     ProcessStatus,
@@ -39,6 +40,8 @@ def manifest_to_pb(m: GpuManifest) -> pb.GpuManifest:
         gpus=[pb.GpuDevice(uuid=g.uuid, name=g.name, index=g.index, vram_used_bytes=g.vram_used_bytes) for g in m.gpus],
         processes=[pb.GpuProcess(pid=p.pid, state=state_to_pb(p.state), gpu_uuids=list(p.gpu_uuids),  # type: ignore[arg-type]
                                  vram_bytes=p.vram_bytes) for p in m.processes],
+        dropped_inherited=[pb.InheritedDrop(pid=d.pid, comm=d.comm, parent_pid=d.parent_pid, mappings=list(d.mappings),
+                                            fds=list(d.fds)) for d in m.dropped_inherited],
     )
 
 
@@ -49,6 +52,8 @@ def manifest_from_pb(m: pb.GpuManifest) -> GpuManifest:
         gpus=tuple(GpuDeviceRecord(g.uuid, g.name, g.index, g.vram_used_bytes) for g in m.gpus),
         processes=tuple(GpuProcessRecord(p.pid, state_from_pb(p.state), tuple(p.gpu_uuids), p.vram_bytes)
                         for p in m.processes),
+        dropped_inherited=tuple(InheritedDrop(d.pid, d.comm, d.parent_pid, tuple(d.mappings), tuple(d.fds))
+                                for d in m.dropped_inherited),
     )
 
 

@@ -80,6 +80,10 @@ class LockTimeout(StepFailed):
     code = DEADLINE_EXCEEDED
 
 
+class InheritedDropFailed(StepFailed):
+    """The GPU device files a forked child inherited from a CUDA process could not be dropped."""
+
+
 class RollbackFailed(KybernateError):
     """A step failed and putting the container back failed too: processes are left in mixed states."""
 

@@ -26,15 +26,16 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, NoReturn, TypeVar
 
-from . import procfs
+from . import inherited, procfs
 from .blocking import StillRunning, run_blocking
 from .cuda import NOT_A_CUDA_PROCESS, CheckpointDriver, CudaError, CudaState, normalize_uuid
 from .errors import (
     FailedPrecondition,
+    InheritedDropFailed,
     InsufficientVram,
     InvalidRequest,
     KybernateError,
@@ -53,6 +54,7 @@ from .model import (
     GpuPair,
     GpuProcessRecord,
     HealthInfo,
+    InheritedDrop,
     NodeGpu,
     ProcessOutcome,
     ProcessStatus,
@@ -182,19 +184,34 @@ class GpuManager:
                     raise FailedPrecondition(f"{ref.name}: pid {pid} is {state.name} in the driver and cannot be "
                                              "checkpointed" + _FAILED_HINT.get(state, ""), pid=pid)
             usage_before = inventory.usage_of(states) if inventory else {}
+            # Forked children's inherited GPU device files: found now, while the CUDA processes still hold
+            # theirs (to tell inherited descriptors from opened ones); dropped once those are checkpointed.
+            holders = inherited.find_holders(not_cuda, states)
+            inherited.refuse_paused(ref.name, holders)
             tasks = {pid: asyncio.create_task(self._checkpoint_one(pid, state, timeout_ms), name=f"checkpoint-{pid}")
                      for pid, state in states.items()}
             cancelled = await _wait_all(tasks.values())
-            failures = {pid: t.exception() for pid, t in tasks.items() if t.exception() is not None}
+            failures: dict[int, BaseException | None] = {
+                pid: t.exception() for pid, t in tasks.items() if t.exception() is not None}
+            dropped: tuple[InheritedDrop, ...] = ()
+            if holders and not failures and not cancelled:
+                try:
+                    dropped = await inherited.drop_all(ref.name, holders, self._executor,
+                                                       self._settings.inherited_timeout_s)
+                except InheritedDropFailed as err:
+                    failures = {err.pid or 0: err}
+                except asyncio.CancelledError:
+                    cancelled = True
             if failures or cancelled:
                 await self._undo_checkpoint(ref, states, failures, cancelled)
             outcomes = tuple(tasks[pid].result() for pid in sorted(tasks))
-            manifest = self._manifest(states, inventory, box.manifest, usage_before)
+            manifest = replace(self._manifest(states, inventory, box.manifest, usage_before), dropped_inherited=dropped)
             self._remember(ref, box, manifest)
             self._metrics.moved("device_to_host", sum(
                 p.vram_bytes for p in manifest.processes if states.get(p.pid) != CudaState.CHECKPOINTED))
             log.info("checkpointed", extra={"fields": {"container": ref.name, "processes": len(outcomes),
-                                                       "vram_gib": round(manifest.vram_bytes / GiB, 3)}})
+                                                       "vram_gib": round(manifest.vram_bytes / GiB, 3),
+                                                       "dropped_inherited": ",".join(str(d.pid) for d in dropped)}})
             return CheckpointResult(manifest, outcomes)
 
     async def restore(self, ref: ContainerRef, manifest: GpuManifest | None = None,

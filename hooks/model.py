@@ -38,6 +38,17 @@ class GpuProcessRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class InheritedDrop:
+    """GPU device files a forked child had inherited from a CUDA process, dropped before the dump."""
+
+    pid: int  # host pid of the child at checkpoint time
+    comm: str
+    parent_pid: int  # the CUDA process it descends from
+    mappings: tuple[str, ...] = ()  # "200600000-200800000 rw-s /dev/nvidia0", as /proc/<pid>/maps had them
+    fds: tuple[str, ...] = ()  # "5 /dev/nvidiactl": descriptor number and path
+
+
+@dataclass(frozen=True, slots=True)
 class GpuManifest:
     """What a GPU checkpoint moved and from where. Serialized as kybernate.json in checkpoint images."""
 
@@ -46,6 +57,9 @@ class GpuManifest:
     processes: tuple[GpuProcessRecord, ...] = ()
     created_at: str = ""  # RFC 3339, UTC
     format_version: int = MANIFEST_FORMAT_VERSION
+    # Forked children's inherited GPU device files dropped by this checkpoint: nothing to restore
+    # (the children never used them), recorded so that a crash of a child can be traced back.
+    dropped_inherited: tuple[InheritedDrop, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -69,6 +83,11 @@ class GpuManifest:
             "processes": [
                 {"pid": p.pid, "state": p.state, "gpu_uuids": list(p.gpu_uuids), "vram_bytes": p.vram_bytes}
                 for p in self.processes
+            ],
+            "dropped_inherited": [
+                {"pid": d.pid, "comm": d.comm, "parent_pid": d.parent_pid, "mappings": list(d.mappings),
+                 "fds": list(d.fds)}
+                for d in self.dropped_inherited
             ],
         }
 
@@ -97,6 +116,11 @@ class GpuManifest:
                     GpuProcessRecord(int(p["pid"]), str(p.get("state", "")), tuple(str(u) for u in p.get("gpu_uuids") or ()),
                                      int(p.get("vram_bytes", 0)))
                     for p in data.get("processes") or ()
+                ),
+                dropped_inherited=tuple(
+                    InheritedDrop(int(d["pid"]), str(d.get("comm", "")), int(d.get("parent_pid", 0)),
+                                  tuple(str(m) for m in d.get("mappings") or ()), tuple(str(f) for f in d.get("fds") or ()))
+                    for d in data.get("dropped_inherited") or ()
                 ),
             )
         except ManifestError:

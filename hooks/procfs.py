@@ -7,6 +7,7 @@ event loop directly; driver calls never do.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidRequest
@@ -85,3 +86,55 @@ def paused(pid: int) -> str | None:
 def alive(pid: int) -> bool:
     state = _read(f"/proc/{pid}/stat").rpartition(")")[2].split()[:1]
     return bool(state) and state[0] not in ("Z", "X")
+
+
+@dataclass(frozen=True, slots=True)
+class MapEntry:
+    """One line of /proc/<pid>/maps."""
+
+    start: int
+    end: int
+    perms: str  # "rw-s", "r-xp", ...
+    offset: int
+    path: str  # "" for anonymous memory; "[vdso]" and friends as the kernel names them
+
+    @property
+    def text(self) -> str:
+        return f"{self.start:x}-{self.end:x} {self.perms} {self.path}".rstrip()
+
+
+def maps(pid: int) -> list[MapEntry]:
+    """The process's mappings; [] when it is gone."""
+    out = []
+    for line in _read(f"/proc/{pid}/maps").splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 5:
+            continue
+        start, _, end = parts[0].partition("-")
+        out.append(MapEntry(int(start, 16), int(end, 16), parts[1], int(parts[2], 16), parts[5] if len(parts) > 5 else ""))
+    return out
+
+
+def open_fds(pid: int) -> dict[int, str]:
+    """fd number -> what it points to (readlink of /proc/<pid>/fd/N); {} when the process is gone."""
+    out: dict[int, str] = {}
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for name in names:
+        try:
+            out[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+        except (OSError, ValueError):
+            continue  # closed meanwhile
+    return out
+
+
+def parent(pid: int) -> int:
+    """Parent pid, 0 when unknown."""
+    fields = _read(f"/proc/{pid}/stat").rpartition(")")[2].split()
+    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else 0
+
+
+def comm(pid: int) -> str:
+    return _read(f"/proc/{pid}/comm").strip()

@@ -48,6 +48,9 @@ class ManagerSettings:
     # Driver calls in flight at once (threads). The steps are CPU-bound per target process and scale
     # across processes, so allow at least one per CUDA process of the largest container.
     max_parallel: int = 32
+    # Seconds a forked child of a CUDA process gets to stop for ptrace so that the GPU device files it
+    # inherited can be dropped (it normally stops in microseconds; see hooks/inherited.py).
+    inherited_timeout_s: float = 10.0
     # Bytes a target GPU must have free on top of what the checkpoint held there, per GPU.
     restore_vram_headroom_bytes: int = 0
 

@@ -60,17 +60,33 @@ class GpuProcess(_message.Message):
     vram_bytes: int
     def __init__(self, pid: _Optional[int] = ..., state: _Optional[_Union[CudaState, str]] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., vram_bytes: _Optional[int] = ...) -> None: ...
 
+class InheritedDrop(_message.Message):
+    __slots__ = ("pid", "comm", "parent_pid", "mappings", "fds")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    PARENT_PID_FIELD_NUMBER: _ClassVar[int]
+    MAPPINGS_FIELD_NUMBER: _ClassVar[int]
+    FDS_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    comm: str
+    parent_pid: int
+    mappings: _containers.RepeatedScalarFieldContainer[str]
+    fds: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, pid: _Optional[int] = ..., comm: _Optional[str] = ..., parent_pid: _Optional[int] = ..., mappings: _Optional[_Iterable[str]] = ..., fds: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class GpuManifest(_message.Message):
-    __slots__ = ("driver_version", "gpus", "processes", "created_at")
+    __slots__ = ("driver_version", "gpus", "processes", "created_at", "dropped_inherited")
     DRIVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_INHERITED_FIELD_NUMBER: _ClassVar[int]
     driver_version: str
     gpus: _containers.RepeatedCompositeFieldContainer[GpuDevice]
     processes: _containers.RepeatedCompositeFieldContainer[GpuProcess]
     created_at: str
-    def __init__(self, driver_version: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuDevice, _Mapping]]] = ..., processes: _Optional[_Iterable[_Union[GpuProcess, _Mapping]]] = ..., created_at: _Optional[str] = ...) -> None: ...
+    dropped_inherited: _containers.RepeatedCompositeFieldContainer[InheritedDrop]
+    def __init__(self, driver_version: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuDevice, _Mapping]]] = ..., processes: _Optional[_Iterable[_Union[GpuProcess, _Mapping]]] = ..., created_at: _Optional[str] = ..., dropped_inherited: _Optional[_Iterable[_Union[InheritedDrop, _Mapping]]] = ...) -> None: ...
 
 class StepTiming(_message.Message):
     __slots__ = ("step", "seconds")
