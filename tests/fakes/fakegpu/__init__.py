@@ -1,6 +1,6 @@
 """Test helpers for the named fake GPU driver (C sources beside this file; README.md has the formats).
 
-    built = build(tmp_dir)                      # gcc: libcuda.so.1, libnvidia-ml.so.1, cuda-checkpoint
+    built = build(tmp_dir)                      # gcc: libcuda.so.1, libnvidia-ml.so.1, cuda-checkpoint, fakegpu-forker
     node = FakeNode(state_dir)                  # one fake node: GPUs, processes, faults, events
     node.set_gpus([FakeGpu(uuid, "NVIDIA H100 80GB HBM3", 80 << 30)])
     proc = node.spawn("trainer-0", gpu=uuid, vram=4 << 30)   # a real `sleep` that is a "CUDA process"
@@ -35,11 +35,12 @@ class Built:
     libcuda: Path
     libnvml: Path
     cli: Path
+    forker: Path  # static: a fake CUDA program that forks workers after "CUDA init" (forker.c)
 
 
 def _sources_digest() -> str:
     h = hashlib.sha256()
-    for name in sorted((*COMMON, *HEADERS, "fakecuda.c", "fakenvml.c", "cuda_checkpoint_cli.c")):
+    for name in sorted((*COMMON, *HEADERS, "fakecuda.c", "fakenvml.c", "cuda_checkpoint_cli.c", "forker.c")):
         h.update(name.encode() + b"\0" + (HERE / name).read_bytes())
     h.update(" ".join(CFLAGS).encode())
     return h.hexdigest()[:16]
@@ -51,8 +52,8 @@ def build(dest: Path | None = None, cc: str = "gcc") -> Built:
         raise RuntimeError(f"the fake GPU driver needs a C compiler: {cc} not found (apt-get install gcc)")
     root = Path(dest) if dest else Path(tempfile.gettempdir()) / "kybernate-fakegpu"
     out = root / _sources_digest()
-    built = Built(out, out / "libcuda.so.1", out / "libnvidia-ml.so.1", out / "cuda-checkpoint")
-    if built.libcuda.exists() and built.libnvml.exists() and built.cli.exists():
+    built = Built(out, out / "libcuda.so.1", out / "libnvidia-ml.so.1", out / "cuda-checkpoint", out / "fakegpu-forker")
+    if built.libcuda.exists() and built.libnvml.exists() and built.cli.exists() and built.forker.exists():
         return built
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="build-", dir=root))
@@ -65,6 +66,7 @@ def build(dest: Path | None = None, cc: str = "gcc") -> Built:
              str(HERE / "fakenvml.c"), *common],
             [cc, *CFLAGS, "-o", str(tmp / "cuda-checkpoint"), str(HERE / "cuda_checkpoint_cli.c"),
              str(HERE / "fakecuda.c"), *common],
+            [cc, *CFLAGS, "-static", "-o", str(tmp / "fakegpu-forker"), str(HERE / "forker.c")],
         ]
         procs = [subprocess.Popen(job, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for job in jobs]
         for job, proc in zip(jobs, procs):
