@@ -14,7 +14,7 @@
 #   --runtime runc|kybernate   runc: stock runc shim, GPU steps done by scenario.py through ctypes.
 #                              kybernate: our shim + kybernate-hookd do the GPU steps inside ctr's calls.
 #   --scenario LIST            comma-separated: driver-floor exit-restore leave-running pause-resume
-#                              export-import remap (default: driver-floor,exit-restore,pause-resume,leave-running)
+#                              export-import remap programs (default: driver-floor,exit-restore,pause-resume,leave-running)
 #   --vram-gib N               VRAM the workload fills (default 2.6)
 #   --cycles N                 driver-floor cycles (default 3)
 #   --own-netns                give the container its own network namespace (default: host network,
@@ -25,7 +25,8 @@
 #   --keep                     leave containerd running and $KYB_BASE in place at the end
 # Environment: OUT (results dir, default /tmp/kyb-gpu-out), KYB_BASE (work dir, default /tmp/kyb-gpu),
 #   KYB_CARRY (default <repo>/.carry), KYB_CRIU_CONF (text written to /etc/criu/runc.conf if set),
-#   KYB_STEP_TIMEOUT (seconds for one ctr checkpoint/restore/export/import, default 180).
+#   KYB_STEP_TIMEOUT (seconds for one ctr checkpoint/restore/export/import, default 180),
+#   KYB_SCENARIO_ARGS (more scenario.py options, e.g. "--programs train-fork,compile").
 set -uo pipefail
 
 RUNTIME=runc
@@ -284,6 +285,9 @@ fi
 EXTRA=()
 [ "$NO_GPU" = 1 ] && EXTRA+=(--no-gpu)
 [ "$OWN_NETNS" = 1 ] && EXTRA+=(--own-netns)
+# More scenario.py options, e.g. KYB_SCENARIO_ARGS="--programs train-fork,compile --program-steps 300".
+read -r -a MORE <<<"${KYB_SCENARIO_ARGS:-}"
+EXTRA+=("${MORE[@]}")
 RC=0
 if [ -n "$SCENARIOS" ]; then
     say "scenarios: $SCENARIOS (runtime $RUNTIME, vram ${VRAM} GiB)"

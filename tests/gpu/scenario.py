@@ -23,6 +23,14 @@ Scenarios (comma-separated, run in order, each in its own container):
   export-import  like exit-restore, plus ctr images export / rm / import of the checkpoint between.
   remap          like exit-restore, with an explicit GPU UUID pair on restore (identity on one
                  GPU; --remap-to other GPU index where there are several).
+  programs       the GPU corpus (programs.py: a training loop with fork and with spawn DataLoader
+                 workers, a torch.compile'd model, a CUDA-graph decode loop, a transformers generate
+                 loop; --programs picks some). Each: an uninterrupted reference run as a host process
+                 and the same program in a container, started together; at step --program-checkpoint-at
+                 ctr c checkpoint --task --rw (the job runs on: its next steps are checked too) → kill,
+                 delete → ctr c restore --live --rw → the restored job runs to --program-steps. Every
+                 steps.log line of the container (before, after the checkpoint, after the restore) must
+                 equal the reference's line for that step, byte for byte (losses as float.hex).
 
 Verification: the workload's counter must continue past its pre-checkpoint value and its checksum
 must equal the reference taken at start (ok=True).
@@ -46,7 +54,15 @@ from dataclasses import dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-ALL_SCENARIOS = ("driver-floor", "exit-restore", "leave-running", "pause-resume", "export-import", "remap")
+ALL_SCENARIOS = ("driver-floor", "exit-restore", "leave-running", "pause-resume", "export-import", "remap", "programs")
+# The GPU corpus (programs.py), as the `programs` scenario runs it: name -> programs.py arguments.
+PROGRAMS = {
+    "train-fork": ["train", "--workers-start", "fork"],
+    "train-spawn": ["train", "--workers-start", "spawn"],
+    "compile": ["compile"],
+    "graph-decode": ["graph-decode"],
+    "hf-generate": ["hf-generate"],
+}
 RUNTIME_NAMES = {"runc": "io.containerd.runc.v2", "kybernate": "io.containerd.kybernate.v1"}
 PASS_ENV = re.compile(r"^(PATH|LD_LIBRARY_PATH|LANG|LC_ALL|CUDA_.*|NVIDIA_.*|NCCL_.*|TORCH_.*|NVSHMEM_.*|"
                       r"PYTORCH_.*|TRITON_.*)$")
@@ -465,7 +481,7 @@ class Runner:
         os.makedirs(d)
         return d
 
-    def start_container(self, cid: str, out: str) -> tuple[float, list[str]]:
+    def start_container(self, cid: str, out: str, command: list[str] | None = None) -> tuple[float, list[str]]:
         args = ["run", "-d", "--runtime", RUNTIME_NAMES[self.a.runtime], "--cwd", "/",
                 "--log-uri", f"file://{out}/stdout.log"]
         if self.a.snapshotter:
@@ -480,8 +496,8 @@ class Runner:
                  "--mount", f"type=bind,src={HERE},dst=/kyb,options=bind:ro"]
         for e in container_env():
             args += ["--env", e]
-        args += [self.a.image, cid, sys.executable, "/kyb/workload.py", "--vram-gib", str(self.a.vram_gib),
-                 "--out-dir", "/out", "--backend", self.backend]
+        args += [self.a.image, cid, *(command or [sys.executable, "/kyb/workload.py", "--vram-gib", str(self.a.vram_gib),
+                                                  "--out-dir", "/out", "--backend", self.backend])]
         dt, _ = self.ctr.run(*args, timeout=120)
         return dt, args
 
@@ -656,6 +672,107 @@ class Runner:
         rec.update(verify_continues(out, before, ref, t_wall))
         self.ctr.remove(cid)
 
+    # -- the GPU corpus (programs.py) ----------------------------------------------------------
+    def s_programs(self, rec: dict) -> None:
+        names = [n.strip() for n in self.a.programs.split(",") if n.strip()]
+        unknown = [n for n in names if n not in PROGRAMS]
+        if unknown:
+            raise StepError(f"unknown programs {unknown}; known: {', '.join(PROGRAMS)}")
+        failed = []
+        for name in names:
+            sub: dict = {}
+            rec[name] = sub
+            t = time.perf_counter()
+            log(f"--- program {name} ---")
+            try:
+                self._program(name, PROGRAMS[name], sub)
+                sub["result"] = "PASS"
+            except Exception as e:  # noqa: BLE001 - next program; recorded
+                sub["result"] = "FAIL"
+                sub["error"] = f"{type(e).__name__}: {e}"
+                failed.append(name)
+                try:
+                    self.collect_logs(f"kyb-p-{name}", sub)
+                    self.ctr.remove(f"kyb-p-{name}")
+                except Exception:  # noqa: BLE001
+                    pass
+            sub["wall_s"] = round(time.perf_counter() - t, 2)
+            log(f"program {name}: {sub['result']} {json.dumps({k: v for k, v in sub.items() if k != 'logs'}, default=str)}")
+        if failed:
+            raise StepError(f"programs failed: {', '.join(failed)}")
+
+    def _program(self, name: str, args: list[str], rec: dict) -> None:
+        cid = f"kyb-p-{name}"
+        self.ctr.remove(cid)
+        out, ref_out = self.out_dir(f"p-{name}"), self.out_dir(f"p-{name}-ref")
+        steps, at = self.a.program_steps, self.a.program_checkpoint_at
+        common = [*args, "--steps", str(steps), "--backend", self.backend]
+        # The reference: the same program as a plain host process, uninterrupted, started alongside.
+        ref_cmd = [sys.executable, os.path.join(HERE, "programs.py"), *common, "--out-dir", ref_out]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+        with open(os.path.join(ref_out, "stdout.log"), "w") as so:
+            ref = subprocess.Popen(ref_cmd, stdin=subprocess.DEVNULL, stdout=so, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+        ref_img = f"kybernate.test/ckpt/p-{name}:1"
+        self.ctr.run("images", "rm", ref_img, check=False)
+        try:
+            rec["ctr_run_s"], _ = self.start_container(
+                cid, out, [sys.executable, "/kyb/programs.py", *common, "--out-dir", "/out"])
+            t = time.perf_counter()
+            wait_step(out, at, self.a.ready_timeout, f"{name} to reach step {at}")
+            rec["ready_s"] = round(time.perf_counter() - t, 2)
+            pid = self.ctr.task_pid(cid)
+            rec["children_before"] = _children(pid)
+            self.steps.freeze(pid, rec)
+            rec["step_at_checkpoint"] = last_step(out)
+            try:
+                rec["ctr_checkpoint_s"], _ = self.ctr.run("container", "checkpoint", "--task", "--rw", cid, ref_img,
+                                                          timeout=self.a.step_timeout)
+            except StepError:
+                self.collect_logs(cid, rec)
+                raise
+            rec["checkpoint_image_bytes"] = self.image_size(ref_img)
+            rec["children_device_files_after_checkpoint"] = {c: _device_items(c) for c in _children(pid)}
+            # Leave-running: the job goes on (its workers lost their inherited GPU files, if any).
+            wait_step(out, rec["step_at_checkpoint"] + 5, 120, f"{name} to go on after the checkpoint")
+            self.steps.thaw(pid, rec)
+            rec["dropped_inherited"] = self.dropped_inherited()
+            rec["delete_s"] = round(self.ctr.remove(cid), 3)
+            rec["step_at_kill"] = last_step(out)
+            offset = os.path.getsize(os.path.join(out, "steps.log"))
+            try:
+                rec["ctr_restore_s"], _ = self.ctr.run("container", "restore", "--live", "--rw", cid, ref_img,
+                                                       timeout=self.a.step_timeout)
+            except StepError:
+                self.collect_logs(cid, rec)
+                raise
+            new_pid = self.ctr.task_pid(cid)
+            rec["restored_pid"] = new_pid
+            if self.steps.name == "runc":  # the stock runtime restores no GPU state: this script does
+                self.steps.thaw(new_pid, rec.setdefault("restore_gpu", {}))
+            wait_step(out, steps - 1, self.a.step_timeout, f"the restored {name} to finish", after=offset)
+            wait_step(ref_out, steps - 1, self.a.step_timeout, f"the reference {name} to finish")
+            rec.update(compare_steps(ref_out, out, offset, steps))
+        finally:
+            try:
+                os.killpg(ref.pid, 9)
+            except ProcessLookupError:
+                pass
+            ref.wait()
+            self.collect_logs(cid, rec)
+            self.ctr.remove(cid)
+            self.ctr.run("images", "rm", ref_img, check=False)
+        if not rec["identical"]:
+            raise StepError(f"{name}: the restored run's steps differ from the reference: {rec['mismatches'][:3]}")
+
+    def dropped_inherited(self) -> list[str]:
+        """kybernate-hookd's log lines about inherited GPU files it dropped (kybernate runtime only)."""
+        try:
+            with open(os.path.join(self.a.base, "hookd.log"), errors="replace") as f:
+                return [line.strip()[-400:] for line in f if "inherited from a CUDA process" in line][-8:]
+        except OSError:
+            return []
+
     def image_size(self, ref: str) -> int:
         """Bytes of a checkpoint image: its index plus every blob the index lists."""
         _, out = self.ctr.run("images", "ls", check=False)
@@ -672,6 +789,95 @@ class Runner:
         except ValueError:
             return -1
         return len(rc_out) + sum(int(m.get("size", 0)) for m in index.get("manifests", []))
+
+
+def _steps_file(out_dir: str) -> str:
+    return os.path.join(out_dir, "steps.log")
+
+
+def read_steps(out_dir: str, after: int = 0) -> list[tuple[int, str]]:
+    """(step, value) of every complete line of out_dir/steps.log from byte `after` on."""
+    try:
+        with open(_steps_file(out_dir), "rb") as f:
+            f.seek(after)
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    out = []
+    for line in data.split("\n")[:-1]:  # the last piece is incomplete (or empty)
+        head, _, value = line.partition(" ")
+        if head.startswith("step="):
+            out.append((int(head[5:]), value))
+    return out
+
+
+def last_step(out_dir: str, after: int = 0) -> int:
+    rows = read_steps(out_dir, after)
+    return rows[-1][0] if rows else -1
+
+
+def wait_step(out_dir: str, step: int, timeout: float, what: str, after: int = 0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        n = last_step(out_dir, after)
+        if n >= step:
+            return n
+        time.sleep(0.1)
+    tail = ""
+    try:
+        with open(os.path.join(out_dir, "stdout.log"), errors="replace") as f:
+            tail = f.read()[-800:]
+    except OSError:
+        pass
+    raise StepError(f"timeout ({timeout:.0f}s) waiting for {what}; last step {last_step(out_dir, after)}; "
+                    f"output: {tail!r}")
+
+
+def compare_steps(ref_dir: str, out_dir: str, restored_from: int, steps: int) -> dict:
+    """Every line the container wrote must equal the reference's line for that step; the restored process
+    (lines after byte `restored_from`) must have run on, in order, to the last step."""
+    ref = dict(read_steps(ref_dir))
+    rows = read_steps(out_dir)
+    restored = read_steps(out_dir, restored_from)
+    mismatches = [f"step {n}: got {v!r}, reference {ref.get(n)!r}" for n, v in rows if ref.get(n) != v]
+    first = restored[0][0] if restored else None
+    in_order = [n for n, _ in restored] == list(range(first, first + len(restored))) if restored else False
+    covered = set(n for n, _ in rows) >= set(range(steps))
+    return {"lines": len(rows), "restored_lines": len(restored), "restored_first_step": first,
+            "restored_in_order": in_order, "all_steps_present": covered, "reference_lines": len(ref),
+            "mismatches": mismatches[:10], "mismatch_count": len(mismatches),
+            "identical": not mismatches and in_order and covered and len(ref) == steps}
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    if int(f.read().rpartition(")")[2].split()[1]) == pid:
+                        out.append(int(p))
+            except (OSError, ValueError, IndexError):
+                pass
+    return sorted(out)
+
+
+def _device_items(pid: int) -> list[str]:
+    """/dev/nvidia* mappings and descriptors of a process (what CRIU cannot dump)."""
+    items = []
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            items += [line.strip() for line in f if "/dev/nvidia" in line]
+    except OSError:
+        pass
+    for fd in glob.glob(f"/proc/{pid}/fd/*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("/dev/nvidia"):
+            items.append(f"fd {os.path.basename(fd)} {target}")
+    return items
 
 
 def dir_size(d: str) -> int:
@@ -707,6 +913,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ready-timeout", type=float, default=180)
     p.add_argument("--step-timeout", type=float, default=300)
     p.add_argument("--results", default="", help="write results JSON here")
+    p.add_argument("--programs", default=",".join(PROGRAMS), help=f"programs scenario: from {', '.join(PROGRAMS)}")
+    p.add_argument("--program-steps", type=int, default=200, help="programs scenario: steps per program")
+    p.add_argument("--program-checkpoint-at", type=int, default=30, help="programs scenario: checkpoint at this step")
     p.add_argument("--hookd-metrics", default="http://127.0.0.1:9464/metrics", help="kybernate-hookd's /metrics")
     a = p.parse_args(argv)
     a.state = a.state or os.path.join(a.base, "state")
@@ -770,6 +979,17 @@ def print_summary(results: dict) -> None:
             "total_s", "workload_gap_s")
     print("\n==== summary (seconds) ====")
     for name, rec in results["scenarios"].items():
+        if name == "programs":
+            for prog, r in rec.items():
+                if isinstance(r, dict):
+                    vals = " ".join(f"{k}={r[k]}" for k in ("ready_s", "ctr_checkpoint_s", "ctr_restore_s",
+                                                           "step_at_checkpoint", "restored_first_step", "lines",
+                                                           "mismatch_count") if k in r)
+                    print(f"{'program ' + prog:24s} {r.get('result', '?'):4s} {vals} identical={r.get('identical')} "
+                          f"dropped_inherited={len(r.get('dropped_inherited') or [])}")
+                    if r.get("error"):
+                        print(f"{'':24s} error: {r['error'][:600]}")
+            continue
         rows = rec.get("cycles") or [rec]
         for i, r in enumerate(rows):
             vals = " ".join(f"{k.replace('_s', '')}={r[k]}" for k in keys if k in r)
