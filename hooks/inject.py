@@ -258,6 +258,9 @@ def run_syscalls(pid: int, calls: Sequence[Syscall], timeout_s: float, insn: int
     reason = procfs.paused(pid)
     if reason is not None:
         raise InjectError(f"pid {pid} is {reason}: not touching it")
+    if not procfs.alive(pid):
+        # Gone, or a thread-group leader that exited while other threads run on: it never stops for ptrace.
+        raise InjectError(f"pid {pid} has exited (or its main thread has): not touching it")
     address = insn if insn is not None else find_syscall_insn(pid)
     deadline = time.monotonic() + timeout_s
     try:

@@ -302,3 +302,19 @@ def _wait_state(pid: int, letter: str) -> None:
 def _status_fields(pid: int) -> dict[str, str]:
     lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     return {k: v.strip() for k, _, v in (line.partition(":") for line in lines) if k in ("TracerPid", "SigPnd", "ShdPnd")}
+
+
+def test_dropped_inherited_travels_in_the_manifest_json_and_over_grpc() -> None:
+    from kybernate.hooks import convert
+    from kybernate.hooks.model import GpuManifest, GpuProcessRecord, InheritedDrop
+
+    manifest = GpuManifest("580.159.04", (), (GpuProcessRecord(10, "CHECKPOINTED"),), "2026-11-29T00:00:00Z",
+                           dropped_inherited=(InheritedDrop(11, "pt_data_worker", 10,
+                                                            ("200600000-200800000 rw-s /dev/nvidia0",),
+                                                            ("5 /dev/nvidiactl", "6 /dev/nvidia-uvm")),))
+    assert GpuManifest.from_json(manifest.to_json()) == manifest
+    assert convert.manifest_from_pb(convert.manifest_to_pb(manifest)) == manifest
+    # A manifest written before this field existed still reads.
+    old = manifest.to_dict()
+    del old["dropped_inherited"]
+    assert GpuManifest.from_dict(old).dropped_inherited == ()
