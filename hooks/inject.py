@@ -266,7 +266,8 @@ def run_syscalls(pid: int, calls: Sequence[Syscall], timeout_s: float, insn: int
     try:
         _ptrace(PTRACE_SEIZE, pid, 0, None)
     except OSError as err:
-        raise InjectError(f"cannot trace pid {pid} ({err.strerror}): is another tracer (CRIU, a debugger) attached?") from err
+        raise InjectError(f"cannot trace pid {pid} ({err.strerror}): is another tracer (CRIU, a debugger) "
+                          "attached?") from err
     tracee = _Tracee(pid, deadline)
     results: list[int] = []
     saved: Regs | None = None

@@ -119,7 +119,8 @@ class GpuManifest:
                 ),
                 dropped_inherited=tuple(
                     InheritedDrop(int(d["pid"]), str(d.get("comm", "")), int(d.get("parent_pid", 0)),
-                                  tuple(str(m) for m in d.get("mappings") or ()), tuple(str(f) for f in d.get("fds") or ()))
+                                  tuple(str(m) for m in d.get("mappings") or ()),
+                                  tuple(str(f) for f in d.get("fds") or ()))
                     for d in data.get("dropped_inherited") or ()
                 ),
             )

@@ -111,7 +111,8 @@ def maps(pid: int) -> list[MapEntry]:
         if len(parts) < 5:
             continue
         start, _, end = parts[0].partition("-")
-        out.append(MapEntry(int(start, 16), int(end, 16), parts[1], int(parts[2], 16), parts[5] if len(parts) > 5 else ""))
+        path = parts[5] if len(parts) > 5 else ""
+        out.append(MapEntry(int(start, 16), int(end, 16), parts[1], int(parts[2], 16), path))
     return out
 
 

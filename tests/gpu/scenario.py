@@ -496,8 +496,9 @@ class Runner:
                  "--mount", f"type=bind,src={HERE},dst=/kyb,options=bind:ro"]
         for e in container_env():
             args += ["--env", e]
-        args += [self.a.image, cid, *(command or [sys.executable, "/kyb/workload.py", "--vram-gib", str(self.a.vram_gib),
-                                                  "--out-dir", "/out", "--backend", self.backend])]
+        command = command or [sys.executable, "/kyb/workload.py", "--vram-gib", str(self.a.vram_gib),
+                              "--out-dir", "/out", "--backend", self.backend]
+        args += [self.a.image, cid, *command]
         dt, _ = self.ctr.run(*args, timeout=120)
         return dt, args
 
@@ -697,7 +698,8 @@ class Runner:
                 except Exception:  # noqa: BLE001
                     pass
             sub["wall_s"] = round(time.perf_counter() - t, 2)
-            log(f"program {name}: {sub['result']} {json.dumps({k: v for k, v in sub.items() if k != 'logs'}, default=str)}")
+            shown = {k: v for k, v in sub.items() if k != "logs"}
+            log(f"program {name}: {sub['result']} {json.dumps(shown, default=str)}")
         if failed:
             raise StepError(f"programs failed: {', '.join(failed)}")
 

@@ -301,7 +301,8 @@ def _wait_state(pid: int, letter: str) -> None:
 
 def _status_fields(pid: int) -> dict[str, str]:
     lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines) if k in ("TracerPid", "SigPnd", "ShdPnd")}
+    wanted = ("TracerPid", "SigPnd", "ShdPnd")
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines) if k in wanted}
 
 
 def test_dropped_inherited_travels_in_the_manifest_json_and_over_grpc() -> None:
