@@ -37,6 +37,18 @@ PARENT = textwrap.dedent("""
     if pid == 0:
         for line in sys.stdin:
             word = line.strip()
+            if word == "thread":  # a second thread that keeps computing while the main one is traced
+                import threading
+                ticks = [0]
+                def spin():
+                    while True:
+                        ticks[0] += 1
+                threading.Thread(target=spin, daemon=True).start()
+                print("started", flush=True)
+                continue
+            if word == "ticks":
+                print(ticks[0], flush=True)
+                continue
             if word.startswith("open "):
                 own = os.open(word[5:], os.O_RDONLY)
                 print(f"opened {own}", flush=True)
@@ -137,6 +149,17 @@ def test_injection_while_the_worker_computes(family: Family) -> None:
     assert int(family.parent.stdout.readline()) == expect(300000)
     assert family.mapped() == [] and family.fds() == []
     assert family.ask(777) == expect(777)
+
+
+def test_a_multithreaded_worker_keeps_all_its_threads_running(family: Family) -> None:
+    assert family.say("thread") == "started"
+    [holder] = inherited.find_holders([family.worker], [family.parent.pid], matcher(family))
+    inherited.drop_one(holder, timeout_s=10, match=matcher(family))
+    assert family.mapped() == [] and family.fds() == []
+    first = int(family.say("ticks"))
+    assert family.ask(2000) == expect(2000)
+    assert int(family.say("ticks")) > first  # the other thread spins on
+    assert len(os.listdir(f"/proc/{family.worker}/task")) == 2
 
 
 def test_a_descriptor_the_worker_opened_itself_is_not_inherited_and_the_worker_is_left_alone(
