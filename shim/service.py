@@ -17,7 +17,7 @@ from google.protobuf import any_pb2
 
 from kybernate.api import runc_options_pb2, task_pb2
 
-from . import gpu_steps, manager, restore_from, runtime_options
+from . import annotation_limits, gpu_steps, manager, restore_from, runtime_options
 from .gpu_steps import Event, GpuStepError, GpuSteps, Phase, TaskControl, TaskGpu
 from .runtime_options import KybernateOptions, RuntimeConfig
 from .ttrpc.errors import Code, TTRPCError
@@ -71,8 +71,10 @@ class TaskService:
         options, changed = self._options_for_child(request)
         spec = _read_spec(request.bundle)
         try:
+            # Before anything reads or resolves a kybernate.io/* value: bounded, linear, no filesystem.
+            annotation_limits.check(spec.get("annotations") or {})
             options = gpu_steps.options_with_annotations(options, spec)
-        except GpuStepError as err:
+        except (annotation_limits.AnnotationError, GpuStepError) as err:
             raise TTRPCError(Code.INVALID_ARGUMENT, str(err)) from err
         plan = await self._restore_plan(request, spec, options.checkpoint_dir)
         if plan is not None:
@@ -191,7 +193,8 @@ class TaskService:
                 return None
             if request.checkpoint:
                 raise restore_from.RestoreError(f"{restore_from.ANNOTATION} and a checkpoint were both given")
-            archive = restore_from.resolve(reference, checkpoint_dir)
+            # realpath walks the filesystem (and is quadratic in the path's length): off the event loop.
+            archive = await asyncio.to_thread(restore_from.resolve, reference, checkpoint_dir)
             workdir = os.path.join(request.bundle, restore_from.WORKDIR_NAME)
             # Unpacking reads and writes up to the size of the container's memory: off the event loop.
             plan = await asyncio.to_thread(restore_from.unpack, archive, workdir)
