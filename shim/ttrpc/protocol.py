@@ -210,7 +210,8 @@ class ServerProtocol:
         """The frame answering a stream; a response too large to send becomes RESOURCE_EXHAUSTED."""
         body = encode_response(response)
         if len(body) > MAX_MESSAGE_LENGTH:
-            body = encode_response(Response.from_error(_too_large(OversizedFrame(stream_id, FrameType.RESPONSE, len(body)))))
+            too_large = _too_large(OversizedFrame(stream_id, FrameType.RESPONSE, len(body)))
+            body = encode_response(Response.from_error(too_large))
         return Frame(stream_id, FrameType.RESPONSE, 0, body)
 
 

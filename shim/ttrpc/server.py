@@ -313,7 +313,8 @@ class _ServerConnection:
             )
             self._requests[event.stream_id] = task
             # A done-callback, not a finally: it also runs for a task cancelled before it first ran.
-            task.add_done_callback(lambda _, sid=event.stream_id, size=len(event.request.payload): self._done(sid, size))
+            size = len(event.request.payload)
+            task.add_done_callback(lambda _, sid=event.stream_id: self._done(sid, size))
         elif isinstance(event, StreamRejected):
             log.warning(
                 "rejected request",
