@@ -118,7 +118,10 @@ class Daemon:
         self.settings = settings
         self.metrics = metrics.Metrics(in_flight=lambda: len(blocking.in_flight()))
         self._driver = driver
-        self._executor = ThreadPoolExecutor(max_workers=settings.manager.max_parallel, thread_name_prefix="hookd-driver")
+        # Driver calls are capped at max_parallel by the manager's semaphore; two threads more keep NVML
+        # (Health, the inventory) from queueing behind them.
+        self._executor = ThreadPoolExecutor(max_workers=settings.manager.max_parallel + 2,
+                                            thread_name_prefix="hookd-driver")
         self._nvml = Nvml(settings.driver.libnvml)
         self._server: Any = None
         self._metrics_server: asyncio.Server | None = None
@@ -149,7 +152,13 @@ class Daemon:
         self.manager = GpuManager(self._driver, self._nvml, s.manager, self.metrics, self._executor)
         health = await self.manager.health()
         prepare_socket(s.server.socket)
-        self._server = grpc.aio.server()
+        self._server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", s.server.max_request_bytes),
+            # The shim pings while a long call runs (HookdClient): allow it, without strikes.
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", s.server.min_ping_interval_ms),
+            ("grpc.http2.min_ping_interval_without_data_ms", s.server.min_ping_interval_ms),
+            ("grpc.http2.max_ping_strikes", 0),
+        ])
         add_servicer: Callable[[Any, Any], None] = hookd_pb2_grpc.add_HookdServicer_to_server  # unannotated, generated
         add_servicer(HookdService(self.manager, self.metrics), self._server)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others could connect

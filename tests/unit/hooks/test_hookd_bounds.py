@@ -1,0 +1,109 @@
+"""kybernate-hookd's per-request caps (issue 9, finding 5b): pids per request, request size, driver
+calls per request and per node, so that one container cannot starve another."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import fakegpu
+import pytest
+from hookd_testlib import G0, G1, GiB, events_for, run
+from test_hookd_service import serving, settings
+
+from kybernate.hooks.client import HookdClient, HookdError
+from kybernate.hooks.cuda import CudaDriver, CudaState
+from kybernate.hooks.errors import RESOURCE_EXHAUSTED, TooLarge
+from kybernate.hooks.manager import ContainerRef, GpuManager
+
+MakeManager = Callable[..., GpuManager]
+
+
+def most_at_once(events: list[fakegpu.Event]) -> int:
+    """The largest number of these driver calls that were in flight at the same moment."""
+    edges = sorted([(e.start_ns, 1) for e in events] + [(e.ns, -1) for e in events])
+    now = peak = 0
+    for _, step in edges:
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
+def test_300k_pids_are_refused_before_any_driver_call(make_manager: MakeManager, node: fakegpu.FakeNode) -> None:
+    # Before the cap, this started 300k tasks (hookd RSS 2.6 GB) and held up other containers for 100 s.
+    async def go() -> None:
+        m = make_manager()
+        with pytest.raises(TooLarge) as info:
+            await m.checkpoint(ContainerRef("k8s.io", "many", tuple(range(1, 300_001))))
+        assert info.value.code == RESOURCE_EXHAUSTED
+        assert "300000 pids in one request, more than the limit of 4096" in info.value.message
+        with pytest.raises(TooLarge):
+            await m.restore(ContainerRef("k8s.io", "many", tuple(range(1, 4098))))
+
+    run(go())
+    assert events_for(node) == []
+
+
+def test_a_cgroup_with_too_many_processes_is_refused(make_manager: MakeManager, node: fakegpu.FakeNode,
+                                                    spawn: Callable[..., int], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    pids = [spawn(f"p{i}", G0, GiB) for i in range(3)]
+    from kybernate.hooks import procfs
+
+    monkeypatch.setattr(procfs, "pids_of_cgroup", lambda path: sorted(pids))
+
+    async def go() -> None:
+        m = make_manager(max_pids_per_request=2)
+        with pytest.raises(TooLarge, match="holds 3 processes, more than the limit of 2"):
+            await m.checkpoint(ContainerRef("k8s.io", "c", (), "/sys/fs/cgroup/x"))
+
+    run(go())
+    assert events_for(node) == []
+
+
+def test_one_container_cannot_starve_another(make_manager: MakeManager, node: fakegpu.FakeNode, driver: CudaDriver,
+                                             spawn: Callable[..., int]) -> None:
+    big = [spawn(f"big{i}", G0 if i % 2 else G1, GiB) for i in range(12)]
+    small = spawn("small", G0, GiB)
+    node.set_faults(["checkpoint delay 150"])
+
+    async def go() -> None:
+        m = make_manager(max_parallel=4, max_parallel_per_request=2)
+        first = asyncio.create_task(m.checkpoint(ContainerRef("k8s.io", "big", tuple(big))))
+        while not events_for(node, "lock"):  # the big container's request is under way
+            await asyncio.sleep(0.005)
+        await m.checkpoint(ContainerRef("k8s.io", "small", (small,)))
+        assert not first.done()  # the small container did not wait for the whole big one
+        await first
+
+    run(go())
+    checkpoints = events_for(node, "checkpoint")
+    [small_done] = [e.ns for e in checkpoints if e.pid == small]
+    big_calls = [e for e in checkpoints if e.pid in big]
+    assert small_done < max(e.start_ns for e in big_calls)
+    assert most_at_once(big_calls) <= 2  # per request
+    assert most_at_once([e for e in events_for(node) if e.op != "get_state"]) <= 4  # per node
+    assert [driver.get_state(p) for p in big + [small]] == [CudaState.CHECKPOINTED] * 13
+
+
+def test_requests_over_the_size_or_pid_caps_get_resource_exhausted(tmp_path: Path, fake_driver: fakegpu.Built,
+                                                                    node: fakegpu.FakeNode) -> None:
+    s = settings(tmp_path, fake_driver)
+    s = replace(s, server=replace(s.server, max_request_bytes=4096),
+                manager=replace(s.manager, max_pids_per_request=100))
+
+    async def go() -> None:
+        async with serving(s), HookdClient(s.server.socket) as client:
+            with pytest.raises(HookdError) as info:
+                await client.checkpoint_gpu("k8s.io", "c1", list(range(1, 2001)), deadline_s=10)
+            assert info.value.code_name == "RESOURCE_EXHAUSTED"
+            with pytest.raises(HookdError) as info:
+                await client.checkpoint_gpu("k8s.io", "c1", list(range(1, 102)), deadline_s=10)
+            assert info.value.code_name == "RESOURCE_EXHAUSTED"
+            assert "101 pids in one request, more than the limit of 100" in info.value.message
+            assert (await client.health()).backend  # the daemon serves on
+
+    run(go())
+    assert events_for(node) == []
