@@ -1,24 +1,98 @@
-"""The shim's GpuDriver: kybernate-hookd over its unix socket, one client per socket for the daemon's life."""
+"""The shim's GpuDriver: kybernate-hookd over its unix socket, one client per socket for the daemon's life.
+
+Every hookd call is bounded three ways:
+
+- by containerd's deadline for the task call it serves (ttrpc `timeout_nano`, passed in through
+  `call_deadline`), less a margin so that the shim answers DEADLINE_EXCEEDED itself before the ttrpc
+  server cancels the handler;
+- by `hookd_timeout_s` (runtime.toml), for callers that send no deadline (`ctr`);
+- by the client's HTTP/2 keepalive (HookdClient): a daemon that stops answering (stopped, hung,
+  gone) fails the call as unavailable within about KEEPALIVE_S, however long the deadline, while a
+  daemon that is working (a 24 GiB checkpoint takes ~14 s) keeps answering the pings.
+
+A checkpoint the shim gives up on (deadline, unavailable, its caller cancelled) must not complete
+later unseen: hookd rolls back a checkpoint whose caller went away, and the shim also asks for a
+restore in the background, which is a no-op for processes that are running and undoes a checkpoint
+that finished just as the shim gave up. hookd serialises requests per container, so that restore
+runs after the abandoned checkpoint has ended either way.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import logging
 from typing import Any
 
-from kybernate.hooks.client import HookdClient
+from kybernate.hooks.client import KEEPALIVE_S, HookdClient, HookdError, HookdUnavailable
+
+log = logging.getLogger(__name__)
+
+# The loop time (asyncio's clock) by which the task call being served must be answered; None: no
+# deadline from containerd. Set by the task service around a GPU step; tasks inherit it.
+call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("call_deadline", default=None)
+# Of the time left before containerd's deadline, this share (at most MARGIN_MAX_S) is kept back for
+# the shim to answer after hookd's call ended.
+MARGIN_SHARE = 0.1
+MARGIN_MAX_S = 1.0
+DEADLINE_EXCEEDED = 4  # google.rpc.Code
 
 
 class HookdDriver:
     def __init__(self, socket_path: str, timeout_s: float) -> None:
         self._client = HookdClient(socket_path)
         self._timeout_s = timeout_s
+        self._rollbacks: set[asyncio.Task[None]] = set()  # background restores of abandoned checkpoints
 
-    async def checkpoint(self, namespace: str, container_id: str, pids: list[int], lock_timeout_ms: int) -> dict[str, Any]:
-        manifest = await self._client.checkpoint_gpu(
-            namespace, container_id, pids, lock_timeout_ms=lock_timeout_ms, deadline_s=self._timeout_s
-        )
+    async def checkpoint(
+        self, namespace: str, container_id: str, pids: list[int], lock_timeout_ms: int
+    ) -> dict[str, Any]:
+        deadline_s = self._deadline_s("checkpoint")
+        try:
+            manifest = await self._client.checkpoint_gpu(
+                namespace, container_id, pids, lock_timeout_ms=lock_timeout_ms, deadline_s=deadline_s
+            )
+        except (HookdUnavailable, asyncio.CancelledError) as err:
+            self._roll_back(namespace, container_id, pids, type(err).__name__)
+            raise
+        except HookdError as err:
+            if err.code == DEADLINE_EXCEEDED:
+                self._roll_back(namespace, container_id, pids, err.code_name)
+            raise
         return manifest.to_dict()
 
     async def restore(
         self, namespace: str, container_id: str, pids: list[int], manifest: dict[str, Any] | None
     ) -> None:
-        await self._client.restore_gpu(namespace, container_id, pids, manifest=manifest, deadline_s=self._timeout_s)
+        await self._client.restore_gpu(namespace, container_id, pids, manifest=manifest,
+                                       deadline_s=self._deadline_s("restore"))
+
+    def _deadline_s(self, what: str) -> float:
+        """Seconds the hookd call may take: hookd_timeout_s, or less to answer before containerd's deadline."""
+        deadline = call_deadline.get()
+        if deadline is None:
+            return self._timeout_s
+        remaining = deadline - asyncio.get_running_loop().time()
+        budget = remaining - min(MARGIN_MAX_S, remaining * MARGIN_SHARE)
+        if budget <= 0:
+            raise HookdError(DEADLINE_EXCEEDED, f"no time left for the GPU {what} before containerd's deadline "
+                                                f"({remaining:.3g} s left); nothing was changed")
+        return min(self._timeout_s, budget)
+
+    def _roll_back(self, namespace: str, container_id: str, pids: list[int], reason: str) -> None:
+        """Ask hookd, in the background, to put back whatever the abandoned checkpoint did."""
+        log.warning("GPU checkpoint abandoned; asking hookd to put the processes back",
+                    extra={"fields": {"id": container_id, "reason": reason}})
+        task = asyncio.get_running_loop().create_task(
+            self._restore_quietly(namespace, container_id, pids), name=f"gpu-rollback {container_id}")
+        self._rollbacks.add(task)
+        task.add_done_callback(self._rollbacks.discard)
+
+    async def _restore_quietly(self, namespace: str, container_id: str, pids: list[int]) -> None:
+        try:
+            await self._client.restore_gpu(namespace, container_id, pids, deadline_s=self._timeout_s)
+            log.info("abandoned GPU checkpoint put back", extra={"fields": {"id": container_id}})
+        except (HookdError, HookdUnavailable) as err:
+            # hookd rolls back a checkpoint whose caller went away on its own; this is the second line.
+            log.error("could not put back an abandoned GPU checkpoint; hookd rolls it back when it runs again",
+                      extra={"fields": {"id": container_id, "error": str(err), "keepalive_s": KEEPALIVE_S}})

@@ -91,16 +91,16 @@ class TaskService:
         request = _decode(task_pb2.StartRequest, call)
         reply = await self.upstream.forward(call)
         if not request.exec_id:
-            await self._gpu_step(Event.START, request.id, "restore GPU state after runc restored the task")
+            await self._gpu_step(Event.START, request.id, "restore GPU state after runc restored the task", call)
         return reply
 
     async def pause(self, call: Call) -> bytes:
         request = _decode(task_pb2.PauseRequest, call)
-        await self._gpu_step(Event.PAUSE, request.id, "checkpoint GPU state before pausing")
+        await self._gpu_step(Event.PAUSE, request.id, "checkpoint GPU state before pausing", call)
         try:
             reply = await self.upstream.forward(call)
         except TTRPCError:
-            await self._gpu_step(Event.PAUSE_FAILED, request.id, "restore GPU state after a failed pause")
+            await self._gpu_step(Event.PAUSE_FAILED, request.id, "restore GPU state after a failed pause", call)
             raise
         self._set_paused(request.id, True)
         return reply
@@ -109,22 +109,23 @@ class TaskService:
         request = _decode(task_pb2.ResumeRequest, call)
         reply = await self.upstream.forward(call)
         self._set_paused(request.id, False)
-        await self._gpu_step(Event.RESUME, request.id, "restore GPU state after resuming")
+        await self._gpu_step(Event.RESUME, request.id, "restore GPU state after resuming", call)
         return reply
 
     async def checkpoint(self, call: Call) -> bytes:
         request = _decode(task_pb2.CheckpointTaskRequest, call)
-        await self._gpu_step(Event.CHECKPOINT, request.id, "checkpoint GPU state before the CRIU dump")
+        await self._gpu_step(Event.CHECKPOINT, request.id, "checkpoint GPU state before the CRIU dump", call)
         task = self.gpu.tasks.get(request.id)
         if task is not None and task.phase is Phase.CHECKPOINTED and task.manifest is not None and request.path:
             self._gpu_error_to_status(lambda: gpu_steps.write_manifest(request.path, task.manifest or {}))
         try:
             reply = await self.upstream.forward(call)
         except TTRPCError:
-            await self._gpu_step(Event.CHECKPOINT_FAILED, request.id, "restore GPU state after a failed checkpoint")
+            await self._gpu_step(Event.CHECKPOINT_FAILED, request.id, "restore GPU state after a failed checkpoint",
+                                 call)
             raise
         if not _checkpoint_exits(request.options if request.HasField("options") else None):
-            await self._gpu_step(Event.CHECKPOINT_DONE, request.id, "restore GPU state after checkpoint")
+            await self._gpu_step(Event.CHECKPOINT_DONE, request.id, "restore GPU state after checkpoint", call)
         return reply
 
     async def delete(self, call: Call) -> bytes:
@@ -225,11 +226,15 @@ class TaskService:
         if task is not None:
             task.paused = paused
 
-    async def _gpu_step(self, event: Event, container_id: str, what: str) -> None:
+    async def _gpu_step(self, event: Event, container_id: str, what: str, call: Call | None = None) -> None:
         if self.gpu.phase(container_id) is Phase.NO_GPU:
             return  # the common case: no GPU, no daemon, nothing imported
         from kybernate.hooks.client import HookdError, HookdUnavailable
 
+        from .hookd_driver import call_deadline
+
+        # hookd's calls end before containerd's deadline for this call (ttrpc timeout_nano), if it set one.
+        call_deadline.set(call.deadline if call is not None else None)
         try:
             await self.gpu.on(event, container_id)
         except HookdUnavailable as err:

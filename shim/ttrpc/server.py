@@ -50,6 +50,9 @@ class Call:
     metadata: Metadata
     timeout_nano: int  # as the client sent it; the server already enforces it
     stream_id: int
+    # When the server cancels the handler (loop.time(), from timeout_nano as the request arrived);
+    # None: no deadline. For handlers that pass a deadline on to calls of their own.
+    deadline: float | None = None
 
 
 # Returns the response payload; raises TTRPCError to answer with that status.
@@ -335,7 +338,9 @@ class _ServerConnection:
         return self._conn.reserve(len(event.request.payload))
 
     async def _serve(self, stream_id: int, request: Request) -> None:
-        call = Call(request.service, request.method, request.payload, request.metadata, request.timeout_nano, stream_id)
+        deadline = asyncio.get_running_loop().time() + request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
+        call = Call(request.service, request.method, request.payload, request.metadata, request.timeout_nano, stream_id,
+                    deadline)
         started = time.monotonic()
         try:
             try:
@@ -362,7 +367,7 @@ class _ServerConnection:
         """The handler's payload; every failure as a TTRPCError. Cancellation of this task propagates."""
         if call.timeout_nano < 0:
             raise TTRPCError(Code.DEADLINE_EXCEEDED, "deadline exceeded before the call started")
-        deadline = asyncio.timeout(call.timeout_nano / 1e9 if call.timeout_nano else None)
+        deadline = asyncio.timeout_at(call.deadline)
         try:
             async with deadline:
                 return await self._server._handler(call)

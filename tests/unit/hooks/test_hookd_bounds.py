@@ -107,3 +107,38 @@ def test_requests_over_the_size_or_pid_caps_get_resource_exhausted(tmp_path: Pat
 
     run(go())
     assert events_for(node) == []
+
+
+def test_the_shim_gives_up_before_containerds_deadline_and_the_checkpoint_is_put_back(
+        tmp_path: Path, fake_driver: fakegpu.Built, node: fakegpu.FakeNode, spawn: Callable[..., int]) -> None:
+    from kybernate.shim.hookd_driver import HookdDriver, call_deadline
+
+    a = spawn("a", G0, GiB)
+    node.set_faults(["checkpoint delay 2000"])
+    s = settings(tmp_path, fake_driver)
+
+    async def go() -> None:
+        async with serving(s):
+            driver = HookdDriver(s.server.socket, timeout_s=600)
+            loop = asyncio.get_running_loop()
+            # containerd's request timeout: 1 s from now; the hookd call gets 0.9 s of it.
+            call_deadline.set(loop.time() + 1.0)
+            with pytest.raises(HookdError) as info:
+                await driver.checkpoint("k8s.io", "c1", [a], 1000)
+            assert info.value.code_name == "DEADLINE_EXCEEDED"
+            within = float(info.value.message.rsplit("within ", 1)[1].split()[0])
+            assert 0.85 < within <= 0.9  # what was left of the second, less the shim's margin
+            # hookd finishes the driver call it started, sees its caller gone and rolls back; the shim's
+            # background restore is then a no-op (or does the rollback, whichever comes first).
+            while node.state("a").get("state", "").upper() != "RUNNING" or driver._rollbacks:
+                await asyncio.sleep(0.02)
+            # A deadline already past: refused without calling hookd.
+            call_deadline.set(loop.time() - 0.1)
+            before = len(events_for(node))
+            with pytest.raises(HookdError, match="no time left for the GPU checkpoint"):
+                await driver.checkpoint("k8s.io", "c1", [a], 1000)
+            assert len(events_for(node)) == before
+            await driver._client.close()
+
+    run(go())
+    assert [e.op for e in events_for(node) if e.op != "get_state"] == ["lock", "checkpoint", "restore", "unlock"]

@@ -165,3 +165,27 @@ def test_budget_refuses_past_either_cap_and_counts_back() -> None:
     assert (budget.used, budget.used_small, budget.peak) == (0, 0, 17)
     with pytest.raises(ValueError):
         Limits(max_buffered_per_connection=20, max_buffered_total=10)
+
+
+def test_a_handler_sees_the_deadline_the_server_enforces(arun, sock_dir):
+    """Call.deadline is what handlers hand on to calls of their own (the shim: to kybernate-hookd)."""
+    from kybernate.shim.ttrpc.client import Client
+
+    seen: list[tuple[float | None, float]] = []
+
+    class Deadlines(Service):
+        async def handle(self, call):  # type: ignore[no-untyped-def]
+            seen.append((call.deadline, asyncio.get_running_loop().time()))
+            return b""
+
+    async def main() -> None:
+        async with serving(sock_dir, Deadlines()) as (_, path):
+            client = await Client.connect(path)
+            await client.call("containerd.task.v2.Task", "Pause", b"", timeout_nano=30 * 10**9)
+            await client.call("containerd.task.v2.Task", "Pause", b"")
+            await client.close()
+
+    arun(main())
+    (with_deadline, at), (without, _) = seen
+    assert with_deadline is not None and 29 < with_deadline - at <= 30
+    assert without is None
