@@ -142,3 +142,44 @@ def test_the_shim_gives_up_before_containerds_deadline_and_the_checkpoint_is_put
 
     run(go())
     assert [e.op for e in events_for(node) if e.op != "get_state"] == ["lock", "checkpoint", "restore", "unlock"]
+
+
+def test_a_new_connection_to_a_stopped_daemon_fails_within_the_keepalive_bound(
+        tmp_path: Path, fake_driver: fakegpu.Built, node: fakegpu.FakeNode, spawn: Callable[..., int]) -> None:
+    """The socket is there and the kernel accepts the connection, but nobody answers: a first call from
+    a new shim must not wait for its 600 s deadline."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from kybernate.hooks.client import KEEPALIVE_S, HookdUnavailable
+
+    a = spawn("a", G0, GiB)
+    sock = tmp_path / "hookd.sock"
+    env = {**os.environ, "LD_LIBRARY_PATH": str(fake_driver.dir), "FAKEGPU_STATE_DIR": str(node.dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "kybernate.hooks.daemon", "--socket", str(sock), "--libcuda",
+                             str(fake_driver.libcuda), "--metrics-address", ""], env=env, stderr=subprocess.DEVNULL)
+    try:
+        while not sock.exists():
+            assert proc.poll() is None, "hookd exited"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGSTOP)
+
+        async def go() -> float:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            async with HookdClient(str(sock)) as client:
+                with pytest.raises(HookdUnavailable):
+                    await client.checkpoint_gpu("k8s.io", "c1", [a], deadline_s=600)
+            return loop.time() - started
+
+        took = run(go())
+        print(f"first call to a stopped hookd failed after {took:.1f} s")
+        assert took < 4 * KEEPALIVE_S  # against the 600 s deadline it would otherwise wait
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+    assert [e.op for e in events_for(node) if e.op != "get_state"] == []  # the request never reached the driver
