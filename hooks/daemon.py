@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--lock-timeout-ms", type=int, default=m.default_lock_timeout_ms,
                    help="lock timeout when a request gives none, ms [%(default)s]")
     p.add_argument("--max-parallel", type=int, default=m.max_parallel, help="driver calls at once [%(default)s]")
+    p.add_argument("--max-parallel-per-request", type=int, default=m.max_parallel_per_request,
+                   help="driver calls one request may have at once [%(default)s]")
+    p.add_argument("--max-pids-per-request", type=int, default=m.max_pids_per_request,
+                   help="pids one request may name [%(default)s]")
+    p.add_argument("--max-request-bytes", type=int, default=s.max_request_bytes,
+                   help="largest request message, bytes [%(default)s]")
     p.add_argument("--restore-vram-headroom-bytes", type=int, default=m.restore_vram_headroom_bytes,
                    help="extra free VRAM a restore target must have, bytes per GPU [%(default)s]")
     p.add_argument("--shutdown-grace-s", type=float, default=s.shutdown_grace_s,
@@ -57,8 +63,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--stop-timeout-s", type=float, default=s.stop_timeout_s,
                    help="then seconds to wait for driver calls still running [%(default)s]")
     a = p.parse_args(argv)
-    if a.max_parallel < 1:
-        p.error("--max-parallel must be at least 1")
+    if min(a.max_parallel, a.max_parallel_per_request, a.max_pids_per_request) < 1:
+        p.error("--max-parallel, --max-parallel-per-request and --max-pids-per-request must be at least 1")
+    if a.max_request_bytes < 4096:
+        p.error("--max-request-bytes must be at least 4096")
     if a.metrics_address:
         try:
             metrics.parse_address(a.metrics_address)
@@ -66,9 +74,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
             p.error(str(err))
     return Settings(
         server=replace(s, socket=a.socket, metrics_address=a.metrics_address, shutdown_grace_s=a.shutdown_grace_s,
-                       stop_timeout_s=a.stop_timeout_s),
+                       stop_timeout_s=a.stop_timeout_s, max_request_bytes=a.max_request_bytes),
         driver=replace(d, backend=a.backend, libcuda=a.libcuda, cuda_checkpoint=a.cuda_checkpoint, libnvml=a.libnvml),
         manager=replace(m, default_lock_timeout_ms=a.lock_timeout_ms, max_parallel=a.max_parallel,
+                        max_parallel_per_request=a.max_parallel_per_request, max_pids_per_request=a.max_pids_per_request,
                         restore_vram_headroom_bytes=a.restore_vram_headroom_bytes),
         log_level=a.log_level,
     )

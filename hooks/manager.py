@@ -74,6 +74,10 @@ GiB = float(1 << 30)
 # Manifests remembered for containers checkpointed and never restored here (a checkpoint that exited
 # the container, restored elsewhere): bounded, oldest forgotten first.
 REMEMBERED_MANIFESTS = 1024
+# Longest namespace or container id, and cgroup path, a request may give (bytes): containerd's ids
+# are at most 76 bytes, PATH_MAX is 4096.
+MAX_NAME_BYTES = 256
+MAX_PATH_BYTES = 4096
 # The driver-call slots of the request this task works for (set by _Session; tasks a request starts
 # inherit it). None outside a request (GpuStatus, the settling of a late call): the node's cap only.
 _REQUEST_SLOTS: contextvars.ContextVar[asyncio.Semaphore | None] = contextvars.ContextVar("request_slots",
@@ -437,6 +441,11 @@ class GpuManager:
     def _pids(self, ref: ContainerRef) -> list[int]:
         if not ref.container_id:
             raise InvalidRequest("container_id is empty")
+        for name, value, limit in (("namespace", ref.namespace, MAX_NAME_BYTES),
+                                   ("container_id", ref.container_id, MAX_NAME_BYTES),
+                                   ("cgroup_path", ref.cgroup_path, MAX_PATH_BYTES)):
+            if len(value.encode()) > limit:
+                raise InvalidRequest(f"{name} is {len(value.encode())} bytes, more than the limit of {limit}")
         limit = self._settings.max_pids_per_request
         if ref.pids:
             if len(ref.pids) > limit:

@@ -183,3 +183,31 @@ def test_a_new_connection_to_a_stopped_daemon_fails_within_the_keepalive_bound(
         proc.kill()
         proc.wait()
     assert [e.op for e in events_for(node) if e.op != "get_state"] == []  # the request never reached the driver
+
+
+def test_overlong_names_are_refused(make_manager: MakeManager, node: fakegpu.FakeNode) -> None:
+    from kybernate.hooks.errors import InvalidRequest
+
+    async def go() -> None:
+        m = make_manager()
+        with pytest.raises(InvalidRequest, match="container_id is 1000 bytes, more than the limit of 256"):
+            await m.checkpoint(ContainerRef("k8s.io", "c" * 1000, (1,)))
+        with pytest.raises(InvalidRequest, match="cgroup_path is 5000 bytes, more than the limit of 4096"):
+            await m.checkpoint(ContainerRef("k8s.io", "c", (), "/" * 5000))
+
+    run(go())
+    assert events_for(node) == []
+
+
+def test_the_caps_are_flags_of_the_daemon() -> None:
+    from kybernate.hooks.daemon import parse_args
+
+    s = parse_args(["--max-parallel", "8", "--max-parallel-per-request", "4", "--max-pids-per-request", "100",
+                    "--max-request-bytes", "65536"])
+    assert (s.manager.max_parallel, s.manager.max_parallel_per_request, s.manager.max_pids_per_request,
+            s.server.max_request_bytes) == (8, 4, 100, 65536)
+    defaults = parse_args([])
+    assert (defaults.manager.max_parallel_per_request, defaults.manager.max_pids_per_request,
+            defaults.server.max_request_bytes) == (16, 4096, 1 << 20)
+    with pytest.raises(SystemExit):
+        parse_args(["--max-pids-per-request", "0"])
