@@ -14,7 +14,9 @@ A checkpoint the shim gives up on (deadline, unavailable, its caller cancelled) 
 later unseen: hookd rolls back a checkpoint whose caller went away, and the shim also asks for a
 restore in the background, which is a no-op for processes that are running and undoes a checkpoint
 that finished just as the shim gave up. hookd serialises requests per container, so that restore
-runs after the abandoned checkpoint has ended either way.
+runs after the abandoned checkpoint has ended either way. A restore the shim cannot wait for (no
+time left, abandoned) is sent again in the background, bounded by hookd_timeout_s only: it is what
+brings the GPU back.
 """
 
 from __future__ import annotations
@@ -64,8 +66,21 @@ class HookdDriver:
     async def restore(
         self, namespace: str, container_id: str, pids: list[int], manifest: dict[str, Any] | None
     ) -> None:
-        await self._client.restore_gpu(namespace, container_id, pids, manifest=manifest,
-                                       deadline_s=self._deadline_s("restore"))
+        # A restore is what puts a process back: one the shim cannot wait for goes on in the background.
+        try:
+            deadline_s = self._deadline_s("restore")
+        except HookdError:
+            self._roll_back(namespace, container_id, pids, "no time left", manifest)
+            raise
+        try:
+            await self._client.restore_gpu(namespace, container_id, pids, manifest=manifest, deadline_s=deadline_s)
+        except (HookdUnavailable, asyncio.CancelledError) as err:
+            self._roll_back(namespace, container_id, pids, type(err).__name__, manifest)
+            raise
+        except HookdError as err:
+            if err.code == DEADLINE_EXCEEDED:
+                self._roll_back(namespace, container_id, pids, err.code_name, manifest)
+            raise
 
     def _deadline_s(self, what: str) -> float:
         """Seconds the hookd call may take: hookd_timeout_s, or less to answer before containerd's deadline."""
@@ -75,24 +90,28 @@ class HookdDriver:
         remaining = deadline - asyncio.get_running_loop().time()
         budget = remaining - min(MARGIN_MAX_S, remaining * MARGIN_SHARE)
         if budget <= 0:
+            outcome = "it goes on in the background" if what == "restore" else "nothing was changed"
             raise HookdError(DEADLINE_EXCEEDED, f"no time left for the GPU {what} before containerd's deadline "
-                                                f"({remaining:.3g} s left); nothing was changed")
+                                                f"({remaining:.3g} s left); {outcome}")
         return min(self._timeout_s, budget)
 
-    def _roll_back(self, namespace: str, container_id: str, pids: list[int], reason: str) -> None:
-        """Ask hookd, in the background, to put back whatever the abandoned checkpoint did."""
-        log.warning("GPU checkpoint abandoned; asking hookd to put the processes back",
+    def _roll_back(self, namespace: str, container_id: str, pids: list[int], reason: str,
+                   manifest: dict[str, Any] | None = None) -> None:
+        """Ask hookd, in the background, to put back whatever the abandoned step did or left undone."""
+        log.warning("GPU step abandoned; asking hookd to put the processes back in the background",
                     extra={"fields": {"id": container_id, "reason": reason}})
         task = asyncio.get_running_loop().create_task(
-            self._restore_quietly(namespace, container_id, pids), name=f"gpu-rollback {container_id}")
+            self._restore_quietly(namespace, container_id, pids, manifest), name=f"gpu-rollback {container_id}")
         self._rollbacks.add(task)
         task.add_done_callback(self._rollbacks.discard)
 
-    async def _restore_quietly(self, namespace: str, container_id: str, pids: list[int]) -> None:
+    async def _restore_quietly(self, namespace: str, container_id: str, pids: list[int],
+                               manifest: dict[str, Any] | None) -> None:
         try:
-            await self._client.restore_gpu(namespace, container_id, pids, deadline_s=self._timeout_s)
-            log.info("abandoned GPU checkpoint put back", extra={"fields": {"id": container_id}})
+            await self._client.restore_gpu(namespace, container_id, pids, manifest=manifest,
+                                           deadline_s=self._timeout_s)
+            log.info("abandoned GPU step put back", extra={"fields": {"id": container_id}})
         except (HookdError, HookdUnavailable) as err:
             # hookd rolls back a checkpoint whose caller went away on its own; this is the second line.
-            log.error("could not put back an abandoned GPU checkpoint; hookd rolls it back when it runs again",
+            log.error("could not put back an abandoned GPU step; a later resume or hookd's rollback has to",
                       extra={"fields": {"id": container_id, "error": str(err), "keepalive_s": KEEPALIVE_S}})

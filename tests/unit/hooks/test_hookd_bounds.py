@@ -211,3 +211,27 @@ def test_the_caps_are_flags_of_the_daemon() -> None:
             defaults.server.max_request_bytes) == (16, 4096, 1 << 20)
     with pytest.raises(SystemExit):
         parse_args(["--max-pids-per-request", "0"])
+
+
+def test_a_restore_with_no_time_left_still_happens_in_the_background(
+        tmp_path: Path, fake_driver: fakegpu.Built, node: fakegpu.FakeNode, spawn: Callable[..., int]) -> None:
+    """After a failed pause the GPU must come back even when containerd's deadline has passed."""
+    from kybernate.shim.hookd_driver import HookdDriver, call_deadline
+
+    a = spawn("a", G0, GiB)
+    s = settings(tmp_path, fake_driver)
+
+    async def go() -> None:
+        async with serving(s):
+            driver = HookdDriver(s.server.socket, timeout_s=600)
+            manifest = await driver.checkpoint("k8s.io", "c1", [a], 1000)
+            assert node.state("a").get("state", "").upper() == "CHECKPOINTED"
+            call_deadline.set(asyncio.get_running_loop().time() - 0.1)
+            with pytest.raises(HookdError, match="no time left for the GPU restore"):
+                await driver.restore("k8s.io", "c1", [a], manifest)
+            while driver._rollbacks:
+                await asyncio.wait(set(driver._rollbacks))
+            assert node.state("a").get("state", "").upper() == "RUNNING"
+            await driver._client.close()
+
+    run(go())
