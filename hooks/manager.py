@@ -381,8 +381,8 @@ class GpuManager:
                                         timeout_s=timeout_s)
         except StillRunning as err:
             # The call keeps its thread: its slots are freed when it returns, not now.
-            err.future.add_done_callback(lambda _: [slot.release() for slot in held])
-            held = []
+            late, held = held, []
+            err.future.add_done_callback(lambda _: [slot.release() for slot in late])
             self._adopt(pid, step, err.future, settle_to)
             if step in STEPS:
                 self._metrics.step_failed(step, "HOOKD_TIMEOUT")

@@ -235,3 +235,24 @@ def test_a_restore_with_no_time_left_still_happens_in_the_background(
             await driver._client.close()
 
     run(go())
+
+
+def test_a_driver_call_that_overruns_keeps_its_slot_until_it_returns(make_manager: MakeManager,
+                                                                     node: fakegpu.FakeNode,
+                                                                     spawn: Callable[..., int]) -> None:
+    a, b = spawn("a"), spawn("b")
+    node.set_faults(["lock stall 1000 proc=a"])
+
+    async def go() -> None:
+        m = make_manager(lock_grace_s=0.1, max_parallel=1)
+        with pytest.raises(Exception):
+            await m.checkpoint(ContainerRef("k8s.io", "ca", (a,)), lock_timeout_ms=100)
+        assert m._node_slots.locked()  # the late lock still runs in its thread
+        await m.checkpoint(ContainerRef("k8s.io", "cb", (b,)))  # waits for that slot, then gets it
+        await m.wait_settled()
+        assert not m._node_slots.locked()
+
+    run(go())
+    lock_a = [e for e in events_for(node, "lock") if e.pid == a][0]
+    [checkpoint_b] = events_for(node, "checkpoint")
+    assert checkpoint_b.start_ns >= lock_a.ns  # b's driver calls waited for a's late lock to return
