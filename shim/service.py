@@ -201,7 +201,7 @@ class TaskService:
             plan = await asyncio.to_thread(restore_from.unpack, archive, workdir)
         except restore_from.RestoreError as err:
             raise TTRPCError(Code.FAILED_PRECONDITION, f"{request.id}: cannot restore: {err}") from err
-        archived = restore_from.archived_container_name(plan)
+        archived = await asyncio.to_thread(restore_from.archived_container_name, plan)
         name = (spec.get("annotations") or {}).get(restore_from.CONTAINER_NAME)
         if archived and name and archived != name:
             # A pod annotation reaches every container of the pod; only the one the archive holds restores.
