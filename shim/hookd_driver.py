@@ -14,8 +14,10 @@ A checkpoint the shim gives up on (deadline, unavailable, its caller cancelled) 
 later unseen: hookd rolls back a checkpoint whose caller went away, and the shim also asks for a
 restore in the background, which is a no-op for processes that are running and undoes a checkpoint
 that finished just as the shim gave up. hookd serialises requests per container, so that restore
-runs after the abandoned checkpoint has ended either way. A restore the shim cannot wait for (no
-time left, abandoned) is sent again in the background, bounded by hookd_timeout_s only: it is what
+runs after the abandoned checkpoint has ended either way. That restore is retried while hookd does
+not answer (a stopped daemon may finish the checkpoint when it runs again, before it notices that
+its caller has gone), for at most hookd_timeout_s, and is superseded by the container's next GPU
+step. A restore the shim cannot wait for (no time left, abandoned) goes on the same way: it is what
 brings the GPU back.
 """
 
@@ -38,17 +40,23 @@ call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("ca
 MARGIN_SHARE = 0.1
 MARGIN_MAX_S = 1.0
 DEADLINE_EXCEEDED = 4  # google.rpc.Code
+# The background restore retries while hookd does not answer: first after this many seconds, doubling
+# up to RETRY_MAX_S, for at most hookd_timeout_s in all.
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 5.0
 
 
 class HookdDriver:
     def __init__(self, socket_path: str, timeout_s: float) -> None:
         self._client = HookdClient(socket_path)
         self._timeout_s = timeout_s
-        self._rollbacks: set[asyncio.Task[None]] = set()  # background restores of abandoned checkpoints
+        # Background restores of abandoned steps, one per (namespace, container id).
+        self._rollbacks: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     async def checkpoint(
         self, namespace: str, container_id: str, pids: list[int], lock_timeout_ms: int
     ) -> dict[str, Any]:
+        self._supersede(namespace, container_id)
         deadline_s = self._deadline_s("checkpoint")
         try:
             manifest = await self._client.checkpoint_gpu(
@@ -66,6 +74,7 @@ class HookdDriver:
     async def restore(
         self, namespace: str, container_id: str, pids: list[int], manifest: dict[str, Any] | None
     ) -> None:
+        self._supersede(namespace, container_id)
         # A restore is what puts a process back: one the shim cannot wait for goes on in the background.
         try:
             deadline_s = self._deadline_s("restore")
@@ -100,18 +109,46 @@ class HookdDriver:
         """Ask hookd, in the background, to put back whatever the abandoned step did or left undone."""
         log.warning("GPU step abandoned; asking hookd to put the processes back in the background",
                     extra={"fields": {"id": container_id, "reason": reason}})
+        key = (namespace, container_id)
         task = asyncio.get_running_loop().create_task(
             self._restore_quietly(namespace, container_id, pids, manifest), name=f"gpu-rollback {container_id}")
-        self._rollbacks.add(task)
-        task.add_done_callback(self._rollbacks.discard)
+        self._rollbacks[key] = task
+        task.add_done_callback(lambda done: self._rolled_back(key, done))
+
+    def _rolled_back(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
+        if self._rollbacks.get(key) is task:
+            del self._rollbacks[key]
+
+    def _supersede(self, namespace: str, container_id: str) -> None:
+        """A new GPU step for the container replaces a pending background restore: hookd's steps are
+        idempotent (a checkpoint continues from LOCKED or CHECKPOINTED, a restore from either), and a
+        restore already sent is finished by hookd before the new step, which it serialises after it."""
+        pending = self._rollbacks.pop((namespace, container_id), None)
+        if pending is not None:
+            pending.cancel()
 
     async def _restore_quietly(self, namespace: str, container_id: str, pids: list[int],
                                manifest: dict[str, Any] | None) -> None:
-        try:
-            await self._client.restore_gpu(namespace, container_id, pids, manifest=manifest,
-                                           deadline_s=self._timeout_s)
-            log.info("abandoned GPU step put back", extra={"fields": {"id": container_id}})
-        except (HookdError, HookdUnavailable) as err:
-            # hookd rolls back a checkpoint whose caller went away on its own; this is the second line.
-            log.error("could not put back an abandoned GPU step; a later resume or hookd's rollback has to",
-                      extra={"fields": {"id": container_id, "error": str(err), "keepalive_s": KEEPALIVE_S}})
+        """Restore until hookd answers (it may be stopped or restarting), for at most hookd_timeout_s."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._timeout_s
+        pause_s = RETRY_FIRST_S
+        while True:
+            try:
+                await self._client.restore_gpu(namespace, container_id, pids, manifest=manifest,
+                                               deadline_s=max(1.0, give_up - loop.time()))
+                log.info("abandoned GPU step put back", extra={"fields": {"id": container_id}})
+                return
+            except HookdUnavailable as err:
+                if loop.time() + pause_s >= give_up:
+                    log.error("could not put back an abandoned GPU step: hookd did not answer; a later resume "
+                              "brings the GPU back", extra={"fields": {"id": container_id, "error": str(err)}})
+                    return
+                log.info("hookd not answering; retrying the restore",
+                         extra={"fields": {"id": container_id, "in_s": pause_s, "keepalive_s": KEEPALIVE_S}})
+            except HookdError as err:
+                log.error("could not put back an abandoned GPU step; a later resume brings the GPU back",
+                          extra={"fields": {"id": container_id, "error": str(err)}})
+                return
+            await asyncio.sleep(pause_s)
+            pause_s = min(RETRY_MAX_S, pause_s * 2)

@@ -230,7 +230,7 @@ def test_a_restore_with_no_time_left_still_happens_in_the_background(
             with pytest.raises(HookdError, match="no time left for the GPU restore"):
                 await driver.restore("k8s.io", "c1", [a], manifest)
             while driver._rollbacks:
-                await asyncio.wait(set(driver._rollbacks))
+                await asyncio.wait(set(driver._rollbacks.values()))
             assert node.state("a").get("state", "").upper() == "RUNNING"
             await driver._client.close()
 
