@@ -45,6 +45,25 @@ __all__ = [
 
 # The GPU manifest's file name inside a checkpoint directory.
 MANIFEST_FILE = "kybernate.json"
+# While a call is in flight the channel pings hookd every KEEPALIVE_INTERVAL_MS and gives the
+# connection up when a ping is not answered within KEEPALIVE_TIMEOUT_MS: a daemon that stopped
+# answering (SIGSTOP, hung, gone without closing the socket) fails the call as unavailable in about
+# KEEPALIVE_S, whatever its deadline; a new connection nobody answers fails after KEEPALIVE_TIMEOUT_MS.
+# gRPC's core answers pings on its own threads, so a daemon busy with a long checkpoint keeps
+# answering them. hookd allows pings this often (ServerSettings).
+KEEPALIVE_INTERVAL_MS = 2_000
+KEEPALIVE_TIMEOUT_MS = 3_000
+KEEPALIVE_S = (KEEPALIVE_INTERVAL_MS + KEEPALIVE_TIMEOUT_MS) / 1000
+_CHANNEL_OPTIONS = (
+    ("grpc.keepalive_time_ms", KEEPALIVE_INTERVAL_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),  # newer gRPC times pings out by this one
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+    # A connection the kernel accepted but nobody answers (a daemon stopped before it accepted):
+    # gRPC's connect timeout is this backoff minimum, 20 s by default.
+    ("grpc.min_reconnect_backoff_ms", KEEPALIVE_TIMEOUT_MS),
+)
 
 _CODE_NAMES = {0: "OK", 1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND",
                6: "ALREADY_EXISTS", 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED", 9: "FAILED_PRECONDITION",
@@ -185,7 +204,8 @@ class HookdClient:
 
             from kybernate.api import hookd_pb2_grpc
 
-            self._channel = grpc.aio.insecure_channel(f"unix:{os.path.abspath(self.socket_path)}")
+            self._channel = grpc.aio.insecure_channel(f"unix:{os.path.abspath(self.socket_path)}",
+                                                      options=list(_CHANNEL_OPTIONS))
             make_stub: Callable[[Any], Any] = hookd_pb2_grpc.HookdStub  # generated code carries no annotations
             self._stub = make_stub(self._channel)
             self._loop = loop

@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--lock-timeout-ms", type=int, default=m.default_lock_timeout_ms,
                    help="lock timeout when a request gives none, ms [%(default)s]")
     p.add_argument("--max-parallel", type=int, default=m.max_parallel, help="driver calls at once [%(default)s]")
+    p.add_argument("--max-parallel-per-request", type=int, default=m.max_parallel_per_request,
+                   help="driver calls one request may have at once [%(default)s]")
+    p.add_argument("--max-pids-per-request", type=int, default=m.max_pids_per_request,
+                   help="pids one request may name [%(default)s]")
+    p.add_argument("--max-request-bytes", type=int, default=s.max_request_bytes,
+                   help="largest request message, bytes [%(default)s]")
     p.add_argument("--restore-vram-headroom-bytes", type=int, default=m.restore_vram_headroom_bytes,
                    help="extra free VRAM a restore target must have, bytes per GPU [%(default)s]")
     p.add_argument("--shutdown-grace-s", type=float, default=s.shutdown_grace_s,
@@ -57,8 +63,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--stop-timeout-s", type=float, default=s.stop_timeout_s,
                    help="then seconds to wait for driver calls still running [%(default)s]")
     a = p.parse_args(argv)
-    if a.max_parallel < 1:
-        p.error("--max-parallel must be at least 1")
+    if min(a.max_parallel, a.max_parallel_per_request, a.max_pids_per_request) < 1:
+        p.error("--max-parallel, --max-parallel-per-request and --max-pids-per-request must be at least 1")
+    if a.max_request_bytes < 4096:
+        p.error("--max-request-bytes must be at least 4096")
     if a.metrics_address:
         try:
             metrics.parse_address(a.metrics_address)
@@ -66,9 +74,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
             p.error(str(err))
     return Settings(
         server=replace(s, socket=a.socket, metrics_address=a.metrics_address, shutdown_grace_s=a.shutdown_grace_s,
-                       stop_timeout_s=a.stop_timeout_s),
+                       stop_timeout_s=a.stop_timeout_s, max_request_bytes=a.max_request_bytes),
         driver=replace(d, backend=a.backend, libcuda=a.libcuda, cuda_checkpoint=a.cuda_checkpoint, libnvml=a.libnvml),
         manager=replace(m, default_lock_timeout_ms=a.lock_timeout_ms, max_parallel=a.max_parallel,
+                        max_parallel_per_request=a.max_parallel_per_request, max_pids_per_request=a.max_pids_per_request,
                         restore_vram_headroom_bytes=a.restore_vram_headroom_bytes),
         log_level=a.log_level,
     )
@@ -118,7 +127,10 @@ class Daemon:
         self.settings = settings
         self.metrics = metrics.Metrics(in_flight=lambda: len(blocking.in_flight()))
         self._driver = driver
-        self._executor = ThreadPoolExecutor(max_workers=settings.manager.max_parallel, thread_name_prefix="hookd-driver")
+        # Driver calls are capped at max_parallel by the manager's semaphore; two threads more keep NVML
+        # (Health, the inventory) from queueing behind them.
+        self._executor = ThreadPoolExecutor(max_workers=settings.manager.max_parallel + 2,
+                                            thread_name_prefix="hookd-driver")
         self._nvml = Nvml(settings.driver.libnvml)
         self._server: Any = None
         self._metrics_server: asyncio.Server | None = None
@@ -149,7 +161,13 @@ class Daemon:
         self.manager = GpuManager(self._driver, self._nvml, s.manager, self.metrics, self._executor)
         health = await self.manager.health()
         prepare_socket(s.server.socket)
-        self._server = grpc.aio.server()
+        self._server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", s.server.max_request_bytes),
+            # The shim pings while a long call runs (HookdClient): allow it, without strikes.
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", s.server.min_ping_interval_ms),
+            ("grpc.http2.min_ping_interval_without_data_ms", s.server.min_ping_interval_ms),
+            ("grpc.http2.max_ping_strikes", 0),
+        ])
         add_servicer: Callable[[Any, Any], None] = hookd_pb2_grpc.add_HookdServicer_to_server  # unannotated, generated
         add_servicer(HookdService(self.manager, self.metrics), self._server)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others could connect

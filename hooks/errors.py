@@ -12,6 +12,7 @@ OK = 0
 UNKNOWN = 2
 INVALID_ARGUMENT = 3
 DEADLINE_EXCEEDED = 4
+RESOURCE_EXHAUSTED = 8
 FAILED_PRECONDITION = 9
 ABORTED = 10
 INTERNAL = 13
@@ -40,6 +41,12 @@ class InvalidRequest(KybernateError):
     """The request cannot be served as asked (no pids, a malformed GPU map)."""
 
     code = INVALID_ARGUMENT
+
+
+class TooLarge(KybernateError):
+    """The request is over one of hookd's per-request caps (pids, message size); nothing was changed."""
+
+    code = RESOURCE_EXHAUSTED
 
 
 class FailedPrecondition(KybernateError):

@@ -16,11 +16,15 @@ Per request, every process runs its own sequence of steps as a task of its own, 
 - A caller that goes away mid-request does not leave things half done: running steps finish, and
   a checkpoint is then rolled back.
 - Requests for one container are serialised; different containers proceed in parallel.
+- Bounded: a request names at most `max_pids_per_request` pids; at most `max_parallel` driver calls
+  run on the node and `max_parallel_per_request` for one request, so one container cannot starve
+  another (the other waits for one driver call, not for the whole container).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import defaultdict
@@ -45,6 +49,7 @@ from .errors import (
     ProcessPaused,
     RollbackFailed,
     StepFailed,
+    TooLarge,
 )
 from .metrics import STEPS, Metrics
 from .model import (
@@ -71,6 +76,14 @@ GiB = float(1 << 30)
 # Manifests remembered for containers checkpointed and never restored here (a checkpoint that exited
 # the container, restored elsewhere): bounded, oldest forgotten first.
 REMEMBERED_MANIFESTS = 1024
+# Longest namespace or container id, and cgroup path, a request may give (bytes): containerd's ids
+# are at most 76 bytes, PATH_MAX is 4096.
+MAX_NAME_BYTES = 256
+MAX_PATH_BYTES = 4096
+# The driver-call slots of the request this task works for (set by _Session; tasks a request starts
+# inherit it). None outside a request (GpuStatus, the settling of a late call): the node's cap only.
+_REQUEST_SLOTS: contextvars.ContextVar[asyncio.Semaphore | None] = contextvars.ContextVar("request_slots",
+                                                                                          default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +180,7 @@ class GpuManager:
         self._settling: set[asyncio.Task[None]] = set()
         self._ops: dict[int, tuple[str, float]] = {}  # id(session) -> (what, since) for the stop log
         self._remembered: dict[tuple[str, str], None] = {}  # insertion-ordered: oldest first
+        self._node_slots = asyncio.Semaphore(settings.max_parallel)  # driver calls on the node
 
     # ---- public: one method per RPC ----------------------------------------------------------
 
@@ -367,11 +381,25 @@ class GpuManager:
             raise ProcessPaused(
                 f"pid {pid} is {reason}: the CUDA driver cannot reach a paused process (its calls would block until "
                 "it runs again); run GPU steps before pausing the container or after resuming it", pid=pid, step=step)
+        request_slots = _REQUEST_SLOTS.get()
+        slots = [s for s in (request_slots, self._node_slots) if s is not None]  # always in this order
+        held: list[asyncio.Semaphore] = []
+        try:
+            for slot in slots:
+                await slot.acquire()
+                held.append(slot)
+        except BaseException:
+            for slot in held:
+                slot.release()
+            raise
         started = time.monotonic()
         try:
             result = await run_blocking(fn, pid, *args, what=f"{step} pid {pid}", executor=self._executor,
                                         timeout_s=timeout_s)
         except StillRunning as err:
+            # The call keeps its thread: its slots are freed when it returns, not now.
+            late, held = held, []
+            err.future.add_done_callback(lambda _: [slot.release() for slot in late])
             self._adopt(pid, step, err.future, settle_to)
             if step in STEPS:
                 self._metrics.step_failed(step, "HOOKD_TIMEOUT")
@@ -386,6 +414,9 @@ class GpuManager:
                                   f"work ({err.name})", pid=pid, step=step, driver_error=err.name) from err
             raise StepFailed(f"pid {pid}: {step} failed: {err.name}" + (f" ({err.detail})" if err.detail else ""),
                              pid=pid, step=step, driver_error=err.name) from err
+        finally:
+            for slot in held:
+                slot.release()
         seconds = time.monotonic() - started
         if step in STEPS:
             self._metrics.step_done(step, seconds)
@@ -427,12 +458,25 @@ class GpuManager:
     def _pids(self, ref: ContainerRef) -> list[int]:
         if not ref.container_id:
             raise InvalidRequest("container_id is empty")
+        for name, value, limit in (("namespace", ref.namespace, MAX_NAME_BYTES),
+                                   ("container_id", ref.container_id, MAX_NAME_BYTES),
+                                   ("cgroup_path", ref.cgroup_path, MAX_PATH_BYTES)):
+            if len(value.encode()) > limit:
+                raise InvalidRequest(f"{name} is {len(value.encode())} bytes, more than the limit of {limit}")
+        limit = self._settings.max_pids_per_request
         if ref.pids:
+            if len(ref.pids) > limit:
+                raise TooLarge(f"{ref.name}: {len(ref.pids)} pids in one request, more than the limit of {limit} "
+                               "(max_pids_per_request); nothing was changed")
             if any(p <= 0 for p in ref.pids):
-                raise InvalidRequest(f"{ref.name}: pids must be positive, got {list(ref.pids)}")
+                raise InvalidRequest(f"{ref.name}: pids must be positive, got {list(ref.pids)[:10]}")
             return sorted(set(ref.pids))
         if ref.cgroup_path:
-            return procfs.pids_of_cgroup(ref.cgroup_path)
+            pids = procfs.pids_of_cgroup(ref.cgroup_path)
+            if len(pids) > limit:
+                raise TooLarge(f"{ref.name}: cgroup {ref.cgroup_path} holds {len(pids)} processes, more than the "
+                               f"limit of {limit} (max_pids_per_request); nothing was changed")
+            return pids
         raise InvalidRequest(f"{ref.name}: give the container's pids (from the runc shim's Pids) or its cgroup_path")
 
     async def _discover(self, pids: Sequence[int]) -> tuple[dict[int, CudaState], dict[int, str]]:
@@ -643,6 +687,7 @@ class _Session:
         self._key = (ref.namespace, ref.container_id)
         self._what = f"{op} {ref.name}"
         self._box: _Container | None = None
+        self._slots: contextvars.Token[asyncio.Semaphore | None] | None = None
 
     async def __aenter__(self) -> _Container:
         box = self._m._containers.setdefault(self._key, _Container())
@@ -654,9 +699,12 @@ class _Session:
             self._release_user()
             raise
         self._m._ops[id(self)] = (self._what, time.monotonic())
+        self._slots = _REQUEST_SLOTS.set(asyncio.Semaphore(self._m._settings.max_parallel_per_request))
         return box
 
     async def __aexit__(self, *exc: object) -> None:
+        assert self._slots is not None
+        _REQUEST_SLOTS.reset(self._slots)
         self._m._ops.pop(id(self), None)
         assert self._box is not None
         self._box.lock.release()

@@ -18,6 +18,13 @@ class ServerSettings:
     # After that, seconds to wait for driver calls still running (they cannot be interrupted) before
     # exiting anyway with status 1, naming each one in the log.
     stop_timeout_s: float = 60.0
+    # Largest request message accepted, in bytes; a larger one is refused RESOURCE_EXHAUSTED by gRPC
+    # before it is decoded. A request with max_pids_per_request pids and a manifest of as many
+    # processes is about 0.4 MiB.
+    max_request_bytes: int = 1 << 20
+    # HTTP/2 keepalive pings from clients are allowed this often, in milliseconds: the shim pings while
+    # it waits for a long checkpoint, to notice a daemon that stopped answering (see HookdClient).
+    min_ping_interval_ms: int = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,12 +52,21 @@ class ManagerSettings:
     # Seconds to wait for one process's checkpoint or restore (VRAM <-> host RAM: measured 1.6-5.5 GB/s,
     # so 600 s covers well over 500 GiB per process).
     transfer_timeout_s: float = 600.0
-    # Driver calls in flight at once (threads). The steps are CPU-bound per target process and scale
-    # across processes, so allow at least one per CUDA process of the largest container.
+    # Driver calls in flight at once on the node (threads, and a semaphore in front of them). The steps
+    # are CPU-bound per target process and scale across processes, so allow at least one per CUDA
+    # process of the largest container.
     max_parallel: int = 32
     # Seconds a forked child of a CUDA process gets to stop for ptrace so that the GPU device files it
     # inherited can be dropped (it normally stops in microseconds; see hooks/inherited.py).
     inherited_timeout_s: float = 10.0
+    # Driver calls one request may have in flight at once (count). Below max_parallel, so that a
+    # container with many processes leaves room for another container's pause: the other waits for
+    # at most one driver call, not for the whole container.
+    max_parallel_per_request: int = 16
+    # Pids one request may name or its cgroup may hold (count). More is refused RESOURCE_EXHAUSTED
+    # before any driver call: every pid costs a task and a driver query (300k pids once took 2.6 GB
+    # and held up another container's pause for 100 s).
+    max_pids_per_request: int = 4096
     # Bytes a target GPU must have free on top of what the checkpoint held there, per GPU.
     restore_vram_headroom_bytes: int = 0
 

@@ -60,7 +60,13 @@ def requested(spec: dict[str, Any]) -> str | None:
 
 
 def resolve(reference: str, checkpoint_dir: str) -> str:
-    """The archive's real path, which must lie inside `checkpoint_dir`."""
+    """The archive's real path, which must lie inside `checkpoint_dir`.
+
+    Blocking (it walks the filesystem): call it in a thread, after annotation_limits.check bounded
+    `reference`.
+    """
+    if "\0" in reference:
+        raise RestoreError(f"{ANNOTATION}={reference!r}: a path cannot contain a NUL byte")
     root = os.path.realpath(checkpoint_dir)
     candidate = reference if os.path.isabs(reference) else os.path.join(root, reference)
     real = os.path.realpath(candidate)

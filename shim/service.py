@@ -17,7 +17,7 @@ from google.protobuf import any_pb2
 
 from kybernate.api import runc_options_pb2, task_pb2
 
-from . import gpu_steps, manager, restore_from, runtime_options
+from . import annotation_limits, gpu_steps, manager, restore_from, runtime_options
 from .gpu_steps import Event, GpuStepError, GpuSteps, Phase, TaskControl, TaskGpu
 from .runtime_options import KybernateOptions, RuntimeConfig
 from .ttrpc.errors import Code, TTRPCError
@@ -71,8 +71,10 @@ class TaskService:
         options, changed = self._options_for_child(request)
         spec = _read_spec(request.bundle)
         try:
+            # Before anything reads or resolves a kybernate.io/* value: bounded, linear, no filesystem.
+            annotation_limits.check(spec.get("annotations") or {})
             options = gpu_steps.options_with_annotations(options, spec)
-        except GpuStepError as err:
+        except (annotation_limits.AnnotationError, GpuStepError) as err:
             raise TTRPCError(Code.INVALID_ARGUMENT, str(err)) from err
         plan = await self._restore_plan(request, spec, options.checkpoint_dir)
         if plan is not None:
@@ -89,16 +91,16 @@ class TaskService:
         request = _decode(task_pb2.StartRequest, call)
         reply = await self.upstream.forward(call)
         if not request.exec_id:
-            await self._gpu_step(Event.START, request.id, "restore GPU state after runc restored the task")
+            await self._gpu_step(Event.START, request.id, "restore GPU state after runc restored the task", call)
         return reply
 
     async def pause(self, call: Call) -> bytes:
         request = _decode(task_pb2.PauseRequest, call)
-        await self._gpu_step(Event.PAUSE, request.id, "checkpoint GPU state before pausing")
+        await self._gpu_step(Event.PAUSE, request.id, "checkpoint GPU state before pausing", call)
         try:
             reply = await self.upstream.forward(call)
         except TTRPCError:
-            await self._gpu_step(Event.PAUSE_FAILED, request.id, "restore GPU state after a failed pause")
+            await self._gpu_step(Event.PAUSE_FAILED, request.id, "restore GPU state after a failed pause", call)
             raise
         self._set_paused(request.id, True)
         return reply
@@ -107,22 +109,23 @@ class TaskService:
         request = _decode(task_pb2.ResumeRequest, call)
         reply = await self.upstream.forward(call)
         self._set_paused(request.id, False)
-        await self._gpu_step(Event.RESUME, request.id, "restore GPU state after resuming")
+        await self._gpu_step(Event.RESUME, request.id, "restore GPU state after resuming", call)
         return reply
 
     async def checkpoint(self, call: Call) -> bytes:
         request = _decode(task_pb2.CheckpointTaskRequest, call)
-        await self._gpu_step(Event.CHECKPOINT, request.id, "checkpoint GPU state before the CRIU dump")
+        await self._gpu_step(Event.CHECKPOINT, request.id, "checkpoint GPU state before the CRIU dump", call)
         task = self.gpu.tasks.get(request.id)
         if task is not None and task.phase is Phase.CHECKPOINTED and task.manifest is not None and request.path:
             self._gpu_error_to_status(lambda: gpu_steps.write_manifest(request.path, task.manifest or {}))
         try:
             reply = await self.upstream.forward(call)
         except TTRPCError:
-            await self._gpu_step(Event.CHECKPOINT_FAILED, request.id, "restore GPU state after a failed checkpoint")
+            await self._gpu_step(Event.CHECKPOINT_FAILED, request.id, "restore GPU state after a failed checkpoint",
+                                 call)
             raise
         if not _checkpoint_exits(request.options if request.HasField("options") else None):
-            await self._gpu_step(Event.CHECKPOINT_DONE, request.id, "restore GPU state after checkpoint")
+            await self._gpu_step(Event.CHECKPOINT_DONE, request.id, "restore GPU state after checkpoint", call)
         return reply
 
     async def delete(self, call: Call) -> bytes:
@@ -191,13 +194,14 @@ class TaskService:
                 return None
             if request.checkpoint:
                 raise restore_from.RestoreError(f"{restore_from.ANNOTATION} and a checkpoint were both given")
-            archive = restore_from.resolve(reference, checkpoint_dir)
+            # realpath walks the filesystem (and is quadratic in the path's length): off the event loop.
+            archive = await asyncio.to_thread(restore_from.resolve, reference, checkpoint_dir)
             workdir = os.path.join(request.bundle, restore_from.WORKDIR_NAME)
             # Unpacking reads and writes up to the size of the container's memory: off the event loop.
             plan = await asyncio.to_thread(restore_from.unpack, archive, workdir)
         except restore_from.RestoreError as err:
             raise TTRPCError(Code.FAILED_PRECONDITION, f"{request.id}: cannot restore: {err}") from err
-        archived = restore_from.archived_container_name(plan)
+        archived = await asyncio.to_thread(restore_from.archived_container_name, plan)
         name = (spec.get("annotations") or {}).get(restore_from.CONTAINER_NAME)
         if archived and name and archived != name:
             # A pod annotation reaches every container of the pod; only the one the archive holds restores.
@@ -222,11 +226,15 @@ class TaskService:
         if task is not None:
             task.paused = paused
 
-    async def _gpu_step(self, event: Event, container_id: str, what: str) -> None:
+    async def _gpu_step(self, event: Event, container_id: str, what: str, call: Call | None = None) -> None:
         if self.gpu.phase(container_id) is Phase.NO_GPU:
             return  # the common case: no GPU, no daemon, nothing imported
         from kybernate.hooks.client import HookdError, HookdUnavailable
 
+        from .hookd_driver import call_deadline
+
+        # hookd's calls end before containerd's deadline for this call (ttrpc timeout_nano), if it set one.
+        call_deadline.set(call.deadline if call is not None else None)
         try:
             await self.gpu.on(event, container_id)
         except HookdUnavailable as err:

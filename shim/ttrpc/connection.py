@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from .errors import ConnectionClosed, ProtocolError
 from .frames import Event, Frame, FrameDecoder, encode_frame
+from .limits import BufferBudget
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,17 @@ async def from_socket(sock: socket.socket) -> tuple[asyncio.StreamReader, asynci
 
 
 class Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, name: str) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, name: str,
+                 budget: BufferBudget | None = None) -> None:
         self.name = name  # for logs: "server#3", "client /run/x.sock"
         self._reader = reader
         self._writer = writer
-        self._decoder = FrameDecoder()
+        # With a budget, each frame's declared bytes are reserved when its header arrives and released
+        # when the frame is handed to on_frame; a frame that does not fit is skipped, not buffered.
+        self._budget = budget
+        self.held = 0  # bytes this connection holds in the budget: its frame being assembled, and
+        #               whatever its owner reserved through reserve() (a running request's payload)
+        self._decoder = FrameDecoder(admit=self._admit if budget is not None else None)
         self._write_lock = asyncio.Lock()  # held from building a frame until the socket took it (drain)
         self._reader_task: asyncio.Task[None] | None = None
         self._closing = False
@@ -99,6 +106,32 @@ class Connection:
         except (ConnectionError, OSError):
             pass  # the peer reset the connection: closed either way
 
+    def reserve(self, size: int) -> str | None:
+        """Count `size` more bytes against this connection and the server; None if they fit, else why not."""
+        if self._budget is None:
+            return None
+        refused = self._budget.take(size, self.held)
+        if refused is None:
+            self.held += size
+        return refused
+
+    def release(self, size: int) -> None:
+        if self._budget is not None:
+            self.held -= size
+            self._budget.give(size)
+
+    def _admit(self, length: int) -> str | None:
+        # Complete frames still queued are on their way out: they do not count against this connection's
+        # cap (two back-to-back frames may share a read), only against the server's.
+        assert self._budget is not None
+        refused = self._budget.take(length, self.held - self._decoder.queued_bytes)
+        if refused is None:
+            self.held += length
+        else:
+            log.warning("frame refused: buffer cap; its body is skipped",
+                        extra={"fields": {"conn": self.name, "bytes": length, "why": refused}})
+        return refused
+
     async def _read(self, on_frame: OnFrame) -> None:
         try:
             while True:
@@ -112,6 +145,9 @@ class Connection:
                     return
                 self._decoder.feed(data)
                 for event in self._decoder:
+                    if isinstance(event, Frame):
+                        # Handed on: the owner reserves again what it keeps (a request's payload).
+                        self.release(len(event.payload))
                     await on_frame(event)
         except ProtocolError as err:
             self.close_reason = err
@@ -125,6 +161,8 @@ class Connection:
 
     def _finish(self, on_closed: OnClosed) -> None:
         self._closing = True
+        # A frame cut off by the end: its reservation goes with it (the owner releases its own).
+        self.release(self._decoder.admitted_bytes)
         self._writer.close()
         try:
             on_closed(self.close_reason)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .errors import FrameTooLarge, ProtocolError
@@ -52,11 +52,18 @@ class Frame:
 
 @dataclass(frozen=True, slots=True)
 class OversizedFrame:
-    """A frame whose declared body exceeded the limit; the body is being skipped, not buffered."""
+    """A frame whose declared body exceeded the limit, or that the owner refused to buffer (`refused`
+    says why); the body is being skipped, not buffered."""
 
     stream_id: int
     type: int
     length: int
+    refused: str = ""
+
+
+# Called with a frame's declared body length when its header is parsed: None to buffer the frame,
+# or why not, to skip its body as it arrives (the caller's buffer cap).
+Admit = Callable[[int], str | None]
 
 
 Event = Frame | OversizedFrame
@@ -89,10 +96,12 @@ class FrameDecoder:
     bad header have been taken; from then on the decoder is dead and raises the same error.
     """
 
-    def __init__(self, max_length: int = MAX_MESSAGE_LENGTH) -> None:
+    def __init__(self, max_length: int = MAX_MESSAGE_LENGTH, admit: Admit | None = None) -> None:
         if not 0 <= max_length <= MAX_MESSAGE_LENGTH:
             raise ValueError(f"max_length must be between 0 and {MAX_MESSAGE_LENGTH}")
         self._max_length = max_length
+        self._admit = admit
+        self._admitted = 0  # declared body length of the admitted frame at the buffer's start, if any
         self._buffer = bytearray()
         self._discard = 0  # body bytes of an oversized frame still to drop
         self._events: deque[Event] = deque()
@@ -102,6 +111,17 @@ class FrameDecoder:
     def buffered(self) -> int:
         """Bytes of an incomplete frame held (non-zero at EOF means the peer stopped mid-frame)."""
         return len(self._buffer)
+
+    @property
+    def admitted_bytes(self) -> int:
+        """Bytes `admit` accepted that were not taken out yet: the incomplete frame's declared body and
+        the bodies of complete frames still queued (with an `admit` hook every buffered frame was admitted)."""
+        return self._admitted + self.queued_bytes
+
+    @property
+    def queued_bytes(self) -> int:
+        """Body bytes of complete frames not taken out yet."""
+        return sum(len(e.payload) for e in self._events if isinstance(e, Frame))
 
     @property
     def discarding(self) -> int:
@@ -152,8 +172,12 @@ class FrameDecoder:
                 )
                 buffer.clear()
                 return
-            if length > self._max_length:
-                self._events.append(OversizedFrame(stream_id, _frame_type(type_), length))
+            refused = ""
+            if length <= self._max_length and self._admit is not None and not self._admitted:
+                refused = self._admit(length) or ""
+                self._admitted = 0 if refused else length
+            if length > self._max_length or refused:
+                self._events.append(OversizedFrame(stream_id, _frame_type(type_), length, refused))
                 pos += HEADER_LENGTH
                 self._discard = length
                 continue
@@ -161,5 +185,6 @@ class FrameDecoder:
             if len(buffer) < end:
                 break
             self._events.append(Frame(stream_id, _frame_type(type_), flags, bytes(buffer[pos + HEADER_LENGTH:end])))
+            self._admitted = 0
             pos = end
         del buffer[:pos]

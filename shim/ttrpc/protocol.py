@@ -156,9 +156,12 @@ ServerEvent = RequestReceived | StreamRejected | Ignored
 ClientEvent = ResponseReceived | StreamFailed | Ignored
 
 
-def _too_large(length: int) -> TTRPCError:
+def _too_large(event: OversizedFrame) -> TTRPCError:
+    if event.refused:
+        return TTRPCError(Code.RESOURCE_EXHAUSTED, f"message of {event.length} bytes refused: {event.refused}")
     return TTRPCError(
-        Code.RESOURCE_EXHAUSTED, f"message length {length} exceeds the maximum message size of {MAX_MESSAGE_LENGTH}"
+        Code.RESOURCE_EXHAUSTED,
+        f"message length {event.length} exceeds the maximum message size of {MAX_MESSAGE_LENGTH}",
     )
 
 
@@ -176,7 +179,7 @@ class ServerProtocol:
         if type_ == FrameType.REQUEST:
             self._open_stream(event.stream_id)
             if isinstance(event, OversizedFrame):
-                return StreamRejected(event.stream_id, _too_large(event.length))
+                return StreamRejected(event.stream_id, _too_large(event))
             if event.flags & _STREAMING:
                 return StreamRejected(
                     event.stream_id, TTRPCError(Code.UNIMPLEMENTED, "streaming calls are not supported")
@@ -207,7 +210,8 @@ class ServerProtocol:
         """The frame answering a stream; a response too large to send becomes RESOURCE_EXHAUSTED."""
         body = encode_response(response)
         if len(body) > MAX_MESSAGE_LENGTH:
-            body = encode_response(Response.from_error(_too_large(len(body))))
+            too_large = _too_large(OversizedFrame(stream_id, FrameType.RESPONSE, len(body)))
+            body = encode_response(Response.from_error(too_large))
         return Frame(stream_id, FrameType.RESPONSE, 0, body)
 
 
@@ -226,7 +230,7 @@ class ClientProtocol:
         """The frame opening the next stream; TTRPCError(RESOURCE_EXHAUSTED), using no id, if over 4 MiB."""
         body = encode_request(request)
         if len(body) > MAX_MESSAGE_LENGTH:
-            raise _too_large(len(body))
+            raise _too_large(OversizedFrame(0, FrameType.REQUEST, len(body)))
         stream_id = self._next_stream_id
         if stream_id > _MAX_STREAM_ID:
             raise ConnectionClosed("all stream ids of this connection are used: open a new connection")
@@ -239,7 +243,7 @@ class ClientProtocol:
             if event.stream_id % 2 == 0 or event.stream_id > self.last_stream_id:
                 raise ProtocolError(f"response on stream {event.stream_id}, which we never opened")
             if isinstance(event, OversizedFrame):
-                return StreamFailed(event.stream_id, _too_large(event.length))
+                return StreamFailed(event.stream_id, _too_large(event))
             try:
                 return ResponseReceived(event.stream_id, decode_response(event.payload))
             except ProtocolError as err:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from .connection import Connection, from_socket, socket_path
 from .errors import Code, ConnectionClosed, TTRPCError
 from .frames import Event
+from .limits import BufferBudget, Limits
 from .protocol import (
     Ignored,
     Metadata,
@@ -49,6 +50,9 @@ class Call:
     metadata: Metadata
     timeout_nano: int  # as the client sent it; the server already enforces it
     stream_id: int
+    # When the server cancels the handler (loop.time(), from timeout_nano as the request arrived);
+    # None: no deadline. For handlers that pass a deadline on to calls of their own.
+    deadline: float | None = None
 
 
 # Returns the response payload; raises TTRPCError to answer with that status.
@@ -62,9 +66,11 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 
 class Server:
-    def __init__(self, handler: Handler, *, require_same_uid: bool = True) -> None:
+    def __init__(self, handler: Handler, *, require_same_uid: bool = True, limits: Limits | None = None) -> None:
         self._handler = handler
         self._require_same_uid = require_same_uid
+        self.limits = limits or Limits()
+        self.budget = BufferBudget(self.limits)  # bytes all connections hold: frames and running payloads
         self._closing = asyncio.Event()
         self._idle = asyncio.Event()  # set while no serve_socket runs and no connection is open
         self._idle.set()
@@ -199,6 +205,12 @@ class Server:
             if not self._admit(conn_sock, name):
                 conn_sock.close()
                 continue
+            if len(self._connections) >= self.limits.max_connections:
+                log.warning("refused connection: too many open",
+                            extra={"fields": {"conn": name, "open": len(self._connections),
+                                              "limit": self.limits.max_connections}})
+                conn_sock.close()
+                continue
             connection = _ServerConnection(self, name)
             task = tasks.create_task(connection.run(conn_sock), name=f"ttrpc {name}")
             mine.add(task)
@@ -260,7 +272,7 @@ class _ServerConnection:
                 raise
             log.error("cannot set up connection", extra={"fields": {"conn": self.name, "error": err}})
             return
-        conn = self._conn = Connection(reader, writer, name=self.name)
+        conn = self._conn = Connection(reader, writer, name=self.name, budget=self._server.budget)
         log.debug("connection accepted", extra={"fields": {"conn": self.name}})
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -292,11 +304,20 @@ class _ServerConnection:
         if isinstance(event, RequestReceived):
             if self._tasks is None:
                 return
+            refused = self._refusal(event)
+            if refused is not None:
+                log.warning("refused request", extra={"fields": {"conn": self.name, "stream": event.stream_id,
+                                                                 "rpc": event.request.method, "why": refused}})
+                await self._answer(event.stream_id, Response.from_error(TTRPCError(Code.RESOURCE_EXHAUSTED, refused)))
+                return
             self._server._call_started()
             task = self._tasks.create_task(
                 self._serve(event.stream_id, event.request), name=f"ttrpc {self.name} stream {event.stream_id}"
             )
             self._requests[event.stream_id] = task
+            # A done-callback, not a finally: it also runs for a task cancelled before it first ran.
+            size = len(event.request.payload)
+            task.add_done_callback(lambda _, sid=event.stream_id: self._done(sid, size))
         elif isinstance(event, StreamRejected):
             log.warning(
                 "rejected request",
@@ -308,8 +329,18 @@ class _ServerConnection:
             log.debug("ignored frame", extra={"fields": {"conn": self.name, "stream": event.stream_id,
                                                          "reason": event.reason}})
 
+    def _refusal(self, event: RequestReceived) -> str | None:
+        """Why this request may not run now (a cap of Limits), or None; when None its payload is reserved."""
+        limit = self._server.limits.max_requests_per_connection
+        if len(self._requests) >= limit:
+            return f"{limit} requests already in flight on this connection; retry when one has been answered"
+        assert self._conn is not None
+        return self._conn.reserve(len(event.request.payload))
+
     async def _serve(self, stream_id: int, request: Request) -> None:
-        call = Call(request.service, request.method, request.payload, request.metadata, request.timeout_nano, stream_id)
+        deadline = asyncio.get_running_loop().time() + request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
+        call = Call(request.service, request.method, request.payload, request.metadata, request.timeout_nano, stream_id,
+                    deadline)
         started = time.monotonic()
         try:
             try:
@@ -325,15 +356,18 @@ class _ServerConnection:
             await self._answer(stream_id, response)
         except Exception:
             log.exception("answering a request failed", extra={"fields": {"conn": self.name, "stream": stream_id}})
-        finally:
-            self._requests.pop(stream_id, None)
-            self._server._call_done()
+
+    def _done(self, stream_id: int, payload_size: int) -> None:
+        self._requests.pop(stream_id, None)
+        assert self._conn is not None
+        self._conn.release(payload_size)
+        self._server._call_done()
 
     async def _call_handler(self, call: Call) -> bytes:
         """The handler's payload; every failure as a TTRPCError. Cancellation of this task propagates."""
         if call.timeout_nano < 0:
             raise TTRPCError(Code.DEADLINE_EXCEEDED, "deadline exceeded before the call started")
-        deadline = asyncio.timeout(call.timeout_nano / 1e9 if call.timeout_nano else None)
+        deadline = asyncio.timeout_at(call.deadline)
         try:
             async with deadline:
                 return await self._server._handler(call)

@@ -129,3 +129,33 @@ def test_a_bad_reference_fails_that_container_only(kyb_factory, checkpoints: Pat
         assert message in str(failure.value), str(failure.value)
         assert cri.pod_status(pod).state == pb.SANDBOX_READY
         assert all(ct.state != pb.CONTAINER_RUNNING for ct in cri.list_containers(pod))
+
+
+@pytest.mark.parametrize("version", ["1.6", "2.1"])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        # Before the bound: os.path.realpath of this took ~80 s on the shim's event loop.
+        ("a/" * 500_000, "value of 1000000 bytes is longer than the limit of 1024 bytes"),
+        # Before: "internal error" (realpath's ValueError escaped unmapped).
+        ("counter\0.tar", "control character '\\x00'"),
+    ],
+    ids=["1MB", "NUL"],
+)
+def test_an_unbounded_annotation_is_refused_before_any_filesystem_call(kyb_factory, checkpoints: Path, version: str,
+                                                                        value: str, message: str) -> None:
+    import grpc
+
+    c = kyb_factory(version, runtime_toml=runtime_toml(checkpoints))
+    with c.cri() as cri:
+        config = cri.pod_config("unbounded", annotations={ANNOTATION: value})
+        # Pod annotations reach the sandbox too: the pod itself is refused, with the annotation named.
+        with pytest.raises(grpc.RpcError) as failure:
+            cri.run_pod(config, runtime_handler="kybernate")
+        text = str(failure.value.details())
+        assert f"annotation {ANNOTATION}" in text and message in text, text
+        assert "internal error" not in text
+        assert all(p.state != pb.SANDBOX_READY for p in cri.list_pods())
+        # The node's shim machinery is unharmed: a plain pod on the same runtime comes up at once.
+        ok = cri.run_pod(cri.pod_config("fine"), runtime_handler="kybernate")
+        assert cri.pod_status(ok).state == pb.SANDBOX_READY

@@ -156,3 +156,40 @@ def test_garbage_on_the_shim_socket_does_not_take_it_down(kyb: Containerd) -> No
     assert task_status(kyb, "g1") == "RUNNING"
     assert kyb.ctr("tasks", "exec", "--exec-id", "after", "g1", "echo", "alive").stdout == "alive\n"
     kyb.ctr("tasks", "kill", "-s", "SIGKILL", "g1")
+
+
+def _rss_kib(pid: int) -> dict[str, int]:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {k: int(fields[k].split()[0]) for k in ("VmRSS", "VmHWM")}
+
+
+def test_300_connections_holding_almost_full_frames_leave_the_shim_small(kyb: Containerd) -> None:
+    # Before the ttrpc server's caps this grew the shim to 1.76 GB (issue 9, finding 5c).
+    run_d(kyb, "held", "sleep", "3600")
+    [shim] = shim_pids(kyb, SHIM_BINARY)
+    path = manager.socket_path(manager.socket_address(str(kyb.address), kyb.namespace, "held"))
+    before = _rss_kib(shim)
+    almost = (4 << 20) - 1
+    peers: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            peers.append(s)
+            s.connect(path)
+        for s in peers:
+            try:  # returns once the shim has read all but what the socket buffer holds
+                s.sendall(almost.to_bytes(4, "big") + (1).to_bytes(4, "big") + bytes([1, 0]) + bytes(almost - 1))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused: more connections than the shim takes
+        during = _rss_kib(shim)
+        grown_mib = (during["VmHWM"] - before["VmHWM"]) / 1024
+        print(f"shim RSS before {before['VmRSS'] / 1024:.1f} MiB, holding {during['VmRSS'] / 1024:.1f} MiB, "
+              f"peak grew {grown_mib:.1f} MiB")
+        # The caps: 16 MiB of large frames, 2 MiB of small ones, 32 connections' read buffers (2 x 256 KiB).
+        assert grown_mib < 64, (before, during)
+    finally:
+        for s in peers:
+            s.close()
+    assert task_status(kyb, "held") == "RUNNING"
+    assert kyb.ctr("tasks", "exec", "--exec-id", "after", "held", "echo", "alive").stdout == "alive\n"
+    kyb.ctr("tasks", "kill", "-s", "SIGKILL", "held")
