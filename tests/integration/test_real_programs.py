@@ -54,7 +54,7 @@ CASES = [pytest.param("1.6", p, id=f"ctrd1.6-{p}") for p in ALL] + [
 class Program:
     """One corpus program in a container, and the lines it has written so far."""
 
-    def __init__(self, c: Containerd, pattern: str, out: Path) -> None:
+    def __init__(self, c: Containerd, pattern: str, out: Path, extra: tuple[str, ...] = ()) -> None:
         self.c, self.pattern, self.out = c, pattern, out
         self.name = pattern
         out.mkdir()
@@ -63,7 +63,7 @@ class Program:
             mounts += ["--mount", f"type=bind,src={src},dst={dst},options=bind:ro"]
         mounts += ["--mount", f"type=bind,src={CORPUS},dst=/corpus,options=bind:ro",
                    "--mount", f"type=bind,src={out},dst=/out,options=bind:rw"]
-        c.ctr("run", "-d", "--runtime", RUNTIME, *mounts, BUSYBOX_IMAGE, self.name,
+        c.ctr("run", "-d", "--runtime", RUNTIME, *mounts, *extra, BUSYBOX_IMAGE, self.name,
               PYTHON, "/corpus/patterns.py", pattern, "/out")
 
     def lines(self) -> list[str]:
@@ -149,8 +149,15 @@ def test_node_criu_options_reach_criu(kyb_factory, tmp_path: Path) -> None:
     _run(c, "inotify", tmp_path, refused=None)
 
 
-def _run(c: Containerd, pattern: str, tmp_path: Path, refused: str | None) -> None:
-    prog = Program(c, pattern, tmp_path / "out")
+def test_a_users_own_org_criu_config_wins(kyb_factory, tmp_path: Path) -> None:
+    """An empty org.criu.config means no CRIU config file: no link-remap, and spawn workers are refused."""
+    c = kyb_factory("1.6")
+    _run(c, "loader-spawn", tmp_path, refused="Can't create link remap for /dev/shm/sem.",
+         extra=("--annotation", "org.criu.config="))
+
+
+def _run(c: Containerd, pattern: str, tmp_path: Path, refused: str | None, extra: tuple[str, ...] = ()) -> None:
+    prog = Program(c, pattern, tmp_path / "out", extra)
     prog.wait_past(10, f"{pattern} to run")
     with ContainerdApi(c.address, c.namespace) as api:
         if refused is not None:
