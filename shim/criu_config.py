@@ -62,7 +62,7 @@ def apply(bundle: str, spec: dict[str, Any], extra: Sequence[str] = ()) -> str |
 
     Returns the file's path, or None when the spec already carries `org.criu.config` (the user's
     choice, kept as is). `spec` is the bundle's config.json as read at Create; it is updated in place.
-    Costs one small file and one rewrite of config.json (renamed into place: runc never sees half).
+    Costs one small file and one rewrite of config.json.
     """
     notes = spec.get("annotations")
     if not isinstance(notes, dict):
@@ -74,10 +74,10 @@ def apply(bundle: str, spec: dict[str, Any], extra: Sequence[str] = ()) -> str |
         f.write(render(extra))
     notes[ANNOTATION] = path
     spec["annotations"] = notes
-    config = os.path.join(bundle, "config.json")
-    staged = config + ".kybernate"
-    with open(staged, "w", encoding="utf-8") as f:
-        json.dump(spec, f, separators=(",", ":"))
-    os.chmod(staged, os.stat(config).st_mode & 0o7777)
-    os.replace(staged, config)
+    # Rewritten in place, not renamed over: ext4 pushes a file replaced by rename (or O_TRUNC) to disk
+    # at once, which costs milliseconds where /run is not a tmpfs. Nothing reads config.json before we
+    # forward Create, and a torn write fails that Create (nothing was started yet).
+    with open(os.path.join(bundle, "config.json"), "r+", encoding="utf-8") as f:
+        f.write(json.dumps(spec, separators=(",", ":")))
+        f.truncate()
     return path

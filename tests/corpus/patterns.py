@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 
 STEP_S = 0.02
 WORKERS = 2
+EPOCH = 40  # items per epoch for loaders without persistent workers
 TCP_PORT = 7070
 
 
@@ -50,48 +51,68 @@ def reference(steps: int) -> list[str]:
 # --- DataLoader-like worker pools: index queues per worker, one result queue, a pin-memory thread ---------
 
 
-def _loader_worker(worker: int, index_queue, result_queue) -> None:  # type: ignore[no-untyped-def]
-    served = 0  # persistent workers keep state across "epochs": checked by the main loop
+def _loader_worker(worker: int, start: int, index_queue, result_queue) -> None:  # type: ignore[no-untyped-def]
+    served = 0  # what a worker has served so far (its own state): checked by the main loop
     while True:
-        i = index_queue.get()
-        if i is None:
+        j = index_queue.get()
+        if j is None:
             return
-        result_queue.put((i, worker, served, work(i)))
+        result_queue.put((j, worker, served, work(start + j)))
         served += 1
 
 
-def loader(method: str) -> Iterator[bytes]:
+def loader(method: str, *, pin_memory: bool = True, persistent: bool = True) -> Iterator[bytes]:
+    """Persistent workers serve forever; otherwise each epoch of EPOCH items starts and joins new ones."""
     import multiprocessing as mp
 
     ctx = mp.get_context(method)
+    start = 0
+    while True:
+        count = None if persistent else EPOCH
+        yield from _epoch(ctx, start, count, pin_memory)
+        start += EPOCH
+
+
+def _epoch(ctx, start: int, count: int | None, pin_memory: bool) -> Iterator[bytes]:  # type: ignore[no-untyped-def]
     result_queue = ctx.Queue()
     index_queues = [ctx.Queue() for _ in range(WORKERS)]
-    workers = [ctx.Process(target=_loader_worker, args=(w, index_queues[w], result_queue), daemon=True,
+    workers = [ctx.Process(target=_loader_worker, args=(w, start, index_queues[w], result_queue), daemon=True,
                            name=f"loader_worker_{w}") for w in range(WORKERS)]
     for p in workers:
         p.start()
-    pinned: queue.Queue[tuple[int, int, int, bytes]] = queue.Queue(maxsize=4)
+    results = result_queue
+    if pin_memory:
+        results = queue.Queue(maxsize=4)
 
-    def pin_memory() -> None:  # like torch's pin_memory thread: moves results off the worker queue
-        while True:
-            pinned.put(result_queue.get())
+        def pin() -> None:  # like torch's pin_memory thread: moves results off the worker queue
+            while True:
+                results.put(result_queue.get())
 
-    threading.Thread(target=pin_memory, daemon=True, name="pin_memory").start()
+        threading.Thread(target=pin, daemon=True, name="pin_memory").start()
+    end = start + count if count is not None else None
     prefetch = 2 * WORKERS
-    for i in range(prefetch):
-        index_queues[i % WORKERS].put(i)
+
+    def ask(k: int) -> None:
+        if end is None or k < end:
+            index_queues[(k - start) % WORKERS].put(k - start)
+
+    for k in range(start, start + prefetch):
+        ask(k)
     waiting: dict[int, bytes] = {}
-    i = 0
-    while True:
+    i = start
+    while end is None or i < end:
         while i not in waiting:
-            j, worker, served, item = pinned.get()
+            j, worker, served, item = results.get()
             if worker != j % WORKERS or served != j // WORKERS:
                 raise SystemExit(f"worker {worker} lost its state: item {j} served as number {served}")
-            waiting[j] = item
-        nxt = i + prefetch
-        index_queues[nxt % WORKERS].put(nxt)
+            waiting[start + j] = item
+        ask(i + prefetch)
         yield waiting.pop(i)
         i += 1
+    for q in index_queues:
+        q.put(None)
+    for p in workers:
+        p.join()
 
 
 def _pool_item(i: int) -> bytes:
@@ -358,6 +379,8 @@ PATTERNS: dict[str, Callable[[], Iterator[bytes]]] = {
     "loader-fork": lambda: loader("fork"),
     "loader-spawn": lambda: loader("spawn"),
     "loader-forkserver": lambda: loader("forkserver"),
+    "loader-fork-epochs": lambda: loader("fork", pin_memory=False, persistent=False),
+    "loader-spawn-epochs": lambda: loader("spawn", pin_memory=False, persistent=False),
     "mp-pool": mp_pool,
     "process-pool-executor": process_pool_executor,
     "blocked-threads": blocked_threads,
