@@ -295,6 +295,19 @@ def open_file() -> Iterator[bytes]:
         i += 1
 
 
+# --- a log in the container's rootfs written through a plain read-write descriptor (it grows) -------------
+
+
+def growing_file() -> Iterator[bytes]:
+    """Not O_APPEND: CRIU records the file's size and a restore refuses a file that has grown since."""
+    fd = os.open("/tmp/corpus-growing.log", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    i = 0
+    while True:
+        os.write(fd, work(i).hex().encode() + b"\n")
+        yield work(i)
+        i += 1
+
+
 # --- inotify watch on a directory ------------------------------------------------------------------------
 
 
@@ -392,6 +405,7 @@ PATTERNS: dict[str, Callable[[], Iterator[bytes]]] = {
     "inotify": inotify,
     "tcp-listen": tcp_listen,
     "tcp-established": tcp_established,
+    "growing-file": growing_file,
 }
 
 

@@ -35,7 +35,7 @@ CORPUS = ROOT / "tests" / "corpus"
 PYTHON = "/usr/bin/python3"
 HOST_MOUNTS = (("/usr", "/usr"), ("/usr/lib", "/lib"), ("/usr/lib64", "/lib64"))
 
-ALL = list(patterns.PATTERNS)
+ALL = [p for p in patterns.PATTERNS if p != "growing-file"]  # that one has its own test below
 ON_2_1 = ["loader-spawn", "posix-shm", "socketpair", "eventfd-epoll", "tcp-listen", "tcp-established"]
 # Patterns CRIU refuses, with (part of) the one-line reason the user gets.
 REFUSED: dict[str, str] = {
@@ -154,6 +154,32 @@ def test_a_users_own_org_criu_config_wins(kyb_factory, tmp_path: Path) -> None:
     c = kyb_factory("1.6")
     _run(c, "loader-spawn", tmp_path, refused="Can't create link remap for /dev/shm/sem.",
          extra=("--annotation", "org.criu.config="))
+
+
+def test_a_restore_criu_refuses_says_why(kyb_factory, tmp_path: Path) -> None:
+    """A leave-running checkpoint restored after the program grew a file it holds open read-write:
+    CRIU refuses the restore (the file's size differs from the dump's), and Start says so in one line."""
+    c = kyb_factory("1.6")
+    prog = Program(c, "growing-file", tmp_path / "out")
+    prog.wait_past(10, "the program to run")
+    with ContainerdApi(c.address, c.namespace) as api:
+        leave = api.checkpoint_task(prog.name, exit=False)
+        _forget_spec_blob(c, leave)
+        prog.wait_past(prog.last_step() + 5, "the file to grow past its size at the dump")
+        _stop(api, c, prog.name)
+        api.create_task_from_checkpoint(prog.name, criu_checkpoint(leave))
+        with pytest.raises(ContainerdApiError) as failure:
+            api.start_task(prog.name)
+        message = str(failure.value)
+        assert "criu restore failed: pid " in message and "has bad size" in message, message
+        assert "\n" not in message.split("criu restore failed")[-1], message
+        # Nothing half-restored is left: the task is gone with the failed Start or deletes cleanly.
+        try:
+            api.delete_task(prog.name)
+        except ContainerdApiError as err:
+            assert err.code is not None and err.code.name == "NOT_FOUND", err
+        assert not [t for t in c.ctr("tasks", "ls", "-q").stdout.split() if t == prog.name]
+    prog.check()
 
 
 def _run(c: Containerd, pattern: str, tmp_path: Path, refused: str | None, extra: tuple[str, ...] = ()) -> None:
