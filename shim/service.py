@@ -75,7 +75,7 @@ class TaskService:
             options = gpu_steps.options_with_annotations(options, spec)
         except GpuStepError as err:
             raise TTRPCError(Code.INVALID_ARGUMENT, str(err)) from err
-        _write_criu_config(request.bundle, spec, options)  # runc reads it at dump and at restore
+        _write_criu_config(request.bundle, spec, options)  # runc reads it at dump and restore; ~0.3 ms, inline
         plan = await self._restore_plan(request, spec, options.checkpoint_dir)
         if plan is not None:
             request.checkpoint = plan.checkpoint_dir  # runc restores from it at Start
@@ -227,7 +227,8 @@ class TaskService:
             raise TTRPCError(Code.FAILED_PRECONDITION, f"{container_id}: cannot restore: {err}") from err
 
     async def _criu_error(self, err: TTRPCError, container_id: str, action: str, since: float) -> TTRPCError:
-        """The runc shim's error with CRIU's own one-line reason in front, when CRIU left a fresh log."""
+        """CRIU's one-line reason (and its log's path) in place of the runc shim's "criu failed: type NOTIFY",
+        when CRIU left a fresh log; the status code stays the runc shim's."""
         task = self.gpu.tasks.get(container_id)
         if task is None:
             return err
