@@ -40,7 +40,8 @@ def test_dump_names_the_task_and_the_resource() -> None:
 def test_a_pid_named_in_the_error_wins_over_the_task_being_dumped() -> None:
     log = DUMP_LOG.replace("(00.020000) Error (criu/files-reg.c:1122): Can't create link remap for "
                            "/dev/shm/sem.YzJrg9. Use link-remap option.",
-                           "(00.020000) Error (criu/proc_parse.c:663): Can't handle non-regular mapping on 1720's map 200600000")
+                           "(00.020000) Error (criu/proc_parse.c:663): "
+                           "Can't handle non-regular mapping on 1720's map 200600000")
     failure = criu_errors.parse(log.splitlines())
     assert failure is not None and failure.pid == 1720 and failure.comm is None
     assert failure.reason.startswith("Can't handle non-regular mapping on 1720's map 200600000")
