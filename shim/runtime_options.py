@@ -21,6 +21,8 @@ from google.protobuf import any_pb2
 
 from kybernate.api import runc_options_pb2, runtimeoptions_pb2
 
+from . import criu_config
+
 RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
 CRI_OPTIONS_TYPE = "runtimeoptions.v1.Options"
 
@@ -62,6 +64,9 @@ class KybernateOptions:
     hookd_timeout_s: float = 600.0
     # The only directory `kybernate.io/restore-from` archives are read from.
     checkpoint_dir: str = "/var/lib/kybernate/checkpoints"
+    # CRIU options added to Kybernate's own ones (link-remap) for this runtime's containers, one long
+    # option per entry without dashes, e.g. ["ghost-limit 16M"]; see docs/real-programs.md.
+    criu_options: tuple[str, ...] = ()
 
 
 KYBERNATE_KEYS: dict[str, type] = {
@@ -70,6 +75,7 @@ KYBERNATE_KEYS: dict[str, type] = {
     "pause_releases_vram": bool,
     "hookd_timeout_s": float,
     "checkpoint_dir": str,
+    "criu_options": list,
 }
 
 
@@ -183,7 +189,18 @@ def kybernate_from_table(table: object, origin: str) -> KybernateOptions:
                 f"{origin}: unknown key kybernate.{key}; known: {', '.join(sorted(KYBERNATE_KEYS))}"
             )
         values[key] = _typed(origin, f"kybernate.{key}", value, KYBERNATE_KEYS[key])
+    if "criu_options" in values:
+        values["criu_options"] = _criu_options(origin, values["criu_options"])
     return KybernateOptions(**values)  # type: ignore[arg-type]
+
+
+def _criu_options(origin: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise OptionsError(f"{origin}: kybernate.criu_options must be a list of strings, not {value!r}")
+    try:
+        return criu_config.check_options(value, origin)
+    except criu_config.CriuConfigError as err:
+        raise OptionsError(str(err)) from err
 
 
 def _typed(origin: str, key: str, value: object, kind: type) -> object:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from google.protobuf import any_pb2
 
 from kybernate.api import runc_options_pb2, task_pb2
 
-from . import annotation_limits, gpu_steps, manager, restore_from, runtime_options
+from . import annotation_limits, criu_config, criu_errors, gpu_steps, manager, restore_from, runtime_options
 from .gpu_steps import Event, GpuStepError, GpuSteps, Phase, TaskControl, TaskGpu
 from .runtime_options import KybernateOptions, RuntimeConfig
 from .ttrpc.errors import Code, TTRPCError
@@ -76,6 +77,7 @@ class TaskService:
             options = gpu_steps.options_with_annotations(options, spec)
         except (annotation_limits.AnnotationError, GpuStepError) as err:
             raise TTRPCError(Code.INVALID_ARGUMENT, str(err)) from err
+        _write_criu_config(request.bundle, spec, options)  # runc reads it at dump and restore; ~0.3 ms, inline
         plan = await self._restore_plan(request, spec, options.checkpoint_dir)
         if plan is not None:
             request.checkpoint = plan.checkpoint_dir  # runc restores from it at Start
@@ -89,7 +91,13 @@ class TaskService:
 
     async def start(self, call: Call) -> bytes:
         request = _decode(task_pb2.StartRequest, call)
-        reply = await self.upstream.forward(call)
+        since = time.time()
+        try:
+            reply = await self.upstream.forward(call)
+        except TTRPCError as err:
+            if request.exec_id:
+                raise
+            raise await self._criu_error(err, request.id, "restore", since) from err  # runc restores at Start
         if not request.exec_id:
             await self._gpu_step(Event.START, request.id, "restore GPU state after runc restored the task", call)
         return reply
@@ -118,12 +126,13 @@ class TaskService:
         task = self.gpu.tasks.get(request.id)
         if task is not None and task.phase is Phase.CHECKPOINTED and task.manifest is not None and request.path:
             self._gpu_error_to_status(lambda: gpu_steps.write_manifest(request.path, task.manifest or {}))
+        since = time.time()
         try:
             reply = await self.upstream.forward(call)
-        except TTRPCError:
+        except TTRPCError as err:
             await self._gpu_step(Event.CHECKPOINT_FAILED, request.id, "restore GPU state after a failed checkpoint",
                                  call)
-            raise
+            raise await self._criu_error(err, request.id, "dump", since) from err
         if not _checkpoint_exits(request.options if request.HasField("options") else None):
             await self._gpu_step(Event.CHECKPOINT_DONE, request.id, "restore GPU state after checkpoint", call)
         return reply
@@ -221,6 +230,15 @@ class TaskService:
                                      metadata=self._metadata())
             raise TTRPCError(Code.FAILED_PRECONDITION, f"{container_id}: cannot restore: {err}") from err
 
+    async def _criu_error(self, err: TTRPCError, container_id: str, action: str, since: float) -> TTRPCError:
+        """CRIU's one-line reason (and its log's path) in place of the runc shim's "criu failed: type NOTIFY",
+        when CRIU left a fresh log; the status code stays the runc shim's."""
+        task = self.gpu.tasks.get(container_id)
+        if task is None:
+            return err
+        message = await asyncio.to_thread(criu_errors.explain, action, err.message, task.bundle, since)
+        return err if message == err.message else TTRPCError(err.code, f"{container_id}: {message}")
+
     def _set_paused(self, container_id: str, paused: bool) -> None:
         task = self.gpu.tasks.get(container_id)
         if task is not None:
@@ -287,3 +305,11 @@ def _read_spec(bundle: str) -> dict[str, Any]:
         return manager.read_spec(bundle)
     except manager.StartError as err:
         raise TTRPCError(Code.INVALID_ARGUMENT, str(err)) from err
+
+
+def _write_criu_config(bundle: str, spec: dict[str, Any], options: KybernateOptions) -> None:
+    try:
+        criu_config.apply(bundle, spec, options.criu_options)
+    except OSError as err:
+        raise TTRPCError(Code.FAILED_PRECONDITION,
+                         f"cannot write the CRIU configuration into the bundle {bundle}: {err}") from err

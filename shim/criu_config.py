@@ -1,0 +1,83 @@
+"""CRIU options for Kybernate's own containers, handed to runc through the `org.criu.config` annotation.
+
+runc tells CRIU to read one configuration file on every dump and restore: the file the OCI annotation
+`org.criu.config` names, else the node-wide `/etc/criu/runc.conf`. An empty annotation means no file at
+all. Options in that file win over the ones runc sends over CRIU's RPC. runc reads the annotation from
+the bundle's config.json, at create for a dump and at restore for a restore; so the shim writes a small
+per-container file into the bundle and names it in config.json before it forwards Create. That covers
+every path into runc: `ctr run`, CRI, `ctr c restore`, and `kybernate.io/restore-from` (all Create).
+
+A user who sets `org.criu.config` themselves keeps exactly their choice: the shim then writes nothing.
+Nothing here touches `/etc/criu/runc.conf`, so other runtimes on the node see no change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+ANNOTATION = "org.criu.config"
+FILE_NAME = "kybernate-criu.conf"
+
+# What real programs need and the stock runc leaves off (docs/real-programs.md says why, one by one):
+# - link-remap: lets CRIU link an open or mapped file that was unlinked back under a temporary name
+#   until the restore. Python's multiprocessing keeps its POSIX semaphores (/dev/shm/sem.*) mapped
+#   after sem_unlink, and CRIU refuses such a mapping without this option.
+DEFAULT_OPTIONS: tuple[str, ...] = ("link-remap",)
+
+# One CRIU long option per line, without the leading dashes, optionally followed by one value.
+_OPTION = re.compile(r"^[a-z][a-z0-9-]*( [^\n\r]+)?$")
+
+
+class CriuConfigError(ValueError):
+    """An option that cannot go into CRIU's configuration file; the message says which and why."""
+
+
+def check_options(options: Sequence[str], origin: str) -> tuple[str, ...]:
+    """Validated option lines (`name` or `name value`); a bad one is refused with the reason."""
+    checked = []
+    for option in options:
+        line = option.strip()
+        if line.startswith("--"):
+            line = line[2:]
+        if not _OPTION.match(line):
+            raise CriuConfigError(
+                f"{origin}: criu_options entry {option!r} is not a CRIU option: write one long option "
+                "without dashes, optionally with one value, e.g. 'ghost-limit 16M' or 'tcp-close'"
+            )
+        checked.append(line)
+    return tuple(checked)
+
+
+def render(extra: Sequence[str] = ()) -> str:
+    lines = list(DEFAULT_OPTIONS) + [o for o in extra if o not in DEFAULT_OPTIONS]
+    return "# written by the kybernate shim for this container; see docs/real-programs.md\n" + "\n".join(lines) + "\n"
+
+
+def apply(bundle: str, spec: dict[str, Any], extra: Sequence[str] = ()) -> str | None:
+    """Write the container's CRIU config into the bundle and name it in config.json.
+
+    Returns the file's path, or None when the spec already carries `org.criu.config` (the user's
+    choice, kept as is). `spec` is the bundle's config.json as read at Create; it is updated in place.
+    Costs one small file and one rewrite of config.json.
+    """
+    notes = spec.get("annotations")
+    if not isinstance(notes, dict):
+        notes = {}
+    if ANNOTATION in notes:
+        return None
+    path = os.path.join(bundle, FILE_NAME)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(render(extra))
+    notes[ANNOTATION] = path
+    spec["annotations"] = notes
+    # Rewritten in place, not renamed over: ext4 pushes a file replaced by rename (or O_TRUNC) to disk
+    # at once, which costs milliseconds where /run is not a tmpfs. Nothing reads config.json before we
+    # forward Create, and a torn write fails that Create (nothing was started yet).
+    with open(os.path.join(bundle, "config.json"), "r+", encoding="utf-8") as f:
+        f.write(json.dumps(spec, separators=(",", ":")))
+        f.truncate()
+    return path

@@ -1,0 +1,70 @@
+"""The per-container CRIU config file and the org.criu.config annotation written at Create."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kybernate.shim import criu_config, runtime_options
+
+
+def _bundle(tmp_path: Path, annotations: dict[str, str] | None = None) -> dict:
+    spec: dict = {"ociVersion": "1.0.2", "process": {"args": ["sh"]}}
+    if annotations is not None:
+        spec["annotations"] = annotations
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    os.chmod(tmp_path / "config.json", 0o640)
+    return spec
+
+
+def test_writes_the_file_and_names_it_in_config_json(tmp_path: Path) -> None:
+    spec = _bundle(tmp_path, {"io.kubernetes.cri.container-type": "container"})
+    path = criu_config.apply(str(tmp_path), spec, ("ghost-limit 16M",))
+    assert path == str(tmp_path / criu_config.FILE_NAME)
+    lines = [line for line in Path(path).read_text().splitlines() if not line.startswith("#")]
+    assert lines == ["link-remap", "ghost-limit 16M"]
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["annotations"] == {"io.kubernetes.cri.container-type": "container", criu_config.ANNOTATION: path}
+    assert written["process"] == {"args": ["sh"]}
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", criu_config.FILE_NAME]
+
+
+def test_a_spec_without_annotations_gets_them(tmp_path: Path) -> None:
+    spec = _bundle(tmp_path)
+    path = criu_config.apply(str(tmp_path), spec)
+    assert json.loads((tmp_path / "config.json").read_text())["annotations"] == {criu_config.ANNOTATION: path}
+
+
+@pytest.mark.parametrize("users", ["/etc/my-criu.conf", ""])
+def test_the_users_own_annotation_wins_and_nothing_is_written(tmp_path: Path, users: str) -> None:
+    spec = _bundle(tmp_path, {criu_config.ANNOTATION: users})
+    before = (tmp_path / "config.json").read_bytes()
+    assert criu_config.apply(str(tmp_path), spec, ("tcp-close",)) is None
+    assert (tmp_path / "config.json").read_bytes() == before
+    assert not (tmp_path / criu_config.FILE_NAME).exists()
+
+
+def test_defaults_are_not_repeated(tmp_path: Path) -> None:
+    assert criu_config.render(("link-remap", "file-locks")).splitlines()[1:] == ["link-remap", "file-locks"]
+
+
+@pytest.mark.parametrize("bad", ["", "link remap\nexec evil", "-x", "Link-Remap", "a\rb"])
+def test_bad_options_are_refused_with_the_reason(bad: str) -> None:
+    with pytest.raises(criu_config.CriuConfigError, match="not a CRIU option"):
+        criu_config.check_options([bad], "runtime.toml")
+
+
+def test_runtime_toml_criu_options() -> None:
+    config = runtime_options.from_toml('[kybernate]\ncriu_options = ["--ghost-limit 16M", "file-locks"]\n', "t")
+    assert config.kybernate.criu_options == ("ghost-limit 16M", "file-locks")
+    assert runtime_options.from_toml("", "t").kybernate.criu_options == ()
+
+
+@pytest.mark.parametrize("value", ['"link-remap"', "[1]", '["bad option\\nx"]'])
+def test_runtime_toml_bad_criu_options(value: str) -> None:
+    with pytest.raises(runtime_options.OptionsError, match="criu_options"):
+        runtime_options.from_toml(f"[kybernate]\ncriu_options = {value}\n", "t")
