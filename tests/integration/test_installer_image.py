@@ -113,7 +113,13 @@ def test_the_image_holds_what_the_dockerfile_puts_in_it(installer_images: dict[s
     cmd = re.search(r"(?m)^CMD (.+)$", text)
     assert entry and json.loads(entry.group(1)) == build.ENTRYPOINT
     assert cmd and json.loads(cmd.group(1)) == build.CMD
-    # `RUN command -v nsenter` in the Dockerfile; the DaemonSet's /bin/sh -c and sleep.
+    # Its final stage's Debian packages are among those the image is unpacked from; its ENV is the image's.
+    installed = re.search(r"apt-get install -y --no-install-recommends ([^\\&]+)", final)
+    assert installed, "no apt-get install line in the Dockerfile's final stage"
+    assert set(installed.group(1).split()) <= {name for name, _ in build.read_debs()}
+    env = re.search(r"(?m)^ENV (.+)$", final)
+    assert env and set(env.group(1).split()) == {e for e in build.ENV if not e.startswith("PATH=")}
+    # `command -v nsenter` in the Dockerfile; the DaemonSet's /bin/sh -c and sleep.
     assert {"/usr/bin/nsenter", "/usr/bin/python3", "/usr/bin/sh", "/usr/bin/sleep", "/bin"} <= files
 
 
