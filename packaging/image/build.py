@@ -35,6 +35,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -208,7 +209,6 @@ def download_dependencies(cache: Path, kyb_wheel: Path, python: str, machine: st
 
 
 def _wheel_metadata(wheel: Path) -> str:
-    import zipfile
     with zipfile.ZipFile(wheel) as z:
         name = next(n for n in z.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", n))
         return z.read(name).decode()

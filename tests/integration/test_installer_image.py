@@ -446,7 +446,6 @@ def test_daemonset_install_pod_upgrade_uninstall(
     # ---- a pod of runtime class kybernate ----------------------------------------------------------------------
     first = start_counter(b, "first")
     (old_shim,) = shim_pids(b, SHIM_BINARY)  # one kybernate shim daemon per pod
-    old_exe = os.readlink(f"/proc/{old_shim}/exe")
     checkpoint(b, first, "kyb.local/ckpt/first:1")
 
     # ---- upgrade: a second image version, while the pod runs ---------------------------------------------------
@@ -463,7 +462,7 @@ def test_daemonset_install_pod_upgrade_uninstall(
     # The pod never stopped; the shim that started it still serves it, and it checkpoints.
     seen = counts(b, first.container)[-1]
     wait_for("the first pod to go on counting", lambda: counts(b, first.container)[-1] > seen + 1)
-    assert shim_pids(b, SHIM_BINARY) == [old_shim] and os.readlink(f"/proc/{old_shim}/exe") == old_exe
+    assert shim_pids(b, SHIM_BINARY) == [old_shim]
     checkpoint(b, first, "kyb.local/ckpt/first:2")
     wait_for("the first pod to count after the checkpoint", lambda: counts(b, first.container)[-1] > seen + 3)
     # A new pod runs on the new version.
