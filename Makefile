@@ -7,7 +7,7 @@ PROTO_DIR := proto
 PROTO_FILES := $(sort $(wildcard $(PROTO_DIR)/kybernate/api/*.proto))
 export STACK_PREFIX
 
-.PHONY: all venv proto proto-check stack test unit demo bench clean-stack
+.PHONY: all venv proto proto-check stack image test unit demo bench clean-stack
 
 all: venv
 
@@ -32,10 +32,15 @@ proto-check: venv
 stack:
 	packaging/stack/provision.sh "$(STACK_PREFIX)"
 
+# The node installer image (OCI tar for `ctr images import`), built without a container daemon:
+# packaging/image/build.py. Downloads are cached in /var/tmp/kyb-image-cache; unchanged inputs: no rebuild.
+image: venv
+	$(VENV)/bin/python packaging/image/build.py
+
 unit: venv proto-check
 	$(VENV)/bin/python -m pytest tests/unit -q
 
-test: venv stack proto-check
+test: venv stack proto-check image
 	$(VENV)/bin/python -m pytest -q
 
 demo: venv stack

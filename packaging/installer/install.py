@@ -688,7 +688,12 @@ def plan_containerd(plan: Plan, host: Host, config: PurePosixPath, source: Path 
         blocks = _BLOCK_RE.findall(text)
         if len(blocks) > 1:
             raise InstallError(f"{config} has {len(blocks)} kybernate blocks: keep at most one (or none) and run again")
-        base = _BLOCK_RE.sub("", text).rstrip("\n") + "\n"
+        # The operator's text stays byte for byte (trailing blank lines too), so an uninstall gives it back.
+        base = _BLOCK_RE.sub("", text)
+        if blocks and base.endswith("\n\n"):  # the blank line an earlier install put before its block
+            base = base[:-1]
+        if not base.endswith("\n"):
+            base += "\n"
         base_parsed = _toml(base, str(config))
         if _dig(base_parsed, "plugins", cri, "containerd", "runtimes", RUNTIME_NAME) is not None:
             plan.notes.append(f"{config} already registers runtimes.{RUNTIME_NAME} outside this installer's block: "

@@ -55,6 +55,7 @@ class Containerd:
         env: Mapping[str, str] | None = None,
         log_level: str = "debug",
         netns: str | None = None,
+        mntns: Path | None = None,
     ) -> None:
         if version not in stack.containerd:
             raise ValueError(f"containerd {version!r} is not in the stack (have {sorted(stack.containerd)})")
@@ -73,6 +74,8 @@ class Containerd:
         self.namespace = f"kyb-{self.id}"
         # A named network namespace (/run/netns/<name>) to run in, as a node of its own; None: the host's.
         self.netns = netns
+        # A mount namespace to run in (/proc/<pid>/ns/mnt of a process in it), as a node's own filesystem view.
+        self.mntns = mntns
         self.bridge = f"kyb{self.id}"
         self.subnet = ""
         self.extra_config = extra_config
@@ -97,6 +100,8 @@ class Containerd:
             self._write_cni_conf()
             self.config_path.write_text(self._config() + "\n" + self.extra_config + "\n")
         netns_fd = os.open(f"/run/netns/{self.netns}", os.O_RDONLY) if self.netns else -1
+        mntns_fd = os.open(self.mntns, os.O_RDONLY) if self.mntns else -1
+        fds = tuple(fd for fd in (netns_fd, mntns_fd) if fd >= 0)
         try:
             with open(self.log_path, "ab") as log:
                 self._proc = subprocess.Popen(
@@ -106,12 +111,12 @@ class Containerd:
                     start_new_session=True,
                     # Network namespace only (not `ip netns exec`, which also makes a mount namespace):
                     # its CNI bridge and pods then live in that "node", its mounts stay visible here.
-                    preexec_fn=(lambda: _join_netns(netns_fd)) if netns_fd >= 0 else None,
-                    pass_fds=(netns_fd,) if netns_fd >= 0 else (),
+                    preexec_fn=(lambda: _join_namespaces(netns_fd, mntns_fd)) if fds else None,
+                    pass_fds=fds,
                 )
         finally:
-            if netns_fd >= 0:
-                os.close(netns_fd)
+            for fd in fds:
+                os.close(fd)
         self._wait_ready(timeout)
 
     def restart(self) -> None:
@@ -492,13 +497,16 @@ def _mount_points() -> list[str]:
 
 
 _CLONE_NEWNET = 0x40000000
+_CLONE_NEWNS = 0x00020000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _join_netns(fd: int) -> None:
-    """In the forked child, before exec: move into the network namespace behind `fd`."""
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+def _join_namespaces(netns_fd: int, mntns_fd: int) -> None:
+    """In the forked child, before exec: move into the network and/or mount namespace behind the fds (-1: stay)."""
+    if netns_fd >= 0 and _libc.setns(netns_fd, _CLONE_NEWNET) != 0:
         raise OSError(ctypes.get_errno(), "setns into the node's network namespace failed")
+    if mntns_fd >= 0 and _libc.setns(mntns_fd, _CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "setns into the node's mount namespace failed")
 
 
 def _free_subnet() -> str:

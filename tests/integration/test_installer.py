@@ -728,3 +728,16 @@ def test_uninstall_refuses_while_a_kybernate_shim_runs(
     assert r.returncode == 1
     assert "kybernate shim(s) still run (pids " in r.stderr and str(shim.pid) in r.stderr
     assert snapshot(n.root) == state
+
+
+def test_v2_install_and_uninstall_keep_trailing_blank_lines(make_node: Callable[..., Node]) -> None:
+    """The operator's file ends in blank lines: a re-run changes nothing, the uninstall gives it back byte for byte."""
+    n = make_node("1.6")
+    text = n.original + "\n\n"
+    n.config.write_text(text)
+    n.install()
+    installed = n.config.read_text()
+    assert installed.startswith(text + "\n# >>> kybernate runtime")
+    assert "nothing to change" in n.install().stdout and n.config.read_text() == installed
+    n.install("--uninstall")
+    assert n.config.read_text() == text
