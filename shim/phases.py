@@ -17,6 +17,13 @@ _T0 = time.perf_counter()
 _marks: list[tuple[str, float]] = []
 
 
+def reset() -> None:
+    """Start counting again: a resident process's worker begins its command here, not at import."""
+    global _T0
+    _T0 = time.perf_counter()
+    _marks.clear()
+
+
 def mark(name: str) -> None:
     _marks.append((name, time.perf_counter()))
 

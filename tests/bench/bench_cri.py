@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,15 @@ def snippet(version: str, runtime_toml: Path) -> str:
     return text.replace("/etc/kybernate/runtime.toml", str(runtime_toml)).replace(
         "/usr/local/bin/containerd-shim-kybernate-v1", str(Path(sys.executable).parent / "containerd-shim-kybernate-v1")
     )
+
+
+def listens(sock: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(sock))
+            return True
+        except OSError:
+            return False
 
 
 def timed(step: Callable[[], object]) -> tuple[float, object]:
@@ -93,7 +103,7 @@ def main() -> int:
             env={**os.environ, **env}, stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
-        while not sock.exists():
+        while not listens(sock):
             if resident.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("kybernate-shimd did not come up")
             time.sleep(0.05)
