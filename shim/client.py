@@ -131,13 +131,18 @@ def main(argv: list[str] | None = None) -> int:
         if status is not None:
             return status
         note_fallback_once(path, args[1:])
-    if __package__:
-        from .cli import main as run_here
+    if not __package__:
+        # Run as the launcher (`python -IS`): load site-packages now, and show the shim's command line
+        # rather than the interpreter's (the pod daemon `start` forks inherits it).
+        import site
 
-        return run_here(args[1:])
-    # Run as the launcher (no site-packages): the full interpreter runs the command.
-    os.execv(sys.executable, [sys.executable, "-m", "kybernate.shim.cli", *args[1:]])
-    return 1  # not reached
+        site.main()
+        from kybernate.shim import title
+
+        title.set_title(args)
+    from kybernate.shim.cli import main as run_here
+
+    return run_here(args[1:])
 
 
 def write_launcher(target: str) -> None:

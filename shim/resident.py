@@ -16,7 +16,6 @@ The resident must stay single-threaded (it forks) and runs no event loop of its 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
@@ -26,7 +25,7 @@ import sys
 import time
 
 # Pre-imported on purpose: these are what every start, delete and pod daemon would otherwise import.
-from . import cli, client, manager, phases
+from . import cli, client, manager, phases, title
 from . import daemon as _daemon  # noqa: F401 - asyncio, the task service, protobuf, ttrpc
 from . import runtime_options as _runtime_options  # noqa: F401 - protobuf, tomllib
 
@@ -46,38 +45,12 @@ class ResidentError(RuntimeError):
     """The resident cannot serve; the message says what to do."""
 
 
-# ---- the workers' command line --------------------------------------------------------------------
-
-
-def _argv_area() -> tuple[int, int]:
-    """Start and end address of this process's argv strings (what /proc/<pid>/cmdline shows)."""
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # Fields 48 and 49 of stat (arg_start, arg_end); `fields` starts at field 3.
-    return int(fields[45]), int(fields[46])
-
-
-def title_room() -> int:
-    start, end = _argv_area()
-    return end - start
-
-
-def set_title(argv: list[str]) -> bool:
-    """Make /proc/<pid>/cmdline read `argv`, in place, so a worker and the pod daemon it forks look exactly
-    like today's shim processes (`containerd-shim-kybernate-v1 -namespace … -address … start`) to ps,
-    to containerd's tooling and to the installer's check for running shims. False when it does not fit.
-    """
-    start, end = _argv_area()
-    data = b"\0".join(os.fsencode(a) for a in argv) + b"\0"
-    if len(data) > end - start:
-        return False
-    ctypes.memmove(start, data + b"\0" * (end - start - len(data)), end - start)
-    return True
+# ---- the workers' command line ------------------------------------------------------------------
 
 
 def ensure_title_room(argv: list[str]) -> None:
     """Re-exec once with empty padding arguments if argv is too short to hold a worker's command line."""
-    if title_room() >= TITLE_ROOM or os.environ.get(_REEXEC_ENV):
+    if title.room() >= TITLE_ROOM or os.environ.get(_REEXEC_ENV):
         return
     os.environ[_REEXEC_ENV] = "1"
     os.execv(sys.executable, [sys.executable, "-m", "kybernate.shim.resident", *argv, *[""] * TITLE_ROOM])
@@ -216,7 +189,7 @@ def work(conn: socket.socket) -> int:
     os.environ.update(env)
     # Read at import time in the resident; the client's (containerd's) environment decides here.
     manager.GROUP_STATE_DIR = env.get("KYBERNATE_SHIM_STATE_DIR", _STATE_DIR_AT_IMPORT)
-    set_title(argv)
+    title.set_title(argv)
     try:
         code = cli.main(argv[1:])
     finally:
@@ -259,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         os.unlink(args.socket + client.FALLBACK_MARK_SUFFIX)  # the next absence gets logged again
     except FileNotFoundError:
         pass
-    log.info("ready", extra={"fields": {"socket": args.socket, "pid": os.getpid(), "title_room": title_room(),
+    log.info("ready", extra={"fields": {"socket": args.socket, "pid": os.getpid(), "title_room": title.room(),
                                         **{f"{k}_kib": v for k, v in memory_kib().items()}}})
     try:
         serve(listener, args.max_workers)

@@ -49,10 +49,10 @@ def test_fallback_is_noted_once_per_absence(tmp_path: Path) -> None:
 
 def test_set_title_changes_what_proc_cmdline_shows() -> None:
     code = (
-        "import sys; from kybernate.shim import resident\n"
-        "ok = resident.set_title(['containerd-shim-kybernate-v1', '-id', 'x', 'start'])\n"
+        "import sys; from kybernate.shim import title\n"
+        "ok = title.set_title(['containerd-shim-kybernate-v1', '-id', 'x', 'start'])\n"
         "print(ok, open('/proc/self/cmdline','rb').read().rstrip(b'\\0').split(b'\\0'))\n"
-        "print(resident.set_title(['y' * (resident.title_room() + 1)]))\n"
+        "print(title.set_title(['y' * (title.room() + 1)]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code, *[""] * 100], capture_output=True, text=True, check=True).stdout
     first, second = out.splitlines()
