@@ -139,6 +139,8 @@ def receive(conn: socket.socket) -> tuple[list[int], list[str], str, dict[str, s
     """The client's fds, argv, cwd and environment; ValueError if it is not a request we understand."""
     fd_size = struct.calcsize("i")
     data, ancdata, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(3 * fd_size))
+    if not data and not ancdata:
+        raise EOFError("closed without a request")  # a liveness probe: connect, close
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -174,6 +176,8 @@ def work(conn: socket.socket) -> int:
         return 1
     try:
         fds, argv, cwd, env = receive(conn)
+    except EOFError:
+        return 0
     except (OSError, ValueError) as err:
         log.warning("bad request", extra={"fields": {"error": str(err)}})
         return 1

@@ -93,7 +93,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-cri-"))
     runtime_toml = work / "runtime.toml"
     runtime_toml.write_text((ROOT / "containerd-config" / "runtime.toml").read_text())
-    env = {"KYBERNATE_CONFIG": str(runtime_toml)}
+    # Without --resident the shim must not find one on the default socket either.
+    env = {"KYBERNATE_CONFIG": str(runtime_toml), "KYBERNATE_RESIDENT_SOCKET": "off"}
     resident: subprocess.Popen[bytes] | None = None
     if args.resident:
         sock = work / "shimd.sock"
