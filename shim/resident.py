@@ -188,14 +188,17 @@ def work(conn: socket.socket) -> int:
         os.close(fd)
     # The pod daemon `start` forks must not keep the client's connection open.
     os.register_at_fork(after_in_child=conn.close)
-    os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)
-    # Read at import time in the resident; the client's (containerd's) environment decides here.
-    manager.GROUP_STATE_DIR = env.get("KYBERNATE_SHIM_STATE_DIR", _STATE_DIR_AT_IMPORT)
-    title.set_title(argv)
     try:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        # Read at import time in the resident; the client's (containerd's) environment decides here.
+        manager.GROUP_STATE_DIR = env.get("KYBERNATE_SHIM_STATE_DIR", _STATE_DIR_AT_IMPORT)
+        title.set_title(argv)
         code = cli.main(argv[1:])
+    except Exception as err:  # noqa: BLE001 - cli.main answers its own errors; this is what comes before it
+        sys.stderr.write(f"containerd-shim-kybernate-v1 (kybernate-shimd worker): {err}\n")
+        code = 1
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -216,7 +219,8 @@ def work(conn: socket.socket) -> int:
 def main(argv: list[str] | None = None) -> int:
     args_in = [a for a in (sys.argv[1:] if argv is None else argv) if a]  # drop ensure_title_room's padding
     parser = argparse.ArgumentParser(prog="kybernate-shimd", description=__doc__.split("\n")[0])
-    parser.add_argument("--socket", default=client.resident_socket(), help=f"default: ${client.SOCKET_ENV} or {client.DEFAULT_SOCKET}")
+    parser.add_argument("--socket", default=client.resident_socket(),
+                        help=f"default: ${client.SOCKET_ENV} or {client.DEFAULT_SOCKET}")
     parser.add_argument("--max-workers", type=int, default=MAX_WORKERS)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(args_in)

@@ -21,7 +21,9 @@ def test_request_round_trips_argv_cwd_and_environment() -> None:
     assert client.decode(wire[8:]) == (argv, "/run/x", env)
 
 
-@pytest.mark.parametrize("body", [b"", b"1:2,", b"1:1,1:/,1:0,", b"1:1,1:/,1:5,1:a,", b"9:1,", b"x:1,", b"1:1,1:/,1:1,1:a,3:KEY,"])
+@pytest.mark.parametrize("body", [
+    b"", b"1:2,", b"1:1,1:/,1:0,", b"1:1,1:/,1:5,1:a,", b"9:1,", b"x:1,", b"1:1,1:/,1:1,1:a,3:KEY,",
+])
 def test_malformed_requests_are_refused(body: bytes) -> None:
     with pytest.raises(ValueError):
         client.decode(body)
