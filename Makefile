@@ -45,6 +45,7 @@ demo: venv stack
 
 bench: venv stack
 	$(VENV)/bin/python tests/bench/bench_shim.py
+	$(VENV)/bin/python tests/bench/bench_cri.py
 
 clean-stack:
 	rm -rf "$(STACK_PREFIX)"

@@ -16,6 +16,7 @@ The resident must stay single-threaded (it forks) and runs no event loop of its 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -242,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         pass
     log.info("ready", extra={"fields": {"socket": args.socket, "pid": os.getpid(), "title_room": title.room(),
                                         **{f"{k}_kib": v for k, v in memory_kib().items()}}})
+    # Everything imported so far lives as long as the process: keep the collector off those pages, so
+    # that workers and pod daemons share them copy-on-write instead of copying them on the first GC.
+    gc.freeze()
     try:
         serve(listener, args.max_workers)
     finally:
