@@ -24,7 +24,8 @@ import sys
 import _socket
 
 SOCKET_ENV = "KYBERNATE_RESIDENT_SOCKET"
-DEFAULT_SOCKET = "/run/kybernate/shimd.sock"
+# Its own directory (packaging/systemd/kybernate-shimd.service): hookd's /run/kybernate goes when hookd stops.
+DEFAULT_SOCKET = "/run/kybernate-shimd/shimd.sock"
 PROTOCOL = b"1"
 # Marks that a fallback was already logged since the resident process last started (it removes it).
 FALLBACK_MARK_SUFFIX = ".fallback-logged"
