@@ -16,6 +16,8 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+	# The shim binary without site-packages: the minimal client of kybernate-shimd (shim/client.py).
+	$(VENV)/bin/python -m kybernate.shim.client --write-launcher $(VENV)/bin/containerd-shim-kybernate-v1
 	touch $@
 
 # Regenerate the Python code for every .proto under proto/ (committed; `make proto-check` verifies it).
@@ -48,6 +50,7 @@ demo: venv stack
 
 bench: venv stack
 	$(VENV)/bin/python tests/bench/bench_shim.py
+	$(VENV)/bin/python tests/bench/bench_cri.py
 
 clean-stack:
 	rm -rf "$(STACK_PREFIX)"

@@ -11,7 +11,8 @@ millisecond of import time is paid per container.
 from __future__ import annotations
 
 import sys
-from . import __version__
+
+from . import __version__, phases
 
 # Go's flag package accepts -flag value, -flag=value and --flag; these take a value, the rest are booleans.
 _VALUE_FLAGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket", "debug-socket"}
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from . import manager  # imported here so -v stays instant
 
+        phases.mark("import")
+
         if args.info:
             sys.stdout.buffer.write(manager.info(args, sys.stdin.buffer.read()))
             return 0
@@ -126,9 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "start":
             address = manager.start(args, sys.stdin.buffer.read())
             sys.stdout.write(address)
+            sys.stdout.flush()
+            phases.emit(args.bundle or ".", "start", args.id)
             return 0
         if args.action == "delete":
             sys.stdout.buffer.write(manager.delete(args))
+            sys.stdout.flush()
+            phases.emit(args.bundle or ".", "delete", args.id)
             return 0
         raise UsageError(f"unknown action {args.action!r}: expected start or delete")
     except UsageError as err:

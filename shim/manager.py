@@ -18,6 +18,7 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING
 
+from . import phases
 from .cli import ShimArgs
 
 if TYPE_CHECKING:
@@ -231,14 +232,17 @@ def start(args: ShimArgs, stdin: bytes) -> str:
     spec = read_spec(bundle)
     group = group_id(spec, args.id)
     address = socket_address(args.address, args.namespace, group)
+    phases.mark("spec")
     if can_connect(address):
         write_address(bundle, address)
+        phases.mark("joined")
         return address
     remove_socket(address)
 
     runc_shim = find_runc_shim()
     # Bad options must fail before anything is started.
     runtime_config = convert_options(stdin)
+    phases.mark("options")
     child_cmd = [runc_shim, *args.child_flags(), "start"]
     child = subprocess.Popen(
         child_cmd, cwd=bundle, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -246,6 +250,7 @@ def start(args: ShimArgs, stdin: bytes) -> str:
     # Our daemon's imports overlap the runc shim's start instead of adding to it.
     from . import daemon
 
+    phases.mark("daemon_import")
     try:
         out, err = child.communicate(runtime_config.runc_any_bytes(), timeout=CHILD_START_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
@@ -255,6 +260,7 @@ def start(args: ShimArgs, stdin: bytes) -> str:
         detail = (err or out).decode("utf-8", errors="replace").strip()
         raise StartError(f"{runc_shim} start failed (exit {child.returncode}): {detail}")
     child_shim = parse_child_start_output(out)
+    phases.mark("runc_start")
     try:
         listener = bind_socket(address)
     except StartError:
@@ -279,6 +285,7 @@ def start(args: ShimArgs, stdin: bytes) -> str:
         finally:
             os._exit(code)
     listener.close()
+    phases.mark("forked")
     GroupState(args.namespace, group, address, pid, child_shim.address, child_shim.task_api).save()
     write_address(bundle, address)
     return address
@@ -318,7 +325,10 @@ def delete(args: ShimArgs) -> bytes:
     address = socket_address(args.address, args.namespace, group)
     if not can_connect(address):
         stop_orphaned_child(address)
-    return run_child(find_runc_shim(), [*args.child_flags(), "delete"], bundle, b"")
+    phases.mark("orphans")
+    answer = run_child(find_runc_shim(), [*args.child_flags(), "delete"], bundle, b"")
+    phases.mark("runc_delete")
+    return answer
 
 
 def stop_orphaned_child(address: str) -> None:

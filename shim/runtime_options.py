@@ -108,9 +108,12 @@ def from_any(options: any_pb2.Any | None) -> RuntimeConfig:
         return RuntimeConfig()
     kind = bare_type(options.type_url)
     if kind == RUNC_OPTIONS_TYPE:
+        # containerd speaks runc to us when the runtime is registered as io.containerd.runc.v2 with our
+        # binary as runtime_path (containerd 2.x, so that it sees runc's features). The runc options go on
+        # as given; Kybernate's own settings then come from the node's runtime.toml.
         runc = runc_options_pb2.Options()
         runc.ParseFromString(options.value)
-        return RuntimeConfig(runc=runc)
+        return RuntimeConfig(runc=runc, kybernate=node_default().kybernate)
     if kind == CRI_OPTIONS_TYPE:
         cri = runtimeoptions_pb2.Options()
         cri.ParseFromString(options.value)

@@ -62,6 +62,9 @@ from typing import Any  # noqa: E402
 
 RUNTIME_NAME = "kybernate"
 RUNTIME_TYPE = "io.containerd.kybernate.v1"
+# Per config version: containerd 2.x gets runc's type with our shim as runtime_path, so that CRI sees runc's
+# features (recursive read-only mounts); see containerd-config/config-v3-kybernate.toml.
+RUNTIME_TYPES = {2: RUNTIME_TYPE, 3: "io.containerd.runc.v2"}
 MIN_HOST_PYTHON = (3, 11)
 # Where CRI keeps its runtimes, per config version.
 CRI_RUNTIME_PLUGIN = {2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.runtime"}
@@ -517,8 +520,8 @@ def _snippet_tables(source: Path, version: int) -> str:
     body = "".join(lines[start:])
     parsed = _toml(body, str(path))
     entry = _dig(parsed, "plugins", CRI_RUNTIME_PLUGIN[version], "containerd", "runtimes", RUNTIME_NAME)
-    if not entry or entry.get("runtime_type") != RUNTIME_TYPE:
-        raise InstallError(f"{path} does not define runtimes.{RUNTIME_NAME} with runtime_type {RUNTIME_TYPE}")
+    if not entry or entry.get("runtime_type") != RUNTIME_TYPES[version]:
+        raise InstallError(f"{path} does not define runtimes.{RUNTIME_NAME} with runtime_type {RUNTIME_TYPES[version]}")
     return body
 
 
@@ -1099,7 +1102,8 @@ def _run_host_command(cmd: HostCommand, host: Host, host_exec: HostExec, config:
     if cmd.argv == ["systemctl", "restart", "containerd"]:
         # Never restart into a config containerd cannot load: ask containerd itself first.
         check = host_exec.run(["containerd", "--config", str(config), "config", "dump"], timeout=60)
-        if check.returncode != 0 or (not args.uninstall and RUNTIME_TYPE not in check.stdout):
+        ours = (RUNTIME_TYPE, str(BIN_DIR / LAUNCHERS[0]))
+        if check.returncode != 0 or (not args.uninstall and not any(mark in check.stdout for mark in ours)):
             said = (check.stderr.strip() or "the kybernate runtime is not in its output")[-800:]
             print(f"install.py: error: `containerd --config {config} config dump` does not accept the new config "
                   f"({said}); containerd NOT restarted", file=sys.stderr)

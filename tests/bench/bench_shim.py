@@ -5,14 +5,15 @@ Paired and interleaved so drift hits both sides alike:
 - one State and one Pids round trip over ttrpc, to our shim vs straight to the runc shim behind it
   (the same container, so the difference is exactly the proxy hop).
 
-Usage: python tests/bench/bench_shim.py [--containerd 1.6|2.1] [--runs 20] [--calls 200]
-Prints a markdown table.
+Usage: python tests/bench/bench_shim.py [--containerd 1.6|2.1] [--runs 20] [--calls 200] [--resident]
+Prints a markdown table. With --resident a kybernate-shimd is started for the instance first.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import statistics
 import subprocess
 import sys
@@ -28,12 +29,27 @@ from harness.containerd import Containerd  # noqa: E402
 from harness.stack import load_stack  # noqa: E402
 
 from kybernate.api import task_pb2  # noqa: E402
-from kybernate.shim import manager  # noqa: E402
+from kybernate.shim import client, manager  # noqa: E402
 from kybernate.shim.ttrpc.client import Client  # noqa: E402
 from kybernate.shim.upstream import TASK_V2  # noqa: E402
 
 KYBERNATE = "io.containerd.kybernate.v1"
 RUNC = "io.containerd.runc.v2"
+
+
+def start_resident(sock: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-m", "kybernate.shim.resident", "--socket", str(sock)],
+                            stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(sock))
+                return proc
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("kybernate-shimd did not come up") from None
+        time.sleep(0.05)
 
 
 def timed_run(c: Containerd, runtime: str, name: str) -> float:
@@ -80,10 +96,14 @@ def main() -> int:
     parser.add_argument("--containerd", default="2.1", choices=["1.6", "2.1"])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--resident", action="store_true", help="start kybernate-shimd for the instance first")
     args = parser.parse_args()
 
     stack = load_stack()
-    c = Containerd(stack, args.containerd, extra_path=[Path(sys.executable).parent], log_level="info")
+    work = Path(tempfile.mkdtemp(prefix="bench-shim-"))
+    env = {client.SOCKET_ENV: str(work / "shimd.sock") if args.resident else "off"}
+    resident = start_resident(work / "shimd.sock") if args.resident else None
+    c = Containerd(stack, args.containerd, extra_path=[Path(sys.executable).parent], log_level="info", env=env)
     try:
         c.start()
         with tempfile.TemporaryDirectory() as d:
@@ -115,10 +135,14 @@ def main() -> int:
         c.ctr("tasks", "kill", "-s", "SIGKILL", "rt")
     finally:
         c.stop()
+        if resident is not None:
+            resident.terminate()
+            resident.wait(10)
 
     version = subprocess.run([str(stack.containerd[args.containerd].containerd), "--version"],
                              capture_output=True, text=True).stdout.split()[2]
-    print(f"containerd {version}, {args.runs} paired runs, {args.calls} paired calls, medians\n")
+    mode = "resident kybernate-shimd" if args.resident else "no resident process"
+    print(f"containerd {version}, {args.runs} paired runs, {args.calls} paired calls, {mode}, medians\n")
     print("| measure | runc-v2 | kybernate | difference | n |")
     print("| --- | --- | --- | --- | --- |")
     print(row("`ctr run --rm` wall time (start, run `true`, delete)", kyb_s, runc_s, 1000, "ms"))

@@ -35,6 +35,11 @@ class CriClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def handler_features(self) -> dict[str, pb.RuntimeHandlerFeatures]:
+        """What the runtime reports per runtime handler ("" is the default handler); containerd 2.x only."""
+        status = self.runtime.Status(pb.StatusRequest(), timeout=self.timeout)
+        return {h.name: h.features for h in status.runtime_handlers}
+
     def version(self) -> pb.VersionResponse:
         return self.runtime.Version(pb.VersionRequest(version="v1"), timeout=self.timeout)
 
@@ -89,6 +94,7 @@ class CriClient:
         env: dict[str, str] | None = None,
         annotations: dict[str, str] | None = None,
         log_path: str = "",
+        mounts: list[pb.Mount] | None = None,
     ) -> str:
         config = pb.ContainerConfig(
             metadata=pb.ContainerMetadata(name=name),
@@ -98,6 +104,7 @@ class CriClient:
             envs=[pb.KeyValue(key=k, value=v) for k, v in (env or {}).items()],
             annotations=annotations or {},
             log_path=log_path,
+            mounts=mounts or [],
         )
         req = pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod_config)
         return self.runtime.CreateContainer(req, timeout=self.timeout).container_id

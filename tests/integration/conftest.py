@@ -23,6 +23,7 @@ def runtime_config_snippet(version: str, runtime_toml: Path) -> str:
     """The shipped containerd-config snippet for this version, pointed at a test runtime.toml."""
     name = "config-v2-kybernate.toml" if version == "1.6" else "config-v3-kybernate.toml"
     text = (ROOT / "containerd-config" / name).read_text()
+    text = text.replace("/usr/local/bin/containerd-shim-kybernate-v1", str(VENV_BIN / SHIM_BINARY))
     return text.replace("/etc/kybernate/runtime.toml", str(runtime_toml))
 
 

@@ -39,6 +39,10 @@ pytestmark = pytest.mark.stack
 ROOT = Path(__file__).resolve().parents[2]
 INSTALLER = ROOT / "packaging" / "installer" / "install.py"
 RUNTIME_TYPE = "io.containerd.kybernate.v1"
+# containerd 2.x: runc's type with our shim as runtime_path (CRI introspects runc's features only for it).
+RUNTIME_TYPES = {"1.6": RUNTIME_TYPE, "2.1": "io.containerd.runc.v2"}
+RUNTIME_PATH = "/usr/local/bin/containerd-shim-kybernate-v1"
+OPTIONS = {"1.6": {"ConfigPath": "/etc/kybernate/runtime.toml"}, "2.1": {"SystemdCgroup": False}}
 CRI = {"1.6": "io.containerd.grpc.v1.cri", "2.1": "io.containerd.cri.v1.runtime"}
 CONFIG_VERSION = {"1.6": 2, "2.1": 3}
 DROPIN = "/etc/containerd/conf.d/kybernate.toml"
@@ -231,9 +235,10 @@ def test_install_registers_the_runtime_and_a_second_run_changes_nothing(node: No
         assert node.config.read_text().startswith(node.original.rstrip("\n") + "\n\n# >>> kybernate runtime")
         del config["plugins"][cri]["containerd"]["runtimes"]["kybernate"]
         assert config == before
-    assert entry["runtime_type"] == RUNTIME_TYPE
+    assert entry["runtime_type"] == RUNTIME_TYPES[node.version]
+    assert entry.get("runtime_path") == (RUNTIME_PATH if node.version == "2.1" else None)
     assert entry["pod_annotations"] == entry["container_annotations"] == ["kybernate.io/*"]
-    assert entry["options"] == {"ConfigPath": "/etc/kybernate/runtime.toml"}
+    assert entry["options"] == OPTIONS[node.version]
 
     for name in LAUNCHERS:
         launcher = node.path(f"/usr/local/bin/{name}")
@@ -527,9 +532,9 @@ def test_containerd_config_dump_shows_the_runtime_and_the_operators_settings(
     cri = CRI[node.version]
     runtimes = _dig(dump, "plugins", cri, "containerd", "runtimes")
     kyb = runtimes["kybernate"]
-    assert kyb["runtime_type"] == RUNTIME_TYPE
+    assert kyb["runtime_type"] == RUNTIME_TYPES[node.version]
     assert kyb["pod_annotations"] == kyb["container_annotations"] == ["kybernate.io/*"]
-    assert kyb["options"] == {"ConfigPath": "/etc/kybernate/runtime.toml"}
+    assert kyb["options"] == OPTIONS[node.version]
     assert runtimes["runc"]["runtime_type"] == "io.containerd.runc.v2"
     assert _dig(dump, "plugins", cri, "max_container_log_line_size") == 12345
 
@@ -552,9 +557,9 @@ def test_a_started_containerd_serves_the_runtime_through_cri(node: Node, stack: 
             proc.wait(timeout=10)
     cri_config = json.loads(info["config"])
     kyb = cri_config["containerd"]["runtimes"]["kybernate"]
-    assert kyb["runtimeType"] == RUNTIME_TYPE
+    assert kyb["runtimeType"] == RUNTIME_TYPES[node.version]
     assert kyb["PodAnnotations"] == kyb["ContainerAnnotations"] == ["kybernate.io/*"]
-    assert kyb["options"] == {"ConfigPath": "/etc/kybernate/runtime.toml"}
+    assert kyb["options"] == OPTIONS[node.version]
     assert cri_config["containerd"]["runtimes"]["runc"]["runtimeType"] == "io.containerd.runc.v2"
     # 1.6 spells it maxContainerLogSize, 2.1 maxContainerLogLineSize.
     assert cri_config.get("maxContainerLogSize", cri_config.get("maxContainerLogLineSize")) == 12345

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import RUNC_SHIM_BINARY, SHIM_BINARY, mounts_under, shim_pids
@@ -55,3 +57,38 @@ def test_bad_runtime_options_fail_the_pod_with_a_clear_error(kyb_factory) -> Non
         assert cri.list_pods() == [] or all(p.state != pb.SANDBOX_READY for p in cri.list_pods())
     assert shim_pids(c, SHIM_BINARY) == []
     assert shim_pids(c, RUNC_SHIM_BINARY) == []
+
+
+def test_recursive_read_only_mount_works_under_kybernate_as_under_runc_on_2_1(
+    kyb_factory, tmp_path: Path
+) -> None:
+    """containerd 2.x sees runc's features through our shim (issue 15): the sub-mount is read-only too."""
+    c = kyb_factory("2.1")
+    host = tmp_path / "shared"
+    (host / "sub").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "kyb-rro", str(host / "sub")], check=True)
+    try:
+        with c.cri() as cri:
+            features = cri.handler_features()
+            assert features["kybernate"].recursive_read_only_mounts
+            assert features["kybernate"] == features["runc"]
+            outcomes = {}
+            for handler in ("runc", "kybernate"):
+                config = cri.pod_config(f"rro-{handler}")
+                pod = cri.run_pod(config, runtime_handler=handler)
+                mount = pb.Mount(container_path="/data", host_path=str(host), readonly=True,
+                                 recursive_read_only=True, propagation=pb.PROPAGATION_PRIVATE)
+                cid = cri.create_container(pod, config, "main", BUSYBOX_IMAGE, command=["sleep", "3600"],
+                                           mounts=[mount])
+                cri.start_container(cid)
+                probe = ("touch /data/top 2>/dev/null && echo top-rw || echo top-ro; "
+                         "touch /data/sub/x 2>/dev/null && echo sub-rw || echo sub-ro")
+                outcomes[handler] = cri.exec_sync(cid, ["sh", "-c", probe]).stdout.decode().split()
+                cri.stop_pod(pod)
+                cri.remove_pod(pod)
+            assert outcomes["runc"] == ["top-ro", "sub-ro"]
+            assert outcomes["kybernate"] == outcomes["runc"]
+        assert c.running(), "containerd died"
+        assert "panic" not in c.log_text()
+    finally:
+        subprocess.run(["umount", str(host / "sub")], check=False)

@@ -48,6 +48,26 @@ def test_runc_options_pass_through():
     assert runtime_options.from_any(wrapped).runc == runc
 
 
+def test_runc_options_take_kybernate_settings_from_the_node_file(tmp_path, monkeypatch):
+    node = tmp_path / "runtime.toml"
+    node.write_text('Root = "/ignored"\n[kybernate]\nlock_timeout_ms = 1234\n')
+    monkeypatch.setenv("KYBERNATE_CONFIG", str(node))
+    runc = runc_options_pb2.Options(root="/given")
+    wrapped = any_pb2.Any(type_url="containerd.runc.v1.Options", value=runc.SerializeToString())
+    config = runtime_options.from_any(wrapped)
+    assert config.runc == runc  # containerd's runc options win whole
+    assert config.kybernate.lock_timeout_ms == 1234
+
+
+def test_runc_options_with_a_broken_node_file_fail_clearly(tmp_path, monkeypatch):
+    node = tmp_path / "runtime.toml"
+    node.write_text('Bogus = 1\n')
+    monkeypatch.setenv("KYBERNATE_CONFIG", str(node))
+    wrapped = any_pb2.Any(type_url="containerd.runc.v1.Options", value=b"")
+    with pytest.raises(runtime_options.OptionsError, match="unknown key 'Bogus'"):
+        runtime_options.from_any(wrapped)
+
+
 def test_the_shipped_runtime_toml_is_valid():
     from pathlib import Path
 

@@ -1,0 +1,261 @@
+"""kybernate-shimd: a resident, pre-imported process that runs the shim's commands in forked workers.
+
+Every `containerd-shim-kybernate-v1 start|delete|-info` (shim/client.py) connects here and passes its argv,
+cwd, environment and its stdin/stdout/stderr. The resident forks a worker per command: the worker takes
+over those fds, environment and cwd and runs the command exactly as shim/cli.py would in a fresh process,
+but with every module already imported, so a pod's shim daemon is a fork of a warm process. The resident
+itself only accepts and forks; it never runs a command, so a crash in one command costs one worker.
+
+After the fork each pod has its own daemon process (forked by the worker, as `start` always did): it does
+not depend on the resident, so pods keep running when the resident dies, is restarted or is upgraded.
+Without the resident the client runs the command itself (the slow path) and logs that once.
+
+The resident must stay single-threaded (it forks) and runs no event loop of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+
+# Pre-imported on purpose: these are what every start, delete and pod daemon would otherwise import.
+from . import cli, client, manager, phases, title
+from . import daemon as _daemon  # noqa: F401 - asyncio, the task service, protobuf, ttrpc
+from . import runtime_options as _runtime_options  # noqa: F401 - protobuf, tomllib
+
+log = logging.getLogger("kybernate.shim.resident")
+
+# Bytes of argv the resident keeps for its workers' command lines (see set_title).
+TITLE_ROOM = 4096
+_REEXEC_ENV = "KYBERNATE_SHIMD_TITLE_ROOM"
+MAX_WORKERS = 64
+# A worker waits this long for its client's request; a client that never sends one costs one worker.
+REQUEST_TIMEOUT_S = 10.0
+ACCEPT_POLL_S = 0.5
+_STATE_DIR_AT_IMPORT = manager.GROUP_STATE_DIR
+
+
+class ResidentError(RuntimeError):
+    """The resident cannot serve; the message says what to do."""
+
+
+# ---- the workers' command line ------------------------------------------------------------------
+
+
+def ensure_title_room(argv: list[str]) -> None:
+    """Re-exec once with empty padding arguments if argv is too short to hold a worker's command line."""
+    if title.room() >= TITLE_ROOM or os.environ.get(_REEXEC_ENV):
+        return
+    os.environ[_REEXEC_ENV] = "1"
+    os.execv(sys.executable, [sys.executable, "-m", "kybernate.shim.resident", *argv, *[""] * TITLE_ROOM])
+
+
+# ---- the resident ---------------------------------------------------------------------------------
+
+
+def bind(path: str) -> socket.socket:
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            raise ResidentError(f"another kybernate-shimd already listens on {path}")
+        except OSError:
+            os.unlink(path)  # left by a resident that died
+        finally:
+            probe.close()
+    os.makedirs(os.path.dirname(path) or ".", mode=0o711, exist_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chmod(path, 0o600)
+    listener.listen(128)
+    return listener
+
+
+def memory_kib() -> dict[str, int]:
+    """Resident and proportional set size of this process (Pss counts pages shared with forks once)."""
+    found = {}
+    for name, key in (("/proc/self/status", "VmRSS:"), ("/proc/self/smaps_rollup", "Pss:")):
+        try:
+            with open(name) as f:
+                line = next((x for x in f if x.startswith(key)), "")
+            found[key.rstrip(":").lower()] = int(line.split()[1]) if line else -1
+        except OSError:
+            found[key.rstrip(":").lower()] = -1
+    return found
+
+
+def serve(listener: socket.socket, max_workers: int = MAX_WORKERS) -> None:
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
+    listener.settimeout(ACCEPT_POLL_S)
+    workers: set[int] = set()
+    while not stopping:
+        _reap(workers, block=len(workers) >= max_workers)
+        try:
+            conn, _ = listener.accept()
+        except (TimeoutError, InterruptedError):
+            continue
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()  # or the worker would write our buffered lines into containerd's pipe
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                listener.close()
+                code = work(conn)
+            except BaseException:  # noqa: BLE001 - a worker never returns into the accept loop
+                log.exception("worker failed")
+            finally:
+                os._exit(code)
+        conn.close()
+        workers.add(pid)
+    log.info("stopping", extra={"fields": {"signal": stopping[0], "workers_in_flight": len(workers)}})
+
+
+def _reap(workers: set[int], block: bool) -> None:
+    while workers:
+        try:
+            pid, _ = os.waitpid(-1, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            workers.clear()
+            return
+        if pid == 0:
+            return
+        workers.discard(pid)
+        block = False
+
+
+# ---- one worker -----------------------------------------------------------------------------------
+
+
+def receive(conn: socket.socket) -> tuple[list[int], list[str], str, dict[str, str]]:
+    """The client's fds, argv, cwd and environment; ValueError if it is not a request we understand."""
+    fd_size = struct.calcsize("i")
+    data, ancdata, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(3 * fd_size))
+    if not data and not ancdata:
+        raise EOFError("closed without a request")  # a liveness probe: connect, close
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += [int.from_bytes(payload[i : i + fd_size], sys.byteorder) for i in range(0, len(payload), fd_size)]
+    if len(fds) != 3:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"expected stdin, stdout and stderr, got {len(fds)} fds")
+    if len(data) < 8:
+        raise ValueError("short request")
+    size = int.from_bytes(data[:8], "big")
+    if size > client.MAX_REQUEST:
+        raise ValueError(f"request of {size} bytes is over the limit")
+    body = data[8:]
+    while len(body) < size:
+        chunk = conn.recv(size - len(body))
+        if not chunk:
+            raise ValueError("request cut short")
+        body += chunk
+    argv, cwd, env = client.decode(body)
+    return fds, argv, cwd, env
+
+
+def work(conn: socket.socket) -> int:
+    """Run one command as the client's process would have, then send its exit status."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    phases.reset()
+    conn.settimeout(REQUEST_TIMEOUT_S)
+    uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+    if uid != os.getuid():
+        log.warning("refused a client of another user", extra={"fields": {"uid": uid}})
+        return 1
+    try:
+        fds, argv, cwd, env = receive(conn)
+    except EOFError:
+        return 0
+    except (OSError, ValueError) as err:
+        log.warning("bad request", extra={"fields": {"error": str(err)}})
+        return 1
+    # From here stdout and stderr are the client's: nothing of ours may be written there.
+    logging.getLogger().handlers.clear()
+    for target, fd in zip((0, 1, 2), fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    # The pod daemon `start` forks must not keep the client's connection open.
+    os.register_at_fork(after_in_child=conn.close)
+    try:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        # Read at import time in the resident; the client's (containerd's) environment decides here.
+        manager.GROUP_STATE_DIR = env.get("KYBERNATE_SHIM_STATE_DIR", _STATE_DIR_AT_IMPORT)
+        title.set_title(argv)
+        code = cli.main(argv[1:])
+    except Exception as err:  # noqa: BLE001 - cli.main answers its own errors; this is what comes before it
+        sys.stderr.write(f"containerd-shim-kybernate-v1 (kybernate-shimd worker): {err}\n")
+        code = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except OSError:
+                pass
+    conn.settimeout(REQUEST_TIMEOUT_S)
+    try:
+        conn.sendall(b"%d\n" % code)
+    except OSError:
+        pass  # the client is gone: containerd gave up on this command
+    return 0
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_in = [a for a in (sys.argv[1:] if argv is None else argv) if a]  # drop ensure_title_room's padding
+    parser = argparse.ArgumentParser(prog="kybernate-shimd", description=__doc__.split("\n")[0])
+    parser.add_argument("--socket", default=client.resident_socket(),
+                        help=f"default: ${client.SOCKET_ENV} or {client.DEFAULT_SOCKET}")
+    parser.add_argument("--max-workers", type=int, default=MAX_WORKERS)
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(args_in)
+    if args.max_workers < 1:
+        parser.error("--max-workers must be at least 1")
+    if argv is None:
+        ensure_title_room(args_in)
+    from kybernate.hooks.logs import setup as setup_logs
+
+    setup_logs(args.log_level)
+    try:
+        listener = bind(args.socket)
+    except (ResidentError, OSError) as err:
+        log.error("cannot listen", extra={"fields": {"socket": args.socket, "error": str(err)}})
+        return 1
+    try:
+        os.unlink(args.socket + client.FALLBACK_MARK_SUFFIX)  # the next absence gets logged again
+    except FileNotFoundError:
+        pass
+    log.info("ready", extra={"fields": {"socket": args.socket, "pid": os.getpid(), "title_room": title.room(),
+                                        **{f"{k}_kib": v for k, v in memory_kib().items()}}})
+    # Everything imported so far lives as long as the process: keep the collector off those pages, so
+    # that workers and pod daemons share them copy-on-write instead of copying them on the first GC.
+    gc.freeze()
+    try:
+        serve(listener, args.max_workers)
+    finally:
+        listener.close()
+        try:
+            os.unlink(args.socket)
+        except FileNotFoundError:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
