@@ -10,11 +10,11 @@ read() when ptrace stopped it (the kernel must restart that read).
 from __future__ import annotations
 
 import os
-import time
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
