@@ -62,6 +62,9 @@ class KybernateOptions:
     hookd_timeout_s: float = 600.0
     # The only directory `kybernate.io/restore-from` archives are read from.
     checkpoint_dir: str = "/var/lib/kybernate/checkpoints"
+    # Where the shim records each GPU task's desired GPU state (docs/lifecycle.md); kybernate-hookd's
+    # --intent-dir must name the same directory for its reconciler to find them.
+    intent_dir: str = "/run/kybernate/intent"
 
 
 KYBERNATE_KEYS: dict[str, type] = {
@@ -70,6 +73,7 @@ KYBERNATE_KEYS: dict[str, type] = {
     "pause_releases_vram": bool,
     "hookd_timeout_s": float,
     "checkpoint_dir": str,
+    "intent_dir": str,
 }
 
 

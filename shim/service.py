@@ -18,8 +18,10 @@ from google.protobuf import any_pb2
 from kybernate.api import runc_options_pb2, task_pb2
 
 from . import gpu_steps, manager, restore_from, runtime_options
-from .gpu_steps import Event, GpuStepError, GpuSteps, Phase, TaskControl, TaskGpu
+from .errors import FailedPrecondition, InvalidArgument, to_status
+from .gpu_steps import Event, GpuSteps, Phase, TaskControl, TaskGpu
 from .runtime_options import KybernateOptions, RuntimeConfig
+from .taskspec import TaskSpec
 from .ttrpc.errors import Code, TTRPCError
 from .ttrpc.server import Call
 from .upstream import TASK_SERVICES, Upstream
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 CHECKPOINT_OPTIONS_TYPE = "containerd.runc.v1.CheckpointOptions"
+# How long Start waits for a task it had to kill (its GPU state could not be restored) to exit.
+KILL_WAIT_S = 30.0
 
 
 class TaskService:
@@ -45,6 +49,7 @@ class TaskService:
             control=TaskControl(pids=self._pids, freeze=self._freeze, thaw=self._thaw),
             driver_for=driver_for,
         )
+        self._background: set[asyncio.Task[None]] = set()
         self._intercepted: dict[str, Callable[[Call], Awaitable[bytes]]] = {
             "Create": self.create,
             "Start": self.start,
@@ -62,34 +67,42 @@ class TaskService:
         method = self._intercepted.get(call.method)
         if method is None:
             return await self.upstream.forward(call)
-        return await method(call)
+        try:
+            return await method(call)
+        except Exception as err:  # the one place errors become statuses
+            raise to_status(err) from err
 
     # --- intercepted calls -------------------------------------------------------------------------
 
     async def create(self, call: Call) -> bytes:
         request = _decode(task_pb2.CreateTaskRequest, call)
         options, changed = self._options_for_child(request)
-        spec = _read_spec(request.bundle)
-        try:
-            options = gpu_steps.options_with_annotations(options, spec)
-        except GpuStepError as err:
-            raise TTRPCError(Code.INVALID_ARGUMENT, str(err)) from err
-        plan = await self._restore_plan(request, spec, options.checkpoint_dir)
+        spec = TaskSpec.parse(request.id, self.namespace, request.bundle, _read_spec(request.bundle), options)
+        plan = await self._restore_plan(request, spec)
         if plan is not None:
             request.checkpoint = plan.checkpoint_dir  # runc restores from it at Start
             changed = True
-        phase, manifest = self._gpu_phase(spec, request.checkpoint)
+        phase, manifest = await self._gpu_phase(spec, request.checkpoint)
         reply = await self.upstream.forward(call, request.SerializeToString() if changed else None)
         if plan is not None:
             await self._apply_rootfs(request.id, request.bundle, plan)
-        self.gpu.created(TaskGpu(request.id, self.namespace, request.bundle, options, phase, manifest=manifest))
+        await self.gpu.created(TaskGpu(spec, phase, manifest=manifest))
         return reply
 
     async def start(self, call: Call) -> bytes:
         request = _decode(task_pb2.StartRequest, call)
         reply = await self.upstream.forward(call)
-        if not request.exec_id:
+        if request.exec_id or self.gpu.phase(request.id) is Phase.NO_GPU:
+            return reply
+        await self.gpu.started(request.id, task_pb2.StartResponse.FromString(reply).pid)
+        try:
             await self._gpu_step(Event.START, request.id, "restore GPU state after runc restored the task")
+        except TTRPCError as err:
+            # A task running with its GPU state in host memory would look RUNNING while it cannot use its
+            # GPU: stop it, so containerd's view (start failed, task stopped) is the truth.
+            await self._stop_task(request.id)
+            raise TTRPCError(err.code, f"{err.message}. The task was stopped; its checkpoint is unchanged: "
+                                       "fix the cause and create the task from the checkpoint again") from err
         return reply
 
     async def pause(self, call: Call) -> bytes:
@@ -105,23 +118,35 @@ class TaskService:
 
     async def resume(self, call: Call) -> bytes:
         request = _decode(task_pb2.ResumeRequest, call)
-        reply = await self.upstream.forward(call)
+        task = self.gpu.tasks.get(request.id)
+        if task is not None and not task.paused and task.phase is Phase.UNKNOWN:
+            # An earlier Resume thawed the task but its GPU step failed and the task could not be frozen
+            # again: runc would refuse ("not paused"); the GPU step alone finishes the resume.
+            reply = task_pb2.Empty().SerializeToString()
+        else:
+            reply = await self.upstream.forward(call)
         self._set_paused(request.id, False)
-        await self._gpu_step(Event.RESUME, request.id, "restore GPU state after resuming")
+        try:
+            await self._gpu_step(Event.RESUME, request.id, "restore GPU state after resuming")
+        except TTRPCError as err:
+            raise TTRPCError(err.code, err.message + await self._refreeze(request.id)) from err
         return reply
 
     async def checkpoint(self, call: Call) -> bytes:
         request = _decode(task_pb2.CheckpointTaskRequest, call)
         await self._gpu_step(Event.CHECKPOINT, request.id, "checkpoint GPU state before the CRIU dump")
         task = self.gpu.tasks.get(request.id)
-        if task is not None and task.phase is Phase.CHECKPOINTED and task.manifest is not None and request.path:
-            self._gpu_error_to_status(lambda: gpu_steps.write_manifest(request.path, task.manifest or {}))
+        if task is not None and task.phase is Phase.DUMPING and task.manifest is not None and request.path:
+            await asyncio.to_thread(gpu_steps.write_manifest, request.path, task.manifest or {})
         try:
             reply = await self.upstream.forward(call)
         except TTRPCError:
+            await self._thaw_if_left_frozen(request.id)
             await self._gpu_step(Event.CHECKPOINT_FAILED, request.id, "restore GPU state after a failed checkpoint")
             raise
-        if not _checkpoint_exits(request.options if request.HasField("options") else None):
+        if _checkpoint_exits(request.options if request.HasField("options") else None):
+            await self._gpu_step(Event.CHECKPOINT_EXIT, request.id, "record the checkpoint")
+        else:
             await self._gpu_step(Event.CHECKPOINT_DONE, request.id, "restore GPU state after checkpoint")
         return reply
 
@@ -129,13 +154,17 @@ class TaskService:
         request = _decode(task_pb2.DeleteRequest, call)
         reply = await self.upstream.forward(call)
         if not request.exec_id:
-            self.gpu.forget(request.id)
+            await self.gpu.forget(request.id)
         return reply
 
     async def connect(self, call: Call) -> bytes:
         reply = task_pb2.ConnectResponse.FromString(await self.upstream.forward(call))
         # containerd treats the shim pid as the process to watch and kill: that is us, not the child.
         reply.shim_pid = os.getpid()
+        # containerd (re)connected: settle tasks whose last GPU step failed, without holding up its answer.
+        reconcile = asyncio.create_task(self.gpu.reconcile(), name="gpu-reconcile")
+        self._background.add(reconcile)
+        reconcile.add_done_callback(self._background.discard)
         return reply.SerializeToString()
 
     async def shutdown(self, call: Call) -> bytes:
@@ -160,7 +189,7 @@ class TaskService:
         try:
             config = self.defaults if given is None else runtime_options.from_any(given)
         except runtime_options.OptionsError as err:
-            raise TTRPCError(Code.INVALID_ARGUMENT, str(err)) from err
+            raise InvalidArgument(str(err)) from err
         converted = config.runc_any()
         if converted is not None:
             request.options.CopyFrom(converted)
@@ -170,23 +199,21 @@ class TaskService:
             return config.kybernate, True
         return config.kybernate, False
 
-    def _gpu_phase(self, spec: dict[str, Any], checkpoint_dir: str) -> tuple[Phase, dict[str, Any] | None]:
+    async def _gpu_phase(self, spec: TaskSpec, checkpoint_dir: str) -> tuple[Phase, dict[str, Any] | None]:
         """Where a new task starts in the GPU lifecycle, with the manifest of the checkpoint it comes from."""
-        if not gpu_steps.is_gpu_container(spec):
+        if not spec.gpu:
             return Phase.NO_GPU, None
         if not checkpoint_dir:
             return Phase.LIVE, None
-        manifest = self._gpu_error_to_status(lambda: gpu_steps.read_manifest(checkpoint_dir))
+        manifest = await asyncio.to_thread(gpu_steps.read_manifest, checkpoint_dir)
         if manifest is not None and manifest.get("processes"):
             return Phase.RESTORE_PENDING, manifest
         return Phase.LIVE, manifest
 
-    async def _restore_plan(
-        self, request: Any, spec: dict[str, Any], checkpoint_dir: str
-    ) -> restore_from.RestorePlan | None:
+    async def _restore_plan(self, request: Any, spec: TaskSpec) -> restore_from.RestorePlan | None:
         """Unpack the archive `kybernate.io/restore-from` names; any problem fails the Create, nothing started."""
+        reference, checkpoint_dir = spec.restore_from, spec.options.checkpoint_dir
         try:
-            reference = restore_from.requested(spec)
             if reference is None:
                 return None
             if request.checkpoint:
@@ -196,9 +223,9 @@ class TaskService:
             # Unpacking reads and writes up to the size of the container's memory: off the event loop.
             plan = await asyncio.to_thread(restore_from.unpack, archive, workdir)
         except restore_from.RestoreError as err:
-            raise TTRPCError(Code.FAILED_PRECONDITION, f"{request.id}: cannot restore: {err}") from err
+            raise FailedPrecondition(f"{request.id}: cannot restore: {err}") from err
         archived = restore_from.archived_container_name(plan)
-        name = (spec.get("annotations") or {}).get(restore_from.CONTAINER_NAME)
+        name = spec.container_name
         if archived and name and archived != name:
             # A pod annotation reaches every container of the pod; only the one the archive holds restores.
             log.info("restore-from archive holds another container; starting this one fresh",
@@ -215,7 +242,7 @@ class TaskService:
             # containerd will not know of the task: take it back out of the runc shim.
             await self.upstream.call("Delete", task_pb2.DeleteRequest(id=container_id), task_pb2.DeleteResponse,
                                      metadata=self._metadata())
-            raise TTRPCError(Code.FAILED_PRECONDITION, f"{container_id}: cannot restore: {err}") from err
+            raise FailedPrecondition(f"{container_id}: cannot restore: {err}") from err
 
     def _set_paused(self, container_id: str, paused: bool) -> None:
         task = self.gpu.tasks.get(container_id)
@@ -225,23 +252,48 @@ class TaskService:
     async def _gpu_step(self, event: Event, container_id: str, what: str) -> None:
         if self.gpu.phase(container_id) is Phase.NO_GPU:
             return  # the common case: no GPU, no daemon, nothing imported
-        from kybernate.hooks.client import HookdError, HookdUnavailable
-
         try:
             await self.gpu.on(event, container_id)
-        except HookdUnavailable as err:
-            raise TTRPCError(Code.UNAVAILABLE, f"{container_id}: cannot {what}: {err}") from err
-        except HookdError as err:
-            raise TTRPCError(Code.from_wire(int(err.code)), f"{container_id}: cannot {what}: {err.message}") from err
-        except (GpuStepError, TimeoutError) as err:
-            raise TTRPCError(Code.FAILED_PRECONDITION, f"{container_id}: cannot {what}: {err}") from err
+        except Exception as err:
+            raise to_status(err, f"{container_id}: cannot {what}") from err
 
-    @staticmethod
-    def _gpu_error_to_status(step: Callable[[], Any]) -> Any:
+    async def _stop_task(self, container_id: str) -> None:
+        """Kill the task and wait for it to exit (Start could not give it its GPU state back)."""
         try:
-            return step()
-        except (GpuStepError, OSError) as err:
-            raise TTRPCError(Code.FAILED_PRECONDITION, str(err)) from err
+            await self.upstream.call("Kill", task_pb2.KillRequest(id=container_id, signal=9, all=True), task_pb2.Empty,
+                                     metadata=self._metadata())
+            await asyncio.wait_for(self.upstream.call("Wait", task_pb2.WaitRequest(id=container_id),
+                                                      task_pb2.WaitResponse, metadata=self._metadata()), KILL_WAIT_S)
+        except (TTRPCError, TimeoutError) as err:
+            log.error("could not stop a task whose GPU restore failed", extra={"fields": {"id": container_id,
+                                                                                          "error": str(err)}})
+
+    async def _refreeze(self, container_id: str) -> str:
+        """After a failed GPU step in Resume: freeze the task again so containerd shows it PAUSED, as it is
+        for the GPU; a plain Resume then retries. Returns what to add to the error message."""
+        try:
+            await self._freeze(container_id)
+        except TTRPCError as err:
+            log.error("could not pause a task again after its GPU restore failed",
+                      extra={"fields": {"id": container_id, "error": str(err)}})
+            return "; the task runs without its GPU state: Resume again retries the GPU restore"
+        await self.gpu.refrozen(container_id)
+        return "; the task was paused again: Resume retries"
+
+    async def _thaw_if_left_frozen(self, container_id: str) -> None:
+        """A dump that died (CRIU killed) can leave the cgroup frozen; thaw a task that was not paused."""
+        task = self.gpu.tasks.get(container_id)
+        if task is None or task.paused or task.phase is Phase.NO_GPU:
+            return
+        try:
+            state = await self.upstream.call("State", task_pb2.StateRequest(id=container_id), task_pb2.StateResponse,
+                                             metadata=self._metadata())
+            if state.status == task_pb2.PAUSED:
+                log.warning("the failed dump left the task frozen; thawing it", extra={"fields": {"id": container_id}})
+                await self._thaw(container_id)
+        except TTRPCError as err:
+            log.error("could not check or thaw the task after a failed dump",
+                      extra={"fields": {"id": container_id, "error": str(err)}})
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return ((NAMESPACE_KEY, self.namespace),)
@@ -265,7 +317,7 @@ def _decode(kind: type[Any], call: Call) -> Any:
     try:
         return kind.FromString(call.payload)
     except Exception as err:  # protobuf's DecodeError
-        raise TTRPCError(Code.INVALID_ARGUMENT, f"{call.method}: request is not a valid {kind.__name__}") from err
+        raise InvalidArgument(f"{call.method}: request is not a valid {kind.__name__}") from err
 
 
 def _checkpoint_exits(options: any_pb2.Any | None) -> bool:
@@ -278,4 +330,4 @@ def _read_spec(bundle: str) -> dict[str, Any]:
     try:
         return manager.read_spec(bundle)
     except manager.StartError as err:
-        raise TTRPCError(Code.INVALID_ARGUMENT, str(err)) from err
+        raise InvalidArgument(str(err)) from err
