@@ -275,7 +275,8 @@ class GpuSteps:
     async def started(self, container_id: str, pid: int) -> None:
         task = self.tasks.get(container_id)
         if task is not None and task.phase is not Phase.NO_GPU:
-            task.init_pid = pid
+            task.init_pid = pid  # hookd's reconciler finds every process of the task through its cgroup
+            await self._record(task, task.phase, None)
 
     async def refrozen(self, container_id: str) -> None:
         """The service froze the task again after a failed GPU restore: parked until the next Resume."""
