@@ -79,6 +79,8 @@ class Reconciler:
                 self._backoff.pop(path, None)
         for gone in set(self._backoff) - set(paths):
             del self._backoff[gone]
+        log.debug("reconcile pass", extra={"fields": {"intents": len(paths),
+                                                       "outcomes": ",".join(f"{k}={v}" for k, v in outcomes.items())}})
         return outcomes
 
     async def _one(self, path: Path) -> str:

@@ -136,11 +136,12 @@ class TaskService:
         request = _decode(task_pb2.CheckpointTaskRequest, call)
         await self._gpu_step(Event.CHECKPOINT, request.id, "checkpoint GPU state before the CRIU dump")
         task = self.gpu.tasks.get(request.id)
-        if task is not None and task.phase is Phase.DUMPING and task.manifest is not None and request.path:
-            await asyncio.to_thread(gpu_steps.write_manifest, request.path, task.manifest or {})
         try:
+            if task is not None and task.phase is Phase.DUMPING and task.manifest is not None and request.path:
+                await asyncio.to_thread(gpu_steps.write_manifest, request.path, task.manifest or {})
             reply = await self.upstream.forward(call)
-        except TTRPCError:
+        except Exception:
+            # The manifest could not be written (disk full) or the dump failed: the GPU comes back either way.
             await self._thaw_if_left_frozen(request.id)
             await self._gpu_step(Event.CHECKPOINT_FAILED, request.id, "restore GPU state after a failed checkpoint")
             raise
