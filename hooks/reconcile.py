@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kybernate.shim import intent
+from kybernate.shim import freezer, intent
 
 from . import procfs
 from .errors import InsufficientVram, KybernateError
@@ -166,21 +166,8 @@ def _live_pids(record: intent.Intent) -> list[int]:
 
 
 def _cgroup_of(pid: int) -> str:
-    """The directory of the process's cgroup: the v1 freezer's if mounted, else the unified one's.
-    Never the root cgroup (that would name every process of the node)."""
-    try:
-        text = Path(f"/proc/{pid}/cgroup").read_text()
-    except OSError:
-        return ""
-    entries = [line.split(":", 2) for line in text.splitlines() if line.count(":") >= 2]
-    for _, controllers, path in entries:
-        if "freezer" in controllers.split(",") and path not in ("", "/"):
-            return str(procfs.CGROUP_ROOT / "freezer") + path
-    if (procfs.CGROUP_ROOT / "cgroup.controllers").exists():
-        for hier, controllers, path in entries:
-            if hier == "0" and controllers == "" and path not in ("", "/"):
-                return str(procfs.CGROUP_ROOT) + path
-    return ""
+    directory = freezer.cgroup_dir(pid, procfs.CGROUP_ROOT)
+    return str(directory) if directory is not None else ""
 
 
 def _alive(pid: int) -> bool:

@@ -142,7 +142,7 @@ class TaskService:
             reply = await self.upstream.forward(call)
         except Exception:
             # The manifest could not be written (disk full) or the dump failed: the GPU comes back either way.
-            await self._thaw_if_left_frozen(request.id)
+            await self._match_freezer_to_runc(request.id)
             await self._gpu_step(Event.CHECKPOINT_FAILED, request.id, "restore GPU state after a failed checkpoint")
             raise
         if _checkpoint_exits(request.options if request.HasField("options") else None):
@@ -281,19 +281,28 @@ class TaskService:
         await self.gpu.refrozen(container_id)
         return "; the task was paused again: Resume retries"
 
-    async def _thaw_if_left_frozen(self, container_id: str) -> None:
-        """A dump that died (CRIU killed) can leave the cgroup frozen; thaw a task that was not paused."""
+    async def _match_freezer_to_runc(self, container_id: str) -> None:
+        """A dump that died (CRIU killed) can leave the cgroup thawed while runc's shim still counts the task
+        paused (then containerd shows PAUSED and every Resume fails "not paused"), or the reverse. Put the
+        cgroup where runc's shim thinks it is, so containerd's view is true and Resume works."""
         task = self.gpu.tasks.get(container_id)
-        if task is None or task.paused or task.phase is Phase.NO_GPU:
+        if task is None or task.phase is Phase.NO_GPU or not task.init_pid:
             return
+        from . import freezer
+
+        def repair() -> bool:
+            directory = freezer.cgroup_dir(task.init_pid)
+            if directory is None or freezer.is_frozen(directory) == task.paused:
+                return False
+            freezer.set_frozen(directory, task.paused)
+            return True
+
         try:
-            state = await self.upstream.call("State", task_pb2.StateRequest(id=container_id), task_pb2.StateResponse,
-                                             metadata=self._metadata())
-            if state.status == task_pb2.PAUSED:
-                log.warning("the failed dump left the task frozen; thawing it", extra={"fields": {"id": container_id}})
-                await self._thaw(container_id)
-        except TTRPCError as err:
-            log.error("could not check or thaw the task after a failed dump",
+            if await asyncio.to_thread(repair):
+                log.warning("the failed dump left the cgroup's freezer out of step with runc; put it back",
+                            extra={"fields": {"id": container_id, "paused": task.paused}})
+        except (OSError, TimeoutError) as err:
+            log.error("could not put the task's freezer back after a failed dump",
                       extra={"fields": {"id": container_id, "error": str(err)}})
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:

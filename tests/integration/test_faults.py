@@ -81,8 +81,8 @@ def assert_running_with_gpu(c: Containerd, gpu: GpuNode, name: str, proc: str) -
     """The good end state: containerd says RUNNING, the driver says RUNNING, the workload makes progress."""
     assert task_status(c, name) == "RUNNING"
     assert gpu.gpu_state(proc) == "RUNNING"
-    last = read_counts(c, name)[-1]
-    wait_for("the workload to go on", lambda: read_counts(c, name)[-1] > last)
+    last = wait_for("the workload's count", lambda: read_counts(c, name))[-1]
+    wait_for("the workload to go on", lambda: (n := read_counts(c, name)) and n[-1] > last)
 
 
 def assert_stopped_cleanly(c: Containerd, gpu: GpuNode, name: str, proc: str) -> None:
@@ -178,8 +178,9 @@ def test_a_wrong_typed_manifest_fails_the_create_with_a_clear_error(kyb_factory,
     with c.cri() as cri:
         config = cri.pod_config("b", annotations={"kybernate.io/restore-from": "bad.tar"})
         pod = cri.run_pod(config, runtime_handler="kybernate")
-        with pytest.raises(Exception) as failed:
-            cri.create_container(pod, config, "trainer", BUSYBOX_IMAGE, command=["sh", "-c", COUNTER], env=env)
+        cid = cri.create_container(pod, config, "trainer", BUSYBOX_IMAGE, command=["sh", "-c", COUNTER], env=env)
+        with pytest.raises(Exception) as failed:  # CRI creates the task at StartContainer
+            cri.start_container(cid)
         text = str(failed.value)
         assert "INVALID_ARGUMENT" in text and "manifest" in text and "internal error" not in text, text
         assert not live_cuda_pids(gpu, "p-pod")
@@ -291,8 +292,9 @@ def test_criu_killed_mid_dump_leaves_the_workload_running_with_its_gpu(kyb_facto
     c = kyb_factory(version, runtime_toml=gpu.runtime_toml())
     run_gpu(c, gpu, "d", "p-d", "--annotation", f"org.criu.config={conf}")
     with ContainerdApi(c.address, c.namespace) as api:
-        with pytest.raises(ContainerdApiError):
+        with pytest.raises(ContainerdApiError) as failed:
             api.checkpoint_task("d", exit=False)  # pause, checkpoint (CRIU dies), resume: as ctr does
+    assert "criu" in str(failed.value).lower() or "checkpoint" in str(failed.value).lower(), failed.value
     wait_for("containerd to show the task RUNNING", lambda: task_status(c, "d") == "RUNNING", 30)
     assert_running_with_gpu(c, gpu, "d", "p-d")
 
