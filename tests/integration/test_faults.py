@@ -122,6 +122,7 @@ def test_start_with_short_vram_stops_the_task_and_a_second_start_works(kyb_facto
         c.ctr("tasks", "delete", "big")
         api.create_task_from_checkpoint("big", criu_checkpoint(descriptors))
         hog = gpu.node.spawn("hog", G0, 60 * GiB)
+        wait_for("the hog to hold its VRAM", lambda: live_cuda_pids(gpu, "hog"))
         try:
             with pytest.raises(ContainerdApiError) as failed:
                 api.start_task("big")
@@ -158,21 +159,73 @@ def test_start_with_hookd_dead_stops_the_task_and_works_once_hookd_is_back(kyb_f
     assert_running_with_gpu(c, gpu, "g", "p-g")
 
 
-@pytest.mark.fault("restore at Start: wrong-typed manifest")
-def test_a_wrong_typed_manifest_fails_the_create_with_a_clear_error(kyb_factory, gpu: GpuNode, tmp_path: Path) -> None:
-    checkpoints = tmp_path / "checkpoints"
-    checkpoints.mkdir()
-    c = kyb_factory("2.1", runtime_toml=gpu.runtime_toml() + f'checkpoint_dir = "{checkpoints}"\n')
-    env = {"NVIDIA_VISIBLE_DEVICES": "all", **gpu.node.env, **gpu.node.process_env("p-pod", G0, 2 * GiB)}
+def cri_archive(c: Containerd, gpu: GpuNode, archive: Path, env: dict[str, str]) -> None:
+    """A GPU pod checkpointed by CRI into `archive`, then removed."""
     with c.cri() as cri:
         config = cri.pod_config("a")
         pod = cri.run_pod(config, runtime_handler="kybernate")
         cid = cri.create_container(pod, config, "trainer", BUSYBOX_IMAGE, command=["sh", "-c", COUNTER], env=env)
         cri.start_container(cid)
         wait_for("the counter", lambda: len(cri.exec_sync(cid, ["cat", "/count"]).stdout.split()) > 3)
-        cri.checkpoint_container(cid, checkpoints / "good.tar")
+        cri.checkpoint_container(cid, archive)
         cri.stop_pod(pod)
         cri.remove_pod(pod)
+
+
+@pytest.mark.fault("restore at Start via CRI: VRAM short")
+def test_cri_start_with_short_vram_reads_exited_and_the_pod_can_be_removed(kyb_factory, gpu: GpuNode,
+                                                                          tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    c = kyb_factory("2.1", runtime_toml=gpu.runtime_toml() + f'checkpoint_dir = "{checkpoints}"\n')
+    env = {"NVIDIA_VISIBLE_DEVICES": "all", **gpu.node.env, **gpu.node.process_env("p-cri", G0, 40 * GiB)}
+    cri_archive(c, gpu, checkpoints / "big.tar", env)
+    # The fake keys driver state by process id, and the pod that was checkpointed ran on (RUNNING); the
+    # archive's image was taken CHECKPOINTED, which is what the real driver finds in a restored process.
+    record = gpu.node.dir / "procs" / "p-cri"
+    record.write_text("".join(f"state=CHECKPOINTED\n" if line.startswith("state=") else line + "\n"
+                              for line in record.read_text().splitlines()))
+    hog = gpu.node.spawn("hog", G0, 60 * GiB)
+    wait_for("the hog to hold its VRAM", lambda: live_cuda_pids(gpu, "hog"))
+    try:
+        with c.cri() as cri:
+            config = cri.pod_config("b", annotations={"kybernate.io/restore-from": "big.tar"})
+            pod = cri.run_pod(config, runtime_handler="kybernate")
+            cid = cri.create_container(pod, config, "trainer", BUSYBOX_IMAGE, command=["sh", "-c", COUNTER], env=env)
+            with pytest.raises(Exception, match="VRAM") as failed:
+                cri.start_container(cid)
+            assert "stopped" in str(failed.value)
+            # CRI's view is the truth: the container exited and nothing of it runs; the pod goes away cleanly.
+            wait_for("nothing of the workload left", lambda: not live_cuda_pids(gpu, "p-cri"), 30)
+            assert cri.container_status(cid).state != pb_running()
+            cri.stop_pod(pod)
+            cri.remove_pod(pod)
+    finally:
+        hog.kill()
+        hog.wait()
+    with c.cri() as cri:  # the retry: a new pod from the same, unchanged archive
+        config = cri.pod_config("c", annotations={"kybernate.io/restore-from": "big.tar"})
+        pod = cri.run_pod(config, runtime_handler="kybernate")
+        cid = cri.create_container(pod, config, "trainer", BUSYBOX_IMAGE, command=["sh", "-c", COUNTER], env=env)
+        cri.start_container(cid)
+        assert gpu.gpu_state("p-cri") == "RUNNING"
+        last = int(cri.exec_sync(cid, ["cat", "/count"]).stdout.split()[-1])
+        wait_for("the counter to go on", lambda: int(cri.exec_sync(cid, ["cat", "/count"]).stdout.split()[-1]) > last)
+
+
+def pb_running() -> int:
+    from harness.cri import pb
+
+    return int(pb.CONTAINER_RUNNING)
+
+
+@pytest.mark.fault("restore at Start: wrong-typed manifest")
+def test_a_wrong_typed_manifest_fails_the_create_with_a_clear_error(kyb_factory, gpu: GpuNode, tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    c = kyb_factory("2.1", runtime_toml=gpu.runtime_toml() + f'checkpoint_dir = "{checkpoints}"\n')
+    env = {"NVIDIA_VISIBLE_DEVICES": "all", **gpu.node.env, **gpu.node.process_env("p-pod", G0, 2 * GiB)}
+    cri_archive(c, gpu, checkpoints / "good.tar", env)
     _rewrite_manifest(checkpoints / "good.tar", checkpoints / "bad.tar",
                       lambda m: {**m, "processes": [{**p, "pid": "one"} for p in m["processes"]]})
     with c.cri() as cri:
