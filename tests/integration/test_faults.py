@@ -380,7 +380,8 @@ def test_shim_killed_during_resume_ends_with_nothing_stranded(kyb_factory, gpu: 
     run_gpu(c, gpu, "s", "p-s")
     c.ctr("tasks", "pause", "s")
     gpu.node.set_faults(["restore delay 3000 proc=p-s"])
-    ours = [pid for pid, argv in c.shim_pids().items() if any(a.endswith("containerd-shim-kybernate-v1") for a in argv[:2])]
+    ours = [pid for pid, argv in c.shim_pids().items()
+            if any(a.endswith("containerd-shim-kybernate-v1") for a in argv[:2])]
     assert ours
     t0 = time.monotonic_ns()
     resuming = background(c.ctr, "tasks", "resume", "s", check=False)
