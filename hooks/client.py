@@ -56,6 +56,9 @@ class HookdUnavailable(Exception):
                          + (f" [{reason}]" if reason else ""))
         self.socket_path = socket_path
         self.reason = reason
+        # True when the request never reached hookd (no socket, connection refused): nothing was changed.
+        # A hookd that dies mid-call shows as a closed or reset connection instead.
+        self.nothing_sent = reason == "no socket" or "failed to connect" in reason.lower()
 
 
 class HookdError(Exception):

@@ -318,9 +318,12 @@ class GpuSteps:
                 await self._restore(task)
             else:
                 await self._checkpoint(task, thaw_first=found.action is Action.THAW_CHECKPOINT_FREEZE)
-        except BaseException:
-            task.phase = Phase.UNKNOWN
-            await _quietly(self._record(task, Phase.UNKNOWN, None))
+        except BaseException as err:
+            # The driver may have the processes anywhere between the two ends of the step, unless the
+            # request never reached hookd: then the phase is what it was.
+            before = task.phase
+            task.phase = before if getattr(err, "nothing_sent", False) else Phase.UNKNOWN
+            await _quietly(self._record(task, task.phase, None))
             raise
         task.phase = found.next
         await self._record(task, found.next, None)

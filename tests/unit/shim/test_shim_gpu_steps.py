@@ -164,6 +164,19 @@ def test_steps_record_intent_and_a_failed_step_is_settled_by_the_next_event(tmp_
     assert not intent.path_of(str(tmp_path), "ns", "c1").exists()
 
 
+def test_a_request_that_never_reached_hookd_leaves_the_phase_as_it_was(tmp_path):
+    from kybernate.hooks.client import HookdUnavailable
+
+    class Down(Driver):
+        async def checkpoint(self, namespace, container_id, pids, lock_timeout_ms):
+            raise HookdUnavailable("/nowhere.sock", "no socket")
+
+    steps, _ = make_steps(tmp_path, Down())
+    with pytest.raises(HookdUnavailable):
+        asyncio.run(steps.on(Event.PAUSE, "c1"))
+    assert steps.phase("c1") is Phase.LIVE and read_intent(tmp_path).desired == intent.RUNNING
+
+
 def test_checkpoint_of_a_paused_task_thaws_first_and_freezes_again(tmp_path):
     driver = Driver()
     steps, frozen = make_steps(tmp_path, driver)
