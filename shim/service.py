@@ -83,10 +83,15 @@ class TaskService:
             request.checkpoint = plan.checkpoint_dir  # runc restores from it at Start
             changed = True
         phase, manifest = await self._gpu_phase(spec, request.checkpoint)
-        reply = await self.upstream.forward(call, request.SerializeToString() if changed else None)
-        if plan is not None:
-            await self._apply_rootfs(request.id, request.bundle, plan)
+        # The intent is recorded first: a Create that cannot record it changes nothing.
         await self.gpu.created(TaskGpu(spec, phase, manifest=manifest))
+        try:
+            reply = await self.upstream.forward(call, request.SerializeToString() if changed else None)
+            if plan is not None:
+                await self._apply_rootfs(request.id, request.bundle, plan)
+        except BaseException:
+            await self.gpu.forget(request.id)
+            raise
         return reply
 
     async def start(self, call: Call) -> bytes:
