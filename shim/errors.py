@@ -31,6 +31,12 @@ class InvalidArgument(ShimError):
     code = Code.INVALID_ARGUMENT
 
 
+class AlreadyExists(ShimError):
+    """A task of that id exists in this shim already."""
+
+    code = Code.ALREADY_EXISTS
+
+
 class FailedPrecondition(ShimError):
     """The task or the node is not in a state where the step can work; the message says what to do."""
 

@@ -18,7 +18,7 @@ from google.protobuf import any_pb2
 from kybernate.api import runc_options_pb2, task_pb2
 
 from . import gpu_steps, manager, restore_from, runtime_options
-from .errors import FailedPrecondition, InvalidArgument, to_status
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, to_status
 from .gpu_steps import Event, GpuSteps, Phase, TaskControl, TaskGpu
 from .runtime_options import KybernateOptions, RuntimeConfig
 from .taskspec import TaskSpec
@@ -76,6 +76,8 @@ class TaskService:
 
     async def create(self, call: Call) -> bytes:
         request = _decode(task_pb2.CreateTaskRequest, call)
+        if request.id in self.gpu.tasks:
+            raise AlreadyExists(f"{request.id}: a task of that id exists in this shim already")
         options, changed = self._options_for_child(request)
         spec = TaskSpec.parse(request.id, self.namespace, request.bundle, _read_spec(request.bundle), options)
         plan = await self._restore_plan(request, spec)
