@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .errors import METADATA_DRIVER_ERROR, METADATA_PID, METADATA_STEP
+from .errors import METADATA_DRIVER_ERROR, METADATA_PID, METADATA_STEP, Code
 from .model import (
     CheckpointResult,
     GpuDeviceRecord,
@@ -65,10 +65,6 @@ _CHANNEL_OPTIONS = (
     ("grpc.min_reconnect_backoff_ms", KEEPALIVE_TIMEOUT_MS),
 )
 
-_CODE_NAMES = {0: "OK", 1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND",
-               6: "ALREADY_EXISTS", 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED", 9: "FAILED_PRECONDITION",
-               10: "ABORTED", 11: "OUT_OF_RANGE", 12: "UNIMPLEMENTED", 13: "INTERNAL", 14: "UNAVAILABLE",
-               15: "DATA_LOSS", 16: "UNAUTHENTICATED"}
 
 
 class HookdUnavailable(Exception):
@@ -79,10 +75,13 @@ class HookdUnavailable(Exception):
                          + (f" [{reason}]" if reason else ""))
         self.socket_path = socket_path
         self.reason = reason
+        # True when the request never reached hookd (no socket, connection refused): nothing was changed.
+        # A hookd that dies mid-call shows as a closed or reset connection instead.
+        self.nothing_sent = reason == "no socket" or "failed to connect" in reason.lower()
 
 
 class HookdError(Exception):
-    """hookd answered with an error status. `code` is the google.rpc.Code number (9 = FAILED_PRECONDITION).
+    """hookd answered with an error status. `code` is the shared Code (an IntEnum: 9 = FAILED_PRECONDITION).
 
     When a driver step failed: `pid`, `step` (lock|checkpoint|restore|unlock|get_state) and
     `driver_error` (e.g. CUDA_ERROR_TIMEOUT) say where.
@@ -90,8 +89,8 @@ class HookdError(Exception):
 
     def __init__(self, code: int, message: str, *, pid: int | None = None, step: str | None = None,
                  driver_error: str | None = None) -> None:
-        super().__init__(f"{_CODE_NAMES.get(code, code)}: {message}")
-        self.code = code
+        self.code = Code.from_wire(int(code))
+        super().__init__(f"{self.code.name}: {message}")
         self.message = message
         self.pid = pid
         self.step = step
@@ -99,7 +98,7 @@ class HookdError(Exception):
 
     @property
     def code_name(self) -> str:
-        return _CODE_NAMES.get(self.code, str(self.code))
+        return self.code.name
 
 
 class HookdClient:

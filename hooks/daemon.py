@@ -3,13 +3,14 @@ serves Prometheus metrics, and stops gracefully on SIGTERM/SIGINT, naming whatev
 
     kybernate-hookd [--socket /run/kybernate/hookd.sock] [--backend ctypes|binary] [--libcuda PATH]
                     [--cuda-checkpoint PATH] [--libnvml PATH] [--metrics-address 127.0.0.1:9464]
-                    [--log-level info]
+                    [--log-level info] [--intent-dir /run/kybernate/intent] [--reconcile-period-s 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import logging
 import os
 import signal
@@ -27,6 +28,8 @@ from .cuda import CheckpointDriver
 from .errors import KybernateError
 from .manager import GpuManager
 from .nvml import Nvml
+from .reconcile import Reconciler
+from .reconcile_settings import ReconcileSettings
 from .settings import DriverSettings, ManagerSettings, ServerSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,7 @@ class StartError(Exception):
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
-    d, s, m = DriverSettings(), ServerSettings(), ManagerSettings()
+    d, s, m, r = DriverSettings(), ServerSettings(), ManagerSettings(), ReconcileSettings()
     p = argparse.ArgumentParser(prog="kybernate-hookd", description="Kybernate node daemon: CUDA checkpoint steps for the shim.")
     p.add_argument("--socket", default=s.socket, help="unix socket to serve on (root only, mode 0600) [%(default)s]")
     p.add_argument("--backend", choices=("ctypes", "binary"), default=d.backend,
@@ -62,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    help="seconds in-flight requests get on SIGTERM [%(default)s]")
     p.add_argument("--stop-timeout-s", type=float, default=s.stop_timeout_s,
                    help="then seconds to wait for driver calls still running [%(default)s]")
+    p.add_argument("--intent-dir", default=r.intent_dir,
+                   help="where shims record each GPU task's desired GPU state ([kybernate] intent_dir) [%(default)s]")
+    p.add_argument("--reconcile-period-s", type=float, default=r.period_s,
+                   help="seconds between reconcile passes over the intent files; 0: at start only [%(default)s]")
     a = p.parse_args(argv)
     if min(a.max_parallel, a.max_parallel_per_request, a.max_pids_per_request) < 1:
         p.error("--max-parallel, --max-parallel-per-request and --max-pids-per-request must be at least 1")
@@ -80,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                         max_parallel_per_request=a.max_parallel_per_request, max_pids_per_request=a.max_pids_per_request,
                         restore_vram_headroom_bytes=a.restore_vram_headroom_bytes),
         log_level=a.log_level,
+        reconcile=replace(r, intent_dir=a.intent_dir, period_s=max(0.0, a.reconcile_period_s)),
     )
 
 
@@ -92,6 +100,21 @@ def open_driver(settings: DriverSettings, transfer_timeout_s: float) -> Checkpoi
     from .cuda import CudaDriver
 
     return CudaDriver(settings.libcuda)
+
+
+def lock_instance(socket_path: str) -> int:
+    """Hold an exclusive lock beside the socket for the daemon's life: one hookd per socket, even when two
+    start at once (both would find no socket; the second bind would silently take it over)."""
+    directory = os.path.dirname(os.path.abspath(socket_path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd = os.open(socket_path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartError(f"another kybernate-hookd is already serving {socket_path} (it holds {socket_path}.lock): "
+                         "stop it first (systemctl stop kybernate-hookd)") from None
+    return fd
 
 
 def prepare_socket(path: str) -> None:
@@ -135,7 +158,10 @@ class Daemon:
         self._server: Any = None
         self._metrics_server: asyncio.Server | None = None
         self._bound = False  # the socket file is ours to remove
+        self._instance_lock: int | None = None
+        self._reconciling: asyncio.Task[None] | None = None
         self.manager: GpuManager | None = None
+        self.reconciler: Reconciler | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -151,6 +177,7 @@ class Daemon:
         from .service import HookdService
 
         s = self.settings
+        self._instance_lock = lock_instance(s.server.socket)
         if self._driver is None:
             try:
                 self._driver = await run_blocking(open_driver, s.driver, s.manager.transfer_timeout_s,
@@ -180,6 +207,9 @@ class Daemon:
         os.chmod(s.server.socket, 0o600)
         if s.server.metrics_address:
             self._metrics_server = await metrics.serve(self.metrics, s.server.metrics_address)
+        # At start and then periodically: GPU state a crash left stranded goes back where the intent says.
+        self.reconciler = Reconciler(self.manager, s.reconcile, self.metrics)
+        self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconcile")
         log.info("serving", extra={"fields": {
             "socket": s.server.socket, "backend": health.backend, "driver": health.driver_version,
             "cuda": health.cuda_version, "nvml": health.nvml, "gpus": len(health.gpus),
@@ -190,6 +220,9 @@ class Daemon:
         s = self.settings.server
         loop = asyncio.get_running_loop()
         log.info("stopping", extra={"fields": {"grace_s": s.shutdown_grace_s}})
+        if self._reconciling is not None:
+            self._reconciling.cancel()
+            await asyncio.gather(self._reconciling, return_exceptions=True)
         if self._server is not None:
             await self._server.stop(grace=s.shutdown_grace_s)  # then in-flight handlers are cancelled
         deadline = loop.time() + s.stop_timeout_s
@@ -207,6 +240,9 @@ class Daemon:
                 os.unlink(s.socket)
             except FileNotFoundError:
                 pass
+        if self._instance_lock is not None:
+            os.close(self._instance_lock)  # the lock file stays: removing it would race a starting hookd
+            self._instance_lock = None
         stuck = blocking.in_flight()
         if stuck:
             log.error("exiting with driver calls still running; their processes may be left LOCKED or CHECKPOINTED",

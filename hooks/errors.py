@@ -1,22 +1,25 @@
 """What can go wrong in kybernate-hookd, each kind with the gRPC status it becomes at the server edge.
 
-Codes are the plain numbers of google.rpc.Code (the same in gRPC and ttrpc), so this module needs no
-grpc import and the shim can pass them through to containerd unchanged.
+Codes are members of the one Code enum (google.rpc.Code numbers, the same in gRPC and ttrpc) that the
+shim's ttrpc layer, the hookd client and the hookd service share, so this module needs no grpc import
+and the shim passes them through to containerd unchanged.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-OK = 0
-UNKNOWN = 2
-INVALID_ARGUMENT = 3
-DEADLINE_EXCEEDED = 4
-RESOURCE_EXHAUSTED = 8
-FAILED_PRECONDITION = 9
-ABORTED = 10
-INTERNAL = 13
-UNAVAILABLE = 14
+from kybernate.shim.codes import Code
+
+OK = Code.OK
+UNKNOWN = Code.UNKNOWN
+INVALID_ARGUMENT = Code.INVALID_ARGUMENT
+DEADLINE_EXCEEDED = Code.DEADLINE_EXCEEDED
+RESOURCE_EXHAUSTED = Code.RESOURCE_EXHAUSTED
+FAILED_PRECONDITION = Code.FAILED_PRECONDITION
+ABORTED = Code.ABORTED
+INTERNAL = Code.INTERNAL
+UNAVAILABLE = Code.UNAVAILABLE
 
 
 class KybernateError(Exception):
@@ -26,7 +29,7 @@ class KybernateError(Exception):
     when a driver step is the cause; the service sends them as trailing metadata.
     """
 
-    code: ClassVar[int] = UNKNOWN
+    code: ClassVar[Code] = UNKNOWN
 
     def __init__(self, message: str, *, pid: int | None = None, step: str | None = None,
                  driver_error: str | None = None) -> None:

@@ -15,7 +15,7 @@ from kybernate.api import hookd_pb2 as pb
 from kybernate.api import hookd_pb2_grpc
 
 from . import convert
-from .errors import METADATA_DRIVER_ERROR, METADATA_PID, METADATA_STEP, KybernateError
+from .errors import METADATA_DRIVER_ERROR, METADATA_PID, METADATA_STEP, Code, KybernateError
 from .manager import ContainerRef, GpuManager
 from .metrics import Metrics
 
@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_STATUS = {code.value[0]: code for code in grpc.StatusCode}
+# The shared Code enum (kybernate.shim.codes) -> grpc's status objects, by number.
+_STATUS = {Code(code.value[0]): code for code in grpc.StatusCode}
+
 
 def container_ref(msg: pb.ContainerRef) -> ContainerRef:
     return ContainerRef(msg.namespace, msg.container_id, tuple(msg.pids), msg.cgroup_path)
@@ -59,7 +61,7 @@ class HookdService(hookd_pb2_grpc.HookdServicer):
         try:
             result = await work
         except KybernateError as err:
-            status = _STATUS.get(err.code, grpc.StatusCode.UNKNOWN)
+            status = _STATUS.get(Code.from_wire(int(err.code)), grpc.StatusCode.UNKNOWN)
             self._metrics.request(rpc, status.name)
             log.warning("request failed", extra={"fields": {**fields, "status": status.name, "error": err.message}})
             metadata = tuple((key, str(value)) for key, value in (

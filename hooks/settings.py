@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .reconcile_settings import ReconcileSettings
+
 DEFAULT_SOCKET = "/run/kybernate/hookd.sock"
 
 
@@ -78,3 +80,4 @@ class Settings:
     manager: ManagerSettings = field(default_factory=ManagerSettings)
     # Python logging level name: debug, info, warning, error.
     log_level: str = "info"
+    reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)

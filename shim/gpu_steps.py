@@ -1,16 +1,24 @@
-"""Where GPU state goes at each task step: the per-container GPU lifecycle as a transition table.
+"""Where GPU state goes at each task step: the per-container GPU lifecycle as one complete table.
 
 The order is what matters: the CUDA driver cannot lock a process whose cgroup is frozen, and CRIU
 cannot dump a process that still has GPU mappings. So the GPU is checkpointed (VRAM -> host memory)
 before the pause that precedes every checkpoint, and restored only after the task runs again
 (resume, or runc's restore at Start).
 
+TABLE maps every (phase, event, guard) to a Step (action, next phase) or an explicit Reject; the
+guards are whether the task's cgroup is frozen when the event fires (`paused`) and whether a plain
+pause moves VRAM to host memory (`release`). Before each step the desired GPU state and the action
+are written to the task's intent file (shim/intent.py) so that a crash in the middle of the step is
+reconciled afterwards, by this shim on the task's next call or by kybernate-hookd (docs/lifecycle.md).
+
 Containers that are not GPU containers never reach the driver and never need kybernate-hookd.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import itertools
 import json
 import logging
 import os
@@ -19,45 +27,153 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import intent
+from .errors import FailedPrecondition, Internal, InvalidArgument
 from .runtime_options import KybernateOptions
+from .taskspec import TaskSpec
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "kybernate.json"
-ANNOTATION_PREFIX = "kybernate.io/"
 
 
-class GpuStepError(Exception):
-    """A GPU step failed; the task was left as it was before the step."""
+class GpuStepError(FailedPrecondition):
+    """A GPU step cannot run or failed; the message says what to do."""
 
 
 class Phase(enum.Enum):
     NO_GPU = "no-gpu"  # not a GPU container: every step is a no-op
     LIVE = "live"  # GPU state is on the GPU (or the container has no CUDA process yet)
-    CHECKPOINTED = "checkpointed"  # VRAM moved to host memory, CUDA processes locked
+    PARKED = "parked"  # paused with VRAM in host memory (hot standby)
+    DUMPING = "dumping"  # VRAM in host memory for a CRIU dump in progress
     RESTORE_PENDING = "restore-pending"  # created from a checkpoint; GPU restore follows runc's restore
+    UNKNOWN = "unknown"  # a GPU step failed midway: the driver's state is unknown until the next step
 
 
 class Event(enum.Enum):
-    PAUSE = "pause"
-    PAUSE_FAILED = "pause-failed"
-    RESUME = "resume"
-    CHECKPOINT = "checkpoint"
-    CHECKPOINT_FAILED = "checkpoint-failed"
-    CHECKPOINT_DONE = "checkpoint-done"
-    START = "start"
+    START = "start"  # runc started (or restored) the task
+    PAUSE = "pause"  # before the freeze
+    PAUSE_FAILED = "pause-failed"  # the freeze failed
+    RESUME = "resume"  # after the thaw
+    CHECKPOINT = "checkpoint"  # before CRIU's dump
+    CHECKPOINT_FAILED = "checkpoint-failed"  # CRIU failed; the task runs on (or stays paused)
+    CHECKPOINT_DONE = "checkpoint-done"  # CRIU dumped and the task runs on (or stays paused)
+    CHECKPOINT_EXIT = "checkpoint-exit"  # CRIU dumped and ended the task
+    RECONCILE = "reconcile"  # containerd (re)connected: settle a task whose last step failed
 
 
-# (phase, event) -> what the GPU must do. A pair missing here is a no-op for the GPU.
-TRANSITIONS: dict[tuple[Phase, Event], str] = {
-    (Phase.LIVE, Event.PAUSE): "checkpoint_gpu",  # hot standby, and the lock must precede the freeze
-    (Phase.CHECKPOINTED, Event.PAUSE_FAILED): "restore_gpu",
-    (Phase.CHECKPOINTED, Event.RESUME): "restore_gpu",
-    (Phase.LIVE, Event.CHECKPOINT): "checkpoint_gpu",  # a pause that kept VRAM, or no pause at all
-    (Phase.CHECKPOINTED, Event.CHECKPOINT_FAILED): "restore_gpu_unless_paused",
-    (Phase.CHECKPOINTED, Event.CHECKPOINT_DONE): "restore_gpu_unless_paused",
-    (Phase.RESTORE_PENDING, Event.START): "restore_gpu",
+class Action(enum.Enum):
+    NOTHING = "nothing"
+    CHECKPOINT = "checkpoint"  # lock + checkpoint every CUDA process (idempotent from any state)
+    THAW_CHECKPOINT_FREEZE = "thaw-checkpoint-freeze"  # a frozen cgroup cannot be locked
+    RESTORE = "restore"  # restore + unlock every CUDA process (idempotent from any state)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    action: Action
+    next: Phase
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """This event cannot happen in this phase; the shim answers FAILED_PRECONDITION and changes nothing."""
+
+    why: str
+
+
+Rule = Step | Reject
+# The GPU state each phase stands for, as the intent file records it.
+DESIRED: dict[Phase, str] = {
+    Phase.NO_GPU: intent.RUNNING, Phase.LIVE: intent.RUNNING, Phase.PARKED: intent.PARKED,
+    Phase.DUMPING: intent.DUMP, Phase.RESTORE_PENDING: intent.RUNNING, Phase.UNKNOWN: intent.RUNNING,
 }
+
+
+def _build() -> dict[tuple[Phase, Event, bool, bool], Rule]:
+    """Every (phase, event, paused, release) combination, spelled out phase by phase."""
+    t: dict[tuple[Phase, Event, bool, bool], Rule] = {}
+    s, n = Step, Action.NOTHING
+
+    def put(phase: Phase, event: Event, rule: Rule, paused: bool | None = None, release: bool | None = None) -> None:
+        for p in (False, True) if paused is None else (paused,):
+            for r in (False, True) if release is None else (release,):
+                t[(phase, event, p, r)] = rule
+
+    never_frozen = Reject("the shim fires this event only after thawing the task")
+    for e in Event:
+        put(Phase.NO_GPU, e, s(n, Phase.NO_GPU))
+
+    put(Phase.LIVE, Event.START, s(n, Phase.LIVE))
+    for phase in (Phase.LIVE, Phase.PARKED, Phase.DUMPING, Phase.RESTORE_PENDING):
+        put(phase, Event.RECONCILE, s(n, phase))  # known states: nothing to settle
+    put(Phase.LIVE, Event.PAUSE, s(Action.CHECKPOINT, Phase.PARKED), paused=False, release=True)
+    put(Phase.LIVE, Event.PAUSE, s(n, Phase.LIVE), paused=False, release=False)  # VRAM stays: a plain freeze
+    put(Phase.LIVE, Event.PAUSE, s(n, Phase.LIVE), paused=True)  # already frozen: runc answers
+    put(Phase.LIVE, Event.PAUSE_FAILED, s(n, Phase.LIVE))
+    put(Phase.LIVE, Event.RESUME, s(n, Phase.LIVE), paused=False)
+    put(Phase.LIVE, Event.RESUME, never_frozen, paused=True)
+    put(Phase.LIVE, Event.CHECKPOINT, s(Action.CHECKPOINT, Phase.DUMPING), paused=False)
+    put(Phase.LIVE, Event.CHECKPOINT, s(Action.THAW_CHECKPOINT_FREEZE, Phase.DUMPING), paused=True)
+    for e in (Event.CHECKPOINT_FAILED, Event.CHECKPOINT_DONE, Event.CHECKPOINT_EXIT):
+        put(Phase.LIVE, e, s(n, Phase.LIVE))  # the GPU never moved (no CUDA process, or a no-op step)
+
+    not_started = Reject("the task was created from a checkpoint and has not been started")
+    put(Phase.RESTORE_PENDING, Event.START, s(Action.RESTORE, Phase.LIVE), paused=False)
+    put(Phase.RESTORE_PENDING, Event.START, never_frozen, paused=True)
+    for e in set(Event) - {Event.START, Event.RECONCILE}:
+        put(Phase.RESTORE_PENDING, e, not_started)
+
+    started = Reject("the task has already been started")
+    no_dump = Reject("no checkpoint is in progress")
+    put(Phase.PARKED, Event.START, started)
+    put(Phase.PARKED, Event.PAUSE, s(n, Phase.PARKED))  # parked already
+    put(Phase.PARKED, Event.PAUSE_FAILED, s(Action.RESTORE, Phase.LIVE), paused=False)
+    put(Phase.PARKED, Event.PAUSE_FAILED, s(n, Phase.PARKED), paused=True)
+    put(Phase.PARKED, Event.RESUME, s(Action.RESTORE, Phase.LIVE), paused=False)
+    put(Phase.PARKED, Event.RESUME, never_frozen, paused=True)
+    put(Phase.PARKED, Event.CHECKPOINT, s(n, Phase.DUMPING))  # VRAM is in host memory already
+    for e in (Event.CHECKPOINT_FAILED, Event.CHECKPOINT_DONE, Event.CHECKPOINT_EXIT):
+        put(Phase.PARKED, e, no_dump)
+
+    busy = Reject("a checkpoint of this task is in progress")
+    put(Phase.DUMPING, Event.START, started)
+    for e in (Event.PAUSE, Event.PAUSE_FAILED, Event.RESUME, Event.CHECKPOINT):
+        put(Phase.DUMPING, e, busy)
+    for e in (Event.CHECKPOINT_FAILED, Event.CHECKPOINT_DONE):
+        put(Phase.DUMPING, e, s(Action.RESTORE, Phase.LIVE), paused=False)
+        put(Phase.DUMPING, e, s(n, Phase.PARKED), paused=True)  # the task stays paused: parked until Resume
+    put(Phase.DUMPING, Event.CHECKPOINT_EXIT, s(n, Phase.DUMPING))  # the task is gone
+
+    # UNKNOWN: the driver may have the processes RUNNING, LOCKED or CHECKPOINTED. Both driver steps are
+    # idempotent from any of those, so the next event simply runs the step that reaches its target.
+    put(Phase.UNKNOWN, Event.START, started)
+    put(Phase.UNKNOWN, Event.PAUSE, s(Action.CHECKPOINT, Phase.PARKED), paused=False, release=True)
+    put(Phase.UNKNOWN, Event.PAUSE, s(Action.RESTORE, Phase.LIVE), paused=False, release=False)
+    put(Phase.UNKNOWN, Event.PAUSE, s(n, Phase.UNKNOWN), paused=True)
+    put(Phase.UNKNOWN, Event.PAUSE_FAILED, s(Action.RESTORE, Phase.LIVE), paused=False)
+    put(Phase.UNKNOWN, Event.PAUSE_FAILED, s(n, Phase.UNKNOWN), paused=True)
+    put(Phase.UNKNOWN, Event.RESUME, s(Action.RESTORE, Phase.LIVE), paused=False)
+    put(Phase.UNKNOWN, Event.RESUME, never_frozen, paused=True)
+    put(Phase.UNKNOWN, Event.CHECKPOINT, s(Action.CHECKPOINT, Phase.DUMPING), paused=False)
+    put(Phase.UNKNOWN, Event.CHECKPOINT, s(Action.THAW_CHECKPOINT_FREEZE, Phase.DUMPING), paused=True)
+    put(Phase.UNKNOWN, Event.CHECKPOINT_FAILED, no_dump)
+    put(Phase.UNKNOWN, Event.CHECKPOINT_DONE, no_dump)
+    put(Phase.UNKNOWN, Event.CHECKPOINT_EXIT, no_dump)
+    put(Phase.UNKNOWN, Event.RECONCILE, s(Action.RESTORE, Phase.LIVE), paused=False)
+    put(Phase.UNKNOWN, Event.RECONCILE, s(n, Phase.UNKNOWN), paused=True)  # frozen: the driver cannot reach it
+    return t
+
+
+TABLE = _build()
+ALL_KEYS = tuple(itertools.product(Phase, Event, (False, True), (False, True)))
+
+
+def rule(phase: Phase, event: Event, paused: bool, release: bool) -> Rule:
+    try:
+        return TABLE[(phase, event, paused, release)]
+    except KeyError:  # the table is complete (unit-tested); reaching this is a bug
+        raise Internal(f"GPU lifecycle has no rule for {phase.value}/{event.value}") from None
 
 
 class GpuDriver(Protocol):
@@ -78,13 +194,20 @@ class GpuDriver(Protocol):
 class TaskGpu:
     """One task's GPU bookkeeping. Only the shim's event loop touches it."""
 
-    container_id: str
-    namespace: str
-    bundle: str
-    options: KybernateOptions
+    spec: TaskSpec
     phase: Phase
     paused: bool = False
     manifest: dict[str, Any] | None = None
+    init_pid: int = 0
+    pids: tuple[int, ...] = ()
+
+    @property
+    def container_id(self) -> str:
+        return self.spec.container_id
+
+    @property
+    def options(self) -> KybernateOptions:
+        return self.spec.options
 
 
 @dataclass
@@ -96,112 +219,153 @@ class TaskControl:
     thaw: Callable[[str], Awaitable[None]]
 
 
-def is_gpu_container(spec: dict[str, Any]) -> bool:
-    """A GPU container: NVIDIA devices in the spec, NVIDIA_VISIBLE_DEVICES set, or opted in by annotation."""
-    notes = spec.get("annotations") or {}
-    flag = str(notes.get(ANNOTATION_PREFIX + "gpu", "")).lower()
-    if flag in ("true", "false"):
-        return flag == "true"
-    devices = ((spec.get("linux") or {}).get("devices")) or []
-    if any(str(d.get("path", "")).startswith("/dev/nvidia") for d in devices if isinstance(d, dict)):
-        return True
-    for entry in (spec.get("process") or {}).get("env") or []:
-        name, _, value = str(entry).partition("=")
-        if name == "NVIDIA_VISIBLE_DEVICES" and value not in ("", "void", "none"):
-            return True
-    return False
-
-
-def options_with_annotations(base: KybernateOptions, spec: dict[str, Any]) -> KybernateOptions:
-    """Per-pod overrides: `kybernate.io/lock-timeout-ms`, `kybernate.io/pause-releases-vram`."""
-    from dataclasses import replace
-
-    notes = spec.get("annotations") or {}
-    changes: dict[str, Any] = {}
-    raw = notes.get(ANNOTATION_PREFIX + "lock-timeout-ms")
-    if raw is not None:
-        if not str(raw).isdigit() or not 0 < int(raw) <= 3_600_000:
-            raise GpuStepError(f"annotation {ANNOTATION_PREFIX}lock-timeout-ms={raw!r}: want milliseconds, 1..3600000")
-        changes["lock_timeout_ms"] = int(raw)
-    raw = notes.get(ANNOTATION_PREFIX + "pause-releases-vram")
-    if raw is not None:
-        if str(raw).lower() not in ("true", "false"):
-            raise GpuStepError(f"annotation {ANNOTATION_PREFIX}pause-releases-vram={raw!r}: want true or false")
-        changes["pause_releases_vram"] = str(raw).lower() == "true"
-    return replace(base, **changes) if changes else base
-
-
 def read_manifest(checkpoint_dir: str) -> dict[str, Any] | None:
+    """The checkpoint's GPU manifest, checked against the manifest's schema; None when there is none."""
+    from kybernate.hooks.model import GpuManifest, ManifestError
+
     path = Path(checkpoint_dir) / MANIFEST_NAME
     try:
         text = path.read_text()
     except FileNotFoundError:
         return None
+    except OSError as err:
+        raise GpuStepError(f"GPU manifest {path} cannot be read: {err}") from err
     try:
         manifest = json.loads(text)
-    except ValueError as err:
-        raise GpuStepError(f"GPU manifest {path} is not valid JSON: {err}") from err
-    if not isinstance(manifest, dict):
-        raise GpuStepError(f"GPU manifest {path} is not a JSON object")
+        if not isinstance(manifest, dict):
+            raise ManifestError("not a JSON object")
+        GpuManifest.from_dict(manifest)  # wrong types fail here, at Create, not at Start
+    except (ValueError, ManifestError) as err:
+        raise InvalidArgument(f"GPU manifest {path} is malformed: {err}; nothing was created") from err
     return manifest
 
 
 def write_manifest(checkpoint_dir: str, manifest: dict[str, Any]) -> None:
     path = Path(checkpoint_dir) / MANIFEST_NAME
     tmp = path.with_name(MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as err:
+        raise GpuStepError(f"cannot write the GPU manifest {path}: {err}") from err
 
 
 @dataclass
 class GpuSteps:
-    """Runs the transition table for every task of this shim."""
+    """Runs the lifecycle table for every task of this shim, recording intent before each step."""
 
     control: TaskControl
     driver_for: Callable[[KybernateOptions], GpuDriver]
     tasks: dict[str, TaskGpu] = field(default_factory=dict)
 
-    def created(self, task: TaskGpu) -> None:
+    async def created(self, task: TaskGpu) -> None:
         self.tasks[task.container_id] = task
+        if task.phase is not Phase.NO_GPU:
+            await self._record(task, task.phase, None)
 
-    def forget(self, container_id: str) -> None:
-        self.tasks.pop(container_id, None)
+    async def forget(self, container_id: str) -> None:
+        task = self.tasks.pop(container_id, None)
+        if task is not None and task.phase is not Phase.NO_GPU:
+            await asyncio.to_thread(intent.remove, task.options.intent_dir, task.spec.namespace, container_id)
 
     def phase(self, container_id: str) -> Phase:
         task = self.tasks.get(container_id)
         return task.phase if task else Phase.NO_GPU
 
+    async def started(self, container_id: str, pid: int) -> None:
+        task = self.tasks.get(container_id)
+        if task is not None and task.phase is not Phase.NO_GPU:
+            task.init_pid = pid  # hookd's reconciler finds every process of the task through its cgroup
+            await self._record(task, task.phase, None)
+
+    async def refrozen(self, container_id: str) -> None:
+        """The service froze the task again after a failed GPU restore: parked until the next Resume."""
+        task = self.tasks.get(container_id)
+        if task is not None and task.phase is not Phase.NO_GPU:
+            task.paused = True
+            task.phase = Phase.PARKED
+            await _quietly(self._record(task, Phase.PARKED, None))
+
+    async def reconcile(self) -> None:
+        """After (re)connecting: drive every task whose last step failed back to a known state, if it runs."""
+        for task in list(self.tasks.values()):
+            if task.phase is Phase.UNKNOWN:
+                try:
+                    await self.on(Event.RECONCILE, task.container_id)
+                except Exception as err:
+                    log.warning("reconcile failed; the next call or hookd retries",
+                                extra={"fields": {"id": task.container_id, "error": str(err)}})
+
     async def on(self, event: Event, container_id: str) -> None:
+        """Run the event's step. On failure the phase becomes UNKNOWN (the driver may be anywhere) and the
+        intent says so; the next event, or hookd's reconciler, drives it to a known state."""
         task = self.tasks.get(container_id)
         if task is None or task.phase is Phase.NO_GPU:
             return
-        if event is Event.PAUSE and not task.options.pause_releases_vram:
+        found = rule(task.phase, event, task.paused, task.options.pause_releases_vram)
+        log.debug("gpu step", extra={"fields": {"id": container_id, "phase": task.phase.value, "event": event.value,
+                                                  "paused": task.paused, "rule": _describe(found)}})
+        if isinstance(found, Reject):
+            raise GpuStepError(f"GPU lifecycle: {event.value} in phase {task.phase.value}: {found.why}")
+        if found.action is Action.NOTHING:
+            if found.next is not task.phase:
+                task.phase = found.next
+                await self._record(task, found.next, None)
             return
-        action = TRANSITIONS.get((task.phase, event))
-        log.debug("gpu step", extra={"fields": {"id": container_id, "phase": task.phase.value,
-                                                  "event": event.value, "action": action or "none"}})
-        if action == "checkpoint_gpu":
-            await self._checkpoint(task, thaw_first=event is Event.CHECKPOINT and task.paused)
-        elif action == "restore_gpu":
-            await self._restore(task)
-        elif action == "restore_gpu_unless_paused" and not task.paused:
-            await self._restore(task)
+        await self._record(task, found.next, found.action.value)
+        try:
+            if found.action is Action.RESTORE:
+                await self._restore(task)
+            else:
+                await self._checkpoint(task, thaw_first=found.action is Action.THAW_CHECKPOINT_FREEZE)
+        except BaseException as err:
+            # The driver may have the processes anywhere between the two ends of the step, unless the
+            # request never reached hookd: then the phase is what it was.
+            before = task.phase
+            task.phase = before if getattr(err, "nothing_sent", False) else Phase.UNKNOWN
+            await _quietly(self._record(task, task.phase, None))
+            raise
+        task.phase = found.next
+        await self._record(task, found.next, None)
 
     async def _checkpoint(self, task: TaskGpu, thaw_first: bool) -> None:
         # A frozen cgroup cannot be locked: thaw for the GPU step, freeze again before CRIU runs.
         if thaw_first:
             await self.control.thaw(task.container_id)
         try:
-            pids = await self.control.pids(task.container_id)
+            task.pids = tuple(await self.control.pids(task.container_id))
             task.manifest = await self.driver_for(task.options).checkpoint(
-                task.namespace, task.container_id, pids, task.options.lock_timeout_ms
+                task.spec.namespace, task.container_id, list(task.pids), task.options.lock_timeout_ms
             )
-            task.phase = Phase.CHECKPOINTED
         finally:
             if thaw_first:
                 await self.control.freeze(task.container_id)
 
     async def _restore(self, task: TaskGpu) -> None:
-        pids = await self.control.pids(task.container_id)
-        await self.driver_for(task.options).restore(task.namespace, task.container_id, pids, task.manifest)
-        task.phase = Phase.LIVE
+        task.pids = tuple(await self.control.pids(task.container_id))
+        await self.driver_for(task.options).restore(task.spec.namespace, task.container_id, list(task.pids),
+                                                    task.manifest)
+
+    async def _record(self, task: TaskGpu, phase: Phase, step: str | None) -> None:
+        record = intent.Intent(
+            namespace=task.spec.namespace, container_id=task.container_id, bundle=task.spec.bundle,
+            desired=DESIRED[phase], step=step, phase=phase.value, shim_pid=os.getpid(), init_pid=task.init_pid,
+            pids=task.pids, manifest=task.manifest,
+        )
+        try:
+            await asyncio.to_thread(intent.write, task.options.intent_dir, record)
+        except OSError as err:
+            # Without the record a crash in this step could strand GPU state: do not take the step.
+            raise GpuStepError(f"cannot record the GPU intent in {task.options.intent_dir}: {err}; "
+                               "nothing was changed") from err
+
+
+async def _quietly(work: Awaitable[None]) -> None:
+    try:
+        await work
+    except Exception as err:  # already failing: the original error is the one to report
+        log.warning("could not record the failed step", extra={"fields": {"error": str(err)}})
+
+
+def _describe(found: Rule) -> str:
+    return found.why if isinstance(found, Reject) else f"{found.action.value}->{found.next.value}"

@@ -67,6 +67,9 @@ class KybernateOptions:
     # CRIU options added to Kybernate's own ones (link-remap) for this runtime's containers, one long
     # option per entry without dashes, e.g. ["ghost-limit 16M"]; see docs/real-programs.md.
     criu_options: tuple[str, ...] = ()
+    # Where the shim records each GPU task's desired GPU state (docs/lifecycle.md); kybernate-hookd's
+    # --intent-dir must name the same directory for its reconciler to find them.
+    intent_dir: str = "/run/kybernate/intent"
 
 
 KYBERNATE_KEYS: dict[str, type] = {
@@ -76,6 +79,7 @@ KYBERNATE_KEYS: dict[str, type] = {
     "hookd_timeout_s": float,
     "checkpoint_dir": str,
     "criu_options": list,
+    "intent_dir": str,
 }
 
 

@@ -18,9 +18,11 @@ from google.protobuf import any_pb2
 
 from kybernate.api import runc_options_pb2, task_pb2
 
-from . import annotation_limits, criu_config, criu_errors, gpu_steps, manager, restore_from, runtime_options
-from .gpu_steps import Event, GpuStepError, GpuSteps, Phase, TaskControl, TaskGpu
+from . import criu_config, criu_errors, gpu_steps, manager, restore_from, runtime_options
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, to_status
+from .gpu_steps import Event, GpuSteps, Phase, TaskControl, TaskGpu
 from .runtime_options import KybernateOptions, RuntimeConfig
+from .taskspec import TaskSpec
 from .ttrpc.errors import Code, TTRPCError
 from .ttrpc.server import Call
 from .upstream import TASK_SERVICES, Upstream
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 CHECKPOINT_OPTIONS_TYPE = "containerd.runc.v1.CheckpointOptions"
+# How long Start waits for a task it had to kill (its GPU state could not be restored) to exit.
+KILL_WAIT_S = 30.0
 
 
 class TaskService:
@@ -46,6 +50,7 @@ class TaskService:
             control=TaskControl(pids=self._pids, freeze=self._freeze, thaw=self._thaw),
             driver_for=driver_for,
         )
+        self._background: set[asyncio.Task[None]] = set()
         self._intercepted: dict[str, Callable[[Call], Awaitable[bytes]]] = {
             "Create": self.create,
             "Start": self.start,
@@ -63,30 +68,35 @@ class TaskService:
         method = self._intercepted.get(call.method)
         if method is None:
             return await self.upstream.forward(call)
-        return await method(call)
+        try:
+            return await method(call)
+        except Exception as err:  # the one place errors become statuses
+            raise to_status(err) from err
 
     # --- intercepted calls -------------------------------------------------------------------------
 
     async def create(self, call: Call) -> bytes:
         request = _decode(task_pb2.CreateTaskRequest, call)
+        if request.id in self.gpu.tasks:
+            raise AlreadyExists(f"{request.id}: a task of that id exists in this shim already")
         options, changed = self._options_for_child(request)
-        spec = _read_spec(request.bundle)
-        try:
-            # Before anything reads or resolves a kybernate.io/* value: bounded, linear, no filesystem.
-            annotation_limits.check(spec.get("annotations") or {})
-            options = gpu_steps.options_with_annotations(options, spec)
-        except (annotation_limits.AnnotationError, GpuStepError) as err:
-            raise TTRPCError(Code.INVALID_ARGUMENT, str(err)) from err
-        _write_criu_config(request.bundle, spec, options)  # runc reads it at dump and restore; ~0.3 ms, inline
-        plan = await self._restore_plan(request, spec, options.checkpoint_dir)
+        raw_spec = _read_spec(request.bundle)
+        spec = TaskSpec.parse(request.id, self.namespace, request.bundle, raw_spec, options)
+        _write_criu_config(request.bundle, raw_spec, spec.options)  # runc reads it at dump and restore; ~0.3 ms
+        plan = await self._restore_plan(request, spec)
         if plan is not None:
             request.checkpoint = plan.checkpoint_dir  # runc restores from it at Start
             changed = True
-        phase, manifest = self._gpu_phase(spec, request.checkpoint)
-        reply = await self.upstream.forward(call, request.SerializeToString() if changed else None)
-        if plan is not None:
-            await self._apply_rootfs(request.id, request.bundle, plan)
-        self.gpu.created(TaskGpu(request.id, self.namespace, request.bundle, options, phase, manifest=manifest))
+        phase, manifest = await self._gpu_phase(spec, request.checkpoint)
+        # The intent is recorded first: a Create that cannot record it changes nothing.
+        await self.gpu.created(TaskGpu(spec, phase, manifest=manifest))
+        try:
+            reply = await self.upstream.forward(call, request.SerializeToString() if changed else None)
+            if plan is not None:
+                await self._apply_rootfs(request.id, request.bundle, plan)
+        except BaseException:
+            await self.gpu.forget(request.id)
+            raise
         return reply
 
     async def start(self, call: Call) -> bytes:
@@ -98,8 +108,17 @@ class TaskService:
             if request.exec_id:
                 raise
             raise await self._criu_error(err, request.id, "restore", since) from err  # runc restores at Start
-        if not request.exec_id:
+        if request.exec_id or self.gpu.phase(request.id) is Phase.NO_GPU:
+            return reply
+        await self.gpu.started(request.id, task_pb2.StartResponse.FromString(reply).pid)
+        try:
             await self._gpu_step(Event.START, request.id, "restore GPU state after runc restored the task", call)
+        except TTRPCError as err:
+            # A task running with its GPU state in host memory would look RUNNING while it cannot use its
+            # GPU: stop it, so containerd's view (start failed, task stopped) is the truth.
+            await self._stop_task(request.id)
+            raise TTRPCError(err.code, f"{err.message}. The task was stopped; its checkpoint is unchanged: "
+                                       "fix the cause and create the task from the checkpoint again") from err
         return reply
 
     async def pause(self, call: Call) -> bytes:
@@ -115,25 +134,40 @@ class TaskService:
 
     async def resume(self, call: Call) -> bytes:
         request = _decode(task_pb2.ResumeRequest, call)
-        reply = await self.upstream.forward(call)
+        task = self.gpu.tasks.get(request.id)
+        if task is not None and not task.paused and task.phase is Phase.UNKNOWN:
+            # An earlier Resume thawed the task but its GPU step failed and the task could not be frozen
+            # again: runc would refuse ("not paused"); the GPU step alone finishes the resume.
+            reply = task_pb2.Empty().SerializeToString()
+        else:
+            reply = await self.upstream.forward(call)
         self._set_paused(request.id, False)
-        await self._gpu_step(Event.RESUME, request.id, "restore GPU state after resuming", call)
+        try:
+            await self._gpu_step(Event.RESUME, request.id, "restore GPU state after resuming", call)
+        except TTRPCError as err:
+            raise TTRPCError(err.code, err.message + await self._refreeze(request.id)) from err
         return reply
 
     async def checkpoint(self, call: Call) -> bytes:
         request = _decode(task_pb2.CheckpointTaskRequest, call)
         await self._gpu_step(Event.CHECKPOINT, request.id, "checkpoint GPU state before the CRIU dump", call)
         task = self.gpu.tasks.get(request.id)
-        if task is not None and task.phase is Phase.CHECKPOINTED and task.manifest is not None and request.path:
-            self._gpu_error_to_status(lambda: gpu_steps.write_manifest(request.path, task.manifest or {}))
         since = time.time()
         try:
+            if task is not None and task.phase is Phase.DUMPING and task.manifest is not None and request.path:
+                await asyncio.to_thread(gpu_steps.write_manifest, request.path, task.manifest or {})
             reply = await self.upstream.forward(call)
-        except TTRPCError as err:
+        except Exception as err:
+            # The manifest could not be written (disk full) or the dump failed: the GPU comes back either way.
+            await self._match_freezer_to_runc(request.id)
             await self._gpu_step(Event.CHECKPOINT_FAILED, request.id, "restore GPU state after a failed checkpoint",
                                  call)
-            raise await self._criu_error(err, request.id, "dump", since) from err
-        if not _checkpoint_exits(request.options if request.HasField("options") else None):
+            if isinstance(err, TTRPCError):
+                raise await self._criu_error(err, request.id, "dump", since) from err
+            raise
+        if _checkpoint_exits(request.options if request.HasField("options") else None):
+            await self._gpu_step(Event.CHECKPOINT_EXIT, request.id, "record the checkpoint", call)
+        else:
             await self._gpu_step(Event.CHECKPOINT_DONE, request.id, "restore GPU state after checkpoint", call)
         return reply
 
@@ -141,13 +175,17 @@ class TaskService:
         request = _decode(task_pb2.DeleteRequest, call)
         reply = await self.upstream.forward(call)
         if not request.exec_id:
-            self.gpu.forget(request.id)
+            await self.gpu.forget(request.id)
         return reply
 
     async def connect(self, call: Call) -> bytes:
         reply = task_pb2.ConnectResponse.FromString(await self.upstream.forward(call))
         # containerd treats the shim pid as the process to watch and kill: that is us, not the child.
         reply.shim_pid = os.getpid()
+        # containerd (re)connected: settle tasks whose last GPU step failed, without holding up its answer.
+        reconcile = asyncio.create_task(self.gpu.reconcile(), name="gpu-reconcile")
+        self._background.add(reconcile)
+        reconcile.add_done_callback(self._background.discard)
         return reply.SerializeToString()
 
     async def shutdown(self, call: Call) -> bytes:
@@ -172,7 +210,7 @@ class TaskService:
         try:
             config = self.defaults if given is None else runtime_options.from_any(given)
         except runtime_options.OptionsError as err:
-            raise TTRPCError(Code.INVALID_ARGUMENT, str(err)) from err
+            raise InvalidArgument(str(err)) from err
         converted = config.runc_any()
         if converted is not None:
             request.options.CopyFrom(converted)
@@ -182,23 +220,21 @@ class TaskService:
             return config.kybernate, True
         return config.kybernate, False
 
-    def _gpu_phase(self, spec: dict[str, Any], checkpoint_dir: str) -> tuple[Phase, dict[str, Any] | None]:
+    async def _gpu_phase(self, spec: TaskSpec, checkpoint_dir: str) -> tuple[Phase, dict[str, Any] | None]:
         """Where a new task starts in the GPU lifecycle, with the manifest of the checkpoint it comes from."""
-        if not gpu_steps.is_gpu_container(spec):
+        if not spec.gpu:
             return Phase.NO_GPU, None
         if not checkpoint_dir:
             return Phase.LIVE, None
-        manifest = self._gpu_error_to_status(lambda: gpu_steps.read_manifest(checkpoint_dir))
+        manifest = await asyncio.to_thread(gpu_steps.read_manifest, checkpoint_dir)
         if manifest is not None and manifest.get("processes"):
             return Phase.RESTORE_PENDING, manifest
         return Phase.LIVE, manifest
 
-    async def _restore_plan(
-        self, request: Any, spec: dict[str, Any], checkpoint_dir: str
-    ) -> restore_from.RestorePlan | None:
+    async def _restore_plan(self, request: Any, spec: TaskSpec) -> restore_from.RestorePlan | None:
         """Unpack the archive `kybernate.io/restore-from` names; any problem fails the Create, nothing started."""
+        reference, checkpoint_dir = spec.restore_from, spec.options.checkpoint_dir
         try:
-            reference = restore_from.requested(spec)
             if reference is None:
                 return None
             if request.checkpoint:
@@ -209,9 +245,9 @@ class TaskService:
             # Unpacking reads and writes up to the size of the container's memory: off the event loop.
             plan = await asyncio.to_thread(restore_from.unpack, archive, workdir)
         except restore_from.RestoreError as err:
-            raise TTRPCError(Code.FAILED_PRECONDITION, f"{request.id}: cannot restore: {err}") from err
+            raise FailedPrecondition(f"{request.id}: cannot restore: {err}") from err
         archived = await asyncio.to_thread(restore_from.archived_container_name, plan)
-        name = (spec.get("annotations") or {}).get(restore_from.CONTAINER_NAME)
+        name = spec.container_name
         if archived and name and archived != name:
             # A pod annotation reaches every container of the pod; only the one the archive holds restores.
             log.info("restore-from archive holds another container; starting this one fresh",
@@ -228,7 +264,12 @@ class TaskService:
             # containerd will not know of the task: take it back out of the runc shim.
             await self.upstream.call("Delete", task_pb2.DeleteRequest(id=container_id), task_pb2.DeleteResponse,
                                      metadata=self._metadata())
-            raise TTRPCError(Code.FAILED_PRECONDITION, f"{container_id}: cannot restore: {err}") from err
+            raise FailedPrecondition(f"{container_id}: cannot restore: {err}") from err
+
+    def _set_paused(self, container_id: str, paused: bool) -> None:
+        task = self.gpu.tasks.get(container_id)
+        if task is not None:
+            task.paused = paused
 
     async def _criu_error(self, err: TTRPCError, container_id: str, action: str, since: float) -> TTRPCError:
         """CRIU's one-line reason (and its log's path) in place of the runc shim's "criu failed: type NOTIFY",
@@ -236,38 +277,67 @@ class TaskService:
         task = self.gpu.tasks.get(container_id)
         if task is None:
             return err
-        message = await asyncio.to_thread(criu_errors.explain, action, err.message, task.bundle, since)
+        message = await asyncio.to_thread(criu_errors.explain, action, err.message, task.spec.bundle, since)
         return err if message == err.message else TTRPCError(err.code, f"{container_id}: {message}")
-
-    def _set_paused(self, container_id: str, paused: bool) -> None:
-        task = self.gpu.tasks.get(container_id)
-        if task is not None:
-            task.paused = paused
 
     async def _gpu_step(self, event: Event, container_id: str, what: str, call: Call | None = None) -> None:
         if self.gpu.phase(container_id) is Phase.NO_GPU:
             return  # the common case: no GPU, no daemon, nothing imported
-        from kybernate.hooks.client import HookdError, HookdUnavailable
-
         from .hookd_driver import call_deadline
 
         # hookd's calls end before containerd's deadline for this call (ttrpc timeout_nano), if it set one.
         call_deadline.set(call.deadline if call is not None else None)
         try:
             await self.gpu.on(event, container_id)
-        except HookdUnavailable as err:
-            raise TTRPCError(Code.UNAVAILABLE, f"{container_id}: cannot {what}: {err}") from err
-        except HookdError as err:
-            raise TTRPCError(Code.from_wire(int(err.code)), f"{container_id}: cannot {what}: {err.message}") from err
-        except (GpuStepError, TimeoutError) as err:
-            raise TTRPCError(Code.FAILED_PRECONDITION, f"{container_id}: cannot {what}: {err}") from err
+        except Exception as err:
+            raise to_status(err, f"{container_id}: cannot {what}") from err
 
-    @staticmethod
-    def _gpu_error_to_status(step: Callable[[], Any]) -> Any:
+    async def _stop_task(self, container_id: str) -> None:
+        """Kill the task and wait for it to exit (Start could not give it its GPU state back)."""
         try:
-            return step()
-        except (GpuStepError, OSError) as err:
-            raise TTRPCError(Code.FAILED_PRECONDITION, str(err)) from err
+            await self.upstream.call("Kill", task_pb2.KillRequest(id=container_id, signal=9, all=True), task_pb2.Empty,
+                                     metadata=self._metadata())
+            await asyncio.wait_for(self.upstream.call("Wait", task_pb2.WaitRequest(id=container_id),
+                                                      task_pb2.WaitResponse, metadata=self._metadata()), KILL_WAIT_S)
+        except (TTRPCError, TimeoutError) as err:
+            log.error("could not stop a task whose GPU restore failed", extra={"fields": {"id": container_id,
+                                                                                          "error": str(err)}})
+
+    async def _refreeze(self, container_id: str) -> str:
+        """After a failed GPU step in Resume: freeze the task again so containerd shows it PAUSED, as it is
+        for the GPU; a plain Resume then retries. Returns what to add to the error message."""
+        try:
+            await self._freeze(container_id)
+        except TTRPCError as err:
+            log.error("could not pause a task again after its GPU restore failed",
+                      extra={"fields": {"id": container_id, "error": str(err)}})
+            return "; the task runs without its GPU state: Resume again retries the GPU restore"
+        await self.gpu.refrozen(container_id)
+        return "; the task was paused again: Resume retries"
+
+    async def _match_freezer_to_runc(self, container_id: str) -> None:
+        """A dump that died (CRIU killed) can leave the cgroup thawed while runc's shim still counts the task
+        paused (then containerd shows PAUSED and every Resume fails "not paused"), or the reverse. Put the
+        cgroup where runc's shim thinks it is, so containerd's view is true and Resume works."""
+        task = self.gpu.tasks.get(container_id)
+        if task is None or task.phase is Phase.NO_GPU or not task.init_pid:
+            return
+        from . import freezer
+
+        def repair() -> bool:
+            directory = freezer.cgroup_dir(task.init_pid)
+            if directory is None or freezer.is_frozen(directory) == task.paused:
+                return False
+            freezer.set_frozen(directory, task.paused)
+            return True
+
+        try:
+            if await asyncio.to_thread(repair):
+                log.warning("the failed dump left the cgroup's freezer out of step with runc; put it back",
+                            extra={"fields": {"id": container_id, "paused": task.paused}})
+        except (OSError, TimeoutError) as err:
+            log.error("could not put the task's freezer back after a failed dump",
+                      extra={"fields": {"id": container_id, "error": str(err)}})
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return ((NAMESPACE_KEY, self.namespace),)
@@ -291,7 +361,7 @@ def _decode(kind: type[Any], call: Call) -> Any:
     try:
         return kind.FromString(call.payload)
     except Exception as err:  # protobuf's DecodeError
-        raise TTRPCError(Code.INVALID_ARGUMENT, f"{call.method}: request is not a valid {kind.__name__}") from err
+        raise InvalidArgument(f"{call.method}: request is not a valid {kind.__name__}") from err
 
 
 def _checkpoint_exits(options: any_pb2.Any | None) -> bool:
@@ -304,12 +374,11 @@ def _read_spec(bundle: str) -> dict[str, Any]:
     try:
         return manager.read_spec(bundle)
     except manager.StartError as err:
-        raise TTRPCError(Code.INVALID_ARGUMENT, str(err)) from err
+        raise InvalidArgument(str(err)) from err
 
 
 def _write_criu_config(bundle: str, spec: dict[str, Any], options: KybernateOptions) -> None:
     try:
         criu_config.apply(bundle, spec, options.criu_options)
     except OSError as err:
-        raise TTRPCError(Code.FAILED_PRECONDITION,
-                         f"cannot write the CRIU configuration into the bundle {bundle}: {err}") from err
+        raise FailedPrecondition(f"cannot write the CRIU configuration into the bundle {bundle}: {err}") from err

@@ -27,6 +27,35 @@ def runtime_config_snippet(version: str, runtime_toml: Path) -> str:
     return text.replace("/etc/kybernate/runtime.toml", str(runtime_toml))
 
 
+# --- the fault table: every test marked fault(name), tried and survived, printed at the end ----------
+
+_FAULTS: dict[str, list[bool]] = {}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    report = yield
+    marker = item.get_closest_marker("fault")
+    if marker is not None and (report.when == "call" or (report.when == "setup" and report.failed)):
+        version = getattr(item, "callspec", None) and item.callspec.params.get("version")
+        name = f"{marker.args[0]} [containerd {version or '2.1'}]"
+        _FAULTS.setdefault(name, []).append(report.passed)
+    return report
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # type: ignore[no-untyped-def]
+    if not _FAULTS:
+        return
+    tr = terminalreporter
+    tr.section("faults tried / survived (nothing stranded)")
+    width = max(len(n) for n in _FAULTS)
+    for name, results in sorted(_FAULTS.items()):
+        tr.write_line(f"{name:<{width}}  tried {len(results)}  survived {sum(results)}"
+                      + ("" if all(results) else "  <-- STRANDED OR FAILED"))
+    total = [r for rs in _FAULTS.values() for r in rs]
+    tr.write_line(f"{'total':<{width}}  tried {len(total)}  survived {sum(total)}")
+
+
 @pytest.fixture
 def kyb_factory(containerd_factory, tmp_path) -> Callable[..., Containerd]:
     """start(version, runtime_toml_text=None, env=None) -> containerd with the kybernate runtime registered."""

@@ -11,11 +11,7 @@ real driver.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,60 +19,14 @@ import pytest
 from conftest import RUNTIME
 from harness.containerd import Containerd
 from harness.containerd_api import ContainerdApi, criu_checkpoint
+from harness.gpunode import G0, G1, H100, GiB, GpuNode, fakegpu
 from harness.images import BUSYBOX_IMAGE
 from harness.workload import read_counts, task_pid, task_status, wait_for
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fakes"))
-import fakegpu  # noqa: E402
-
 pytestmark = pytest.mark.stack
 
-G0 = "GPU-3ffe047a-0b03-a6b5-a359-0ecfad913d83"
-G1 = "GPU-5a1b2c3d-1111-2222-3333-444455556666"
-H100 = "NVIDIA H100 80GB HBM3"
-GiB = 1 << 30
 # The workload is the fake CUDA process; the `sleep`s it spawns must not inherit that identity.
 COUNTER = "i=0; while true; do echo $i >> /count; i=$((i+1)); env -u FAKEGPU_PROC sleep 0.2; done"
-
-
-class GpuNode:
-    """A fake GPU node: the fake driver's state dir plus a real kybernate-hookd using it."""
-
-    def __init__(self, tmp: Path) -> None:
-        built = fakegpu.build(Path("/tmp/kybernate-fakegpu"))
-        self.node = fakegpu.FakeNode(tmp / "fakegpu")
-        self.node.set_gpus([fakegpu.FakeGpu(G0, H100, 80 * GiB), fakegpu.FakeGpu(G1, H100, 80 * GiB)])
-        self.socket = f"/run/kyb-test/hookd-{os.getpid()}-{time.monotonic_ns() % 10**6}.sock"
-        self.log = tmp / "hookd.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kybernate.hooks.daemon", "--socket", self.socket,
-                 "--libcuda", str(built.libcuda), "--libnvml", str(built.libnvml),
-                 "--metrics-address", "", "--log-level", "debug"],
-                env={**os.environ, **self.node.env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        wait_for("hookd to listen", lambda: Path(self.socket).exists() or self.proc.poll() is not None, 30)
-        assert self.proc.poll() is None, self.log.read_text()
-
-    def runtime_toml(self, **kybernate: object) -> str:
-        lines = [f'hookd_socket = "{self.socket}"'] + [f"{k} = {str(v).lower() if isinstance(v, bool) else v}"
-                                                      for k, v in kybernate.items()]
-        return "[kybernate]\n" + "\n".join(lines) + "\n"
-
-    def container_env(self, proc_id: str, gpu_uuid: str = G0, vram: int = 2 * GiB) -> list[str]:
-        env = {"NVIDIA_VISIBLE_DEVICES": "all", **self.node.env, **self.node.process_env(proc_id, gpu_uuid, vram)}
-        return [arg for k, v in env.items() for arg in ("--env", f"{k}={v}")]
-
-    def events(self, proc_id: str) -> list[fakegpu.Event]:
-        return [e for e in self.node.events() if e.proc == proc_id and e.op != "get_state"]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.node.kill_all()
 
 
 @pytest.fixture
@@ -214,14 +164,15 @@ def test_restore_is_refused_without_enough_free_vram_and_works_once_there_is(kyb
         r = c.ctr("tasks", "resume", "big", check=False)
         assert r.returncode != 0
         assert "VRAM" in r.stderr or "vram" in r.stderr, r.stderr
+        # The task was paused again: containerd's view matches the GPU's (parked), and a resume retries.
+        assert "paused again" in r.stderr and task_status(c, "big") == "PAUSED"
         # Refused before any driver call: the process stays checkpointed, restorable.
         assert gpu.node.state("p-big").get("state", "").upper() == "CHECKPOINTED"
         assert "restore" not in [op for op, _ in ops(gpu.events("p-big"))]
     finally:
         hog.kill()
         hog.wait()
-    # Retrying: pause again (a no-op for the GPU) and resume restores.
-    c.ctr("tasks", "pause", "big")
+    # Retrying: a plain resume restores.
     c.ctr("tasks", "resume", "big")
     assert gpu.node.state("p-big").get("state", "").upper() == "RUNNING"
 

@@ -23,6 +23,7 @@ from hookd_testlib import G0, G1, GiB, run
 from kybernate.hooks.client import HookdClient, HookdError, HookdUnavailable
 from kybernate.hooks.daemon import Daemon, StartError
 from kybernate.hooks.model import GpuManifest
+from kybernate.hooks.reconcile_settings import ReconcileSettings
 from kybernate.hooks.settings import DriverSettings, ManagerSettings, ServerSettings, Settings
 
 REPO = Path(__file__).resolve().parents[3]
@@ -34,6 +35,7 @@ def settings(tmp_path: Path, fake: fakegpu.Built, **driver: str) -> Settings:
                               shutdown_grace_s=1.0, stop_timeout_s=5.0),
         driver=DriverSettings(**{"libcuda": str(fake.libcuda), "libnvml": str(fake.libnvml), **driver}),
         manager=ManagerSettings(lock_grace_s=1.0),
+        reconcile=ReconcileSettings(intent_dir=str(tmp_path / "intent")),
     )
 
 
@@ -180,7 +182,7 @@ def test_the_daemon_process_serves_and_stops_on_sigterm(tmp_path: Path, fake_dri
     env = {**os.environ, "LD_LIBRARY_PATH": str(fake_driver.dir), "FAKEGPU_STATE_DIR": str(node.dir)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "kybernate.hooks.daemon", "--socket", str(sock), "--libcuda", str(fake_driver.libcuda),
-         "--metrics-address", "", "--log-level", "info"],
+         "--metrics-address", "", "--log-level", "info", "--intent-dir", str(tmp_path / "intent")],
         env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
@@ -213,7 +215,7 @@ def test_stop_names_a_driver_call_that_is_still_running(tmp_path: Path, fake_dri
     node.set_faults(["lock stall 1200"])  # the target does not answer, as if SIGSTOPped after the check
     s = settings(tmp_path, fake_driver)
     s = Settings(server=replace(s.server, stop_timeout_s=0.3), driver=s.driver,
-                 manager=replace(s.manager, lock_grace_s=0.1))
+                 manager=replace(s.manager, lock_grace_s=0.1), reconcile=s.reconcile)
 
     async def go() -> int:
         daemon = Daemon(s)
