@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kybernate.hooks.client import HookdClient
+from kybernate.hooks.api.client import HookdClient
 
 
 class HookdDriver:

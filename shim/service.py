@@ -225,7 +225,7 @@ class TaskService:
     async def _gpu_step(self, event: Event, container_id: str, what: str) -> None:
         if self.gpu.phase(container_id) is Phase.NO_GPU:
             return  # the common case: no GPU, no daemon, nothing imported
-        from kybernate.hooks.client import HookdError, HookdUnavailable
+        from kybernate.hooks.api.client import HookdError, HookdUnavailable
 
         try:
             await self.gpu.on(event, container_id)

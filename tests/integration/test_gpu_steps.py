@@ -50,7 +50,7 @@ class GpuNode:
         self.log = tmp / "hookd.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kybernate.hooks.daemon", "--socket", self.socket,
+                [sys.executable, "-m", "kybernate.hooks.hookd.daemon", "--socket", self.socket,
                  "--libcuda", str(built.libcuda), "--libnvml", str(built.libnvml),
                  "--metrics-address", "", "--log-level", "debug"],
                 env={**os.environ, **self.node.env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

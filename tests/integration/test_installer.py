@@ -471,7 +471,7 @@ def test_the_venv_and_launchers_run_on_the_nodes_python(make_node: Callable[...,
     n = make_node("2.1")
     n.install()
     venv_python = n.path("/opt/kybernate/venv/bin/python3")
-    code = ("import sys, grpc, google.protobuf, pyroute2, pynvml, kybernate.hooks.daemon, kybernate.shim.cli; "
+    code = ("import sys, grpc, google.protobuf, pyroute2, pynvml, kybernate.hooks.hookd.daemon, kybernate.shim.cli; "
             "print(sys.prefix, grpc.__version__)")
     r = subprocess.run([str(venv_python), "-c", code], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr

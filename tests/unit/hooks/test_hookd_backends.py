@@ -14,14 +14,14 @@ import fakegpu
 import pytest
 from hookd_testlib import G0, G1, GiB, run
 
-from kybernate.hooks import blocking, cuda
-from kybernate.hooks.binary import CudaCheckpointBinary
-from kybernate.hooks.cuda import CudaDriver, CudaError, CudaState
-from kybernate.hooks.errors import DriverUnavailable
-from kybernate.hooks.manager import ContainerRef, GpuManager
-from kybernate.hooks.metrics import Metrics, parse_address
-from kybernate.hooks.nvml import Nvml
-from kybernate.hooks.settings import ManagerSettings
+from kybernate.hooks.gpu import blocking, cuda
+from kybernate.hooks.gpu.binary import CudaCheckpointBinary
+from kybernate.hooks.gpu.cuda import CudaDriver, CudaError, CudaState
+from kybernate.hooks.api.errors import DriverUnavailable
+from kybernate.hooks.hookd.manager import ContainerRef, GpuManager
+from kybernate.hooks.hookd.metrics import Metrics, parse_address
+from kybernate.hooks.gpu.nvml import Nvml
+from kybernate.hooks.hookd.settings import ManagerSettings
 
 
 def test_struct_layouts_match_cuda_h() -> None:

@@ -13,8 +13,8 @@ import fakegpu
 import pytest
 from hookd_testlib import G0, G1, H100, GiB, Freezer, events_for, wait_exec
 
-from kybernate.hooks.cuda import CudaDriver, CudaError, CudaState
-from kybernate.hooks.nvml import Nvml
+from kybernate.hooks.gpu.cuda import CudaDriver, CudaError, CudaState
+from kybernate.hooks.gpu.nvml import Nvml
 
 
 def error_of(fn: Callable[[], object]) -> str:

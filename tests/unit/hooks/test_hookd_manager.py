@@ -16,8 +16,8 @@ import fakegpu
 import pytest
 from hookd_testlib import A100, G0, G1, G2, H100, GiB, Freezer, events_for, run
 
-from kybernate.hooks.cuda import CudaDriver, CudaState
-from kybernate.hooks.errors import (
+from kybernate.hooks.gpu.cuda import CudaDriver, CudaState
+from kybernate.hooks.api.errors import (
     INTERNAL,
     FailedPrecondition,
     InsufficientVram,
@@ -29,8 +29,8 @@ from kybernate.hooks.errors import (
     RollbackFailed,
     StepFailed,
 )
-from kybernate.hooks.manager import ContainerRef, GpuManager, plan_gpu_pairs
-from kybernate.hooks.model import GpuDeviceRecord, GpuManifest, GpuPair, GpuProcessRecord, ManifestError, NodeGpu
+from kybernate.hooks.hookd.manager import ContainerRef, GpuManager, plan_gpu_pairs
+from kybernate.hooks.api.model import GpuDeviceRecord, GpuManifest, GpuPair, GpuProcessRecord, ManifestError, NodeGpu
 
 Spawn = Callable[..., int]
 MakeManager = Callable[..., GpuManager]
@@ -382,9 +382,9 @@ def test_without_nvml_checkpoint_and_restore_still_work(driver: CudaDriver, node
                                                         spawn: Spawn) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from kybernate.hooks.metrics import Metrics
-    from kybernate.hooks.nvml import Nvml
-    from kybernate.hooks.settings import ManagerSettings
+    from kybernate.hooks.hookd.metrics import Metrics
+    from kybernate.hooks.gpu.nvml import Nvml
+    from kybernate.hooks.hookd.settings import ManagerSettings
 
     a = spawn("a", G0, 2 * GiB)
 
@@ -403,7 +403,7 @@ def test_without_nvml_checkpoint_and_restore_still_work(driver: CudaDriver, node
 
 
 def test_a_missing_nvml_is_reported_once_and_clearly(tmp_path: Path) -> None:
-    code = ("import logging, sys; from kybernate.hooks import logs, nvml; logs.setup('info'); "
+    code = ("import logging, sys; from kybernate.hooks.api import logs; from kybernate.hooks.gpu import nvml; logs.setup('info'); "
             f"sys.exit(int(nvml.Nvml({str(tmp_path / 'libnvidia-ml.so.1')!r}).start()))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0
@@ -413,7 +413,7 @@ def test_a_missing_nvml_is_reported_once_and_clearly(tmp_path: Path) -> None:
 
 def test_remembered_manifests_are_bounded(make_manager: MakeManager, spawn: Spawn,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from kybernate.hooks import manager as manager_module
+    from kybernate.hooks.hookd import manager as manager_module
 
     monkeypatch.setattr(manager_module, "REMEMBERED_MANIFESTS", 1)
     a, b = spawn("a"), spawn("b")

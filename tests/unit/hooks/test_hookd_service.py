@@ -20,10 +20,10 @@ import fakegpu
 import pytest
 from hookd_testlib import G0, G1, GiB, run
 
-from kybernate.hooks.client import HookdClient, HookdError, HookdUnavailable
-from kybernate.hooks.daemon import Daemon, StartError
-from kybernate.hooks.model import GpuManifest
-from kybernate.hooks.settings import DriverSettings, ManagerSettings, ServerSettings, Settings
+from kybernate.hooks.api.client import HookdClient, HookdError, HookdUnavailable
+from kybernate.hooks.hookd.daemon import Daemon, StartError
+from kybernate.hooks.api.model import GpuManifest
+from kybernate.hooks.hookd.settings import DriverSettings, ManagerSettings, ServerSettings, Settings
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -153,7 +153,7 @@ def test_client_reports_a_missing_or_dead_daemon_clearly(tmp_path: Path) -> None
 
 
 def test_importing_the_client_does_not_load_grpc() -> None:
-    code = "import sys, kybernate.hooks.client; sys.exit(int('grpc' in sys.modules or 'google.protobuf' in sys.modules))"
+    code = "import sys, kybernate.hooks.api.client; sys.exit(int('grpc' in sys.modules or 'google.protobuf' in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == 0
 
 
@@ -179,7 +179,7 @@ def test_the_daemon_process_serves_and_stops_on_sigterm(tmp_path: Path, fake_dri
     sock = tmp_path / "hookd.sock"
     env = {**os.environ, "LD_LIBRARY_PATH": str(fake_driver.dir), "FAKEGPU_STATE_DIR": str(node.dir)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kybernate.hooks.daemon", "--socket", str(sock), "--libcuda", str(fake_driver.libcuda),
+        [sys.executable, "-m", "kybernate.hooks.hookd.daemon", "--socket", str(sock), "--libcuda", str(fake_driver.libcuda),
          "--metrics-address", "", "--log-level", "info"],
         env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:

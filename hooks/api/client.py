@@ -20,6 +20,8 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from kybernate.hooks.hookd.settings import DEFAULT_SOCKET
+
 from .errors import METADATA_DRIVER_ERROR, METADATA_PID, METADATA_STEP
 from .model import (
     CheckpointResult,
@@ -35,7 +37,6 @@ from .model import (
     RestoreResult,
     StepTiming,
 )
-from .settings import DEFAULT_SOCKET
 
 __all__ = [
     "DEFAULT_SOCKET", "MANIFEST_FILE", "CheckpointResult", "GpuDeviceRecord", "GpuManifest", "GpuPair",
@@ -182,7 +183,6 @@ class HookdClient:
             self._channel = self._stub = None  # a channel works on the loop that made it only
         if self._stub is None:
             import grpc
-
             from kybernate.api import hookd_pb2_grpc
 
             self._channel = grpc.aio.insecure_channel(f"unix:{os.path.abspath(self.socket_path)}")

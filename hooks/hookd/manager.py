@@ -30,10 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, NoReturn, TypeVar
 
-from . import procfs
-from .blocking import StillRunning, run_blocking
-from .cuda import NOT_A_CUDA_PROCESS, CheckpointDriver, CudaError, CudaState, normalize_uuid
-from .errors import (
+from kybernate.hooks.api.errors import (
     FailedPrecondition,
     InsufficientVram,
     InvalidRequest,
@@ -45,8 +42,7 @@ from .errors import (
     RollbackFailed,
     StepFailed,
 )
-from .metrics import STEPS, Metrics
-from .model import (
+from kybernate.hooks.api.model import (
     CheckpointResult,
     GpuDeviceRecord,
     GpuManifest,
@@ -59,7 +55,12 @@ from .model import (
     RestoreResult,
     StepTiming,
 )
-from .nvml import Inventory, Nvml
+from kybernate.hooks.gpu import procfs
+from kybernate.hooks.gpu.blocking import StillRunning, run_blocking
+from kybernate.hooks.gpu.cuda import NOT_A_CUDA_PROCESS, CheckpointDriver, CudaError, CudaState, normalize_uuid
+from kybernate.hooks.gpu.nvml import Inventory, Nvml
+
+from .metrics import STEPS, Metrics
 from .settings import ManagerSettings
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import InvalidRequest
+from kybernate.hooks.api.errors import InvalidRequest
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 

@@ -21,7 +21,7 @@ import enum
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from .errors import DriverUnavailable
+from kybernate.hooks.api.errors import DriverUnavailable
 
 DEFAULT_LIBCUDA = "libcuda.so.1"
 

@@ -19,7 +19,7 @@ The container is resumed whatever fails, and the lease is dropped at the end, so
 containerd's content store. Progress goes to stderr; the exit status is non-zero on failure.
 
 Usage:
-    python -m kybernate.hooks.checkpoint_archive checkpoint --address /run/containerd/containerd.sock \\
+    python -m kybernate.hooks.cli.checkpoint_archive checkpoint --address /run/containerd/containerd.sock \\
         --namespace k8s.io CONTAINER_ID --output /var/lib/kybernate/checkpoints/NAME.tar
 """
 
@@ -40,7 +40,6 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 from google.protobuf import timestamp_pb2
-
 from kybernate.api import containerd_api_pb2 as pb
 
 from .containerd_client import (

@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.message import Message
-
 from kybernate.api import containerd_api_pb2 as pb
 from kybernate.api import runc_options_pb2
 

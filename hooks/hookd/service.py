@@ -10,12 +10,11 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import grpc
-
 from kybernate.api import hookd_pb2 as pb
 from kybernate.api import hookd_pb2_grpc
+from kybernate.hooks.api import convert
+from kybernate.hooks.api.errors import METADATA_DRIVER_ERROR, METADATA_PID, METADATA_STEP, KybernateError
 
-from . import convert
-from .errors import METADATA_DRIVER_ERROR, METADATA_PID, METADATA_STEP, KybernateError
 from .manager import ContainerRef, GpuManager
 from .metrics import Metrics
 

@@ -21,12 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from . import blocking, logs, metrics
-from .blocking import run_blocking
-from .cuda import CheckpointDriver
-from .errors import KybernateError
+from kybernate.hooks.api import logs
+from kybernate.hooks.api.errors import KybernateError
+from kybernate.hooks.gpu import blocking
+from kybernate.hooks.gpu.blocking import run_blocking
+from kybernate.hooks.gpu.cuda import CheckpointDriver
+from kybernate.hooks.gpu.nvml import Nvml
+
+from . import metrics
 from .manager import GpuManager
-from .nvml import Nvml
 from .settings import DriverSettings, ManagerSettings, ServerSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -77,10 +80,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 def open_driver(settings: DriverSettings, transfer_timeout_s: float) -> CheckpointDriver:
     """Blocking (cuInit can take seconds): call through run_blocking."""
     if settings.backend == "binary":
-        from .binary import CudaCheckpointBinary
+        from kybernate.hooks.gpu.binary import CudaCheckpointBinary
 
         return CudaCheckpointBinary(settings.cuda_checkpoint, step_timeout_s=transfer_timeout_s)
-    from .cuda import CudaDriver
+    from kybernate.hooks.gpu.cuda import CudaDriver
 
     return CudaDriver(settings.libcuda)
 
@@ -133,7 +136,6 @@ class Daemon:
 
     async def start(self) -> None:
         import grpc
-
         from kybernate.api import hookd_pb2_grpc
 
         from .service import HookdService

@@ -22,8 +22,9 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 
+from kybernate.hooks.api.errors import DriverUnavailable
+
 from .cuda import ERROR_CODES, ERROR_STRINGS, CudaError, CudaState, normalize_uuid
-from .errors import DriverUnavailable
 
 DEFAULT_BINARY = "cuda-checkpoint"
 _QUOTED = re.compile(r'"([^"]*)"')
