@@ -5,9 +5,9 @@ first call, because the shim's start path is latency-sensitive and most containe
 
     client = HookdClient("/run/kybernate/hookd.sock")
     manifest = await client.checkpoint_gpu("k8s.io", cid, pids, lock_timeout_ms=10_000, deadline_s=600)
-    Path(checkpoint_dir, MANIFEST_FILE).write_text(manifest.to_json())
+    write_manifest(checkpoint_dir, manifest)
     ...
-    result = await client.restore_gpu("k8s.io", cid, new_pids, manifest=GpuManifest.from_json(text))
+    result = await client.restore_gpu("k8s.io", cid, new_pids, manifest=read_manifest(checkpoint_dir))
 
 Errors: HookdUnavailable when nothing answers on the socket; HookdError(code, message) for every
 status hookd returns (code is the gRPC/ttrpc number: pass it through to containerd as is).
@@ -23,6 +23,7 @@ from typing import Any
 from kybernate.hooks.hookd.settings import DEFAULT_SOCKET
 
 from .errors import METADATA_DRIVER_ERROR, METADATA_PID, METADATA_STEP
+from .manifest import MANIFEST_FILE
 from .model import (
     CheckpointResult,
     GpuDeviceRecord,
@@ -43,9 +44,6 @@ __all__ = [
     "GpuProcessRecord", "HealthInfo", "HookdClient", "HookdError", "HookdUnavailable", "ManifestError", "NodeGpu",
     "ProcessOutcome", "ProcessStatus", "RestoreResult", "StepTiming",
 ]
-
-# The GPU manifest's file name inside a checkpoint directory.
-MANIFEST_FILE = "kybernate.json"
 
 _CODE_NAMES = {0: "OK", 1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND",
                6: "ALREADY_EXISTS", 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED", 9: "FAILED_PRECONDITION",
