@@ -11,19 +11,18 @@ Containers that are not GPU containers never reach the driver and never need kyb
 from __future__ import annotations
 
 import enum
-import json
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
+
+from kybernate.hooks.api import manifest as manifest_file
+from kybernate.hooks.api.model import GpuManifest, ManifestError
 
 from .runtime_options import KybernateOptions
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "kybernate.json"
 ANNOTATION_PREFIX = "kybernate.io/"
 
 
@@ -63,12 +62,12 @@ TRANSITIONS: dict[tuple[Phase, Event], str] = {
 class GpuDriver(Protocol):
     """The node daemon's view for one task: implemented by the kybernate-hookd client."""
 
-    async def checkpoint(self, namespace: str, container_id: str, pids: list[int], lock_timeout_ms: int) -> dict[str, Any]:
+    async def checkpoint(self, namespace: str, container_id: str, pids: list[int], lock_timeout_ms: int) -> GpuManifest:
         """Lock and checkpoint every CUDA process; returns the GPU manifest. Rolls back on failure."""
         ...
 
     async def restore(
-        self, namespace: str, container_id: str, pids: list[int], manifest: dict[str, Any] | None
+        self, namespace: str, container_id: str, pids: list[int], manifest: GpuManifest | None
     ) -> None:
         """Restore (remapping GPUs if they differ from the manifest) and unlock every CUDA process."""
         ...
@@ -84,7 +83,7 @@ class TaskGpu:
     options: KybernateOptions
     phase: Phase
     paused: bool = False
-    manifest: dict[str, Any] | None = None
+    manifest: GpuManifest | None = None
 
 
 @dataclass
@@ -131,26 +130,15 @@ def options_with_annotations(base: KybernateOptions, spec: dict[str, Any]) -> Ky
     return replace(base, **changes) if changes else base
 
 
-def read_manifest(checkpoint_dir: str) -> dict[str, Any] | None:
-    path = Path(checkpoint_dir) / MANIFEST_NAME
+def read_manifest(checkpoint_dir: str) -> GpuManifest | None:
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    try:
-        manifest = json.loads(text)
-    except ValueError as err:
-        raise GpuStepError(f"GPU manifest {path} is not valid JSON: {err}") from err
-    if not isinstance(manifest, dict):
-        raise GpuStepError(f"GPU manifest {path} is not a JSON object")
-    return manifest
+        return manifest_file.read_manifest(checkpoint_dir)
+    except ManifestError as err:
+        raise GpuStepError(str(err)) from err
 
 
-def write_manifest(checkpoint_dir: str, manifest: dict[str, Any]) -> None:
-    path = Path(checkpoint_dir) / MANIFEST_NAME
-    tmp = path.with_name(MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+def write_manifest(checkpoint_dir: str, manifest: GpuManifest) -> None:
+    manifest_file.write_manifest(checkpoint_dir, manifest)
 
 
 @dataclass

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from kybernate.hooks.api.client import HookdClient
+from kybernate.hooks.api.model import GpuManifest
 
 
 class HookdDriver:
@@ -12,13 +11,12 @@ class HookdDriver:
         self._client = HookdClient(socket_path)
         self._timeout_s = timeout_s
 
-    async def checkpoint(self, namespace: str, container_id: str, pids: list[int], lock_timeout_ms: int) -> dict[str, Any]:
-        manifest = await self._client.checkpoint_gpu(
+    async def checkpoint(self, namespace: str, container_id: str, pids: list[int], lock_timeout_ms: int) -> GpuManifest:
+        return await self._client.checkpoint_gpu(
             namespace, container_id, pids, lock_timeout_ms=lock_timeout_ms, deadline_s=self._timeout_s
         )
-        return manifest.to_dict()
 
     async def restore(
-        self, namespace: str, container_id: str, pids: list[int], manifest: dict[str, Any] | None
+        self, namespace: str, container_id: str, pids: list[int], manifest: GpuManifest | None
     ) -> None:
         await self._client.restore_gpu(namespace, container_id, pids, manifest=manifest, deadline_s=self._timeout_s)

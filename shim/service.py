@@ -16,6 +16,7 @@ from typing import Any
 from google.protobuf import any_pb2
 
 from kybernate.api import runc_options_pb2, task_pb2
+from kybernate.hooks.api.model import GpuManifest
 
 from . import gpu_steps, manager, restore_from, runtime_options
 from .gpu_steps import Event, GpuStepError, GpuSteps, Phase, TaskControl, TaskGpu
@@ -115,7 +116,8 @@ class TaskService:
         await self._gpu_step(Event.CHECKPOINT, request.id, "checkpoint GPU state before the CRIU dump")
         task = self.gpu.tasks.get(request.id)
         if task is not None and task.phase is Phase.CHECKPOINTED and task.manifest is not None and request.path:
-            self._gpu_error_to_status(lambda: gpu_steps.write_manifest(request.path, task.manifest or {}))
+            manifest = task.manifest
+            self._gpu_error_to_status(lambda: gpu_steps.write_manifest(request.path, manifest))
         try:
             reply = await self.upstream.forward(call)
         except TTRPCError:
@@ -170,14 +172,14 @@ class TaskService:
             return config.kybernate, True
         return config.kybernate, False
 
-    def _gpu_phase(self, spec: dict[str, Any], checkpoint_dir: str) -> tuple[Phase, dict[str, Any] | None]:
+    def _gpu_phase(self, spec: dict[str, Any], checkpoint_dir: str) -> tuple[Phase, GpuManifest | None]:
         """Where a new task starts in the GPU lifecycle, with the manifest of the checkpoint it comes from."""
         if not gpu_steps.is_gpu_container(spec):
             return Phase.NO_GPU, None
         if not checkpoint_dir:
             return Phase.LIVE, None
         manifest = self._gpu_error_to_status(lambda: gpu_steps.read_manifest(checkpoint_dir))
-        if manifest is not None and manifest.get("processes"):
+        if manifest is not None and not manifest.empty:
             return Phase.RESTORE_PENDING, manifest
         return Phase.LIVE, manifest
 

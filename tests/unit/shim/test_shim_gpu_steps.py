@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from kybernate.hooks.api.model import GpuManifest, GpuProcessRecord
 from kybernate.shim import gpu_steps
 from kybernate.shim.gpu_steps import GpuStepError, Phase, Event, TRANSITIONS
 from kybernate.shim.runtime_options import KybernateOptions
@@ -44,8 +45,9 @@ def test_bad_annotations_are_refused(notes, message):
 
 def test_manifest_round_trip_and_bad_manifest(tmp_path):
     assert gpu_steps.read_manifest(str(tmp_path)) is None
-    gpu_steps.write_manifest(str(tmp_path), {"processes": [{"pid": 1}]})
-    assert gpu_steps.read_manifest(str(tmp_path)) == {"processes": [{"pid": 1}]}
+    manifest = GpuManifest(processes=(GpuProcessRecord(pid=1, state="CHECKPOINTED"),))
+    gpu_steps.write_manifest(str(tmp_path), manifest)
+    assert gpu_steps.read_manifest(str(tmp_path)) == manifest
     assert not list(tmp_path.glob("*.tmp"))
     (tmp_path / "kybernate.json").write_text("{nope")
     with pytest.raises(GpuStepError, match="not valid JSON"):
