@@ -40,16 +40,20 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 from google.protobuf import timestamp_pb2
-from kybernate.api import containerd_api_pb2 as pb
 
-from .containerd_client import (
-    CRIU_CHECKPOINT_MEDIA_TYPE,
-    ContainerdClient,
-    ContainerdError,
+from kybernate.api import containerd_api_pb2 as pb
+from kybernate.hooks.api.checkpoint import (
+    CHECKPOINT_DIR,
+    CONFIG_DUMP,
+    DELETED_FILES,
+    OPAQUE_WHITEOUT,
+    ROOTFS_DIFF,
+    SPEC_DUMP,
+    WHITEOUT_PREFIX,
 )
 
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_WHITEOUT = ".wh..wh..opq"
+from .containerd_client import ContainerdClient, ContainerdError, criu_checkpoint
+
 # CRI annotations on the spec that name a container the way CRI's container names are made.
 _CRI_NAME_PARTS = (
     "io.kubernetes.cri.container-name",
@@ -151,13 +155,13 @@ class Checkpointer:
             workdir = tempfile.mkdtemp(prefix=".kybernate-checkpoint-", dir=out_dir)
             checkpointed_at = datetime.now(timezone.utc)
             descriptors, diff = self._checkpoint(container, lease)
-            criu = next((d for d in descriptors if d.media_type == CRIU_CHECKPOINT_MEDIA_TYPE), None)
+            criu = criu_checkpoint(descriptors)
             if criu is None:
                 raise CheckpointError(
                     f"checkpoint of {self.container_id} returned no CRIU image "
                     f"(got {[d.media_type for d in descriptors]})"
                 )
-            self._unpack_criu(criu, os.path.join(workdir, "checkpoint"))
+            self._unpack_criu(criu, os.path.join(workdir, CHECKPOINT_DIR))
             if diff is not None:
                 self._write_rootfs_diff(diff, workdir)
             self._dumps(container, spec, checkpointed_at, workdir)
@@ -295,11 +299,11 @@ class Checkpointer:
 
     def _write_rootfs_diff(self, descriptor: pb.Descriptor, workdir: str) -> None:
         t0 = self.progress.elapsed()
-        deleted = self._copy_diff(descriptor, os.path.join(workdir, "rootfs-diff.tar"))
+        deleted = self._copy_diff(descriptor, os.path.join(workdir, ROOTFS_DIFF))
         if deleted:
-            with open(os.path.join(workdir, "deleted.files"), "w") as f:
+            with open(os.path.join(workdir, DELETED_FILES), "w") as f:
                 json.dump(deleted, f)
-        size = os.path.getsize(os.path.join(workdir, "rootfs-diff.tar"))
+        size = os.path.getsize(os.path.join(workdir, ROOTFS_DIFF))
         self.progress(f"rootfs diff: {human(size)}, {len(deleted)} deleted "
                       f"({self.progress.elapsed() - t0:.2f}s)")
 
@@ -337,9 +341,9 @@ class Checkpointer:
             "createdTime": _rfc3339(container.created_at),
             "checkpointedTime": _format_time(checkpointed_at),
         }
-        with open(os.path.join(workdir, "config.dump"), "w") as f:
+        with open(os.path.join(workdir, CONFIG_DUMP), "w") as f:
             json.dump(config, f)
-        with open(os.path.join(workdir, "spec.dump"), "w") as f:
+        with open(os.path.join(workdir, SPEC_DUMP), "w") as f:
             json.dump(spec, f)
 
     def _write_archive(self, workdir: str) -> None:
