@@ -19,6 +19,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from .cli import ShimArgs
+from .ttrpc.address import socket_path
 
 if TYPE_CHECKING:
     from .runtime_options import RuntimeConfig
@@ -130,10 +131,6 @@ def socket_address(containerd_address: str, namespace: str, group: str) -> str:
     # Hashed like the runc shim's name but over a different input, so the two never collide.
     digest = hashlib.sha256(f"{containerd_address}/{namespace}/{group}/kybernate".encode()).hexdigest()
     return f"unix://{SOCKET_DIR}/{digest}"
-
-
-def socket_path(address: str) -> str:
-    return address.removeprefix("unix://")
 
 
 def can_connect(address: str) -> bool:

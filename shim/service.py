@@ -16,6 +16,7 @@ from typing import Any
 from google.protobuf import any_pb2
 
 from kybernate.api import runc_options_pb2, task_pb2
+from kybernate.hooks.api.checkpoint import CHECKPOINT_OPTIONS_TYPE
 from kybernate.hooks.api.model import GpuManifest
 
 from . import gpu_steps, manager, restore_from, runtime_options
@@ -28,7 +29,6 @@ from .upstream import TASK_SERVICES, Upstream
 log = logging.getLogger(__name__)
 
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
-CHECKPOINT_OPTIONS_TYPE = "containerd.runc.v1.CheckpointOptions"
 
 
 class TaskService:

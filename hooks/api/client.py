@@ -181,6 +181,7 @@ class HookdClient:
             self._channel = self._stub = None  # a channel works on the loop that made it only
         if self._stub is None:
             import grpc
+
             from kybernate.api import hookd_pb2_grpc
 
             self._channel = grpc.aio.insecure_channel(f"unix:{os.path.abspath(self.socket_path)}")

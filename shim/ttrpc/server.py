@@ -17,7 +17,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .connection import Connection, from_socket, socket_path
+from .address import socket_path
+from .connection import Connection, from_socket
 from .errors import Code, ConnectionClosed, TTRPCError
 from .frames import Event
 from .protocol import (
