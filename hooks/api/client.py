@@ -20,8 +20,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from kybernate.hooks.hookd.settings import DEFAULT_SOCKET
-
+from . import DEFAULT_SOCKET
 from .errors import METADATA_DRIVER_ERROR, METADATA_PID, METADATA_STEP
 from .manifest import MANIFEST_FILE
 from .model import (

@@ -21,12 +21,14 @@ Per request, every process runs its own sequence of steps as a task of its own, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Callable, Collection, Mapping, Sequence
+import weakref
+from collections import OrderedDict, defaultdict
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NoReturn, TypeVar
 
@@ -92,13 +94,6 @@ class _Pending:
     since: float  # time.monotonic()
 
 
-@dataclass(slots=True)
-class _Container:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one request at a time per container
-    users: int = 0  # requests holding or waiting for the lock; the entry goes when 0 and no manifest
-    manifest: GpuManifest | None = None  # last checkpoint, until a restore completes
-
-
 async def _wait_all(tasks: Collection[asyncio.Task[Any]]) -> bool:
     """Wait until every task is done even if the caller is cancelled meanwhile; True if it was."""
     cancelled = False
@@ -161,27 +156,26 @@ class GpuManager:
         self._settings = settings
         self._metrics = metrics
         self._executor = executor
-        self._containers: dict[tuple[str, str], _Container] = {}
+        # One request at a time per container: a lock lives while a request holds or waits for it.
+        self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
+        # Each container's last checkpoint until a restore completes; the least recently checkpointed go first.
+        self._manifests: OrderedDict[tuple[str, str], GpuManifest] = OrderedDict()
         self._pending: dict[int, _Pending] = {}
         self._settling: set[asyncio.Task[None]] = set()
-        self._ops: dict[int, tuple[str, float]] = {}  # id(session) -> (what, since) for the stop log
-        self._remembered: dict[tuple[str, str], None] = {}  # insertion-ordered: oldest first
+        self._ops: dict[int, tuple[str, float]] = {}  # id(request) -> (what, since) for the stop log
 
     # ---- public: one method per RPC ----------------------------------------------------------
 
     async def checkpoint(self, ref: ContainerRef, lock_timeout_ms: int = 0) -> CheckpointResult:
         timeout_ms = lock_timeout_ms or self._settings.default_lock_timeout_ms
-        async with self._container(ref, "checkpoint") as box:
+        async with self._container(ref, "checkpoint") as key:
             pids = self._pids(ref)
             inventory = await self._inventory()
             states, not_cuda = await self._discover(pids)
             self._cross_check(ref, states, not_cuda, inventory)
             if not states:
                 return CheckpointResult(self._manifest({}, inventory, None, {}))
-            for pid, state in states.items():
-                if state not in (CudaState.RUNNING, CudaState.LOCKED, CudaState.CHECKPOINTED):
-                    raise FailedPrecondition(f"{ref.name}: pid {pid} is {state.name} in the driver and cannot be "
-                                             "checkpointed" + _FAILED_HINT.get(state, ""), pid=pid)
+            _refuse_unusable(ref, states, "checkpointed")
             usage_before = inventory.usage_of(states) if inventory else {}
             tasks = {pid: asyncio.create_task(self._checkpoint_one(pid, state, timeout_ms), name=f"checkpoint-{pid}")
                      for pid, state in states.items()}
@@ -190,8 +184,8 @@ class GpuManager:
             if failures or cancelled:
                 await self._undo_checkpoint(ref, states, failures, cancelled)
             outcomes = tuple(tasks[pid].result() for pid in sorted(tasks))
-            manifest = self._manifest(states, inventory, box.manifest, usage_before)
-            self._remember(ref, box, manifest)
+            manifest = self._manifest(states, inventory, self._manifests.get(key), usage_before)
+            self._remember(key, manifest)
             self._metrics.moved("device_to_host", sum(
                 p.vram_bytes for p in manifest.processes if states.get(p.pid) != CudaState.CHECKPOINTED))
             log.info("checkpointed", extra={"fields": {"container": ref.name, "processes": len(outcomes),
@@ -201,19 +195,16 @@ class GpuManager:
     async def restore(self, ref: ContainerRef, manifest: GpuManifest | None = None,
                       gpu_map: Mapping[str, str] | None = None) -> RestoreResult:
         gpu_map = _valid_gpu_map(gpu_map or {})
-        async with self._container(ref, "restore") as box:
+        async with self._container(ref, "restore") as key:
             pids = self._pids(ref)
             states, _ = await self._discover(pids)
-            for pid, state in states.items():
-                if state not in (CudaState.RUNNING, CudaState.LOCKED, CudaState.CHECKPOINTED):
-                    raise FailedPrecondition(f"{ref.name}: pid {pid} is {state.name} in the driver and cannot be "
-                                             "restored" + _FAILED_HINT.get(state, ""), pid=pid)
+            _refuse_unusable(ref, states, "restored")
             todo = {pid: s for pid, s in states.items() if s in (CudaState.CHECKPOINTED, CudaState.LOCKED)}
             if not todo:
-                self._forget(ref, box)
+                self._manifests.pop(key, None)
                 return RestoreResult(tuple(ProcessOutcome(pid, s.name, s.name) for pid, s in sorted(states.items())))
             if manifest is None or manifest.empty:
-                manifest = box.manifest  # what this daemon remembers of the container's last checkpoint
+                manifest = self._manifests.get(key)  # what this daemon remembers of the container's last checkpoint
             pairs: list[GpuPair] = []
             if any(s == CudaState.CHECKPOINTED for s in todo.values()):
                 pairs = await self._plan_restore(ref, pids, manifest, gpu_map)
@@ -232,7 +223,7 @@ class GpuManager:
             outcomes.update({pid: ProcessOutcome(pid, s.name, s.name) for pid, s in states.items() if pid not in todo})
             if manifest is not None:
                 self._metrics.moved("host_to_device", manifest.vram_bytes)
-            self._forget(ref, box)
+            self._manifests.pop(key, None)
             log.info("restored", extra={"fields": {"container": ref.name, "processes": len(todo), "remapped": remapped,
                                                    "pairs": ",".join(f"{p.old_uuid}={p.new_uuid}" for p in pairs)}})
             return RestoreResult(tuple(outcomes[pid] for pid in sorted(outcomes)), tuple(pairs), remapped)
@@ -241,8 +232,8 @@ class GpuManager:
         pids = self._pids(ref)
         inventory = await self._inventory()
         usage = inventory.usage_of(pids) if inventory else {}
-        box = self._containers.get((ref.namespace, ref.container_id))
-        remembered = {p.pid: p for p in box.manifest.processes} if box and box.manifest else {}
+        last = self._manifests.get((ref.namespace, ref.container_id))
+        remembered = {p.pid: p for p in last.processes} if last else {}
         out: list[ProcessStatus] = []
         for pid in pids:
             pending = self._pending.get(pid)
@@ -597,60 +588,24 @@ class GpuManager:
 
     # ---- bookkeeping --------------------------------------------------------------------------------
 
-    def _remember(self, ref: ContainerRef, box: _Container, manifest: GpuManifest) -> None:
+    def _remember(self, key: tuple[str, str], manifest: GpuManifest) -> None:
+        self._manifests[key] = manifest
+        self._manifests.move_to_end(key)
+        while len(self._manifests) > REMEMBERED_MANIFESTS:
+            self._manifests.popitem(last=False)
+
+    @contextlib.asynccontextmanager
+    async def _container(self, ref: ContainerRef, op: str) -> AsyncIterator[tuple[str, str]]:
+        """Hold the container's lock for one request, and list the request for the stop log."""
         key = (ref.namespace, ref.container_id)
-        box.manifest = manifest
-        self._remembered.pop(key, None)
-        self._remembered[key] = None
-        while len(self._remembered) > REMEMBERED_MANIFESTS:
-            oldest = next(iter(self._remembered))
-            del self._remembered[oldest]
-            old = self._containers.get(oldest)
-            if old is not None:
-                old.manifest = None
-                if old.users == 0:
-                    del self._containers[oldest]
-
-    def _forget(self, ref: ContainerRef, box: _Container) -> None:
-        box.manifest = None
-        self._remembered.pop((ref.namespace, ref.container_id), None)
-
-    def _container(self, ref: ContainerRef, op: str) -> _Session:
-        return _Session(self, ref, op)
-
-
-class _Session:
-    """`async with`: hold the container's lock for one request, and list the request for the stop log."""
-
-    def __init__(self, manager: GpuManager, ref: ContainerRef, op: str) -> None:
-        self._m = manager
-        self._key = (ref.namespace, ref.container_id)
-        self._what = f"{op} {ref.name}"
-        self._box: _Container | None = None
-
-    async def __aenter__(self) -> _Container:
-        box = self._m._containers.setdefault(self._key, _Container())
-        box.users += 1
-        self._box = box
-        try:
-            await box.lock.acquire()
-        except BaseException:
-            self._release_user()
-            raise
-        self._m._ops[id(self)] = (self._what, time.monotonic())
-        return box
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._m._ops.pop(id(self), None)
-        assert self._box is not None
-        self._box.lock.release()
-        self._release_user()
-
-    def _release_user(self) -> None:
-        assert self._box is not None
-        self._box.users -= 1
-        if self._box.users == 0 and self._box.manifest is None:
-            self._m._containers.pop(self._key, None)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            request = object()
+            self._ops[id(request)] = (f"{op} {ref.name}", time.monotonic())
+            try:
+                yield key
+            finally:
+                del self._ops[id(request)]
 
 
 _FAILED_HINT = {
@@ -658,6 +613,14 @@ _FAILED_HINT = {
     CudaState.CHECKPOINTING: ": another checkpoint of it is running",
     CudaState.RESTORING: ": another restore of it is running",
 }
+
+
+def _refuse_unusable(ref: ContainerRef, states: Mapping[int, CudaState], verb: str) -> None:
+    """FailedPrecondition unless every process is in a state a checkpoint or restore can start from."""
+    for pid, state in states.items():
+        if state not in (CudaState.RUNNING, CudaState.LOCKED, CudaState.CHECKPOINTED):
+            raise FailedPrecondition(f"{ref.name}: pid {pid} is {state.name} in the driver and cannot be {verb}"
+                                     + _FAILED_HINT.get(state, ""), pid=pid)
 
 
 def _primary(failures: Mapping[int, BaseException | None]) -> KybernateError:

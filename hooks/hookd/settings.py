@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DEFAULT_SOCKET = "/run/kybernate/hookd.sock"
+from kybernate.hooks.api import DEFAULT_SOCKET
 
 
 @dataclass(frozen=True, slots=True)

@@ -422,8 +422,8 @@ def test_remembered_manifests_are_bounded(make_manager: MakeManager, spawn: Spaw
         m = make_manager()
         await m.checkpoint(ref(a, cid="old"))
         await m.checkpoint(ref(b, cid="new"))
-        assert list(m._containers) == [("k8s.io", "new")]  # "old" was checkpointed, never restored here
+        assert list(m._manifests) == [("k8s.io", "new")]  # "old" was checkpointed, never restored here
         await m.restore(ref(b, cid="new"))
-        assert m._containers == {}
+        assert m._manifests == {} and not m._locks
 
     run(go())
