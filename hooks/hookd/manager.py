@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NoReturn, TypeVar
 
+from kybernate.hooks.api import procfs
 from kybernate.hooks.api.errors import (
     FailedPrecondition,
     InsufficientVram,
@@ -57,7 +58,6 @@ from kybernate.hooks.api.model import (
     RestoreResult,
     StepTiming,
 )
-from kybernate.hooks.gpu import procfs
 from kybernate.hooks.gpu.blocking import StillRunning, run_blocking
 from kybernate.hooks.gpu.cuda import NOT_A_CUDA_PROCESS, CheckpointDriver, CudaError, CudaState, normalize_uuid
 from kybernate.hooks.gpu.nvml import Inventory, Nvml

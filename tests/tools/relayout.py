@@ -125,7 +125,11 @@ def rewrite_imports(root: Path, layout: Layout, path: Path, text: str) -> str:
                 target = _resolve(here_pkg, node.level, node.module)
                 probe = target if node.module else f"{target}.{alias.name}"
                 if not exists(root, layout, probe) and old_pkg:
-                    target = _resolve(old_pkg, node.level, node.module)
+                    # Only a module the map moved: `from . import NAME` may import a plain name.
+                    old_target = _resolve(old_pkg, node.level, node.module)
+                    old_probe = old_target if node.module else f"{old_target}.{alias.name}"
+                    if old_probe in layout.modules:
+                        target = old_target
             else:
                 assert node.module is not None
                 target = node.module
