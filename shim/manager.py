@@ -8,7 +8,6 @@ shim does, and also stops a runc shim left behind when our daemon was killed.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -59,16 +58,13 @@ class ChildShim:
 class GroupState:
     """What `delete` needs to know about a group's daemons after ours was killed."""
 
-    FIELDS = ("namespace", "group", "address", "daemon_pid", "child_address", "child_task_api")
+    FIELDS = ("namespace", "group", "address", "child_address", "child_task_api")
     __slots__ = FIELDS
 
-    def __init__(
-        self, namespace: str, group: str, address: str, daemon_pid: int, child_address: str, child_task_api: int
-    ) -> None:
+    def __init__(self, namespace: str, group: str, address: str, child_address: str, child_task_api: int) -> None:
         self.namespace = namespace
         self.group = group
         self.address = address
-        self.daemon_pid = daemon_pid
         self.child_address = child_address
         self.child_task_api = child_task_api
 
@@ -87,8 +83,10 @@ class GroupState:
     def load(cls, address: str) -> GroupState | None:
         try:
             with open(cls.path_for(address)) as f:
-                return cls(**json.load(f))
-        except (OSError, ValueError, TypeError):
+                data = json.load(f)
+            # Fields beyond ours (an older shim's daemon_pid) are ignored.
+            return cls(**{k: data[k] for k in cls.FIELDS})
+        except (OSError, ValueError, TypeError, KeyError):
             return None
 
     @classmethod
@@ -276,7 +274,7 @@ def start(args: ShimArgs, stdin: bytes) -> str:
         finally:
             os._exit(code)
     listener.close()
-    GroupState(args.namespace, group, address, pid, child_shim.address, child_shim.task_api).save()
+    GroupState(args.namespace, group, address, child_shim.address, child_shim.task_api).save()
     write_address(bundle, address)
     return address
 
@@ -332,9 +330,11 @@ def stop_child_shim(child_address: str) -> None:
 
     It is found by the socket it listens on rather than by a recorded pid, which may have been reused.
     """
-    unix_table = _unix_socket_table()
+    from kybernate.hooks.api import procfs  # the delete path only: it imports pathlib and dataclasses
+
+    unix_table = procfs.unix_sockets()
     wanted = {inode for inode, path in unix_table.items() if path == socket_path(child_address)}
-    for pid, inodes in _socket_inodes_by_pid().items():
+    for pid, inodes in procfs.socket_inodes_by_pid().items():
         if not inodes & wanted:
             continue
         try:
@@ -347,37 +347,6 @@ def stop_child_shim(child_address: str) -> None:
             if path.startswith(SOCKET_DIR + "/"):
                 remove_socket(path)
     remove_socket(child_address)
-
-
-def _unix_socket_table() -> dict[int, str]:
-    """inode -> path of every named unix socket on the host."""
-    table = {}
-    try:
-        with open("/proc/net/unix") as sockets:
-            next(sockets)
-            for line in sockets:
-                fields = line.split()
-                if len(fields) >= 8:
-                    table[int(fields[6])] = fields[7]
-    except OSError:
-        pass
-    return table
-
-
-def _socket_inodes_by_pid() -> dict[int, set[int]]:
-    found: dict[int, set[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            for fd in os.listdir(f"/proc/{entry.name}/fd"):
-                target = os.readlink(f"/proc/{entry.name}/fd/{fd}")
-                if target.startswith("socket:["):
-                    found.setdefault(int(entry.name), set()).add(int(target[8:-1]))
-        except OSError as err:
-            if err.errno not in (errno.ENOENT, errno.EACCES, errno.ESRCH):
-                raise
-    return found
 
 
 def info(args: ShimArgs, stdin: bytes) -> bytes:
