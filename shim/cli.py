@@ -11,6 +11,7 @@ millisecond of import time is paid per container.
 from __future__ import annotations
 
 import sys
+
 from . import __version__
 
 # Go's flag package accepts -flag value, -flag=value and --flag; these take a value, the rest are booleans.

@@ -111,14 +111,14 @@ def read_spec(bundle: str) -> dict[str, object]:
     return spec
 
 
-def annotations(spec: dict[str, object]) -> dict[str, str]:
+def spec_annotations(spec: dict[str, object]) -> dict[str, str]:
     found = spec.get("annotations") or {}
     return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
 
 
 def group_id(spec: dict[str, object], container_id: str) -> str:
     """Containers of one pod share one shim, exactly as the runc shim groups them."""
-    notes = annotations(spec)
+    notes = spec_annotations(spec)
     for label in GROUP_LABELS:
         if notes.get(label):
             return notes[label]
@@ -198,8 +198,7 @@ def run_child(runc_shim: str, args: list[str], bundle: str, stdin: bytes) -> byt
             [runc_shim, *args],
             cwd=bundle,
             input=stdin,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            capture_output=True,
             timeout=CHILD_START_TIMEOUT_S,
             check=False,
         )
@@ -355,7 +354,7 @@ def info(args: ShimArgs, stdin: bytes) -> bytes:
     flags = ["-debug"] if args.debug else []
     runc_shim = find_runc_shim()
     done = subprocess.run(
-        [runc_shim, *flags, "-info"], input=child_stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False
+        [runc_shim, *flags, "-info"], input=child_stdin, capture_output=True, check=False
     )
     if done.returncode != 0:
         raise StartError(f"{runc_shim} -info failed: {done.stderr.decode(errors='replace').strip()}")

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, cast
 
 from . import DEFAULT_SOCKET
 from .errors import METADATA_DRIVER_ERROR, METADATA_PID, METADATA_STEP
@@ -54,8 +54,8 @@ class HookdUnavailable(Exception):
     """Nothing answers on hookd's socket."""
 
     def __init__(self, socket_path: str, reason: str = "") -> None:
-        super().__init__(f"kybernate-hookd is not reachable at {socket_path}: start it (systemctl start kybernate-hookd)"
-                         + (f" [{reason}]" if reason else ""))
+        super().__init__(f"kybernate-hookd is not reachable at {socket_path}: start it "
+                         "(systemctl start kybernate-hookd)" + (f" [{reason}]" if reason else ""))
         self.socket_path = socket_path
         self.reason = reason
 
@@ -167,7 +167,9 @@ class HookdClient:
             details = err.details() or code.name
             if code == grpc.StatusCode.UNAVAILABLE:
                 raise HookdUnavailable(self.socket_path, details) from None
-            md = {k: v for k, v in (err.trailing_metadata() or ())}
+            # grpc-stubs types the items as objects; grpc.aio gives (key, value) pairs.
+            trailers = cast("Iterable[tuple[str, str]]", err.trailing_metadata() or ())
+            md = dict(trailers)
             if code == grpc.StatusCode.DEADLINE_EXCEEDED and METADATA_STEP not in md:
                 details = f"kybernate-hookd did not answer {method} within {deadline_s:g} s"
             pid = md.get(METADATA_PID)

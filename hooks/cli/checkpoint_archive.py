@@ -36,7 +36,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from google.protobuf import timestamp_pb2
@@ -117,12 +117,12 @@ class _ChunkReader(io.RawIOBase):
 
 
 def _rfc3339(ts: timestamp_pb2.Timestamp | None) -> str:
-    when = ts.ToDatetime(tzinfo=timezone.utc) if ts is not None and (ts.seconds or ts.nanos) else None
-    return _format_time(when or datetime.fromtimestamp(0, timezone.utc))
+    when = ts.ToDatetime(tzinfo=UTC) if ts is not None and (ts.seconds or ts.nanos) else None
+    return _format_time(when or datetime.fromtimestamp(0, UTC))
 
 
 def _format_time(when: datetime) -> str:
-    return when.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return when.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _container_name(container: pb.ContainerRecord, spec: dict[str, Any]) -> str:
@@ -153,7 +153,7 @@ class Checkpointer:
         workdir = ""
         try:
             workdir = tempfile.mkdtemp(prefix=".kybernate-checkpoint-", dir=out_dir)
-            checkpointed_at = datetime.now(timezone.utc)
+            checkpointed_at = datetime.now(UTC)
             descriptors, diff = self._checkpoint(container, lease)
             criu = criu_checkpoint(descriptors)
             if criu is None:
@@ -211,7 +211,8 @@ class Checkpointer:
             raise CheckpointError(f"container {self.container_id!r}: its spec is not a JSON object")
         return spec
 
-    def _checkpoint(self, container: pb.ContainerRecord, lease: str) -> tuple[list[pb.Descriptor], pb.Descriptor | None]:
+    def _checkpoint(self, container: pb.ContainerRecord,
+                    lease: str) -> tuple[list[pb.Descriptor], pb.Descriptor | None]:
         """Pause → CRIU dump (leave running) → rootfs diff → Resume, as containerd's client does: the
         diff is taken while the task is still frozen, so files and memory are of the same moment."""
         cid = self.container_id
@@ -256,7 +257,8 @@ class Checkpointer:
             if status != pb.STATUS_RUNNING:
                 raise CheckpointError(
                     f"container {cid!r} could not be resumed after the checkpoint: {err} "
-                    f"(status {pb.Status.Name(status)}): resume it with `ctr -n {self.client.namespace} task resume {cid}`"
+                    f"(status {pb.Status.Name(status)}): "
+                    f"resume it with `ctr -n {self.client.namespace} task resume {cid}`"
                 ) from None
         self.progress("resumed")
 

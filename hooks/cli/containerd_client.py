@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import grpc
 from google.protobuf import any_pb2, empty_pb2
@@ -45,12 +45,12 @@ M = TypeVar("M", bound=Message)
 class ContainerdError(RuntimeError):
     """A failed call: which method, on what, and what containerd answered."""
 
-    def __init__(self, method: str, what: str, code: grpc.StatusCode | None, details: str) -> None:
+    def __init__(self, method: str, what: str, code: grpc.StatusCode | None, details: str | None) -> None:
         self.method = method
         self.code = code
-        self.details = details
+        self.details = details or ""
         name = code.name if code is not None else "?"
-        super().__init__(f"containerd {method} ({what}) failed: {name}: {details}")
+        super().__init__(f"containerd {method} ({what}) failed: {name}: {self.details}")
 
     @property
     def not_found(self) -> bool:
@@ -161,7 +161,7 @@ class ContainerdClient:
         method = self._channel.unary_stream(CONTENT + "Read", request_serializer=_serialize,
                                             response_deserializer=pb.ReadContentResponse.FromString)
         stream = method(pb.ReadContentRequest(digest=digest), timeout=chunk_timeout or self.timeout,
-                        metadata=[(NAMESPACE_HEADER, self.namespace)])
+                        metadata=((NAMESPACE_HEADER, self.namespace),))
         try:
             for response in stream:
                 if response.data:
@@ -171,9 +171,10 @@ class ContainerdClient:
 
     # ---- leases ----
 
-    def create_lease(self, *, expire_after: timedelta = timedelta(hours=1), prefix: str = "kybernate-checkpoint") -> str:
+    def create_lease(self, *, expire_after: timedelta = timedelta(hours=1),
+                     prefix: str = "kybernate-checkpoint") -> str:
         lease = f"{prefix}-{secrets.token_hex(6)}"
-        expire = (datetime.now(timezone.utc) + expire_after).strftime("%Y-%m-%dT%H:%M:%SZ")
+        expire = (datetime.now(UTC) + expire_after).strftime("%Y-%m-%dT%H:%M:%SZ")
         self._call(LEASES + "Create", pb.CreateRequest(id=lease, labels={LEASE_EXPIRE_LABEL: expire}),
                    pb.CreateResponse, f"lease {lease}")
         return lease
@@ -185,10 +186,8 @@ class ContainerdClient:
 
     def _call(self, path: str, request: Message, response_type: type[M], what: str, *,
               lease: str | None = None) -> M:
-        metadata = [(NAMESPACE_HEADER, self.namespace)]
-        if lease is not None:
-            metadata.append((LEASE_HEADER, lease))
-        method: Callable[..., Any] = self._channel.unary_unary(
+        metadata = ((NAMESPACE_HEADER, self.namespace),) + (((LEASE_HEADER, lease),) if lease is not None else ())
+        method: Callable[..., M] = self._channel.unary_unary(
             path, request_serializer=_serialize, response_deserializer=response_type.FromString,
         )
         try:

@@ -250,7 +250,8 @@ class CudaDriver:
 
     def get_state(self, pid: int) -> CudaState:
         state = _INT(-1)
-        self.check(self._fns["cuCheckpointProcessGetState"](pid, ctypes.byref(state)), "cuCheckpointProcessGetState", pid)
+        self.check(self._fns["cuCheckpointProcessGetState"](pid, ctypes.byref(state)),
+                   "cuCheckpointProcessGetState", pid)
         try:
             return CudaState(state.value)
         except ValueError:

@@ -41,14 +41,17 @@ class StartError(Exception):
 
 def parse_args(argv: list[str] | None = None) -> Settings:
     d, s, m = DriverSettings(), ServerSettings(), ManagerSettings()
-    p = argparse.ArgumentParser(prog="kybernate-hookd", description="Kybernate node daemon: CUDA checkpoint steps for the shim.")
+    p = argparse.ArgumentParser(prog="kybernate-hookd",
+                                description="Kybernate node daemon: CUDA checkpoint steps for the shim.")
     p.add_argument("--socket", default=s.socket, help="unix socket to serve on (root only, mode 0600) [%(default)s]")
     p.add_argument("--backend", choices=("ctypes", "binary"), default=d.backend,
                    help="ctypes: libcuda in-process; binary: exec cuda-checkpoint per step [%(default)s]")
     p.add_argument("--libcuda", default=d.libcuda, help="CUDA driver library for --backend ctypes [%(default)s]")
-    p.add_argument("--cuda-checkpoint", default=d.cuda_checkpoint, help="cuda-checkpoint for --backend binary [%(default)s]")
+    p.add_argument("--cuda-checkpoint", default=d.cuda_checkpoint,
+                   help="cuda-checkpoint for --backend binary [%(default)s]")
     p.add_argument("--libnvml", default=d.libnvml, help="libnvidia-ml path [the loader's libnvidia-ml.so.1]")
-    p.add_argument("--metrics-address", default=s.metrics_address, help="HOST:PORT for /metrics; empty disables [%(default)s]")
+    p.add_argument("--metrics-address", default=s.metrics_address,
+                   help="HOST:PORT for /metrics; empty disables [%(default)s]")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--lock-timeout-ms", type=int, default=m.default_lock_timeout_ms,
                    help="lock timeout when a request gives none, ms [%(default)s]")
@@ -111,7 +114,8 @@ def prepare_socket(path: str) -> None:
         return
     finally:
         probe.close()
-    raise StartError(f"another kybernate-hookd is already serving {path}: stop it first (systemctl stop kybernate-hookd)")
+    raise StartError(f"another kybernate-hookd is already serving {path}: "
+                     "stop it first (systemctl stop kybernate-hookd)")
 
 
 class Daemon:
@@ -121,7 +125,8 @@ class Daemon:
         self.settings = settings
         self.metrics = metrics.Metrics(in_flight=lambda: len(blocking.in_flight()))
         self._driver = driver
-        self._executor = ThreadPoolExecutor(max_workers=settings.manager.max_parallel, thread_name_prefix="hookd-driver")
+        self._executor = ThreadPoolExecutor(max_workers=settings.manager.max_parallel,
+                                            thread_name_prefix="hookd-driver")
         self._nvml = Nvml(settings.driver.libnvml)
         self._server: Any = None
         self._metrics_server: asyncio.Server | None = None
@@ -136,6 +141,7 @@ class Daemon:
 
     async def start(self) -> None:
         import grpc
+
         from kybernate.api import hookd_pb2_grpc
 
         from .service import HookdService
@@ -178,7 +184,8 @@ class Daemon:
             await self._server.stop(grace=s.shutdown_grace_s)  # then in-flight handlers are cancelled
         deadline = loop.time() + s.stop_timeout_s
         while loop.time() < deadline:
-            busy = (self.manager.busy() if self.manager else []) + [f"{c.what} for {c.age():.1f} s" for c in blocking.in_flight()]
+            busy = (self.manager.busy() if self.manager else []) + [
+                f"{c.what} for {c.age():.1f} s" for c in blocking.in_flight()]
             if not busy:
                 break
             log.warning("waiting for work in progress", extra={"fields": {"busy": "; ".join(busy)}})

@@ -29,7 +29,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
 
 from kybernate.hooks.api import procfs
@@ -115,7 +115,8 @@ def plan_gpu_pairs(checkpointed: Sequence[GpuDeviceRecord], node: Sequence[NodeG
     olds = [normalize_uuid(g.uuid) for g in checkpointed]
     unknown = set(wanted) - set(olds)
     if unknown:
-        log.warning("gpu_map names GPUs the checkpoint did not use; ignored", extra={"fields": {"gpus": sorted(unknown)}})
+        log.warning("gpu_map names GPUs the checkpoint did not use; ignored",
+                    extra={"fields": {"gpus": sorted(unknown)}})
     chosen: dict[str, str] = {}
     taken: set[str] = set()
     for old in olds:
@@ -133,7 +134,7 @@ def plan_gpu_pairs(checkpointed: Sequence[GpuDeviceRecord], node: Sequence[NodeG
         if old not in chosen and old in by_uuid and old not in taken:
             chosen[old] = old
             taken.add(old)
-    for record, old in zip(checkpointed, olds):
+    for record, old in zip(checkpointed, olds, strict=True):
         if old in chosen:
             continue
         same_model = [g for g in sorted(node, key=lambda g: g.index)
@@ -316,7 +317,8 @@ class GpuManager:
     async def _return_to(self, pid: int, target: CudaState) -> CudaState:
         """Step a process back to `target` (restore, then unlock as needed); returns the state reached."""
         for _ in range(3):
-            state, _ = await self._call(pid, "get_state", self._driver.get_state, timeout_s=self._settings.query_timeout_s)
+            state, _ = await self._call(pid, "get_state", self._driver.get_state,
+                                        timeout_s=self._settings.query_timeout_s)
             if state == target:
                 return state
             if state == CudaState.CHECKPOINTED:
@@ -515,7 +517,8 @@ class GpuManager:
                 record = GpuProcessRecord(pid, CudaState.CHECKPOINTED.name, tuple(sorted({u.gpu_uuid for u in uses})),
                                           sum(u.used_bytes for u in uses))
             elif pid in earlier:
-                record = GpuProcessRecord(pid, CudaState.CHECKPOINTED.name, earlier[pid].gpu_uuids, earlier[pid].vram_bytes)
+                record = GpuProcessRecord(pid, CudaState.CHECKPOINTED.name, earlier[pid].gpu_uuids,
+                                          earlier[pid].vram_bytes)
                 for uuid in record.gpu_uuids:  # an even split: the per-GPU share was not kept per process
                     per_gpu[uuid] += record.vram_bytes // max(1, len(record.gpu_uuids))
             else:
@@ -537,7 +540,7 @@ class GpuManager:
             driver_version=version or _cuda_text(self._driver.cuda_version),
             gpus=tuple(sorted(gpus, key=lambda g: g.index)),
             processes=tuple(processes),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         )
 
     # ---- failure handling -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import grpc
+
 from kybernate.api import hookd_pb2 as pb
 from kybernate.api import hookd_pb2_grpc
 from kybernate.hooks.api import convert
@@ -62,7 +63,8 @@ class HookdService(hookd_pb2_grpc.HookdServicer):
             self._metrics.request(rpc, status.name)
             log.warning("request failed", extra={"fields": {**fields, "status": status.name, "error": err.message}})
             metadata = tuple((key, str(value)) for key, value in (
-                (METADATA_PID, err.pid), (METADATA_STEP, err.step), (METADATA_DRIVER_ERROR, err.driver_error)) if value is not None)
+                (METADATA_PID, err.pid), (METADATA_STEP, err.step), (METADATA_DRIVER_ERROR, err.driver_error))
+                if value is not None)
             await context.abort(status, err.message, trailing_metadata=metadata)
             raise AssertionError("context.abort returned") from err
         except Exception as err:

@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import sys
 
-if sys.version_info < (3, 11):  # before anything newer is imported: say it plainly
-    sys.stderr.write("install.py: error: needs Python 3.11 or newer to run (this is %d.%d)\n" % sys.version_info[:2])
+# Before anything newer is imported, and in a spelling old interpreters parse: say it plainly.
+if sys.version_info < (3, 11):  # noqa: UP036
+    sys.stderr.write("install.py: error: needs Python 3.11 or newer to run (this is %d.%d)\n" % sys.version_info[:2])  # noqa: UP031
     sys.exit(1)
 
 import argparse  # noqa: E402
@@ -905,8 +906,8 @@ def check_writable(host: Host, plan: Plan, paths: list[PurePosixPath]) -> None:
         if not os.access(d, os.W_OK):
             why = "read-only filesystem" if _read_only(d) else "permission denied (run as root)"
             shown = "/" + str(d.relative_to(host.root)) if d != host.root else "/"
-            raise InstallError(f"cannot write {shown} on the node ({why})" +
-                               ("" if str(host.root) == "/" else f"; under --host-root {host.root}: mount it read-write"))
+            hint = "" if str(host.root) == "/" else f"; under --host-root {host.root}: mount it read-write"
+            raise InstallError(f"cannot write {shown} on the node ({why})" + hint)
 
 
 def _read_only(d: Path) -> bool:
