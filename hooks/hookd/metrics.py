@@ -1,102 +1,75 @@
-"""Prometheus metrics in the text exposition format, served by a tiny asyncio HTTP server.
+"""hookd's Prometheus metrics (prometheus-client), served by a tiny asyncio HTTP server.
 
-Updated on the event loop thread only (timings are taken around run_blocking there), so no locks.
+Updated on the event loop thread (timings are taken around run_blocking there).
 
   kybernate_hookd_step_duration_seconds{step}     histogram of successful driver steps
   kybernate_hookd_step_failures_total{step,error} failed driver steps by CUresult name
   kybernate_hookd_bytes_total{direction}          VRAM moved: device_to_host (checkpoint), host_to_device (restore)
   kybernate_hookd_requests_total{rpc,outcome}     RPCs by result (ok or the status name)
   kybernate_hookd_driver_calls_in_flight          blocking calls not returned yet
+
+The endpoint stays our own asyncio server rather than prometheus-client's threaded one: it lives on the
+daemon's event loop, bounds every read, and stops with the daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 from collections.abc import Callable
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 log = logging.getLogger(__name__)
 
 STEP_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 STEPS = ("lock", "checkpoint", "restore", "unlock")
+DIRECTIONS = ("device_to_host", "host_to_device")
 
-
-class _Histogram:
-    def __init__(self) -> None:
-        self.counts = [0] * (len(STEP_BUCKETS) + 1)  # the last one is +Inf
-        self.total = 0.0
-        self.n = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(STEP_BUCKETS, value)] += 1
-        self.total += value
-        self.n += 1
+# No `_created` series: they double every counter's lines and no dashboard of ours reads them.
+prometheus_client.disable_created_metrics()
 
 
 class Metrics:
+    """One registry per daemon (tests run several daemons in one process)."""
+
     def __init__(self, in_flight: Callable[[], int] = lambda: 0) -> None:
-        self._steps: dict[str, _Histogram] = {step: _Histogram() for step in STEPS}
-        self._failures: dict[tuple[str, str], int] = {}
-        self._bytes: dict[str, int] = {"device_to_host": 0, "host_to_device": 0}
-        self._requests: dict[tuple[str, str], int] = {}
-        self._in_flight = in_flight
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._steps = Histogram("kybernate_hookd_step_duration_seconds",
+                                "Duration of successful CUDA driver checkpoint steps.", ["step"],
+                                buckets=STEP_BUCKETS, registry=self.registry)
+        self._failures = Counter("kybernate_hookd_step_failures", "Failed CUDA driver steps by error.",
+                                 ["step", "error"], registry=self.registry)
+        self._bytes = Counter("kybernate_hookd_bytes",
+                              "GPU memory moved by checkpoint (device_to_host) and restore (host_to_device).",
+                              ["direction"], registry=self.registry)
+        self._requests = Counter("kybernate_hookd_requests", "RPCs served, by outcome.", ["rpc", "outcome"],
+                                 registry=self.registry)
+        in_flight_gauge = Gauge("kybernate_hookd_driver_calls_in_flight",
+                                "Blocking driver and NVML calls that have not returned.", registry=self.registry)
+        in_flight_gauge.set_function(lambda: float(in_flight()))
+        for step in STEPS:  # every step shows, with zero counts, from the start
+            self._steps.labels(step=step)
+        for direction in DIRECTIONS:
+            self._bytes.labels(direction=direction)
 
     def step_done(self, step: str, seconds: float) -> None:
-        self._steps.setdefault(step, _Histogram()).observe(seconds)
+        self._steps.labels(step=step).observe(seconds)
 
     def step_failed(self, step: str, error: str) -> None:
-        key = (step, error)
-        self._failures[key] = self._failures.get(key, 0) + 1
+        self._failures.labels(step=step, error=error).inc()
 
     def moved(self, direction: str, n: int) -> None:
-        self._bytes[direction] = self._bytes.get(direction, 0) + n
+        self._bytes.labels(direction=direction).inc(n)
 
     def request(self, rpc: str, outcome: str) -> None:
-        key = (rpc, outcome)
-        self._requests[key] = self._requests.get(key, 0) + 1
+        self._requests.labels(rpc=rpc, outcome=outcome).inc()
 
     def render(self) -> str:
-        out = [
-            "# HELP kybernate_hookd_step_duration_seconds Duration of successful CUDA driver checkpoint steps.",
-            "# TYPE kybernate_hookd_step_duration_seconds histogram",
-        ]
-        for step, h in sorted(self._steps.items()):
-            cumulative = 0
-            for bound, count in zip((*STEP_BUCKETS, float("inf")), h.counts):
-                cumulative += count
-                le = "+Inf" if bound == float("inf") else f"{bound:g}"
-                out.append(f'kybernate_hookd_step_duration_seconds_bucket{{step="{step}",le="{le}"}} {cumulative}')
-            out.append(f'kybernate_hookd_step_duration_seconds_sum{{step="{step}"}} {h.total:.6f}')
-            out.append(f'kybernate_hookd_step_duration_seconds_count{{step="{step}"}} {h.n}')
-        out += [
-            "# HELP kybernate_hookd_step_failures_total Failed CUDA driver steps by error.",
-            "# TYPE kybernate_hookd_step_failures_total counter",
-        ]
-        for (step, error), n in sorted(self._failures.items()):
-            out.append(f'kybernate_hookd_step_failures_total{{step="{step}",error="{_escape(error)}"}} {n}')
-        out += [
-            "# HELP kybernate_hookd_bytes_total GPU memory moved by checkpoint (device_to_host) and restore (host_to_device).",
-            "# TYPE kybernate_hookd_bytes_total counter",
-        ]
-        for direction, n in sorted(self._bytes.items()):
-            out.append(f'kybernate_hookd_bytes_total{{direction="{direction}"}} {n}')
-        out += [
-            "# HELP kybernate_hookd_requests_total RPCs served, by outcome.",
-            "# TYPE kybernate_hookd_requests_total counter",
-        ]
-        for (rpc, outcome), n in sorted(self._requests.items()):
-            out.append(f'kybernate_hookd_requests_total{{rpc="{rpc}",outcome="{outcome}"}} {n}')
-        out += [
-            "# HELP kybernate_hookd_driver_calls_in_flight Blocking driver and NVML calls that have not returned.",
-            "# TYPE kybernate_hookd_driver_calls_in_flight gauge",
-            f"kybernate_hookd_driver_calls_in_flight {self._in_flight()}",
-        ]
-        return "\n".join(out) + "\n"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        """The text exposition format (version 0.0.4)."""
+        return generate_latest(self.registry).decode()
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -121,16 +94,17 @@ async def serve(metrics: Metrics, address: str) -> asyncio.Server:
             if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
                 status, body, ctype = "405 Method Not Allowed", "GET only\n", "text/plain"
             elif path == "/metrics":
-                status, body, ctype = "200 OK", metrics.render(), "text/plain; version=0.0.4; charset=utf-8"
+                status, body, ctype = "200 OK", metrics.render(), CONTENT_TYPE_PLAIN_0_0_4
             elif path == "/healthz":
                 status, body, ctype = "200 OK", "ok\n", "text/plain"
             else:
                 status, body, ctype = "404 Not Found", "try /metrics\n", "text/plain"
             data = body.encode()
-            head = f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+            head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
+                    "Connection: close\r\n\r\n")
             writer.write(head.encode() + (data if parts[:1] != ["HEAD"] else b""))
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, UnicodeDecodeError) as err:
+        except (TimeoutError, ConnectionError, UnicodeDecodeError) as err:
             log.debug("metrics request dropped", extra={"fields": {"error": repr(err)}})
         finally:
             writer.close()

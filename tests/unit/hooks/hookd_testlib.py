@@ -84,3 +84,15 @@ class Freezer:
 
 def events_for(node: fakegpu.FakeNode, op: str | None = None, pid: int | None = None) -> list[fakegpu.Event]:
     return [e for e in node.events() if (op is None or e.op == op) and (pid is None or e.pid == pid)]
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """One sample's value from a /metrics body (HTTP headers, if any, skipped); KeyError names what is missing."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = text.split("\r\n\r\n", 1)[1] if text.startswith("HTTP/") else text
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    raise KeyError(f"no sample {name}{labels} in:\n{body}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import fakegpu
 import pytest
-from hookd_testlib import G0, G1, GiB, run
+from hookd_testlib import G0, G1, GiB, run, sample
 
 from kybernate.hooks.gpu import blocking, cuda
 from kybernate.hooks.gpu.binary import CudaCheckpointBinary
@@ -151,13 +151,14 @@ def test_metrics_text_format() -> None:
     m.moved("device_to_host", 5)
     m.request("CheckpointGpu", "ok")
     text = m.render()
-    assert 'kybernate_hookd_step_duration_seconds_bucket{step="lock",le="0.001"} 1' in text
-    assert 'kybernate_hookd_step_duration_seconds_bucket{step="lock",le="2.5"} 2' in text
-    assert 'kybernate_hookd_step_duration_seconds_sum{step="lock"} 2.000500' in text
-    assert 'kybernate_hookd_step_duration_seconds_count{step="unlock"} 0' in text
-    assert 'kybernate_hookd_step_failures_total{step="checkpoint",error="CUDA_ERROR_\\"odd\\""} 1' in text
-    assert 'kybernate_hookd_bytes_total{direction="device_to_host"} 5' in text
-    assert "kybernate_hookd_driver_calls_in_flight 3" in text
+    assert sample(text, "kybernate_hookd_step_duration_seconds_bucket", step="lock", le="0.001") == 1
+    assert sample(text, "kybernate_hookd_step_duration_seconds_bucket", step="lock", le="2.5") == 2
+    assert sample(text, "kybernate_hookd_step_duration_seconds_sum", step="lock") == pytest.approx(2.0005)
+    assert sample(text, "kybernate_hookd_step_duration_seconds_count", step="unlock") == 0
+    assert 'error="CUDA_ERROR_\\"odd\\""' in text  # escaped in the text format
+    assert sample(text, "kybernate_hookd_step_failures_total", step="checkpoint", error='CUDA_ERROR_"odd"') == 1
+    assert sample(text, "kybernate_hookd_bytes_total", direction="device_to_host") == 5
+    assert sample(text, "kybernate_hookd_driver_calls_in_flight") == 3
     assert "# TYPE kybernate_hookd_step_duration_seconds histogram" in text
     assert parse_address("127.0.0.1:9464") == ("127.0.0.1", 9464) and parse_address("[::1]:1") == ("::1", 1)
     with pytest.raises(ValueError):
