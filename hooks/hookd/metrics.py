@@ -29,7 +29,7 @@ STEPS = ("lock", "checkpoint", "restore", "unlock")
 DIRECTIONS = ("device_to_host", "host_to_device")
 
 # No `_created` series: they double every counter's lines and no dashboard of ours reads them.
-prometheus_client.disable_created_metrics()
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in the library
 
 
 class Metrics:
