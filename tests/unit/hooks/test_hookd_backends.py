@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import fakegpu
 import pytest
-from hookd_testlib import G0, G1, GiB, run, sample
+from hookd_testlib import G0, G1, GiB, run, sample, until
 
 from kybernate.hooks.gpu import blocking, cuda
 from kybernate.hooks.gpu.binary import CudaCheckpointBinary
@@ -109,17 +110,21 @@ def test_binary_backend_missing_tool(tmp_path: Path) -> None:
 
 def test_run_blocking_does_not_abandon_a_call_when_its_caller_is_cancelled() -> None:
     finished: list[float] = []
+    release = threading.Event()
 
     def slow() -> None:
-        time.sleep(0.3)
+        release.wait()
         finished.append(time.monotonic())
 
     async def go() -> None:
         with ThreadPoolExecutor(2) as pool:
             task = asyncio.create_task(blocking.run_blocking(slow, what="slow call", executor=pool))
-            await asyncio.sleep(0.05)
+            await until(lambda: blocking.in_flight(), "the call to start")
             assert [c.what for c in blocking.in_flight()] == ["slow call"]
             task.cancel()
+            # The call ends only after the cancellation reached the caller: one that abandoned the call
+            # would be done before `finished` is written.
+            asyncio.get_running_loop().call_soon(release.set)
             with pytest.raises(asyncio.CancelledError):
                 await task
             assert finished, "the cancelled caller returned before the call did"
@@ -131,11 +136,11 @@ def test_run_blocking_does_not_abandon_a_call_when_its_caller_is_cancelled() -> 
 def test_run_blocking_bounds_the_wait_and_hands_over_the_call() -> None:
     async def go() -> None:
         with ThreadPoolExecutor(2) as pool:
-            started = time.monotonic()
+            release = threading.Event()
             with pytest.raises(blocking.StillRunning) as info:
-                await blocking.run_blocking(time.sleep, 0.4, what="stuck", executor=pool, timeout_s=0.1)
-            assert time.monotonic() - started < 0.3
-            assert [c.what for c in blocking.in_flight()] == ["stuck"]
+                await blocking.run_blocking(release.wait, what="stuck", executor=pool, timeout_s=0.1)
+            assert [c.what for c in blocking.in_flight()] == ["stuck"]  # the wait ended, the call did not
+            release.set()
             await info.value.future  # the call goes on and completes
             assert blocking.in_flight() == []
             assert await blocking.run_blocking(sum, [1, 2], what="sum", executor=pool) == 3
