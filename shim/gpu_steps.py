@@ -14,12 +14,14 @@ import enum
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-from kybernate.hooks.api import manifest as manifest_file
-from kybernate.hooks.api.model import GpuManifest, ManifestError
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .runtime_options import KybernateOptions
+
+if TYPE_CHECKING:
+    # The manifest's dataclasses cost ~15 ms to define: the daemon's import (on the start path) skips them;
+    # only a checkpoint or a restore loads them.
+    from kybernate.hooks.api.model import GpuManifest
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,9 @@ def options_with_annotations(base: KybernateOptions, spec: dict[str, Any]) -> Ky
 
 
 def read_manifest(checkpoint_dir: str) -> GpuManifest | None:
+    from kybernate.hooks.api import manifest as manifest_file
+    from kybernate.hooks.api.model import ManifestError
+
     try:
         return manifest_file.read_manifest(checkpoint_dir)
     except ManifestError as err:
@@ -138,6 +143,8 @@ def read_manifest(checkpoint_dir: str) -> GpuManifest | None:
 
 
 def write_manifest(checkpoint_dir: str, manifest: GpuManifest) -> None:
+    from kybernate.hooks.api import manifest as manifest_file
+
     manifest_file.write_manifest(checkpoint_dir, manifest)
 
 

@@ -11,13 +11,12 @@ import logging
 import os
 import shutil
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import any_pb2
 
 from kybernate.api import runc_options_pb2, task_pb2
 from kybernate.hooks.api.checkpoint import CHECKPOINT_OPTIONS_TYPE
-from kybernate.hooks.api.model import GpuManifest
 
 from . import gpu_steps, manager, restore_from, runtime_options
 from .gpu_steps import Event, GpuStepError, GpuSteps, Phase, TaskControl, TaskGpu
@@ -25,6 +24,9 @@ from .runtime_options import KybernateOptions, RuntimeConfig
 from .ttrpc.errors import Code, TTRPCError
 from .ttrpc.server import Call
 from .upstream import TASK_SERVICES, Upstream
+
+if TYPE_CHECKING:
+    from kybernate.hooks.api.model import GpuManifest  # loaded with the first GPU checkpoint or restore
 
 log = logging.getLogger(__name__)
 

@@ -54,3 +54,16 @@ def test_allowed_directions_pass(tmp_path: Path) -> None:
         "hooks/cli/main.py": "from kybernate.hooks.api import manifest\nimport grpc\n",
     })
     assert import_rules.violations(root) == []
+
+
+def test_the_shims_start_path_loads_none_of_the_daemons_libraries() -> None:
+    """What `start` imports before it forks (cli, manager, daemon) pays for every pod: no hookd, no
+    manifest dataclasses, no metrics or installer libraries."""
+    import subprocess
+
+    code = ("import sys; import kybernate.shim.cli, kybernate.shim.manager, kybernate.shim.daemon; "
+            "print(' '.join(sorted(sys.modules)))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    unwanted = {"kybernate.hooks.api.model", "kybernate.hooks.api.client", "kybernate.hooks.hookd",
+                "kybernate.hooks.gpu", "grpc", "prometheus_client", "packaging", "tomlkit", "pynvml"}
+    assert not loaded & unwanted
