@@ -8,7 +8,8 @@ tracks it). Then every .py file under shim/, hooks/, tests/, packaging/ gets its
 a relative import that no longer resolves where the file now sits is resolved where it sat before the
 move, mapped, and written relative when the target shares the file's package, absolute otherwise.
 Dotted names and file paths in other text (strings, docs, pyproject.toml, Dockerfile) are rewritten too.
---check changes nothing and exits 1 when something would change (it prints what).
+--check changes nothing and exits 1 when something would change (it prints what). Rewritten import
+blocks may need re-sorting afterwards: `ruff check --select I --fix` on the files it names, then `make lint`.
 
 It lives in tests/tools/ beside check_proto.py: development tools that read or rewrite the tree are not
 shipped in any wheel or image, and tests/ is the one top-level folder that holds what only developers run.
