@@ -63,7 +63,8 @@ def test_the_shims_start_path_loads_none_of_the_daemons_libraries() -> None:
 
     code = ("import sys; import kybernate.shim.cli, kybernate.shim.manager, kybernate.shim.daemon; "
             "print(' '.join(sorted(sys.modules)))")
-    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(done.stdout.split())
     unwanted = {"kybernate.hooks.api.model", "kybernate.hooks.api.client", "kybernate.hooks.hookd",
                 "kybernate.hooks.gpu", "grpc", "prometheus_client", "packaging", "tomlkit", "pynvml"}
     assert not loaded & unwanted

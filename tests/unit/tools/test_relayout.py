@@ -24,8 +24,9 @@ AFTER_MERGE = {
     # A module that branch added at the old place.
     "hooks/reconcile.py": ("from . import procfs\nfrom .errors import (\n    NewError,\n)\n"
                            "from .manager import GpuManager\n"),
-    "tests/unit/test_reconcile.py": ("from kybernate.hooks.reconcile import GpuManager\n"
-                                     "CMD = 'python -m kybernate.hooks.daemon; from kybernate.hooks import logs, cuda'\n"),
+    "tests/unit/test_reconcile.py": (
+        "from kybernate.hooks.reconcile import GpuManager\n"
+        "CMD = 'python -m kybernate.hooks.daemon; from kybernate.hooks import logs, cuda'\n"),
 }
 
 
