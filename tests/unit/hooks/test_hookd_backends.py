@@ -168,3 +168,14 @@ def test_metrics_text_format() -> None:
     assert parse_address("127.0.0.1:9464") == ("127.0.0.1", 9464) and parse_address("[::1]:1") == ("::1", 1)
     with pytest.raises(ValueError):
         parse_address("localhost")
+
+
+def test_a_call_the_executor_refuses_is_not_listed_in_flight() -> None:
+    async def go() -> None:
+        pool = ThreadPoolExecutor(1)
+        pool.shutdown()
+        with pytest.raises(RuntimeError, match="shutdown"):
+            await blocking.run_blocking(sum, [1], what="refused", executor=pool)
+        assert blocking.in_flight() == []
+
+    run(go())

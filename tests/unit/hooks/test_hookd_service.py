@@ -18,10 +18,9 @@ from pathlib import Path
 
 import fakegpu
 import pytest
-from hookd_testlib import G0, G1, GiB, run, sample, until
+from hookd_testlib import G0, G1, GiB, events_for, run, sample, until
 
 from kybernate.hooks.api.client import HookdClient, HookdError, HookdUnavailable
-from kybernate.hooks.gpu import blocking
 from kybernate.hooks.hookd.daemon import Daemon, StartError
 from kybernate.hooks.api.model import GpuManifest
 from kybernate.hooks.hookd.settings import DriverSettings, ManagerSettings, ServerSettings, Settings
@@ -225,7 +224,8 @@ def test_stop_names_a_driver_call_that_is_still_running(tmp_path: Path, fake_dri
                 await client.checkpoint_gpu("k8s.io", "c1", [a], lock_timeout_ms=100, deadline_s=10)
             assert info.value.code == 4 and info.value.step == "lock" and info.value.pid == a
         code = await daemon.stop()
-        await until(lambda: not blocking.in_flight(), "the stalled call to end before the node goes away")
+        # The driver's event log has the lock once it returned: then the node may go away.
+        await until(lambda: events_for(node, "lock", a), "the stalled lock to end before the node goes away")
         return code
 
     caplog.set_level("INFO")
