@@ -7,7 +7,7 @@ PROTO_DIR := proto
 PROTO_FILES := $(sort $(wildcard $(PROTO_DIR)/kybernate/api/*.proto))
 export STACK_PREFIX
 
-.PHONY: all venv proto proto-check stack image test unit demo bench clean-stack
+.PHONY: all venv proto proto-check stack image lint test unit demo bench clean-stack
 
 all: venv
 
@@ -39,10 +39,22 @@ stack:
 image: venv
 	$(VENV)/bin/python packaging/image/build.py
 
+# Type checks (mypy --strict), ruff, and the import directions of docs/architecture.md. mypy does not read
+# setuptools' package-dir, so .lint/ holds a tree of links that gives it the kybernate.* names.
+RUFFED := shim hooks packaging/installer tests/tools
+lint: venv
+	@mkdir -p .lint/kybernate
+	@ln -sfn ../../shim .lint/kybernate/shim; ln -sfn ../../hooks .lint/kybernate/hooks; \
+		ln -sfn ../../proto/kybernate/api .lint/kybernate/api
+	MYPYPATH=.lint $(VENV)/bin/mypy -p kybernate.shim -p kybernate.hooks
+	$(VENV)/bin/mypy packaging/installer/install.py tests/tools
+	$(VENV)/bin/ruff check $(RUFFED)
+	$(VENV)/bin/python tests/tools/import_rules.py
+
 unit: venv proto-check
 	$(VENV)/bin/python -m pytest tests/unit -q
 
-test: venv stack proto-check image
+test: venv lint stack proto-check image
 	$(VENV)/bin/python -m pytest -q
 
 demo: venv stack

@@ -18,10 +18,9 @@ entries; fds 0, 1, 2 ride on the first sendmsg. Resident to client: `<status>\\n
 
 from __future__ import annotations
 
+import _socket
 import os
 import sys
-
-import _socket
 
 SOCKET_ENV = "KYBERNATE_RESIDENT_SOCKET"
 # Its own directory (packaging/systemd/kybernate-shimd.service): hookd's /run/kybernate goes when hookd stops.

@@ -8,7 +8,7 @@ before the pause that precedes every checkpoint, and restored only after the tas
 TABLE maps every (phase, event, guard) to a Step (action, next phase) or an explicit Reject; the
 guards are whether the task's cgroup is frozen when the event fires (`paused`) and whether a plain
 pause moves VRAM to host memory (`release`). Before each step the desired GPU state and the action
-are written to the task's intent file (shim/intent.py) so that a crash in the middle of the step is
+are written to the task's intent file (hooks/api/intent.py) so that a crash in the middle of the step is
 reconciled afterwards, by this shim on the task's next call or by kybernate-hookd (docs/lifecycle.md).
 
 Containers that are not GPU containers never reach the driver and never need kybernate-hookd.
@@ -19,22 +19,25 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
-import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from . import intent
+from kybernate.hooks.api import intent
+
 from .errors import FailedPrecondition, Internal, InvalidArgument
 from .runtime_options import KybernateOptions
 from .taskspec import TaskSpec
 
+if TYPE_CHECKING:
+    # The manifest's dataclasses cost ~15 ms to define: the daemon's import (on the start path) skips them;
+    # only a checkpoint or a restore loads them.
+    from kybernate.hooks.api.model import GpuManifest
+
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "kybernate.json"
 
 
 class GpuStepError(FailedPrecondition):
@@ -179,12 +182,12 @@ def rule(phase: Phase, event: Event, paused: bool, release: bool) -> Rule:
 class GpuDriver(Protocol):
     """The node daemon's view for one task: implemented by the kybernate-hookd client."""
 
-    async def checkpoint(self, namespace: str, container_id: str, pids: list[int], lock_timeout_ms: int) -> dict[str, Any]:
+    async def checkpoint(self, namespace: str, container_id: str, pids: list[int], lock_timeout_ms: int) -> GpuManifest:
         """Lock and checkpoint every CUDA process; returns the GPU manifest. Rolls back on failure."""
         ...
 
     async def restore(
-        self, namespace: str, container_id: str, pids: list[int], manifest: dict[str, Any] | None
+        self, namespace: str, container_id: str, pids: list[int], manifest: GpuManifest | None
     ) -> None:
         """Restore (remapping GPUs if they differ from the manifest) and unlock every CUDA process."""
         ...
@@ -197,7 +200,7 @@ class TaskGpu:
     spec: TaskSpec
     phase: Phase
     paused: bool = False
-    manifest: dict[str, Any] | None = None
+    manifest: GpuManifest | None = None
     init_pid: int = 0
     pids: tuple[int, ...] = ()
 
@@ -219,35 +222,27 @@ class TaskControl:
     thaw: Callable[[str], Awaitable[None]]
 
 
-def read_manifest(checkpoint_dir: str) -> dict[str, Any] | None:
-    """The checkpoint's GPU manifest, checked against the manifest's schema; None when there is none."""
-    from kybernate.hooks.model import GpuManifest, ManifestError
+def read_manifest(checkpoint_dir: str) -> GpuManifest | None:
+    """The checkpoint's GPU manifest, checked against its schema (wrong types fail here, at Create, not at
+    Start); None when there is none."""
+    from kybernate.hooks.api import manifest as manifest_file
+    from kybernate.hooks.api.model import ManifestError
 
-    path = Path(checkpoint_dir) / MANIFEST_NAME
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
+        return manifest_file.read_manifest(checkpoint_dir)
+    except ManifestError as err:
+        raise InvalidArgument(f"GPU manifest is malformed: {err}; nothing was created") from err
     except OSError as err:
-        raise GpuStepError(f"GPU manifest {path} cannot be read: {err}") from err
-    try:
-        manifest = json.loads(text)
-        if not isinstance(manifest, dict):
-            raise ManifestError("not a JSON object")
-        GpuManifest.from_dict(manifest)  # wrong types fail here, at Create, not at Start
-    except (ValueError, ManifestError) as err:
-        raise InvalidArgument(f"GPU manifest {path} is malformed: {err}; nothing was created") from err
-    return manifest
+        raise GpuStepError(f"the GPU manifest in {checkpoint_dir} cannot be read: {err}") from err
 
 
-def write_manifest(checkpoint_dir: str, manifest: dict[str, Any]) -> None:
-    path = Path(checkpoint_dir) / MANIFEST_NAME
-    tmp = path.with_name(MANIFEST_NAME + ".tmp")
+def write_manifest(checkpoint_dir: str, manifest: GpuManifest) -> None:
+    from kybernate.hooks.api import manifest as manifest_file
+
     try:
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        manifest_file.write_manifest(checkpoint_dir, manifest)
     except OSError as err:
-        raise GpuStepError(f"cannot write the GPU manifest {path}: {err}") from err
+        raise GpuStepError(f"cannot write the GPU manifest into {checkpoint_dir}: {err}") from err
 
 
 @dataclass
@@ -350,7 +345,7 @@ class GpuSteps:
         record = intent.Intent(
             namespace=task.spec.namespace, container_id=task.container_id, bundle=task.spec.bundle,
             desired=DESIRED[phase], step=step, phase=phase.value, shim_pid=os.getpid(), init_pid=task.init_pid,
-            pids=task.pids, manifest=task.manifest,
+            pids=task.pids, manifest=task.manifest.to_dict() if task.manifest is not None else None,
         )
         try:
             await asyncio.to_thread(intent.write, task.options.intent_dir, record)

@@ -26,9 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from typing import Any
 
-from kybernate.hooks.client import KEEPALIVE_S, HookdClient, HookdError, HookdUnavailable
+from kybernate.hooks.api.client import KEEPALIVE_S, HookdClient, HookdError, HookdUnavailable
+from kybernate.hooks.api.model import GpuManifest
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class HookdDriver:
 
     async def checkpoint(
         self, namespace: str, container_id: str, pids: list[int], lock_timeout_ms: int
-    ) -> dict[str, Any]:
+    ) -> GpuManifest:
         self._supersede(namespace, container_id)
         deadline_s = self._deadline_s("checkpoint")
         try:
@@ -69,10 +69,10 @@ class HookdDriver:
             if err.code == DEADLINE_EXCEEDED:
                 self._roll_back(namespace, container_id, pids, err.code_name)
             raise
-        return manifest.to_dict()
+        return manifest
 
     async def restore(
-        self, namespace: str, container_id: str, pids: list[int], manifest: dict[str, Any] | None
+        self, namespace: str, container_id: str, pids: list[int], manifest: GpuManifest | None
     ) -> None:
         self._supersede(namespace, container_id)
         # A restore is what puts a process back: one the shim cannot wait for goes on in the background.
@@ -105,7 +105,7 @@ class HookdDriver:
         return min(self._timeout_s, budget)
 
     def _roll_back(self, namespace: str, container_id: str, pids: list[int], reason: str,
-                   manifest: dict[str, Any] | None = None) -> None:
+                   manifest: GpuManifest | None = None) -> None:
         """Ask hookd, in the background, to put back whatever the abandoned step did or left undone."""
         log.warning("GPU step abandoned; asking hookd to put the processes back in the background",
                     extra={"fields": {"id": container_id, "reason": reason}})
@@ -128,7 +128,7 @@ class HookdDriver:
             pending.cancel()
 
     async def _restore_quietly(self, namespace: str, container_id: str, pids: list[int],
-                               manifest: dict[str, Any] | None) -> None:
+                               manifest: GpuManifest | None) -> None:
         """Restore until hookd answers (it may be stopped or restarting), for at most hookd_timeout_s."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._timeout_s

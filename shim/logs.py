@@ -6,7 +6,7 @@ import logging
 import os
 
 # stdlib-only module: the same line format as kybernate-hookd's logs.
-from kybernate.hooks.logs import LogfmtFormatter
+from kybernate.hooks.api.logs import LogfmtFormatter
 
 LOG_FIFO = "log"
 

@@ -8,7 +8,6 @@ shim does, and also stops a runc shim left behind when our daemon was killed.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from . import phases
 from .cli import ShimArgs
+from .ttrpc.address import socket_path
 
 if TYPE_CHECKING:
     from .runtime_options import RuntimeConfig
@@ -59,16 +59,13 @@ class ChildShim:
 class GroupState:
     """What `delete` needs to know about a group's daemons after ours was killed."""
 
-    FIELDS = ("namespace", "group", "address", "daemon_pid", "child_address", "child_task_api")
+    FIELDS = ("namespace", "group", "address", "child_address", "child_task_api")
     __slots__ = FIELDS
 
-    def __init__(
-        self, namespace: str, group: str, address: str, daemon_pid: int, child_address: str, child_task_api: int
-    ) -> None:
+    def __init__(self, namespace: str, group: str, address: str, child_address: str, child_task_api: int) -> None:
         self.namespace = namespace
         self.group = group
         self.address = address
-        self.daemon_pid = daemon_pid
         self.child_address = child_address
         self.child_task_api = child_task_api
 
@@ -87,8 +84,10 @@ class GroupState:
     def load(cls, address: str) -> GroupState | None:
         try:
             with open(cls.path_for(address)) as f:
-                return cls(**json.load(f))
-        except (OSError, ValueError, TypeError):
+                data = json.load(f)
+            # Fields beyond ours (an older shim's daemon_pid) are ignored.
+            return cls(**{k: data[k] for k in cls.FIELDS})
+        except (OSError, ValueError, TypeError, KeyError):
             return None
 
     @classmethod
@@ -113,14 +112,14 @@ def read_spec(bundle: str) -> dict[str, object]:
     return spec
 
 
-def annotations(spec: dict[str, object]) -> dict[str, str]:
+def spec_annotations(spec: dict[str, object]) -> dict[str, str]:
     found = spec.get("annotations") or {}
     return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
 
 
 def group_id(spec: dict[str, object], container_id: str) -> str:
     """Containers of one pod share one shim, exactly as the runc shim groups them."""
-    notes = annotations(spec)
+    notes = spec_annotations(spec)
     for label in GROUP_LABELS:
         if notes.get(label):
             return notes[label]
@@ -131,10 +130,6 @@ def socket_address(containerd_address: str, namespace: str, group: str) -> str:
     # Hashed like the runc shim's name but over a different input, so the two never collide.
     digest = hashlib.sha256(f"{containerd_address}/{namespace}/{group}/kybernate".encode()).hexdigest()
     return f"unix://{SOCKET_DIR}/{digest}"
-
-
-def socket_path(address: str) -> str:
-    return address.removeprefix("unix://")
 
 
 def can_connect(address: str) -> bool:
@@ -204,8 +199,7 @@ def run_child(runc_shim: str, args: list[str], bundle: str, stdin: bytes) -> byt
             [runc_shim, *args],
             cwd=bundle,
             input=stdin,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            capture_output=True,
             timeout=CHILD_START_TIMEOUT_S,
             check=False,
         )
@@ -286,7 +280,7 @@ def start(args: ShimArgs, stdin: bytes) -> str:
             os._exit(code)
     listener.close()
     phases.mark("forked")
-    GroupState(args.namespace, group, address, pid, child_shim.address, child_shim.task_api).save()
+    GroupState(args.namespace, group, address, child_shim.address, child_shim.task_api).save()
     write_address(bundle, address)
     return address
 
@@ -345,9 +339,11 @@ def stop_child_shim(child_address: str) -> None:
 
     It is found by the socket it listens on rather than by a recorded pid, which may have been reused.
     """
-    unix_table = _unix_socket_table()
+    from kybernate.hooks.api import procfs  # the delete path only: it imports pathlib and dataclasses
+
+    unix_table = procfs.unix_sockets()
     wanted = {inode for inode, path in unix_table.items() if path == socket_path(child_address)}
-    for pid, inodes in _socket_inodes_by_pid().items():
+    for pid, inodes in procfs.socket_inodes_by_pid().items():
         if not inodes & wanted:
             continue
         try:
@@ -362,44 +358,13 @@ def stop_child_shim(child_address: str) -> None:
     remove_socket(child_address)
 
 
-def _unix_socket_table() -> dict[int, str]:
-    """inode -> path of every named unix socket on the host."""
-    table = {}
-    try:
-        with open("/proc/net/unix") as sockets:
-            next(sockets)
-            for line in sockets:
-                fields = line.split()
-                if len(fields) >= 8:
-                    table[int(fields[6])] = fields[7]
-    except OSError:
-        pass
-    return table
-
-
-def _socket_inodes_by_pid() -> dict[int, set[int]]:
-    found: dict[int, set[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            for fd in os.listdir(f"/proc/{entry.name}/fd"):
-                target = os.readlink(f"/proc/{entry.name}/fd/{fd}")
-                if target.startswith("socket:["):
-                    found.setdefault(int(entry.name), set()).add(int(target[8:-1]))
-        except OSError as err:
-            if err.errno not in (errno.ENOENT, errno.EACCES, errno.ESRCH):
-                raise
-    return found
-
-
 def info(args: ShimArgs, stdin: bytes) -> bytes:
     """`-info`: the runc shim answers, given options it can read."""
     child_stdin = convert_options(stdin).runc_any_bytes()
     flags = ["-debug"] if args.debug else []
     runc_shim = find_runc_shim()
     done = subprocess.run(
-        [runc_shim, *flags, "-info"], input=child_stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False
+        [runc_shim, *flags, "-info"], input=child_stdin, capture_output=True, check=False
     )
     if done.returncode != 0:
         raise StartError(f"{runc_shim} -info failed: {done.stderr.decode(errors='replace').strip()}")

@@ -23,7 +23,6 @@ import signal
 import socket
 import struct
 import sys
-import time
 
 # Pre-imported on purpose: these are what every start, delete and pod daemon would otherwise import.
 from . import cli, client, manager, phases, title
@@ -184,7 +183,7 @@ def work(conn: socket.socket) -> int:
         return 1
     # From here stdout and stderr are the client's: nothing of ours may be written there.
     logging.getLogger().handlers.clear()
-    for target, fd in zip((0, 1, 2), fds):
+    for target, fd in zip((0, 1, 2), fds, strict=True):  # exactly three: checked when the request was read
         os.dup2(fd, target)
         os.close(fd)
     # The pod daemon `start` forks must not keep the client's connection open.
@@ -229,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-workers must be at least 1")
     if argv is None:
         ensure_title_room(args_in)
-    from kybernate.hooks.logs import setup as setup_logs
+    from kybernate.hooks.api.logs import setup as setup_logs
 
     setup_logs(args.log_level)
     try:

@@ -22,18 +22,21 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any
 
+from kybernate.hooks.api.checkpoint import (
+    CHECKPOINT_DIR,
+    CONFIG_DUMP,
+    DELETED_FILES,
+    OPAQUE_WHITEOUT,
+    ROOTFS_DIFF,
+    WHITEOUT_PREFIX,
+)
+
 ANNOTATION = "kybernate.io/restore-from"
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 CONTAINER_NAME = "io.kubernetes.cri.container-name"
 WORKDIR_NAME = "kybernate-restore"
 # Members we take from an archive; anything else in it is left alone.
-CHECKPOINT_PREFIX = "checkpoint/"
-ROOTFS_DIFF = "rootfs-diff.tar"
-DELETED_FILES = "deleted.files"
-CONFIG_DUMP = "config.dump"
-# Overlay whiteouts, as containerd's diff writes them into rootfs-diff.tar.
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_WHITEOUT = ".wh..wh..opq"
+CHECKPOINT_PREFIX = CHECKPOINT_DIR + "/"
 
 
 class RestoreError(Exception):
@@ -105,7 +108,7 @@ def unpack(archive: str, workdir: str) -> RestorePlan:
     rootfs_diff = os.path.join(workdir, ROOTFS_DIFF)
     return RestorePlan(
         archive=archive,
-        checkpoint_dir=os.path.join(workdir, "checkpoint"),
+        checkpoint_dir=os.path.join(workdir, CHECKPOINT_DIR),
         rootfs_diff=rootfs_diff if os.path.isfile(rootfs_diff) else None,
         deleted_files=_deleted_files(os.path.join(workdir, DELETED_FILES), archive),
     )
@@ -177,7 +180,7 @@ def _remove(path: str) -> None:
 
 def _wanted(name: str) -> bool:
     name = name.lstrip("./")
-    return name.startswith(CHECKPOINT_PREFIX) or name in ("checkpoint", ROOTFS_DIFF, DELETED_FILES, CONFIG_DUMP)
+    return name.startswith(CHECKPOINT_PREFIX) or name in (CHECKPOINT_DIR, ROOTFS_DIFF, DELETED_FILES, CONFIG_DUMP)
 
 
 def _deleted_files(path: str, archive: str) -> tuple[str, ...]:

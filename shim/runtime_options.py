@@ -20,6 +20,7 @@ from pathlib import Path
 from google.protobuf import any_pb2
 
 from kybernate.api import runc_options_pb2, runtimeoptions_pb2
+from kybernate.hooks.api import DEFAULT_SOCKET
 
 from . import criu_config
 
@@ -41,7 +42,6 @@ RUNC_KEYS: dict[str, tuple[str, type]] = {
     "CriuWorkPath": ("criu_work_path", str),
 }
 
-DEFAULT_HOOKD_SOCKET = "/run/kybernate/hookd.sock"
 # The node's defaults, used when containerd passes no options (ctr, or a CRI runtime without ConfigPath).
 NODE_CONFIG_ENV = "KYBERNATE_CONFIG"
 DEFAULT_NODE_CONFIG = "/etc/kybernate/runtime.toml"
@@ -55,7 +55,7 @@ class OptionsError(ValueError):
 class KybernateOptions:
     """Kybernate's own settings from the `[kybernate]` table; annotations may override per pod."""
 
-    hookd_socket: str = DEFAULT_HOOKD_SOCKET
+    hookd_socket: str = DEFAULT_SOCKET
     # How long the driver may wait for submitted GPU work before a lock gives up, in milliseconds.
     lock_timeout_ms: int = 10_000
     # Whether a plain Pause (not part of a checkpoint) moves VRAM to host memory (hot standby).

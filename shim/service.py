@@ -12,11 +12,12 @@ import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import any_pb2
 
 from kybernate.api import runc_options_pb2, task_pb2
+from kybernate.hooks.api.checkpoint import CHECKPOINT_OPTIONS_TYPE
 
 from . import criu_config, criu_errors, gpu_steps, manager, restore_from, runtime_options
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, to_status
@@ -27,10 +28,12 @@ from .ttrpc.errors import Code, TTRPCError
 from .ttrpc.server import Call
 from .upstream import TASK_SERVICES, Upstream
 
+if TYPE_CHECKING:
+    from kybernate.hooks.api.model import GpuManifest  # loaded with the first GPU checkpoint or restore
+
 log = logging.getLogger(__name__)
 
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
-CHECKPOINT_OPTIONS_TYPE = "containerd.runc.v1.CheckpointOptions"
 # How long Start waits for a task it had to kill (its GPU state could not be restored) to exit.
 KILL_WAIT_S = 30.0
 
@@ -155,7 +158,7 @@ class TaskService:
         since = time.time()
         try:
             if task is not None and task.phase is Phase.DUMPING and task.manifest is not None and request.path:
-                await asyncio.to_thread(gpu_steps.write_manifest, request.path, task.manifest or {})
+                await asyncio.to_thread(gpu_steps.write_manifest, request.path, task.manifest)
             reply = await self.upstream.forward(call)
         except Exception as err:
             # The manifest could not be written (disk full) or the dump failed: the GPU comes back either way.
@@ -220,14 +223,14 @@ class TaskService:
             return config.kybernate, True
         return config.kybernate, False
 
-    async def _gpu_phase(self, spec: TaskSpec, checkpoint_dir: str) -> tuple[Phase, dict[str, Any] | None]:
+    async def _gpu_phase(self, spec: TaskSpec, checkpoint_dir: str) -> tuple[Phase, GpuManifest | None]:
         """Where a new task starts in the GPU lifecycle, with the manifest of the checkpoint it comes from."""
         if not spec.gpu:
             return Phase.NO_GPU, None
         if not checkpoint_dir:
             return Phase.LIVE, None
         manifest = await asyncio.to_thread(gpu_steps.read_manifest, checkpoint_dir)
-        if manifest is not None and manifest.get("processes"):
+        if manifest is not None and not manifest.empty:
             return Phase.RESTORE_PENDING, manifest
         return Phase.LIVE, manifest
 
@@ -322,7 +325,7 @@ class TaskService:
         task = self.gpu.tasks.get(container_id)
         if task is None or task.phase is Phase.NO_GPU or not task.init_pid:
             return
-        from . import freezer
+        from kybernate.hooks.api import freezer
 
         def repair() -> bool:
             directory = freezer.cgroup_dir(task.init_pid)

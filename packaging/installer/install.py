@@ -3,7 +3,11 @@
 
 Runs as root, on the node itself (`--host-root /`, the default) or in a privileged pod that has the
 node's directories mounted under `--host-root` (see packaging/kubernetes/daemonset.yaml). Standard
-library only: it must run on whatever python3 is there. Every path it prints is a path on the node.
+library only, but for PyPA's `packaging` when it picks wheels (the image has it; from a checkout, pip install
+packaging or put its wheel into --wheels): it must run on whatever python3 is there. Its TOML edits stay
+hand-written text edits, checked by re-parsing: tomlkit would need installing on the node too (the
+uninstall copy runs there), and it re-lays out some arrays (a blank line before the next table, a comma
+left behind on removal). Every path it prints is a path on the node.
 
 What an install changes (host paths; nothing else is touched):
 
@@ -37,8 +41,9 @@ from __future__ import annotations
 
 import sys
 
-if sys.version_info < (3, 11):  # before anything newer is imported: say it plainly
-    sys.stderr.write("install.py: error: needs Python 3.11 or newer to run (this is %d.%d)\n" % sys.version_info[:2])
+# Before anything newer is imported, and in a spelling old interpreters parse: say it plainly.
+if sys.version_info < (3, 11):  # noqa: UP036
+    sys.stderr.write("install.py: error: needs Python 3.11 or newer to run (this is %d.%d)\n" % sys.version_info[:2])  # noqa: UP031
     sys.exit(1)
 
 import argparse  # noqa: E402
@@ -254,36 +259,56 @@ class Wheel:
     path: Path
     name: str  # normalized (PEP 503)
     version: str
-    tags: frozenset[tuple[str, str, str]]
+    tags: frozenset[Any]  # packaging.tags.Tag
 
 
-def _normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+def _packaging(wheels_dir: Path) -> Any:
+    """The `packaging` library (PyPA's wheel tags, specifiers and markers), imported on first use.
+
+    The installer image has it installed; a run straight from a checkout takes it from a packaging-*.whl in
+    --wheels (a pure-Python wheel imports as a zip). Uninstalling never needs it.
+    """
+    try:
+        import packaging.markers
+        import packaging.requirements
+        import packaging.specifiers
+        import packaging.tags
+        import packaging.utils
+    except ImportError:
+        found = sorted(wheels_dir.glob("packaging-*-py3-none-any.whl")) + sorted(
+            wheels_dir.glob("*/packaging-*-py3-none-any.whl"))
+        if not found:
+            raise InstallError("install.py needs the `packaging` library: pip install packaging, or put its wheel "
+                               f"(pip download packaging) into --wheels {wheels_dir}") from None
+        sys.path.insert(0, str(found[-1]))
+        import packaging.markers
+        import packaging.requirements
+        import packaging.specifiers
+        import packaging.tags
+        import packaging.utils
+    return packaging
 
 
-def _parse_wheel(path: Path) -> Wheel:
-    parts = path.name[:-4].split("-")
-    if len(parts) not in (5, 6):
-        raise InstallError(f"{path}: not a wheel file name (name-version[-build]-python-abi-platform.whl)")
-    py, abi, plat = parts[-3:]
-    tags = frozenset((p, a, pl) for p in py.split(".") for a in abi.split(".") for pl in plat.split("."))
-    return Wheel(path, _normalize(parts[0]), parts[1], tags)
+def _parse_wheel(path: Path, pk: Any) -> Wheel:
+    try:
+        name, version, _build, tags = pk.utils.parse_wheel_filename(path.name)
+    except pk.utils.InvalidWheelFilename as e:
+        raise InstallError(f"{path}: not a wheel file name (name-version[-build]-python-abi-platform.whl): "
+                           f"{e}") from None
+    return Wheel(path, str(name), str(version), frozenset(tags))
 
 
-def _tag_fits(tag: tuple[str, str, str], minor: int, arch: str) -> bool:
-    """Whether a wheel tag runs on CPython 3.<minor>, glibc Linux on arch (musllinux does not)."""
-    py, abi, plat = tag
-    if plat != "any" and plat != f"linux_{arch}" and not (plat.startswith("manylinux") and plat.endswith("_" + arch)):
-        return False
-    m = re.fullmatch(r"(py|cp)3(\d*)", py)
-    if not m:
-        return False
-    n = int(m.group(2)) if m.group(2) else None
-    if abi == "none":
-        return n is None or n <= minor
-    if abi == "abi3":
-        return m.group(1) == "cp" and n is not None and n <= minor
-    return m.group(1) == "cp" and n == minor and abi in (f"cp3{minor}", f"cp3{minor}m")
+def _host_tags(pk: Any, minor: int, arch: str) -> frozenset[Any]:
+    """Every wheel tag that runs on CPython 3.<minor> on glibc Linux on arch (musllinux does not).
+
+    Any manylinux level is taken: the node's glibc is not known from here, and the image ships the
+    manylinux2014/_2_28 wheels pip picked for it.
+    """
+    platforms = ([f"manylinux_2_{n}_{arch}" for n in range(60, 4, -1)]
+                 + [f"manylinux{v}_{arch}" for v in ("2014", "2010", "1")] + [f"linux_{arch}"])
+    version = (3, minor)
+    return frozenset([*pk.tags.cpython_tags(version, abis=[f"cp3{minor}"], platforms=platforms),
+                      *pk.tags.compatible_tags(version, interpreter=f"cp3{minor}", platforms=platforms)])
 
 
 def _wheel_metadata(w: Wheel) -> email.message.Message:
@@ -294,18 +319,21 @@ def _wheel_metadata(w: Wheel) -> email.message.Message:
         return email.parser.Parser().parsestr(z.read(names[0]).decode("utf-8", "replace"))
 
 
-def _python_ok(spec: str, version: tuple[int, int]) -> bool:
-    """Requires-Python, for the clauses that matter here (>=, >, <, <=, ==/!= with optional .*)."""
-    for clause in filter(None, (c.strip() for c in spec.split(","))):
-        m = re.fullmatch(r"(>=|<=|==|!=|~=|>|<)\s*(\d+)(?:\.(\d+))?[\d.]*(\.\*)?", clause)
-        if not m:
-            continue
-        op, want = m.group(1), (int(m.group(2)), int(m.group(3) or 0))
-        ok = {">=": version >= want, "~=": version >= want, ">": version > want, "<": version < want,
-              "<=": version <= want, "==": version == want, "!=": version != want}[op]
-        if not ok:
-            return False
-    return True
+def _python_ok(spec: str, version: tuple[int, int], pk: Any = None) -> bool:
+    """Requires-Python against the host's 3.<minor>, whose patch level is not known here: a spec that some
+    3.<minor>.x satisfies passes (">=3.8,!=3.11.2" and "==3.*" do for 3.11; "!=3.11.*" does not)."""
+    pk = pk or _packaging(Path("."))
+    specifiers = pk.specifiers.SpecifierSet(spec)
+    return any(specifiers.contains(f"{version[0]}.{version[1]}.{patch}", prereleases=True) for patch in range(100))
+
+
+def _marker_environment(version: tuple[int, int], arch: str) -> dict[str, str]:
+    """PEP 508 marker values of the node's interpreter: CPython 3.<minor> on Linux."""
+    return {"python_version": f"{version[0]}.{version[1]}", "python_full_version": f"{version[0]}.{version[1]}.0",
+            "implementation_name": "cpython", "implementation_version": f"{version[0]}.{version[1]}.0",
+            "platform_python_implementation": "CPython", "os_name": "posix", "sys_platform": "linux",
+            "platform_system": "Linux", "platform_machine": arch, "platform_release": "", "platform_version": "",
+            "extra": ""}
 
 
 def select_wheels(wheels_dir: Path, version: tuple[int, int], arch: str) -> list[Wheel]:
@@ -321,11 +349,14 @@ def select_wheels(wheels_dir: Path, version: tuple[int, int], arch: str) -> list
         have = f" (it has {', '.join(subdirs)})" if subdirs else ""
         raise InstallError(f"--wheels {wheels_dir}: no *.whl there nor in {tag}/{have}: the payload has no wheels "
                            f"for the host's Python {version[0]}.{version[1]}")
+    pk = _packaging(wheels_dir)
+    host_tags = _host_tags(pk, version[1], arch)
+    environment = _marker_environment(version, arch)
     fitting: dict[str, list[Wheel]] = {}
     misfits: dict[str, list[str]] = {}
     for path in candidates:
-        w = _parse_wheel(path)
-        if any(_tag_fits(t, version[1], arch) for t in w.tags):
+        w = _parse_wheel(path, pk)
+        if w.tags & host_tags:
             fitting.setdefault(w.name, []).append(w)
         else:
             misfits.setdefault(w.name, []).append(path.name)
@@ -345,16 +376,14 @@ def select_wheels(wheels_dir: Path, version: tuple[int, int], arch: str) -> list
             raise InstallError(f"--wheels {wheels_dir}: no wheel of {name} for the host ({why})")
         w = chosen[name] = fitting[name][0]
         meta = _wheel_metadata(w)
-        if not _python_ok(meta.get("Requires-Python", ""), version):
+        if not _python_ok(meta.get("Requires-Python", ""), version, pk):
             raise InstallError(f"{w.path.name} requires Python {meta['Requires-Python']}; the host has "
                                f"{version[0]}.{version[1]}")
-        for req in meta.get_all("Requires-Dist") or []:
-            # Requirements under a marker (extras, other platforms) are not needed on a Linux CPython here.
-            if ";" in req:
-                continue
-            m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req)
-            if m:
-                todo.append(_normalize(m.group(1)))
+        for line in meta.get_all("Requires-Dist") or []:
+            req = pk.requirements.Requirement(line)
+            # A marker decides for the node's interpreter (extras are never requested here).
+            if req.marker is None or req.marker.evaluate(environment):
+                todo.append(str(pk.utils.canonicalize_name(req.name)))
     return [chosen[n] for n in sorted(chosen)]
 
 
@@ -913,8 +942,8 @@ def check_writable(host: Host, plan: Plan, paths: list[PurePosixPath]) -> None:
         if not os.access(d, os.W_OK):
             why = "read-only filesystem" if _read_only(d) else "permission denied (run as root)"
             shown = "/" + str(d.relative_to(host.root)) if d != host.root else "/"
-            raise InstallError(f"cannot write {shown} on the node ({why})" +
-                               ("" if str(host.root) == "/" else f"; under --host-root {host.root}: mount it read-write"))
+            hint = "" if str(host.root) == "/" else f"; under --host-root {host.root}: mount it read-write"
+            raise InstallError(f"cannot write {shown} on the node ({why})" + hint)
 
 
 def _read_only(d: Path) -> bool:

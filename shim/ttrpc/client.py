@@ -6,7 +6,8 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-from .connection import Connection, open_unix, socket_path
+from .address import socket_path
+from .connection import Connection, open_unix
 from .errors import Code, ConnectionClosed, TTRPCError
 from .frames import Event, Frame
 from .protocol import ClientProtocol, Ignored, Request, Response, ResponseReceived, StreamFailed

@@ -24,11 +24,6 @@ OnFrame = Callable[[Event], Awaitable[None]]  # may raise ProtocolError to drop 
 OnClosed = Callable[[BaseException | None], None]  # the reason: None for a clean EOF or close()
 
 
-def socket_path(address: str) -> str:
-    """A filesystem path from "unix:///x" or "/x"."""
-    return address.removeprefix("unix://")
-
-
 async def open_unix(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.open_unix_connection(path, limit=READ_CHUNK)
 

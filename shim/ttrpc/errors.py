@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..codes import Code
+from .codes import Code
 
 __all__ = ["Code", "ConnectionClosed", "FrameTooLarge", "ProtocolError", "TTRPCError"]
 

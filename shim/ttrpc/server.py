@@ -17,7 +17,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .connection import Connection, from_socket, socket_path
+from .address import socket_path
+from .connection import Connection, from_socket
 from .errors import Code, ConnectionClosed, TTRPCError
 from .frames import Event
 from .limits import BufferBudget, Limits
@@ -317,7 +318,8 @@ class _ServerConnection:
             self._requests[event.stream_id] = task
             # A done-callback, not a finally: it also runs for a task cancelled before it first ran.
             size = len(event.request.payload)
-            task.add_done_callback(lambda _, sid=event.stream_id: self._done(sid, size))
+            sid = event.stream_id
+            task.add_done_callback(lambda _: self._done(sid, size))
         elif isinstance(event, StreamRejected):
             log.warning(
                 "rejected request",

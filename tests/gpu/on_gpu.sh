@@ -226,7 +226,7 @@ SHIM
     chmod +x "$BASE/bin/containerd-shim-kybernate-v1"
     "$BASE/bin/containerd-shim-kybernate-v1" -v || return 3
     mkdir -p /run/kybernate
-    PYTHONPATH=$BASE/site setsid "$PY" -m kybernate.hooks.daemon --socket /run/kybernate/hookd.sock \
+    PYTHONPATH=$BASE/site setsid "$PY" -m kybernate.hooks.hookd.daemon --socket /run/kybernate/hookd.sock \
         --libcuda "${KYB_LIBCUDA:-/usr/local/nvidia/lib64/libcuda.so.1}" --metrics-address 127.0.0.1:9464 --log-level info \
         >"$BASE/hookd.log" 2>&1 </dev/null &
     echo $! >"$BASE/hookd.pid"

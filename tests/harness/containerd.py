@@ -18,6 +18,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from kybernate.hooks.api import procfs
+
 from .cri import CriClient
 from .images import PAUSE_IMAGE
 from .stack import Stack
@@ -330,7 +332,7 @@ class Containerd:
         """
         dirs = set()
         for pid in self._shims(_process_table()):
-            for target in _open_files(pid):
+            for target in procfs.open_files(pid):
                 p = Path(target)
                 if p.parent.parent == _DEFAULT_FIFO_DIR:
                     dirs.add(p.parent)
@@ -390,18 +392,7 @@ def _with_fifo_dir(args: list[str], fifo_dir: Path) -> list[str]:
 
 def _process_table() -> dict[int, tuple[int, list[str]]]:
     """pid -> (ppid, argv) for every process that still exists."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        table[int(entry.name)] = (ppid, [a.decode(errors="replace") for a in argv if a])
-    return table
+    return {pid: (p.ppid, list(p.argv)) for pid, p in procfs.processes().items()}
 
 
 def _has_pair(argv: list[str], pair: tuple[str, str]) -> bool:
@@ -451,40 +442,14 @@ def _kill_all(pids: set[int], timeout: float = 5.0) -> None:
             pass
     deadline = time.monotonic() + timeout
     while pids and time.monotonic() < deadline:
-        pids = {p for p in pids if _alive(p)}
+        pids = {p for p in pids if procfs.alive(p)}
         time.sleep(0.02)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _open_files(pid: int) -> list[str]:
-    """What the process's file descriptors point at (paths, or `socket:[inode]` and the like)."""
-    targets = []
-    try:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                targets.append(os.readlink(fd))
-            except OSError:
-                pass
-    except OSError:
-        pass
-    return targets
 
 
 def _unix_sockets_of(pids: Sequence[int]) -> list[str]:
     """Paths of the unix sockets that these processes hold open (listening ones included)."""
-    inodes = {t[8:-1] for pid in pids for t in _open_files(pid) if t.startswith("socket:[")}
-    paths = []
-    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
-        fields = line.split()
-        if len(fields) >= 8 and fields[6] in inodes:
-            paths.append(fields[7].lstrip("@"))
-    return paths
+    table, held = procfs.unix_sockets(), procfs.socket_inodes_by_pid()
+    return [table[i].lstrip("@") for pid in pids for i in sorted(held.get(pid, ())) if i in table]
 
 
 def _mount_points() -> list[str]:

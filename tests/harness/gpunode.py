@@ -42,7 +42,7 @@ class GpuNode:
         """Start a hookd process on this node (without waiting for it): also how a racing second one starts."""
         with open(self.log, "ab") as log:
             return subprocess.Popen(
-                [sys.executable, "-m", "kybernate.hooks.daemon", "--socket", self.socket,
+                [sys.executable, "-m", "kybernate.hooks.hookd.daemon", "--socket", self.socket,
                  "--libcuda", str(self.built.libcuda), "--libnvml", str(self.built.libnvml),
                  "--metrics-address", "", "--log-level", "debug", "--intent-dir", str(self.intent_dir),
                  "--reconcile-period-s", str(self.reconcile_period_s)],

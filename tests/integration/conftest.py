@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from harness.containerd import Containerd
+
+from kybernate.hooks.api import procfs
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,16 +85,8 @@ def kyb(request, kyb_factory) -> Containerd:
 
 
 def processes() -> dict[int, list[str]]:
-    found = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                raw = Path(f"/proc/{entry.name}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if raw:
-                found[int(entry.name)] = raw.decode(errors="replace").rstrip("\0").split("\0")
-    return found
+    """pid -> argv of every process that has a command line (zombies and kernel threads have none)."""
+    return {pid: list(p.argv) for pid, p in procfs.processes().items() if p.argv}
 
 
 def shim_pids(c: Containerd, binary: str) -> list[int]:

@@ -15,7 +15,7 @@ import pytest
 from test_gpu_steps import GpuNode, gpu, run_gpu  # noqa: F401  (gpu is a fixture)
 
 from harness.workload import read_counts, task_status, wait_for
-from kybernate.hooks.client import KEEPALIVE_S
+from kybernate.hooks.api.client import KEEPALIVE_S
 
 pytestmark = pytest.mark.stack
 

@@ -39,7 +39,7 @@ def counts(cri, cid: str) -> list[int]:
 
 def kybernate_checkpoint(c: Containerd, container_id: str, output: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kybernate.hooks.checkpoint_archive", "checkpoint", "--address", str(c.address),
+        [sys.executable, "-m", "kybernate.hooks.cli.checkpoint_archive", "checkpoint", "--address", str(c.address),
          "--namespace", CRI_NAMESPACE, container_id, "--output", str(output)],
         capture_output=True, text=True, timeout=60,
     )

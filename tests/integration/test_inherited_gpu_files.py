@@ -31,7 +31,7 @@ from harness.images import BUSYBOX_IMAGE
 from harness.workload import task_pid, task_status, wait_for
 from test_gpu_steps import GpuNode, fakegpu
 
-from kybernate.hooks import procfs
+from kybernate.hooks.api import procfs
 
 pytestmark = pytest.mark.stack
 MASK = (1 << 64) - 1

@@ -47,7 +47,7 @@ CRI = {"1.6": "io.containerd.grpc.v1.cri", "2.1": "io.containerd.cri.v1.runtime"
 CONFIG_VERSION = {"1.6": 2, "2.1": 3}
 DROPIN = "/etc/containerd/conf.d/kybernate.toml"
 LAUNCHERS = ("containerd-shim-kybernate-v1", "kybernate-hookd")
-DEPENDENCIES = ("grpcio", "protobuf", "pyroute2", "nvidia-ml-py", "typing_extensions")
+DEPENDENCIES = ("grpcio", "protobuf", "pyroute2", "nvidia-ml-py", "prometheus_client", "typing_extensions")
 # The interpreter running the tests plays the node's python3: the dependency wheels were made for it.
 HOST_PYTHON = os.path.realpath(sys.executable)
 # An operator's own CRI setting that must survive the install (it is in the CRI runtime plugin's section).
@@ -469,6 +469,45 @@ def test_imports_edit_round_trips(before: str, after: str) -> None:
         assert removed == before
 
 
+# ---- wheel selection rules (pure functions, on PyPA's packaging) --------------------------------------------
+
+
+@pytest.mark.parametrize("spec, ok", [
+    (">=3.8,!=3.11.2", True), ("==3.*", True), (">=3.11", True), ("", True), ("~=3.10", True),
+    (">=3.12", False), ("!=3.11.*", False), ("<3.11", False), ("==3.10.*", False),
+])
+def test_requires_python_against_the_nodes_3_11(spec: str, ok: bool) -> None:
+    assert install_py._python_ok(spec, (3, 11)) is ok
+
+
+def test_dependencies_under_a_marker_follow_the_nodes_interpreter(tmp_path: Path) -> None:
+    pk = install_py._packaging(tmp_path)
+    env = install_py._marker_environment((3, 11), "x86_64")
+    for line, wanted in [
+        ("grpcio>=1.60", True),
+        ('tomli>=1; python_version < "3.11"', False),
+        ('typing-extensions; python_version >= "3.11"', True),
+        ('pywin32; sys_platform == "win32"', False),
+        ('uvloop; platform_machine == "x86_64" and sys_platform == "linux"', True),
+        ('pytest; extra == "dev"', False),
+    ]:
+        req = pk.requirements.Requirement(line)
+        assert (req.marker is None or req.marker.evaluate(env)) is wanted, line
+
+
+def test_wheel_tags_that_run_on_the_node(tmp_path: Path) -> None:
+    pk = install_py._packaging(tmp_path)
+    tags = install_py._host_tags(pk, 11, "x86_64")
+    def fits(name: str) -> bool:
+        return bool(install_py._parse_wheel(Path(name), pk).tags & tags)
+    assert fits("kybernate-0.1.0-py3-none-any.whl")
+    assert fits("grpcio-1.60.0-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl")
+    assert fits("cryptography-42.0.0-cp39-abi3-manylinux_2_28_x86_64.whl")
+    assert not fits("grpcio-1.60.0-cp312-cp312-manylinux_2_17_x86_64.whl")  # another python
+    assert not fits("grpcio-1.60.0-cp311-cp311-musllinux_1_1_x86_64.whl")  # musl, not glibc
+    assert not fits("grpcio-1.60.0-cp311-cp311-manylinux_2_17_aarch64.whl")  # another machine
+
+
 # ---- the venv runs on the node's python -------------------------------------------------------------------
 
 
@@ -476,7 +515,7 @@ def test_the_venv_and_launchers_run_on_the_nodes_python(make_node: Callable[...,
     n = make_node("2.1")
     n.install()
     venv_python = n.path("/opt/kybernate/venv/bin/python3")
-    code = ("import sys, grpc, google.protobuf, pyroute2, pynvml, kybernate.hooks.daemon, kybernate.shim.cli; "
+    code = ("import sys, grpc, google.protobuf, pyroute2, pynvml, kybernate.hooks.hookd.daemon, kybernate.shim.cli; "
             "print(sys.prefix, grpc.__version__)")
     r = subprocess.run([str(venv_python), "-c", code], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr

@@ -20,10 +20,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from kybernate.hooks import logs
-from kybernate.hooks.client import HookdClient, HookdError
-from kybernate.hooks.daemon import Daemon
-from kybernate.hooks.settings import DriverSettings, ServerSettings, Settings
+from kybernate.hooks.api import logs
+from kybernate.hooks.api.client import HookdClient, HookdError
+from kybernate.hooks.hookd.daemon import Daemon
+from kybernate.hooks.hookd.settings import DriverSettings, ServerSettings, Settings
 
 # Fills N GiB with a known pattern and keeps touching it; writes `<tick> <ok>` to a file twice a second.
 WORKLOAD = r"""

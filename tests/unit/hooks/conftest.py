@@ -20,11 +20,11 @@ from hookd_testlib import G0, G1, H100, Freezer, GiB, wait_exec  # noqa: E402  (
 
 import fakegpu  # noqa: E402
 
-from kybernate.hooks.cuda import CudaDriver  # noqa: E402
-from kybernate.hooks.manager import GpuManager  # noqa: E402
-from kybernate.hooks.metrics import Metrics  # noqa: E402
-from kybernate.hooks.nvml import Nvml  # noqa: E402
-from kybernate.hooks.settings import ManagerSettings  # noqa: E402
+from kybernate.hooks.gpu.cuda import CudaDriver  # noqa: E402
+from kybernate.hooks.hookd.manager import GpuManager  # noqa: E402
+from kybernate.hooks.hookd.metrics import Metrics  # noqa: E402
+from kybernate.hooks.gpu.nvml import Nvml  # noqa: E402
+from kybernate.hooks.hookd.settings import ManagerSettings  # noqa: E402
 
 
 @pytest.fixture(scope="session")

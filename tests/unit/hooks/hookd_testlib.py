@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -84,3 +84,25 @@ class Freezer:
 
 def events_for(node: fakegpu.FakeNode, op: str | None = None, pid: int | None = None) -> list[fakegpu.Event]:
     return [e for e in node.events() if (op is None or e.op == op) and (pid is None or e.pid == pid)]
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """One sample's value from a /metrics body (HTTP headers, if any, skipped); KeyError names what is missing."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = text.split("\r\n\r\n", 1)[1] if text.startswith("HTTP/") else text
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    raise KeyError(f"no sample {name}{labels} in:\n{body}")
+
+
+async def until(condition: Callable[[], object], what: str, timeout_s: float = 10.0) -> None:
+    """Wait for a condition on observable state (hookd's in-flight calls, its pending list); fail after timeout_s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"gave up waiting for {what} after {timeout_s} s")
+        await asyncio.sleep(0.005)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -12,16 +13,16 @@ from pathlib import Path
 
 import fakegpu
 import pytest
-from hookd_testlib import G0, G1, GiB, run
+from hookd_testlib import G0, G1, GiB, run, sample, until
 
-from kybernate.hooks import blocking, cuda
-from kybernate.hooks.binary import CudaCheckpointBinary
-from kybernate.hooks.cuda import CudaDriver, CudaError, CudaState
-from kybernate.hooks.errors import DriverUnavailable
-from kybernate.hooks.manager import ContainerRef, GpuManager
-from kybernate.hooks.metrics import Metrics, parse_address
-from kybernate.hooks.nvml import Nvml
-from kybernate.hooks.settings import ManagerSettings
+from kybernate.hooks.gpu import blocking, cuda
+from kybernate.hooks.gpu.binary import CudaCheckpointBinary
+from kybernate.hooks.gpu.cuda import CudaDriver, CudaError, CudaState
+from kybernate.hooks.api.errors import DriverUnavailable
+from kybernate.hooks.hookd.manager import ContainerRef, GpuManager
+from kybernate.hooks.hookd.metrics import Metrics, parse_address
+from kybernate.hooks.gpu.nvml import Nvml
+from kybernate.hooks.hookd.settings import ManagerSettings
 
 
 def test_struct_layouts_match_cuda_h() -> None:
@@ -109,17 +110,21 @@ def test_binary_backend_missing_tool(tmp_path: Path) -> None:
 
 def test_run_blocking_does_not_abandon_a_call_when_its_caller_is_cancelled() -> None:
     finished: list[float] = []
+    release = threading.Event()
 
     def slow() -> None:
-        time.sleep(0.3)
+        release.wait()
         finished.append(time.monotonic())
 
     async def go() -> None:
         with ThreadPoolExecutor(2) as pool:
             task = asyncio.create_task(blocking.run_blocking(slow, what="slow call", executor=pool))
-            await asyncio.sleep(0.05)
+            await until(lambda: blocking.in_flight(), "the call to start")
             assert [c.what for c in blocking.in_flight()] == ["slow call"]
             task.cancel()
+            # The call ends only after the cancellation reached the caller: one that abandoned the call
+            # would be done before `finished` is written.
+            asyncio.get_running_loop().call_soon(release.set)
             with pytest.raises(asyncio.CancelledError):
                 await task
             assert finished, "the cancelled caller returned before the call did"
@@ -131,11 +136,11 @@ def test_run_blocking_does_not_abandon_a_call_when_its_caller_is_cancelled() -> 
 def test_run_blocking_bounds_the_wait_and_hands_over_the_call() -> None:
     async def go() -> None:
         with ThreadPoolExecutor(2) as pool:
-            started = time.monotonic()
+            release = threading.Event()
             with pytest.raises(blocking.StillRunning) as info:
-                await blocking.run_blocking(time.sleep, 0.4, what="stuck", executor=pool, timeout_s=0.1)
-            assert time.monotonic() - started < 0.3
-            assert [c.what for c in blocking.in_flight()] == ["stuck"]
+                await blocking.run_blocking(release.wait, what="stuck", executor=pool, timeout_s=0.1)
+            assert [c.what for c in blocking.in_flight()] == ["stuck"]  # the wait ended, the call did not
+            release.set()
             await info.value.future  # the call goes on and completes
             assert blocking.in_flight() == []
             assert await blocking.run_blocking(sum, [1, 2], what="sum", executor=pool) == 3
@@ -151,14 +156,26 @@ def test_metrics_text_format() -> None:
     m.moved("device_to_host", 5)
     m.request("CheckpointGpu", "ok")
     text = m.render()
-    assert 'kybernate_hookd_step_duration_seconds_bucket{step="lock",le="0.001"} 1' in text
-    assert 'kybernate_hookd_step_duration_seconds_bucket{step="lock",le="2.5"} 2' in text
-    assert 'kybernate_hookd_step_duration_seconds_sum{step="lock"} 2.000500' in text
-    assert 'kybernate_hookd_step_duration_seconds_count{step="unlock"} 0' in text
-    assert 'kybernate_hookd_step_failures_total{step="checkpoint",error="CUDA_ERROR_\\"odd\\""} 1' in text
-    assert 'kybernate_hookd_bytes_total{direction="device_to_host"} 5' in text
-    assert "kybernate_hookd_driver_calls_in_flight 3" in text
+    assert sample(text, "kybernate_hookd_step_duration_seconds_bucket", step="lock", le="0.001") == 1
+    assert sample(text, "kybernate_hookd_step_duration_seconds_bucket", step="lock", le="2.5") == 2
+    assert sample(text, "kybernate_hookd_step_duration_seconds_sum", step="lock") == pytest.approx(2.0005)
+    assert sample(text, "kybernate_hookd_step_duration_seconds_count", step="unlock") == 0
+    assert 'error="CUDA_ERROR_\\"odd\\""' in text  # escaped in the text format
+    assert sample(text, "kybernate_hookd_step_failures_total", step="checkpoint", error='CUDA_ERROR_"odd"') == 1
+    assert sample(text, "kybernate_hookd_bytes_total", direction="device_to_host") == 5
+    assert sample(text, "kybernate_hookd_driver_calls_in_flight") == 3
     assert "# TYPE kybernate_hookd_step_duration_seconds histogram" in text
     assert parse_address("127.0.0.1:9464") == ("127.0.0.1", 9464) and parse_address("[::1]:1") == ("::1", 1)
     with pytest.raises(ValueError):
         parse_address("localhost")
+
+
+def test_a_call_the_executor_refuses_is_not_listed_in_flight() -> None:
+    async def go() -> None:
+        pool = ThreadPoolExecutor(1)
+        pool.shutdown()
+        with pytest.raises(RuntimeError, match="shutdown"):
+            await blocking.run_blocking(sum, [1], what="refused", executor=pool)
+        assert blocking.in_flight() == []
+
+    run(go())

@@ -13,10 +13,10 @@ import pytest
 from hookd_testlib import G0, G1, GiB, events_for, run
 from test_hookd_service import serving, settings
 
-from kybernate.hooks.client import HookdClient, HookdError
-from kybernate.hooks.cuda import CudaDriver, CudaState
-from kybernate.hooks.errors import RESOURCE_EXHAUSTED, TooLarge
-from kybernate.hooks.manager import ContainerRef, GpuManager
+from kybernate.hooks.api.client import HookdClient, HookdError
+from kybernate.hooks.gpu.cuda import CudaDriver, CudaState
+from kybernate.hooks.api.errors import RESOURCE_EXHAUSTED, TooLarge
+from kybernate.hooks.hookd.manager import ContainerRef, GpuManager
 
 MakeManager = Callable[..., GpuManager]
 
@@ -50,7 +50,7 @@ def test_a_cgroup_with_too_many_processes_is_refused(make_manager: MakeManager, 
                                                     spawn: Callable[..., int], tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     pids = [spawn(f"p{i}", G0, GiB) for i in range(3)]
-    from kybernate.hooks import procfs
+    from kybernate.hooks.api import procfs
 
     monkeypatch.setattr(procfs, "pids_of_cgroup", lambda path: sorted(pids))
 
@@ -154,12 +154,12 @@ def test_a_new_connection_to_a_stopped_daemon_fails_within_the_keepalive_bound(
     import sys
     import time
 
-    from kybernate.hooks.client import KEEPALIVE_S, HookdUnavailable
+    from kybernate.hooks.api.client import KEEPALIVE_S, HookdUnavailable
 
     a = spawn("a", G0, GiB)
     sock = tmp_path / "hookd.sock"
     env = {**os.environ, "LD_LIBRARY_PATH": str(fake_driver.dir), "FAKEGPU_STATE_DIR": str(node.dir)}
-    proc = subprocess.Popen([sys.executable, "-m", "kybernate.hooks.daemon", "--socket", str(sock), "--libcuda",
+    proc = subprocess.Popen([sys.executable, "-m", "kybernate.hooks.hookd.daemon", "--socket", str(sock), "--libcuda",
                              str(fake_driver.libcuda), "--metrics-address", ""], env=env, stderr=subprocess.DEVNULL)
     try:
         while not sock.exists():
@@ -186,7 +186,7 @@ def test_a_new_connection_to_a_stopped_daemon_fails_within_the_keepalive_bound(
 
 
 def test_overlong_names_are_refused(make_manager: MakeManager, node: fakegpu.FakeNode) -> None:
-    from kybernate.hooks.errors import InvalidRequest
+    from kybernate.hooks.api.errors import InvalidRequest
 
     async def go() -> None:
         m = make_manager()
@@ -200,7 +200,7 @@ def test_overlong_names_are_refused(make_manager: MakeManager, node: fakegpu.Fak
 
 
 def test_the_caps_are_flags_of_the_daemon() -> None:
-    from kybernate.hooks.daemon import parse_args
+    from kybernate.hooks.hookd.daemon import parse_args
 
     s = parse_args(["--max-parallel", "8", "--max-parallel-per-request", "4", "--max-pids-per-request", "100",
                     "--max-request-bytes", "65536"])

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import fakegpu
 import pytest
-from hookd_testlib import A100, G0, G1, G2, H100, GiB, Freezer, events_for, run
+from hookd_testlib import A100, G0, G1, G2, H100, GiB, Freezer, events_for, run, until
 
-from kybernate.hooks.cuda import CudaDriver, CudaState
-from kybernate.hooks.errors import (
+from kybernate.hooks.gpu import blocking
+from kybernate.hooks.gpu.cuda import CudaDriver, CudaState
+from kybernate.hooks.api.errors import (
     INTERNAL,
     FailedPrecondition,
     InsufficientVram,
@@ -29,8 +30,8 @@ from kybernate.hooks.errors import (
     RollbackFailed,
     StepFailed,
 )
-from kybernate.hooks.manager import ContainerRef, GpuManager, plan_gpu_pairs
-from kybernate.hooks.model import GpuDeviceRecord, GpuManifest, GpuPair, GpuProcessRecord, ManifestError, NodeGpu
+from kybernate.hooks.hookd.manager import ContainerRef, GpuManager, plan_gpu_pairs
+from kybernate.hooks.api.model import GpuDeviceRecord, GpuManifest, GpuPair, GpuProcessRecord, ManifestError, NodeGpu
 
 Spawn = Callable[..., int]
 MakeManager = Callable[..., GpuManager]
@@ -79,11 +80,9 @@ def test_checkpoint_restore_round_trip(make_manager: MakeManager, driver: CudaDr
 
 def test_a_container_without_cuda_processes_gets_an_empty_manifest_fast(make_manager: MakeManager,
                                                                           node: fakegpu.FakeNode) -> None:
-    started = time.monotonic()
     result = run(make_manager().checkpoint(ref(os.getpid(), os.getppid())))
     assert result.manifest.empty and result.manifest.gpus == () and result.processes == ()
-    assert time.monotonic() - started < 0.5
-    assert {e.op for e in node.events()} == {"get_state"}
+    assert {e.op for e in node.events()} == {"get_state"}  # fast: nothing but a state query per process
 
 
 def test_checkpoint_and_restore_are_idempotent(make_manager: MakeManager, driver: CudaDriver,
@@ -117,16 +116,13 @@ def test_processes_are_checkpointed_in_parallel(make_manager: MakeManager, node:
     pids = [spawn(f"p{i}", G0 if i % 2 else G1, GiB) for i in range(4)]
     node.set_faults(["checkpoint delay 300", "restore delay 300"])
 
-    async def go() -> tuple[float, float]:
+    async def go() -> None:
         m = make_manager()
-        t0 = time.monotonic()
         manifest = (await m.checkpoint(ref(*pids))).manifest
-        t1 = time.monotonic()
         await m.restore(ref(*pids), manifest)
-        return t1 - t0, time.monotonic() - t1
 
-    took_checkpoint, took_restore = run(go())
-    assert took_checkpoint < 0.9 and took_restore < 0.9  # one after another would take 1.2 s each
+    run(go())
+    # In parallel: the driver's own log shows every call of a kind in flight at once (below).
     for op in ("checkpoint", "restore"):
         calls = events_for(node, op)
         assert len(calls) == 4
@@ -164,10 +160,8 @@ def test_a_lock_that_times_out_in_the_driver_rolls_back(make_manager: MakeManage
                                                         node: fakegpu.FakeNode, spawn: Spawn) -> None:
     a, b = spawn("a"), spawn("b")
     node.set_faults(["lock busy 5000 proc=b"])  # b's submitted GPU work takes 5 s to drain
-    started = time.monotonic()
     with pytest.raises(LockTimeout) as info:
         run(make_manager().checkpoint(ref(a, b), lock_timeout_ms=200))
-    assert time.monotonic() - started < 1.5
     assert (info.value.code, info.value.pid, info.value.driver_error) == (4, b, "CUDA_ERROR_TIMEOUT")
     assert "lock timed out after 200 ms" in info.value.message
     assert states(driver, a, b) == [CudaState.RUNNING] * 2
@@ -180,12 +174,10 @@ def test_a_frozen_container_is_refused_without_calling_the_driver(make_manager: 
     plain = subprocess.Popen(["sleep", "60"])  # no CUDA; its pid sorts after b's
     freezer.add(b)
     freezer.freeze()
-    started = time.monotonic()
     with pytest.raises(ProcessPaused) as info:
         run(make_manager().checkpoint(ref(a, b, plain.pid), lock_timeout_ms=200))
     plain.kill()
     plain.wait()
-    assert time.monotonic() - started < 1.0
     assert info.value.code == 9 and info.value.pid == b and "frozen" in info.value.message
     del info  # its traceback keeps the request's tasks alive
     gc.collect()
@@ -206,17 +198,15 @@ def test_a_lock_that_never_returns_is_bounded_then_settled(make_manager: MakeMan
 
     async def go() -> None:
         m = make_manager(lock_grace_s=0.2)
-        started = time.monotonic()
         with pytest.raises(LockTimeout) as info:
             await m.checkpoint(ref(a, b), lock_timeout_ms=100)
-        assert time.monotonic() - started < 1.2
         assert info.value.pid == b and "did not return within" in info.value.message
         assert states(driver, a) == [CudaState.RUNNING]  # rolled back already
         status = {s.pid: s for s in await m.status(ref(a, b))}
         assert "pending" in status[b].note and status[a].state == "RUNNING"
         with pytest.raises(ProcessBusy):
             await m.checkpoint(ref(a, b))
-        await asyncio.sleep(1.6)
+        await until(lambda: not m.busy(), "the stalled lock to return")
         await m.wait_settled()
         assert m.busy() == []
 
@@ -234,7 +224,8 @@ def test_a_caller_that_goes_away_mid_checkpoint_leaves_nothing_half_done(
     async def go() -> None:
         m = make_manager()
         task = asyncio.create_task(m.checkpoint(ref(a, b)))
-        await asyncio.sleep(0.15)  # both checkpoints are inside the driver now
+        await until(lambda: sorted(c.what for c in blocking.in_flight()) == sorted(
+            [f"checkpoint pid {a}", f"checkpoint pid {b}"]), "both checkpoints to be inside the driver")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -382,9 +373,9 @@ def test_without_nvml_checkpoint_and_restore_still_work(driver: CudaDriver, node
                                                         spawn: Spawn) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from kybernate.hooks.metrics import Metrics
-    from kybernate.hooks.nvml import Nvml
-    from kybernate.hooks.settings import ManagerSettings
+    from kybernate.hooks.hookd.metrics import Metrics
+    from kybernate.hooks.gpu.nvml import Nvml
+    from kybernate.hooks.hookd.settings import ManagerSettings
 
     a = spawn("a", G0, 2 * GiB)
 
@@ -403,7 +394,7 @@ def test_without_nvml_checkpoint_and_restore_still_work(driver: CudaDriver, node
 
 
 def test_a_missing_nvml_is_reported_once_and_clearly(tmp_path: Path) -> None:
-    code = ("import logging, sys; from kybernate.hooks import logs, nvml; logs.setup('info'); "
+    code = ("import logging, sys; from kybernate.hooks.api import logs; from kybernate.hooks.gpu import nvml; logs.setup('info'); "
             f"sys.exit(int(nvml.Nvml({str(tmp_path / 'libnvidia-ml.so.1')!r}).start()))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0
@@ -413,7 +404,7 @@ def test_a_missing_nvml_is_reported_once_and_clearly(tmp_path: Path) -> None:
 
 def test_remembered_manifests_are_bounded(make_manager: MakeManager, spawn: Spawn,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from kybernate.hooks import manager as manager_module
+    from kybernate.hooks.hookd import manager as manager_module
 
     monkeypatch.setattr(manager_module, "REMEMBERED_MANIFESTS", 1)
     a, b = spawn("a"), spawn("b")
@@ -422,8 +413,8 @@ def test_remembered_manifests_are_bounded(make_manager: MakeManager, spawn: Spaw
         m = make_manager()
         await m.checkpoint(ref(a, cid="old"))
         await m.checkpoint(ref(b, cid="new"))
-        assert list(m._containers) == [("k8s.io", "new")]  # "old" was checkpointed, never restored here
+        assert list(m._manifests) == [("k8s.io", "new")]  # "old" was checkpointed, never restored here
         await m.restore(ref(b, cid="new"))
-        assert m._containers == {}
+        assert m._manifests == {} and not m._locks
 
     run(go())

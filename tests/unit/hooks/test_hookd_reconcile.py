@@ -9,11 +9,11 @@ from pathlib import Path
 import fakegpu
 from hookd_testlib import G0, GiB, run
 
-from kybernate.hooks.manager import ContainerRef
-from kybernate.hooks.metrics import Metrics
-from kybernate.hooks.reconcile import Reconciler
-from kybernate.hooks.reconcile_settings import ReconcileSettings
-from kybernate.shim import intent
+from kybernate.hooks.hookd.manager import ContainerRef
+from kybernate.hooks.hookd.metrics import Metrics
+from kybernate.hooks.hookd.reconcile import Reconciler
+from kybernate.hooks.hookd.reconcile_settings import ReconcileSettings
+from kybernate.hooks.api import intent
 
 
 def write_intent(d: Path, cid: str, pids: list[int], desired: str = intent.RUNNING, step: str | None = None,

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import fakegpu
 import pytest
-from hookd_testlib import G0, G1, GiB, run
+from hookd_testlib import G0, G1, GiB, events_for, run, sample, until
 
-from kybernate.hooks.client import HookdClient, HookdError, HookdUnavailable
-from kybernate.hooks.daemon import Daemon, StartError
-from kybernate.hooks.model import GpuManifest
-from kybernate.hooks.reconcile_settings import ReconcileSettings
-from kybernate.hooks.settings import DriverSettings, ManagerSettings, ServerSettings, Settings
+from kybernate.hooks.api.client import HookdClient, HookdError, HookdUnavailable
+from kybernate.hooks.hookd.daemon import Daemon, StartError
+from kybernate.hooks.api.model import GpuManifest
+from kybernate.hooks.hookd.reconcile_settings import ReconcileSettings
+from kybernate.hooks.hookd.settings import DriverSettings, ManagerSettings, ServerSettings, Settings
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -92,12 +92,12 @@ def test_checkpoint_and_restore_through_the_socket(tmp_path: Path, fake_driver: 
             text = await http_get(port, "/metrics")
             assert text.startswith("HTTP/1.1 200 OK")
             for step in ("lock", "checkpoint", "restore", "unlock"):
-                assert f'kybernate_hookd_step_duration_seconds_count{{step="{step}"}} 2' in text
-                assert f'kybernate_hookd_step_duration_seconds_bucket{{step="{step}",le="+Inf"}} 2' in text
-            assert f'kybernate_hookd_bytes_total{{direction="device_to_host"}} {3 * GiB}' in text
-            assert f'kybernate_hookd_bytes_total{{direction="host_to_device"}} {3 * GiB}' in text
-            assert 'kybernate_hookd_requests_total{rpc="CheckpointGpu",outcome="ok"} 1' in text
-            assert "kybernate_hookd_driver_calls_in_flight 0" in text
+                assert sample(text, "kybernate_hookd_step_duration_seconds_count", step=step) == 2
+                assert sample(text, "kybernate_hookd_step_duration_seconds_bucket", step=step, le="+Inf") == 2
+            assert sample(text, "kybernate_hookd_bytes_total", direction="device_to_host") == 3 * GiB
+            assert sample(text, "kybernate_hookd_bytes_total", direction="host_to_device") == 3 * GiB
+            assert sample(text, "kybernate_hookd_requests_total", rpc="CheckpointGpu", outcome="ok") == 1
+            assert sample(text, "kybernate_hookd_driver_calls_in_flight") == 0
             assert (await http_get(port, "/nope")).startswith("HTTP/1.1 404")
 
     run(go())
@@ -134,8 +134,9 @@ def test_errors_arrive_as_statuses_with_the_failing_step(tmp_path: Path, fake_dr
             assert info.value.code == 3  # INVALID_ARGUMENT: neither pids nor cgroup
 
             metrics = await http_get(daemon.metrics_port or 0, "/metrics")
-            assert 'kybernate_hookd_step_failures_total{step="checkpoint",error="CUDA_ERROR_NOT_SUPPORTED"} 1' in metrics
-            assert 'kybernate_hookd_requests_total{rpc="RestoreGpu",outcome="FAILED_PRECONDITION"} 1' in metrics
+            assert sample(metrics, "kybernate_hookd_step_failures_total", step="checkpoint",
+                          error="CUDA_ERROR_NOT_SUPPORTED") == 1
+            assert sample(metrics, "kybernate_hookd_requests_total", rpc="RestoreGpu", outcome="FAILED_PRECONDITION") == 1
 
     run(go())
 
@@ -155,7 +156,7 @@ def test_client_reports_a_missing_or_dead_daemon_clearly(tmp_path: Path) -> None
 
 
 def test_importing_the_client_does_not_load_grpc() -> None:
-    code = "import sys, kybernate.hooks.client; sys.exit(int('grpc' in sys.modules or 'google.protobuf' in sys.modules))"
+    code = "import sys, kybernate.hooks.api.client; sys.exit(int('grpc' in sys.modules or 'google.protobuf' in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == 0
 
 
@@ -181,7 +182,7 @@ def test_the_daemon_process_serves_and_stops_on_sigterm(tmp_path: Path, fake_dri
     sock = tmp_path / "hookd.sock"
     env = {**os.environ, "LD_LIBRARY_PATH": str(fake_driver.dir), "FAKEGPU_STATE_DIR": str(node.dir)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kybernate.hooks.daemon", "--socket", str(sock), "--libcuda", str(fake_driver.libcuda),
+        [sys.executable, "-m", "kybernate.hooks.hookd.daemon", "--socket", str(sock), "--libcuda", str(fake_driver.libcuda),
          "--metrics-address", "", "--log-level", "info", "--intent-dir", str(tmp_path / "intent")],
         env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
@@ -225,7 +226,8 @@ def test_stop_names_a_driver_call_that_is_still_running(tmp_path: Path, fake_dri
                 await client.checkpoint_gpu("k8s.io", "c1", [a], lock_timeout_ms=100, deadline_s=10)
             assert info.value.code == 4 and info.value.step == "lock" and info.value.pid == a
         code = await daemon.stop()
-        await asyncio.sleep(1.2)  # let the stalled call end before the node goes away
+        # The driver's event log has the lock once it returned: then the node may go away.
+        await until(lambda: events_for(node, "lock", a), "the stalled lock to end before the node goes away")
         return code
 
     caplog.set_level("INFO")

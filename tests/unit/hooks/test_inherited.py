@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 from hookd_testlib import G0, GiB, Freezer, run
 
-from kybernate.hooks import inherited, inject, procfs
-from kybernate.hooks.errors import InheritedDropFailed, ProcessPaused
-from kybernate.hooks.manager import ContainerRef, GpuManager
+from kybernate.hooks.gpu import inherited, inject
+from kybernate.hooks.api import procfs
+from kybernate.hooks.api.errors import InheritedDropFailed, ProcessPaused
+from kybernate.hooks.hookd.manager import ContainerRef, GpuManager
 
 PARENT = textwrap.dedent("""
     import mmap, os, sys, time
@@ -333,8 +334,8 @@ def _status_fields(pid: int) -> dict[str, str]:
 
 
 def test_dropped_inherited_travels_in_the_manifest_json_and_over_grpc() -> None:
-    from kybernate.hooks import convert
-    from kybernate.hooks.model import GpuManifest, GpuProcessRecord, InheritedDrop
+    from kybernate.hooks.api import convert
+    from kybernate.hooks.api.model import GpuManifest, GpuProcessRecord, InheritedDrop
 
     manifest = GpuManifest("580.159.04", (), (GpuProcessRecord(10, "CHECKPOINTED"),), "2026-11-29T00:00:00Z",
                            dropped_inherited=(InheritedDrop(11, "pt_data_worker", 10,

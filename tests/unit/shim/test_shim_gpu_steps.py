@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from kybernate.shim import gpu_steps, intent
+from kybernate.hooks.api.model import GpuManifest, GpuProcessRecord
+from kybernate.shim import gpu_steps
+from kybernate.hooks.api import intent
 from kybernate.shim.errors import InvalidArgument
 from kybernate.shim.gpu_steps import ALL_KEYS, TABLE, Action, Event, GpuStepError, GpuSteps, Phase, Reject, Step
 from kybernate.shim.runtime_options import KybernateOptions
@@ -49,9 +51,9 @@ def test_bad_annotations_are_refused_as_invalid_argument(notes, message):
 
 def test_manifest_round_trip_and_bad_manifests_are_invalid_arguments(tmp_path):
     assert gpu_steps.read_manifest(str(tmp_path)) is None
-    good = {"driver_version": "580", "gpus": [], "processes": [{"pid": 1, "state": "CHECKPOINTED"}]}
-    gpu_steps.write_manifest(str(tmp_path), good)
-    assert gpu_steps.read_manifest(str(tmp_path)) == good
+    manifest = GpuManifest(processes=(GpuProcessRecord(pid=1, state="CHECKPOINTED"),))
+    gpu_steps.write_manifest(str(tmp_path), manifest)
+    assert gpu_steps.read_manifest(str(tmp_path)) == manifest
     assert not list(tmp_path.glob("*.tmp"))
     for bad in ("{nope", json.dumps([1]), json.dumps({"processes": [{"pid": "one"}]})):
         (tmp_path / "kybernate.json").write_text(bad)
@@ -114,7 +116,7 @@ class Driver:
         self.calls.append("checkpoint")
         if self.fail == "checkpoint":
             raise ConnectionError("hookd went away")
-        return {"processes": [{"pid": p} for p in pids]}
+        return GpuManifest(processes=tuple(GpuProcessRecord(pid=p, state="CHECKPOINTED") for p in pids))
 
     async def restore(self, namespace, container_id, pids, manifest):
         self.calls.append("restore")
@@ -159,13 +161,14 @@ def test_steps_record_intent_and_a_failed_step_is_settled_by_the_next_event(tmp_
     assert steps.phase("c1") is Phase.LIVE and driver.calls == ["checkpoint", "restore"]
     asyncio.run(steps.on(Event.PAUSE, "c1"))
     record = read_intent(tmp_path)
-    assert (record.desired, record.pids, record.manifest) == ("parked", (42,), {"processes": [{"pid": 42}]})
+    parked = GpuManifest(processes=(GpuProcessRecord(pid=42, state="CHECKPOINTED"),))
+    assert (record.desired, record.pids, record.manifest) == ("parked", (42,), parked.to_dict())
     asyncio.run(steps.forget("c1"))
     assert not intent.path_of(str(tmp_path), "ns", "c1").exists()
 
 
 def test_a_request_that_never_reached_hookd_leaves_the_phase_as_it_was(tmp_path):
-    from kybernate.hooks.client import HookdUnavailable
+    from kybernate.hooks.api.client import HookdUnavailable
 
     class Down(Driver):
         async def checkpoint(self, namespace, container_id, pids, lock_timeout_ms):

@@ -1,9 +1,9 @@
 import pytest
 
-from kybernate.hooks import errors as hookd_errors
-from kybernate.hooks.client import HookdError, HookdUnavailable
-from kybernate.hooks.model import ManifestError
-from kybernate.shim import intent
+from kybernate.hooks.api import errors as hookd_errors
+from kybernate.hooks.api.client import HookdError, HookdUnavailable
+from kybernate.hooks.api.model import ManifestError
+from kybernate.hooks.api import intent
 from kybernate.shim.errors import FailedPrecondition, InvalidArgument, to_status
 from kybernate.shim.ttrpc.errors import Code, TTRPCError
 

@@ -69,7 +69,8 @@ def outcome_from_pb(o: pb.ProcessResult) -> ProcessOutcome:
 
 
 def checkpoint_to_pb(r: CheckpointResult) -> pb.CheckpointGpuResponse:
-    return pb.CheckpointGpuResponse(manifest=manifest_to_pb(r.manifest), processes=[outcome_to_pb(o) for o in r.processes])
+    return pb.CheckpointGpuResponse(manifest=manifest_to_pb(r.manifest),
+                                    processes=[outcome_to_pb(o) for o in r.processes])
 
 
 def checkpoint_from_pb(r: pb.CheckpointGpuResponse) -> CheckpointResult:
@@ -100,8 +101,9 @@ def status_from_pb(r: pb.GpuStatusResponse) -> list[ProcessStatus]:
 def health_to_pb(h: HealthInfo) -> pb.HealthResponse:
     return pb.HealthResponse(
         driver_version=h.driver_version, backend=h.backend, cuda_version=h.cuda_version, nvml=h.nvml,
-        gpus=[pb.NodeGpu(uuid=g.uuid, name=g.name, index=g.index, minor=g.minor, memory_total_bytes=g.memory_total_bytes,
-                         memory_free_bytes=g.memory_free_bytes) for g in h.gpus],
+        gpus=[pb.NodeGpu(uuid=g.uuid, name=g.name, index=g.index, minor=g.minor,
+                         memory_total_bytes=g.memory_total_bytes, memory_free_bytes=g.memory_free_bytes)
+              for g in h.gpus],
     )
 
 

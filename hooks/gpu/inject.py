@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from . import procfs
+from kybernate.hooks.api import procfs
 
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
@@ -114,7 +114,7 @@ def same_file(pid_a: int, fd_a: int, pid_b: int, fd_b: int) -> bool:
     """kcmp(KCMP_FILE): do the two descriptors refer to one open file description (as after fork)?"""
     rc = _c().syscall(SYS_KCMP, ctypes.c_int(pid_a), ctypes.c_int(pid_b), ctypes.c_int(KCMP_FILE),
                       ctypes.c_ulong(fd_a), ctypes.c_ulong(fd_b))
-    return rc == 0
+    return bool(rc == 0)
 
 
 def _ptrace(request: int, pid: int, addr: int = 0, data: object = None) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .reconcile_settings import ReconcileSettings
+from kybernate.hooks.api import DEFAULT_SOCKET
 
-DEFAULT_SOCKET = "/run/kybernate/hookd.sock"
+from .reconcile_settings import ReconcileSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +59,7 @@ class ManagerSettings:
     # process of the largest container.
     max_parallel: int = 32
     # Seconds a forked child of a CUDA process gets to stop for ptrace so that the GPU device files it
-    # inherited can be dropped (it normally stops in microseconds; see hooks/inherited.py).
+    # inherited can be dropped (it normally stops in microseconds; see hooks/gpu/inherited.py).
     inherited_timeout_s: float = 10.0
     # Driver calls one request may have in flight at once (count). Below max_parallel, so that a
     # container with many processes leaves room for another container's pause: the other waits for

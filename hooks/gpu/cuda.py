@@ -21,7 +21,7 @@ import enum
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from .errors import DriverUnavailable
+from kybernate.hooks.api.errors import DriverUnavailable
 
 DEFAULT_LIBCUDA = "libcuda.so.1"
 
@@ -250,7 +250,8 @@ class CudaDriver:
 
     def get_state(self, pid: int) -> CudaState:
         state = _INT(-1)
-        self.check(self._fns["cuCheckpointProcessGetState"](pid, ctypes.byref(state)), "cuCheckpointProcessGetState", pid)
+        self.check(self._fns["cuCheckpointProcessGetState"](pid, ctypes.byref(state)),
+                   "cuCheckpointProcessGetState", pid)
         try:
             return CudaState(state.value)
         except ValueError:

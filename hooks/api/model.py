@@ -113,8 +113,8 @@ class GpuManifest:
                     for g in data.get("gpus") or ()
                 ),
                 processes=tuple(
-                    GpuProcessRecord(int(p["pid"]), str(p.get("state", "")), tuple(str(u) for u in p.get("gpu_uuids") or ()),
-                                     int(p.get("vram_bytes", 0)))
+                    GpuProcessRecord(int(p["pid"]), str(p.get("state", "")),
+                                     tuple(str(u) for u in p.get("gpu_uuids") or ()), int(p.get("vram_bytes", 0)))
                     for p in data.get("processes") or ()
                 ),
                 dropped_inherited=tuple(

@@ -24,20 +24,20 @@ Per request, every process runs its own sequence of steps as a task of its own, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Callable, Collection, Mapping, Sequence
+import weakref
+from collections import OrderedDict, defaultdict
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
 
-from . import inherited, procfs
-from .blocking import StillRunning, run_blocking
-from .cuda import NOT_A_CUDA_PROCESS, CheckpointDriver, CudaError, CudaState, normalize_uuid
-from .errors import (
+from kybernate.hooks.api import procfs
+from kybernate.hooks.api.errors import (
     FailedPrecondition,
     InheritedDropFailed,
     InsufficientVram,
@@ -51,8 +51,7 @@ from .errors import (
     StepFailed,
     TooLarge,
 )
-from .metrics import STEPS, Metrics
-from .model import (
+from kybernate.hooks.api.model import (
     CheckpointResult,
     GpuDeviceRecord,
     GpuManifest,
@@ -66,7 +65,12 @@ from .model import (
     RestoreResult,
     StepTiming,
 )
-from .nvml import Inventory, Nvml
+from kybernate.hooks.gpu import inherited
+from kybernate.hooks.gpu.blocking import StillRunning, run_blocking
+from kybernate.hooks.gpu.cuda import NOT_A_CUDA_PROCESS, CheckpointDriver, CudaError, CudaState, normalize_uuid
+from kybernate.hooks.gpu.nvml import Inventory, Nvml
+
+from .metrics import STEPS, Metrics
 from .settings import ManagerSettings
 
 log = logging.getLogger(__name__)
@@ -80,7 +84,7 @@ REMEMBERED_MANIFESTS = 1024
 # are at most 76 bytes, PATH_MAX is 4096.
 MAX_NAME_BYTES = 256
 MAX_PATH_BYTES = 4096
-# The driver-call slots of the request this task works for (set by _Session; tasks a request starts
+# The driver-call slots of the request this task works for (set by _container; tasks a request starts
 # inherit it). None outside a request (GpuStatus, the settling of a late call): the node's cap only.
 _REQUEST_SLOTS: contextvars.ContextVar[asyncio.Semaphore | None] = contextvars.ContextVar("request_slots",
                                                                                           default=None)
@@ -106,13 +110,6 @@ class _Pending:
     since: float  # time.monotonic()
 
 
-@dataclass(slots=True)
-class _Container:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one request at a time per container
-    users: int = 0  # requests holding or waiting for the lock; the entry goes when 0 and no manifest
-    manifest: GpuManifest | None = None  # last checkpoint, until a restore completes
-
-
 async def _wait_all(tasks: Collection[asyncio.Task[Any]]) -> bool:
     """Wait until every task is done even if the caller is cancelled meanwhile; True if it was."""
     cancelled = False
@@ -134,7 +131,8 @@ def plan_gpu_pairs(checkpointed: Sequence[GpuDeviceRecord], node: Sequence[NodeG
     olds = [normalize_uuid(g.uuid) for g in checkpointed]
     unknown = set(wanted) - set(olds)
     if unknown:
-        log.warning("gpu_map names GPUs the checkpoint did not use; ignored", extra={"fields": {"gpus": sorted(unknown)}})
+        log.warning("gpu_map names GPUs the checkpoint did not use; ignored",
+                    extra={"fields": {"gpus": sorted(unknown)}})
     chosen: dict[str, str] = {}
     taken: set[str] = set()
     for old in olds:
@@ -152,7 +150,7 @@ def plan_gpu_pairs(checkpointed: Sequence[GpuDeviceRecord], node: Sequence[NodeG
         if old not in chosen and old in by_uuid and old not in taken:
             chosen[old] = old
             taken.add(old)
-    for record, old in zip(checkpointed, olds):
+    for record, old in zip(checkpointed, olds, strict=True):
         if old in chosen:
             continue
         same_model = [g for g in sorted(node, key=lambda g: g.index)
@@ -175,28 +173,27 @@ class GpuManager:
         self._settings = settings
         self._metrics = metrics
         self._executor = executor
-        self._containers: dict[tuple[str, str], _Container] = {}
+        # One request at a time per container: a lock lives while a request holds or waits for it.
+        self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
+        # Each container's last checkpoint until a restore completes; the least recently checkpointed go first.
+        self._manifests: OrderedDict[tuple[str, str], GpuManifest] = OrderedDict()
         self._pending: dict[int, _Pending] = {}
         self._settling: set[asyncio.Task[None]] = set()
-        self._ops: dict[int, tuple[str, float]] = {}  # id(session) -> (what, since) for the stop log
-        self._remembered: dict[tuple[str, str], None] = {}  # insertion-ordered: oldest first
+        self._ops: dict[int, tuple[str, float]] = {}  # id(request) -> (what, since) for the stop log
         self._node_slots = asyncio.Semaphore(settings.max_parallel)  # driver calls on the node
 
     # ---- public: one method per RPC ----------------------------------------------------------
 
     async def checkpoint(self, ref: ContainerRef, lock_timeout_ms: int = 0) -> CheckpointResult:
         timeout_ms = lock_timeout_ms or self._settings.default_lock_timeout_ms
-        async with self._container(ref, "checkpoint") as box:
+        async with self._container(ref, "checkpoint") as key:
             pids = self._pids(ref)
             inventory = await self._inventory()
             states, not_cuda = await self._discover(pids)
             self._cross_check(ref, states, not_cuda, inventory)
             if not states:
                 return CheckpointResult(self._manifest({}, inventory, None, {}))
-            for pid, state in states.items():
-                if state not in (CudaState.RUNNING, CudaState.LOCKED, CudaState.CHECKPOINTED):
-                    raise FailedPrecondition(f"{ref.name}: pid {pid} is {state.name} in the driver and cannot be "
-                                             "checkpointed" + _FAILED_HINT.get(state, ""), pid=pid)
+            _refuse_unusable(ref, states, "checkpointed")
             usage_before = inventory.usage_of(states) if inventory else {}
             # Forked children's inherited GPU device files: found now, while the CUDA processes still hold
             # theirs (to tell inherited descriptors from opened ones); dropped once those are checkpointed.
@@ -219,8 +216,9 @@ class GpuManager:
             if failures or cancelled:
                 await self._undo_checkpoint(ref, states, failures, cancelled)
             outcomes = tuple(tasks[pid].result() for pid in sorted(tasks))
-            manifest = replace(self._manifest(states, inventory, box.manifest, usage_before), dropped_inherited=dropped)
-            self._remember(ref, box, manifest)
+            manifest = replace(self._manifest(states, inventory, self._manifests.get(key), usage_before),
+                               dropped_inherited=dropped)
+            self._remember(key, manifest)
             self._metrics.moved("device_to_host", sum(
                 p.vram_bytes for p in manifest.processes if states.get(p.pid) != CudaState.CHECKPOINTED))
             log.info("checkpointed", extra={"fields": {"container": ref.name, "processes": len(outcomes),
@@ -231,19 +229,16 @@ class GpuManager:
     async def restore(self, ref: ContainerRef, manifest: GpuManifest | None = None,
                       gpu_map: Mapping[str, str] | None = None) -> RestoreResult:
         gpu_map = _valid_gpu_map(gpu_map or {})
-        async with self._container(ref, "restore") as box:
+        async with self._container(ref, "restore") as key:
             pids = self._pids(ref)
             states, _ = await self._discover(pids)
-            for pid, state in states.items():
-                if state not in (CudaState.RUNNING, CudaState.LOCKED, CudaState.CHECKPOINTED):
-                    raise FailedPrecondition(f"{ref.name}: pid {pid} is {state.name} in the driver and cannot be "
-                                             "restored" + _FAILED_HINT.get(state, ""), pid=pid)
+            _refuse_unusable(ref, states, "restored")
             todo = {pid: s for pid, s in states.items() if s in (CudaState.CHECKPOINTED, CudaState.LOCKED)}
             if not todo:
-                self._forget(ref, box)
+                self._manifests.pop(key, None)
                 return RestoreResult(tuple(ProcessOutcome(pid, s.name, s.name) for pid, s in sorted(states.items())))
             if manifest is None or manifest.empty:
-                manifest = box.manifest  # what this daemon remembers of the container's last checkpoint
+                manifest = self._manifests.get(key)  # what this daemon remembers of the container's last checkpoint
             pairs: list[GpuPair] = []
             if any(s == CudaState.CHECKPOINTED for s in todo.values()):
                 pairs = await self._plan_restore(ref, pids, manifest, gpu_map)
@@ -262,7 +257,7 @@ class GpuManager:
             outcomes.update({pid: ProcessOutcome(pid, s.name, s.name) for pid, s in states.items() if pid not in todo})
             if manifest is not None:
                 self._metrics.moved("host_to_device", manifest.vram_bytes)
-            self._forget(ref, box)
+            self._manifests.pop(key, None)
             log.info("restored", extra={"fields": {"container": ref.name, "processes": len(todo), "remapped": remapped,
                                                    "pairs": ",".join(f"{p.old_uuid}={p.new_uuid}" for p in pairs)}})
             return RestoreResult(tuple(outcomes[pid] for pid in sorted(outcomes)), tuple(pairs), remapped)
@@ -271,8 +266,8 @@ class GpuManager:
         pids = self._pids(ref)
         inventory = await self._inventory()
         usage = inventory.usage_of(pids) if inventory else {}
-        box = self._containers.get((ref.namespace, ref.container_id))
-        remembered = {p.pid: p for p in box.manifest.processes} if box and box.manifest else {}
+        last = self._manifests.get((ref.namespace, ref.container_id))
+        remembered = {p.pid: p for p in last.processes} if last else {}
         out: list[ProcessStatus] = []
         for pid in pids:
             pending = self._pending.get(pid)
@@ -355,7 +350,8 @@ class GpuManager:
     async def _return_to(self, pid: int, target: CudaState) -> CudaState:
         """Step a process back to `target` (restore, then unlock as needed); returns the state reached."""
         for _ in range(3):
-            state, _ = await self._call(pid, "get_state", self._driver.get_state, timeout_s=self._settings.query_timeout_s)
+            state, _ = await self._call(pid, "get_state", self._driver.get_state,
+                                        timeout_s=self._settings.query_timeout_s)
             if state == target:
                 return state
             if state == CudaState.CHECKPOINTED:
@@ -399,7 +395,7 @@ class GpuManager:
         except StillRunning as err:
             # The call keeps its thread: its slots are freed when it returns, not now.
             late, held = held, []
-            err.future.add_done_callback(lambda _: [slot.release() for slot in late])
+            err.future.add_done_callback(lambda _: _release_all(late))
             self._adopt(pid, step, err.future, settle_to)
             if step in STEPS:
                 self._metrics.step_failed(step, "HOOKD_TIMEOUT")
@@ -584,7 +580,8 @@ class GpuManager:
                 record = GpuProcessRecord(pid, CudaState.CHECKPOINTED.name, tuple(sorted({u.gpu_uuid for u in uses})),
                                           sum(u.used_bytes for u in uses))
             elif pid in earlier:
-                record = GpuProcessRecord(pid, CudaState.CHECKPOINTED.name, earlier[pid].gpu_uuids, earlier[pid].vram_bytes)
+                record = GpuProcessRecord(pid, CudaState.CHECKPOINTED.name, earlier[pid].gpu_uuids,
+                                          earlier[pid].vram_bytes)
                 for uuid in record.gpu_uuids:  # an even split: the per-GPU share was not kept per process
                     per_gpu[uuid] += record.vram_bytes // max(1, len(record.gpu_uuids))
             else:
@@ -606,7 +603,7 @@ class GpuManager:
             driver_version=version or _cuda_text(self._driver.cuda_version),
             gpus=tuple(sorted(gpus, key=lambda g: g.index)),
             processes=tuple(processes),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         )
 
     # ---- failure handling -------------------------------------------------------------------------
@@ -657,64 +654,27 @@ class GpuManager:
 
     # ---- bookkeeping --------------------------------------------------------------------------------
 
-    def _remember(self, ref: ContainerRef, box: _Container, manifest: GpuManifest) -> None:
+    def _remember(self, key: tuple[str, str], manifest: GpuManifest) -> None:
+        self._manifests[key] = manifest
+        self._manifests.move_to_end(key)
+        while len(self._manifests) > REMEMBERED_MANIFESTS:
+            self._manifests.popitem(last=False)
+
+    @contextlib.asynccontextmanager
+    async def _container(self, ref: ContainerRef, op: str) -> AsyncIterator[tuple[str, str]]:
+        """Hold the container's lock for one request, and list the request for the stop log."""
         key = (ref.namespace, ref.container_id)
-        box.manifest = manifest
-        self._remembered.pop(key, None)
-        self._remembered[key] = None
-        while len(self._remembered) > REMEMBERED_MANIFESTS:
-            oldest = next(iter(self._remembered))
-            del self._remembered[oldest]
-            old = self._containers.get(oldest)
-            if old is not None:
-                old.manifest = None
-                if old.users == 0:
-                    del self._containers[oldest]
-
-    def _forget(self, ref: ContainerRef, box: _Container) -> None:
-        box.manifest = None
-        self._remembered.pop((ref.namespace, ref.container_id), None)
-
-    def _container(self, ref: ContainerRef, op: str) -> _Session:
-        return _Session(self, ref, op)
-
-
-class _Session:
-    """`async with`: hold the container's lock for one request, and list the request for the stop log."""
-
-    def __init__(self, manager: GpuManager, ref: ContainerRef, op: str) -> None:
-        self._m = manager
-        self._key = (ref.namespace, ref.container_id)
-        self._what = f"{op} {ref.name}"
-        self._box: _Container | None = None
-        self._slots: contextvars.Token[asyncio.Semaphore | None] | None = None
-
-    async def __aenter__(self) -> _Container:
-        box = self._m._containers.setdefault(self._key, _Container())
-        box.users += 1
-        self._box = box
-        try:
-            await box.lock.acquire()
-        except BaseException:
-            self._release_user()
-            raise
-        self._m._ops[id(self)] = (self._what, time.monotonic())
-        self._slots = _REQUEST_SLOTS.set(asyncio.Semaphore(self._m._settings.max_parallel_per_request))
-        return box
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._slots is not None
-        _REQUEST_SLOTS.reset(self._slots)
-        self._m._ops.pop(id(self), None)
-        assert self._box is not None
-        self._box.lock.release()
-        self._release_user()
-
-    def _release_user(self) -> None:
-        assert self._box is not None
-        self._box.users -= 1
-        if self._box.users == 0 and self._box.manifest is None:
-            self._m._containers.pop(self._key, None)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            request = object()
+            self._ops[id(request)] = (f"{op} {ref.name}", time.monotonic())
+            # The driver-call slots of this request: tasks it starts inherit them (_call).
+            slots = _REQUEST_SLOTS.set(asyncio.Semaphore(self._settings.max_parallel_per_request))
+            try:
+                yield key
+            finally:
+                _REQUEST_SLOTS.reset(slots)
+                del self._ops[id(request)]
 
 
 _FAILED_HINT = {
@@ -722,6 +682,19 @@ _FAILED_HINT = {
     CudaState.CHECKPOINTING: ": another checkpoint of it is running",
     CudaState.RESTORING: ": another restore of it is running",
 }
+
+
+def _refuse_unusable(ref: ContainerRef, states: Mapping[int, CudaState], verb: str) -> None:
+    """FailedPrecondition unless every process is in a state a checkpoint or restore can start from."""
+    for pid, state in states.items():
+        if state not in (CudaState.RUNNING, CudaState.LOCKED, CudaState.CHECKPOINTED):
+            raise FailedPrecondition(f"{ref.name}: pid {pid} is {state.name} in the driver and cannot be {verb}"
+                                     + _FAILED_HINT.get(state, ""), pid=pid)
+
+
+def _release_all(slots: Sequence[asyncio.Semaphore]) -> None:
+    for slot in slots:
+        slot.release()
 
 
 def _primary(failures: Mapping[int, BaseException | None]) -> KybernateError:

@@ -64,8 +64,8 @@ async def run_blocking(fn: Callable[..., T], /, *args: Any, what: str, executor:
     """Run fn(*args) in `executor` and return its result, shielded from the caller's cancellation."""
     loop = asyncio.get_running_loop()
     call = Call(what, time.monotonic())
-    _IN_FLIGHT[call.id] = call
     future: asyncio.Future[T] = loop.run_in_executor(executor, functools.partial(fn, *args))
+    _IN_FLIGHT[call.id] = call  # only once submitted: an executor that is shut down raises above
     future.add_done_callback(lambda _: _IN_FLIGHT.pop(call.id, None))
     deadline = None if timeout_s is None else loop.time() + timeout_s
     cancelled = False

@@ -5,9 +5,9 @@ first call, because the shim's start path is latency-sensitive and most containe
 
     client = HookdClient("/run/kybernate/hookd.sock")
     manifest = await client.checkpoint_gpu("k8s.io", cid, pids, lock_timeout_ms=10_000, deadline_s=600)
-    Path(checkpoint_dir, MANIFEST_FILE).write_text(manifest.to_json())
+    write_manifest(checkpoint_dir, manifest)
     ...
-    result = await client.restore_gpu("k8s.io", cid, new_pids, manifest=GpuManifest.from_json(text))
+    result = await client.restore_gpu("k8s.io", cid, new_pids, manifest=read_manifest(checkpoint_dir))
 
 Errors: HookdUnavailable when nothing answers on the socket; HookdError(code, message) for every
 status hookd returns (code is the gRPC/ttrpc number: pass it through to containerd as is).
@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, cast
 
+from . import DEFAULT_SOCKET
 from .errors import METADATA_DRIVER_ERROR, METADATA_PID, METADATA_STEP, Code
+from .manifest import MANIFEST_FILE
 from .model import (
     CheckpointResult,
     GpuDeviceRecord,
@@ -35,7 +37,6 @@ from .model import (
     RestoreResult,
     StepTiming,
 )
-from .settings import DEFAULT_SOCKET
 
 __all__ = [
     "DEFAULT_SOCKET", "MANIFEST_FILE", "CheckpointResult", "GpuDeviceRecord", "GpuManifest", "GpuPair",
@@ -43,8 +44,6 @@ __all__ = [
     "ProcessOutcome", "ProcessStatus", "RestoreResult", "StepTiming",
 ]
 
-# The GPU manifest's file name inside a checkpoint directory.
-MANIFEST_FILE = "kybernate.json"
 # While a call is in flight the channel pings hookd every KEEPALIVE_INTERVAL_MS and gives the
 # connection up when a ping is not answered within KEEPALIVE_TIMEOUT_MS: a daemon that stopped
 # answering (SIGSTOP, hung, gone without closing the socket) fails the call as unavailable in about
@@ -71,8 +70,8 @@ class HookdUnavailable(Exception):
     """Nothing answers on hookd's socket."""
 
     def __init__(self, socket_path: str, reason: str = "") -> None:
-        super().__init__(f"kybernate-hookd is not reachable at {socket_path}: start it (systemctl start kybernate-hookd)"
-                         + (f" [{reason}]" if reason else ""))
+        super().__init__(f"kybernate-hookd is not reachable at {socket_path}: start it "
+                         "(systemctl start kybernate-hookd)" + (f" [{reason}]" if reason else ""))
         self.socket_path = socket_path
         self.reason = reason
         # True when the request never reached hookd (no socket, connection refused): nothing was changed.
@@ -187,7 +186,9 @@ class HookdClient:
             details = err.details() or code.name
             if code == grpc.StatusCode.UNAVAILABLE:
                 raise HookdUnavailable(self.socket_path, details) from None
-            md = {k: v for k, v in (err.trailing_metadata() or ())}
+            # grpc-stubs types the items as objects; grpc.aio gives (key, value) pairs.
+            trailers = cast("Iterable[tuple[str, str]]", err.trailing_metadata() or ())
+            md = dict(trailers)
             if code == grpc.StatusCode.DEADLINE_EXCEEDED and METADATA_STEP not in md:
                 details = f"kybernate-hookd did not answer {method} within {deadline_s:g} s"
             pid = md.get(METADATA_PID)

@@ -24,10 +24,12 @@ from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from . import inject, procfs
+from kybernate.hooks.api import procfs
+from kybernate.hooks.api.errors import InheritedDropFailed, ProcessPaused
+from kybernate.hooks.api.model import InheritedDrop
+
+from . import inject
 from .blocking import StillRunning, run_blocking
-from .errors import InheritedDropFailed, ProcessPaused
-from .model import InheritedDrop
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ The container is resumed whatever fails, and the lease is dropped at the end, so
 containerd's content store. Progress goes to stderr; the exit status is non-zero on failure.
 
 Usage:
-    python -m kybernate.hooks.checkpoint_archive checkpoint --address /run/containerd/containerd.sock \\
+    python -m kybernate.hooks.cli.checkpoint_archive checkpoint --address /run/containerd/containerd.sock \\
         --namespace k8s.io CONTAINER_ID --output /var/lib/kybernate/checkpoints/NAME.tar
 """
 
@@ -36,21 +36,24 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from google.protobuf import timestamp_pb2
 
 from kybernate.api import containerd_api_pb2 as pb
-
-from .containerd_client import (
-    CRIU_CHECKPOINT_MEDIA_TYPE,
-    ContainerdClient,
-    ContainerdError,
+from kybernate.hooks.api.checkpoint import (
+    CHECKPOINT_DIR,
+    CONFIG_DUMP,
+    DELETED_FILES,
+    OPAQUE_WHITEOUT,
+    ROOTFS_DIFF,
+    SPEC_DUMP,
+    WHITEOUT_PREFIX,
 )
 
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_WHITEOUT = ".wh..wh..opq"
+from .containerd_client import ContainerdClient, ContainerdError, criu_checkpoint
+
 # CRI annotations on the spec that name a container the way CRI's container names are made.
 _CRI_NAME_PARTS = (
     "io.kubernetes.cri.container-name",
@@ -114,12 +117,12 @@ class _ChunkReader(io.RawIOBase):
 
 
 def _rfc3339(ts: timestamp_pb2.Timestamp | None) -> str:
-    when = ts.ToDatetime(tzinfo=timezone.utc) if ts is not None and (ts.seconds or ts.nanos) else None
-    return _format_time(when or datetime.fromtimestamp(0, timezone.utc))
+    when = ts.ToDatetime(tzinfo=UTC) if ts is not None and (ts.seconds or ts.nanos) else None
+    return _format_time(when or datetime.fromtimestamp(0, UTC))
 
 
 def _format_time(when: datetime) -> str:
-    return when.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return when.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _container_name(container: pb.ContainerRecord, spec: dict[str, Any]) -> str:
@@ -150,15 +153,15 @@ class Checkpointer:
         workdir = ""
         try:
             workdir = tempfile.mkdtemp(prefix=".kybernate-checkpoint-", dir=out_dir)
-            checkpointed_at = datetime.now(timezone.utc)
+            checkpointed_at = datetime.now(UTC)
             descriptors, diff = self._checkpoint(container, lease)
-            criu = next((d for d in descriptors if d.media_type == CRIU_CHECKPOINT_MEDIA_TYPE), None)
+            criu = criu_checkpoint(descriptors)
             if criu is None:
                 raise CheckpointError(
                     f"checkpoint of {self.container_id} returned no CRIU image "
                     f"(got {[d.media_type for d in descriptors]})"
                 )
-            self._unpack_criu(criu, os.path.join(workdir, "checkpoint"))
+            self._unpack_criu(criu, os.path.join(workdir, CHECKPOINT_DIR))
             if diff is not None:
                 self._write_rootfs_diff(diff, workdir)
             self._dumps(container, spec, checkpointed_at, workdir)
@@ -208,7 +211,8 @@ class Checkpointer:
             raise CheckpointError(f"container {self.container_id!r}: its spec is not a JSON object")
         return spec
 
-    def _checkpoint(self, container: pb.ContainerRecord, lease: str) -> tuple[list[pb.Descriptor], pb.Descriptor | None]:
+    def _checkpoint(self, container: pb.ContainerRecord,
+                    lease: str) -> tuple[list[pb.Descriptor], pb.Descriptor | None]:
         """Pause → CRIU dump (leave running) → rootfs diff → Resume, as containerd's client does: the
         diff is taken while the task is still frozen, so files and memory are of the same moment."""
         cid = self.container_id
@@ -253,7 +257,8 @@ class Checkpointer:
             if status != pb.STATUS_RUNNING:
                 raise CheckpointError(
                     f"container {cid!r} could not be resumed after the checkpoint: {err} "
-                    f"(status {pb.Status.Name(status)}): resume it with `ctr -n {self.client.namespace} task resume {cid}`"
+                    f"(status {pb.Status.Name(status)}): "
+                    f"resume it with `ctr -n {self.client.namespace} task resume {cid}`"
                 ) from None
         self.progress("resumed")
 
@@ -296,11 +301,11 @@ class Checkpointer:
 
     def _write_rootfs_diff(self, descriptor: pb.Descriptor, workdir: str) -> None:
         t0 = self.progress.elapsed()
-        deleted = self._copy_diff(descriptor, os.path.join(workdir, "rootfs-diff.tar"))
+        deleted = self._copy_diff(descriptor, os.path.join(workdir, ROOTFS_DIFF))
         if deleted:
-            with open(os.path.join(workdir, "deleted.files"), "w") as f:
+            with open(os.path.join(workdir, DELETED_FILES), "w") as f:
                 json.dump(deleted, f)
-        size = os.path.getsize(os.path.join(workdir, "rootfs-diff.tar"))
+        size = os.path.getsize(os.path.join(workdir, ROOTFS_DIFF))
         self.progress(f"rootfs diff: {human(size)}, {len(deleted)} deleted "
                       f"({self.progress.elapsed() - t0:.2f}s)")
 
@@ -338,9 +343,9 @@ class Checkpointer:
             "createdTime": _rfc3339(container.created_at),
             "checkpointedTime": _format_time(checkpointed_at),
         }
-        with open(os.path.join(workdir, "config.dump"), "w") as f:
+        with open(os.path.join(workdir, CONFIG_DUMP), "w") as f:
             json.dump(config, f)
-        with open(os.path.join(workdir, "spec.dump"), "w") as f:
+        with open(os.path.join(workdir, SPEC_DUMP), "w") as f:
             json.dump(spec, f)
 
     def _write_archive(self, workdir: str) -> None:

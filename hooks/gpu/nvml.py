@@ -15,8 +15,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from kybernate.hooks.api.model import NodeGpu
+
 from .cuda import normalize_uuid
-from .model import NodeGpu
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from . import blocking, logs, metrics
-from .blocking import run_blocking
-from .cuda import CheckpointDriver
-from .errors import KybernateError
+from kybernate.hooks.api import logs
+from kybernate.hooks.api.errors import KybernateError
+from kybernate.hooks.gpu import blocking
+from kybernate.hooks.gpu.blocking import run_blocking
+from kybernate.hooks.gpu.cuda import CheckpointDriver
+from kybernate.hooks.gpu.nvml import Nvml
+
+from . import metrics
 from .manager import GpuManager
-from .nvml import Nvml
 from .reconcile import Reconciler
 from .reconcile_settings import ReconcileSettings
 from .settings import DriverSettings, ManagerSettings, ServerSettings, Settings
@@ -41,14 +44,17 @@ class StartError(Exception):
 
 def parse_args(argv: list[str] | None = None) -> Settings:
     d, s, m, r = DriverSettings(), ServerSettings(), ManagerSettings(), ReconcileSettings()
-    p = argparse.ArgumentParser(prog="kybernate-hookd", description="Kybernate node daemon: CUDA checkpoint steps for the shim.")
+    p = argparse.ArgumentParser(prog="kybernate-hookd",
+                                description="Kybernate node daemon: CUDA checkpoint steps for the shim.")
     p.add_argument("--socket", default=s.socket, help="unix socket to serve on (root only, mode 0600) [%(default)s]")
     p.add_argument("--backend", choices=("ctypes", "binary"), default=d.backend,
                    help="ctypes: libcuda in-process; binary: exec cuda-checkpoint per step [%(default)s]")
     p.add_argument("--libcuda", default=d.libcuda, help="CUDA driver library for --backend ctypes [%(default)s]")
-    p.add_argument("--cuda-checkpoint", default=d.cuda_checkpoint, help="cuda-checkpoint for --backend binary [%(default)s]")
+    p.add_argument("--cuda-checkpoint", default=d.cuda_checkpoint,
+                   help="cuda-checkpoint for --backend binary [%(default)s]")
     p.add_argument("--libnvml", default=d.libnvml, help="libnvidia-ml path [the loader's libnvidia-ml.so.1]")
-    p.add_argument("--metrics-address", default=s.metrics_address, help="HOST:PORT for /metrics; empty disables [%(default)s]")
+    p.add_argument("--metrics-address", default=s.metrics_address,
+                   help="HOST:PORT for /metrics; empty disables [%(default)s]")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--lock-timeout-ms", type=int, default=m.default_lock_timeout_ms,
                    help="lock timeout when a request gives none, ms [%(default)s]")
@@ -84,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                        stop_timeout_s=a.stop_timeout_s, max_request_bytes=a.max_request_bytes),
         driver=replace(d, backend=a.backend, libcuda=a.libcuda, cuda_checkpoint=a.cuda_checkpoint, libnvml=a.libnvml),
         manager=replace(m, default_lock_timeout_ms=a.lock_timeout_ms, max_parallel=a.max_parallel,
-                        max_parallel_per_request=a.max_parallel_per_request, max_pids_per_request=a.max_pids_per_request,
+                        max_parallel_per_request=a.max_parallel_per_request,
+                        max_pids_per_request=a.max_pids_per_request,
                         restore_vram_headroom_bytes=a.restore_vram_headroom_bytes),
         log_level=a.log_level,
         reconcile=replace(r, intent_dir=a.intent_dir, period_s=max(0.0, a.reconcile_period_s)),
@@ -94,10 +101,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 def open_driver(settings: DriverSettings, transfer_timeout_s: float) -> CheckpointDriver:
     """Blocking (cuInit can take seconds): call through run_blocking."""
     if settings.backend == "binary":
-        from .binary import CudaCheckpointBinary
+        from kybernate.hooks.gpu.binary import CudaCheckpointBinary
 
         return CudaCheckpointBinary(settings.cuda_checkpoint, step_timeout_s=transfer_timeout_s)
-    from .cuda import CudaDriver
+    from kybernate.hooks.gpu.cuda import CudaDriver
 
     return CudaDriver(settings.libcuda)
 
@@ -140,7 +147,8 @@ def prepare_socket(path: str) -> None:
         return
     finally:
         probe.close()
-    raise StartError(f"another kybernate-hookd is already serving {path}: stop it first (systemctl stop kybernate-hookd)")
+    raise StartError(f"another kybernate-hookd is already serving {path}: "
+                     "stop it first (systemctl stop kybernate-hookd)")
 
 
 class Daemon:
@@ -227,7 +235,8 @@ class Daemon:
             await self._server.stop(grace=s.shutdown_grace_s)  # then in-flight handlers are cancelled
         deadline = loop.time() + s.stop_timeout_s
         while loop.time() < deadline:
-            busy = (self.manager.busy() if self.manager else []) + [f"{c.what} for {c.age():.1f} s" for c in blocking.in_flight()]
+            busy = (self.manager.busy() if self.manager else []) + [
+                f"{c.what} for {c.age():.1f} s" for c in blocking.in_flight()]
             if not busy:
                 break
             log.warning("waiting for work in progress", extra={"fields": {"busy": "; ".join(busy)}})

@@ -22,8 +22,9 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 
+from kybernate.hooks.api.errors import DriverUnavailable
+
 from .cuda import ERROR_CODES, ERROR_STRINGS, CudaError, CudaState, normalize_uuid
-from .errors import DriverUnavailable
 
 DEFAULT_BINARY = "cuda-checkpoint"
 _QUOTED = re.compile(r'"([^"]*)"')
@@ -87,7 +88,8 @@ class CudaCheckpointBinary:
         self._run(["--action", "checkpoint", "--pid", str(pid)], "checkpoint", pid)
 
     def restore(self, pid: int, pairs: Sequence[tuple[str, str]] = ()) -> None:
-        device_map = ["--device-map", ",".join(f"{normalize_uuid(o)}={normalize_uuid(n)}" for o, n in pairs)] if pairs else []
+        pairs_text = ",".join(f"{normalize_uuid(o)}={normalize_uuid(n)}" for o, n in pairs)
+        device_map = ["--device-map", pairs_text] if pairs else []
         self._run(["--action", "restore", "--pid", str(pid), *device_map], "restore", pid)
 
     def unlock(self, pid: int) -> None:

@@ -1,9 +1,11 @@
-"""A small client of containerd's own gRPC API (the daemon socket) for `kybernate checkpoint`.
+"""A small client of containerd's own gRPC API (the daemon socket): the one Kybernate has.
 
-It makes the calls the kubelet's CRI CheckpointContainer makes inside containerd 2.x, from outside, so
-that containerd 1.6/1.7 (which have no CRI checkpoint) can write the same archive: Containers.Get,
-Tasks.{Get,Pause,Checkpoint,Resume}, Snapshots.{Stat,View,Mounts,Remove}, Diff.Diff, Content.Read, and
-Leases.{Create,Delete} so that nothing written for us is collected before we have read it.
+`kybernate checkpoint` makes with it the calls the kubelet's CRI CheckpointContainer makes inside
+containerd 2.x, from outside, so that containerd 1.6/1.7 (which have no CRI checkpoint) can write the same
+archive: Containers.Get, Tasks.{Get,Pause,Checkpoint,Resume}, Snapshots.{Stat,View,Mounts,Remove},
+Diff.Diff, Content.Read, and Leases.{Create,Delete} so that nothing written for us is collected before we
+have read it. The test harness (tests/harness/containerd_api.py) adds Tasks.{Create,Start,Delete} for what
+ctr cannot do: restore a task from a `Tasks.Checkpoint` image.
 
 The messages are Kybernate's own (proto/kybernate/api/containerd_api.proto); the method paths are the
 real containerd ones. Works against containerd 1.6 through 2.1 (the field numbers used agree).
@@ -11,10 +13,11 @@ real containerd ones. Works against containerd 1.6 through 2.1 (the field number
 
 from __future__ import annotations
 
+import os
 import secrets
-from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import grpc
 from google.protobuf import any_pb2, empty_pb2
@@ -22,6 +25,7 @@ from google.protobuf.message import Message
 
 from kybernate.api import containerd_api_pb2 as pb
 from kybernate.api import runc_options_pb2
+from kybernate.hooks.api.checkpoint import CHECKPOINT_OPTIONS_TYPE
 
 TASKS = "/containerd.services.tasks.v1.Tasks/"
 SNAPSHOTS = "/containerd.services.snapshots.v1.Snapshots/"
@@ -32,8 +36,6 @@ CONTENT = "/containerd.services.content.v1.Content/"
 NAMESPACE_HEADER = "containerd-namespace"
 LEASE_HEADER = "containerd-lease"
 LEASE_EXPIRE_LABEL = "containerd.io/gc.expire"
-# Bare full name, as containerd's Go client writes it for this protobuf message.
-CHECKPOINT_OPTIONS_TYPE = "containerd.runc.v1.CheckpointOptions"
 CRIU_CHECKPOINT_MEDIA_TYPE = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
 LAYER_TAR_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
 
@@ -43,23 +45,29 @@ M = TypeVar("M", bound=Message)
 class ContainerdError(RuntimeError):
     """A failed call: which method, on what, and what containerd answered."""
 
-    def __init__(self, method: str, what: str, code: grpc.StatusCode | None, details: str) -> None:
+    def __init__(self, method: str, what: str, code: grpc.StatusCode | None, details: str | None) -> None:
         self.method = method
         self.code = code
-        self.details = details
+        self.details = details or ""
         name = code.name if code is not None else "?"
-        super().__init__(f"containerd {method} ({what}) failed: {name}: {details}")
+        super().__init__(f"containerd {method} ({what}) failed: {name}: {self.details}")
 
     @property
     def not_found(self) -> bool:
         return self.code == grpc.StatusCode.NOT_FOUND
 
 
+def criu_checkpoint(descriptors: Sequence[pb.Descriptor]) -> pb.Descriptor | None:
+    """The CRIU image among what Tasks.Checkpoint returned (the other descriptor is the spec), or None."""
+    return next((d for d in descriptors if d.media_type == CRIU_CHECKPOINT_MEDIA_TYPE), None)
+
+
 class ContainerdClient:
     """One connection to containerd's socket, in one namespace; use as a context manager."""
 
-    def __init__(self, address: str, namespace: str, *, timeout: float = 600.0) -> None:
-        self.address = address.removeprefix("unix://")
+    def __init__(self, address: str | os.PathLike[str], namespace: str, *, timeout: float = 600.0) -> None:
+        self.address = str(address).removeprefix("unix://")
+        # Seconds for every call.
         self.namespace = namespace
         self.timeout = timeout
         self._channel = grpc.insecure_channel(f"unix://{self.address}")
@@ -82,6 +90,26 @@ class ContainerdClient:
     def get_task(self, container_id: str) -> pb.Process:
         return self._call(TASKS + "Get", pb.GetRequest(container_id=container_id), pb.GetResponse,
                           f"task {container_id}").process
+
+    def task_status(self, container_id: str) -> str:
+        """"RUNNING", "STOPPED", ... (as ctr prints them)."""
+        return pb.Status.Name(self.get_task(container_id).status).removeprefix("STATUS_")
+
+    def create_task(self, container_id: str, rootfs: Sequence[pb.Mount], *, checkpoint: pb.Descriptor | None = None,
+                    lease: str | None = None) -> int:
+        """Tasks.Create with no stdio at all (the Go client's cio.NullIO: empty paths); returns the pid."""
+        request = pb.CreateTaskRequest(container_id=container_id, rootfs=rootfs, checkpoint=checkpoint,
+                                       stdin="", stdout="", stderr="", terminal=False)
+        what = f"task {container_id}" + (f" from checkpoint {checkpoint.digest}" if checkpoint is not None else "")
+        return self._call(TASKS + "Create", request, pb.CreateTaskResponse, what, lease=lease).pid
+
+    def start_task(self, container_id: str) -> int:
+        return self._call(TASKS + "Start", pb.StartRequest(container_id=container_id), pb.StartResponse,
+                          f"task {container_id}").pid
+
+    def delete_task(self, container_id: str) -> pb.DeleteResponse:
+        return self._call(TASKS + "Delete", pb.DeleteTaskRequest(container_id=container_id), pb.DeleteResponse,
+                          f"task {container_id}")
 
     def pause(self, container_id: str) -> None:
         self._call(TASKS + "Pause", pb.PauseTaskRequest(container_id=container_id), empty_pb2.Empty,
@@ -133,7 +161,7 @@ class ContainerdClient:
         method = self._channel.unary_stream(CONTENT + "Read", request_serializer=_serialize,
                                             response_deserializer=pb.ReadContentResponse.FromString)
         stream = method(pb.ReadContentRequest(digest=digest), timeout=chunk_timeout or self.timeout,
-                        metadata=[(NAMESPACE_HEADER, self.namespace)])
+                        metadata=((NAMESPACE_HEADER, self.namespace),))
         try:
             for response in stream:
                 if response.data:
@@ -143,9 +171,10 @@ class ContainerdClient:
 
     # ---- leases ----
 
-    def create_lease(self, *, expire_after: timedelta = timedelta(hours=1)) -> str:
-        lease = f"kybernate-checkpoint-{secrets.token_hex(6)}"
-        expire = (datetime.now(timezone.utc) + expire_after).strftime("%Y-%m-%dT%H:%M:%SZ")
+    def create_lease(self, *, expire_after: timedelta = timedelta(hours=1),
+                     prefix: str = "kybernate-checkpoint") -> str:
+        lease = f"{prefix}-{secrets.token_hex(6)}"
+        expire = (datetime.now(UTC) + expire_after).strftime("%Y-%m-%dT%H:%M:%SZ")
         self._call(LEASES + "Create", pb.CreateRequest(id=lease, labels={LEASE_EXPIRE_LABEL: expire}),
                    pb.CreateResponse, f"lease {lease}")
         return lease
@@ -157,10 +186,8 @@ class ContainerdClient:
 
     def _call(self, path: str, request: Message, response_type: type[M], what: str, *,
               lease: str | None = None) -> M:
-        metadata = [(NAMESPACE_HEADER, self.namespace)]
-        if lease is not None:
-            metadata.append((LEASE_HEADER, lease))
-        method: Callable[..., Any] = self._channel.unary_unary(
+        metadata = ((NAMESPACE_HEADER, self.namespace),) + (((LEASE_HEADER, lease),) if lease is not None else ())
+        method: Callable[..., M] = self._channel.unary_unary(
             path, request_serializer=_serialize, response_deserializer=response_type.FromString,
         )
         try:

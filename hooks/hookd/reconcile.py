@@ -1,6 +1,6 @@
 """Level-triggered reconciliation: bring back GPU state that a crash left LOCKED or CHECKPOINTED.
 
-The shim records each GPU task's desired GPU state in an intent file (kybernate.shim.intent;
+The shim records each GPU task's desired GPU state in an intent file (kybernate.hooks.api.intent;
 docs/lifecycle.md). At start and every `period_s`, hookd reads them all and, for a task whose GPU
 state should be on the GPU, restores + unlocks every CUDA process the driver has LOCKED or
 CHECKPOINTED (GpuManager.restore: idempotent, with the VRAM pre-check). Rules:
@@ -22,13 +22,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kybernate.shim import freezer, intent
+from kybernate.hooks.api import freezer, intent, procfs
+from kybernate.hooks.api.errors import InsufficientVram, KybernateError
+from kybernate.hooks.api.model import GpuManifest, ManifestError
 
-from . import procfs
-from .errors import InsufficientVram, KybernateError
 from .manager import ContainerRef, GpuManager
 from .metrics import Metrics
-from .model import GpuManifest, ManifestError
 from .reconcile_settings import ReconcileSettings
 
 log = logging.getLogger(__name__)

@@ -1,16 +1,19 @@
-"""What /proc and the cgroup filesystems say about a container's processes.
+"""What /proc and the cgroup filesystems say about processes: the one place Kybernate reads them.
 
-These are reads of small kernel files (microseconds, never blocking on I/O), so they run on the
-event loop directly; driver calls never do.
+hookd asks which pids a container's cgroup holds and whether one is stopped or frozen (the driver must
+not be called then); the shim's `delete` finds a runc shim by the socket it listens on; the tests find
+what a shim left behind. These are reads of small kernel files (microseconds, never blocking on I/O), so
+they run on the event loop directly; driver calls never do.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidRequest
+from kybernate.hooks.api.errors import InvalidRequest
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -84,6 +87,7 @@ def paused(pid: int) -> str | None:
 
 
 def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
     state = _read(f"/proc/{pid}/stat").rpartition(")")[2].split()[:1]
     return bool(state) and state[0] not in ("Z", "X")
 
@@ -139,3 +143,61 @@ def parent(pid: int) -> int:
 
 def comm(pid: int) -> str:
     return _read(f"/proc/{pid}/comm").strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Process:
+    ppid: int
+    argv: tuple[str, ...]  # empty for kernel threads and zombies
+
+
+def processes() -> dict[int, Process]:
+    """Every process that still exists, in one pass over /proc."""
+    found = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = _read(f"/proc/{entry.name}/stat").rpartition(")")[2].split()
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        if len(fields) < 2:
+            continue
+        argv = tuple(a.decode(errors="replace") for a in raw.split(b"\0") if a)
+        found[int(entry.name)] = Process(int(fields[1]), argv)
+    return found
+
+
+def open_files(pid: int) -> list[str]:
+    """What the process's file descriptors point at (paths, or `socket:[inode]` and the like)."""
+    targets = []
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    except OSError as err:
+        if err.errno not in (errno.ENOENT, errno.EACCES, errno.ESRCH):
+            raise
+    return targets
+
+
+def socket_inodes_by_pid() -> dict[int, set[int]]:
+    """pid -> inodes of the sockets it holds open, for every process."""
+    found: dict[int, set[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            inodes = {int(t[8:-1]) for t in open_files(int(entry.name)) if t.startswith("socket:[")}
+            if inodes:
+                found[int(entry.name)] = inodes
+    return found
+
+
+def unix_sockets() -> dict[int, str]:
+    """inode -> path of every named unix socket on the host (abstract ones start with "@")."""
+    table = {}
+    for line in _read("/proc/net/unix").splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8:
+            table[int(fields[6])] = fields[7]
+    return table

@@ -13,9 +13,9 @@ import grpc
 
 from kybernate.api import hookd_pb2 as pb
 from kybernate.api import hookd_pb2_grpc
+from kybernate.hooks.api import convert
+from kybernate.hooks.api.errors import METADATA_DRIVER_ERROR, METADATA_PID, METADATA_STEP, Code, KybernateError
 
-from . import convert
-from .errors import METADATA_DRIVER_ERROR, METADATA_PID, METADATA_STEP, Code, KybernateError
 from .manager import ContainerRef, GpuManager
 from .metrics import Metrics
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# The shared Code enum (kybernate.shim.codes) -> grpc's status objects, by number.
+# The shared Code enum (kybernate.shim.ttrpc.codes) -> grpc's status objects, by number.
 _STATUS = {Code(code.value[0]): code for code in grpc.StatusCode}
 
 
@@ -65,7 +65,8 @@ class HookdService(hookd_pb2_grpc.HookdServicer):
             self._metrics.request(rpc, status.name)
             log.warning("request failed", extra={"fields": {**fields, "status": status.name, "error": err.message}})
             metadata = tuple((key, str(value)) for key, value in (
-                (METADATA_PID, err.pid), (METADATA_STEP, err.step), (METADATA_DRIVER_ERROR, err.driver_error)) if value is not None)
+                (METADATA_PID, err.pid), (METADATA_STEP, err.step), (METADATA_DRIVER_ERROR, err.driver_error))
+                if value is not None)
             await context.abort(status, err.message, trailing_metadata=metadata)
             raise AssertionError("context.abort returned") from err
         except Exception as err:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from kybernate.shim.codes import Code
+from kybernate.shim.ttrpc.codes import Code as Code  # re-exported: the API's callers take it from here
 
 OK = Code.OK
 UNKNOWN = Code.UNKNOWN

@@ -1,0 +1,1 @@
+"""kybernate-hookd, the node daemon: gRPC service, GPU manager, settings, metrics, lifecycle."""

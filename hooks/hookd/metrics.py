@@ -1,0 +1,113 @@
+"""hookd's Prometheus metrics (prometheus-client), served by a tiny asyncio HTTP server.
+
+Updated on the event loop thread (timings are taken around run_blocking there).
+
+  kybernate_hookd_step_duration_seconds{step}     histogram of successful driver steps
+  kybernate_hookd_step_failures_total{step,error} failed driver steps by CUresult name
+  kybernate_hookd_bytes_total{direction}          VRAM moved: device_to_host (checkpoint), host_to_device (restore)
+  kybernate_hookd_requests_total{rpc,outcome}     RPCs by result (ok or the status name)
+  kybernate_hookd_driver_calls_in_flight          blocking calls not returned yet
+
+The endpoint stays our own asyncio server rather than prometheus-client's threaded one: it lives on the
+daemon's event loop, bounds every read, and stops with the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+log = logging.getLogger(__name__)
+
+STEP_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+STEPS = ("lock", "checkpoint", "restore", "unlock")
+DIRECTIONS = ("device_to_host", "host_to_device")
+
+# No `_created` series: they double every counter's lines and no dashboard of ours reads them.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in the library
+
+
+class Metrics:
+    """One registry per daemon (tests run several daemons in one process)."""
+
+    def __init__(self, in_flight: Callable[[], int] = lambda: 0) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._steps = Histogram("kybernate_hookd_step_duration_seconds",
+                                "Duration of successful CUDA driver checkpoint steps.", ["step"],
+                                buckets=STEP_BUCKETS, registry=self.registry)
+        self._failures = Counter("kybernate_hookd_step_failures", "Failed CUDA driver steps by error.",
+                                 ["step", "error"], registry=self.registry)
+        self._bytes = Counter("kybernate_hookd_bytes",
+                              "GPU memory moved by checkpoint (device_to_host) and restore (host_to_device).",
+                              ["direction"], registry=self.registry)
+        self._requests = Counter("kybernate_hookd_requests", "RPCs served, by outcome.", ["rpc", "outcome"],
+                                 registry=self.registry)
+        in_flight_gauge = Gauge("kybernate_hookd_driver_calls_in_flight",
+                                "Blocking driver and NVML calls that have not returned.", registry=self.registry)
+        in_flight_gauge.set_function(lambda: float(in_flight()))
+        for step in STEPS:  # every step shows, with zero counts, from the start
+            self._steps.labels(step=step)
+        for direction in DIRECTIONS:
+            self._bytes.labels(direction=direction)
+
+    def step_done(self, step: str, seconds: float) -> None:
+        self._steps.labels(step=step).observe(seconds)
+
+    def step_failed(self, step: str, error: str) -> None:
+        self._failures.labels(step=step, error=error).inc()
+
+    def moved(self, direction: str, n: int) -> None:
+        self._bytes.labels(direction=direction).inc(n)
+
+    def request(self, rpc: str, outcome: str) -> None:
+        self._requests.labels(rpc=rpc, outcome=outcome).inc()
+
+    def render(self) -> str:
+        """The text exposition format (version 0.0.4)."""
+        return generate_latest(self.registry).decode()
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """"127.0.0.1:9464" or "[::1]:9464" -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"metrics address {address!r}: want HOST:PORT, e.g. 127.0.0.1:9464")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+async def serve(metrics: Metrics, address: str) -> asyncio.Server:
+    """Plain HTTP/1.0-style: GET /metrics (and /healthz); one request per connection."""
+    host, port = parse_address(address)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), timeout=5)
+            while (await asyncio.wait_for(reader.readline(), timeout=5)).strip():
+                pass  # headers: nothing we need
+            parts = request.decode("latin-1").split()
+            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
+            if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+                status, body, ctype = "405 Method Not Allowed", "GET only\n", "text/plain"
+            elif path == "/metrics":
+                status, body, ctype = "200 OK", metrics.render(), CONTENT_TYPE_PLAIN_0_0_4
+            elif path == "/healthz":
+                status, body, ctype = "200 OK", "ok\n", "text/plain"
+            else:
+                status, body, ctype = "404 Not Found", "try /metrics\n", "text/plain"
+            data = body.encode()
+            head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
+                    "Connection: close\r\n\r\n")
+            writer.write(head.encode() + (data if parts[:1] != ["HEAD"] else b""))
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError) as err:
+            log.debug("metrics request dropped", extra={"fields": {"error": repr(err)}})
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, host, port)
+    return server
