@@ -97,6 +97,22 @@ def find_holders(candidates: Iterable[int], cuda_pids: Collection[int],
     return out
 
 
+def find_residue(cuda_pids: Iterable[int], match: Callable[[str], bool] = is_gpu_device) -> list[Holder]:
+    """GPU device mappings a checkpointed CUDA process still has although the driver released the device.
+
+    Seen on driver 580 (H200, 2026-11-29): after cuCheckpointProcessCheckpoint a process that had run CUDA
+    graphs or Triton kernels kept one 64 KiB write-only shared mapping of /dev/nvidia0 while holding no GPU
+    device descriptor any more, and CRIU refused to dump it. Only such mappings count: a process that still
+    holds a GPU device descriptor was not released by the driver, and is left alone (CRIU then says why).
+    The driver's restore does not use the old mapping (docs/inherited-gpu-mappings.md has the runs)."""
+    out = []
+    for pid in sorted(cuda_pids):
+        mappings = tuple(m for m in procfs.maps(pid) if match(m.path))
+        if mappings and not any(match(path) for path in procfs.open_fds(pid).values()):
+            out.append(Holder(pid, procfs.comm(pid), pid, mappings, (), ()))
+    return out
+
+
 def refuse_paused(container: str, holders: Iterable[Holder]) -> None:
     """Nothing may be injected into a stopped or frozen process: refuse before anything is changed."""
     for h in holders:

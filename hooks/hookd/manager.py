@@ -205,6 +205,9 @@ class GpuManager:
             failures: dict[int, BaseException | None] = {
                 pid: t.exception() for pid, t in tasks.items() if t.exception() is not None}
             dropped: tuple[InheritedDrop, ...] = ()
+            if not failures and not cancelled:
+                # Forked children's inherited files, and what the driver left mapped in the CUDA processes.
+                holders += inherited.find_residue(states)
             if holders and not failures and not cancelled:
                 try:
                     dropped = await inherited.drop_all(ref.name, holders, self._executor,

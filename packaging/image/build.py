@@ -131,11 +131,18 @@ def deb_arch() -> str:
 def fetch_debs(cache: Path, debs: list[tuple[str, str]], arch: str) -> list[Path]:
     d = cache / "debs"
     d.mkdir(parents=True, exist_ok=True)
-    paths = [d / f"{n}_{v.replace(':', '%3a')}_{arch}.deb" for n, v in debs]
-    missing = [f"{n}={v}" for (n, v), p in zip(debs, paths) if not p.is_file()]
+
+    def cached(name: str, version: str) -> Path:
+        # Architecture-independent packages (pure Python ones) are named _all.deb.
+        stem = f"{name}_{version.replace(':', '%3a')}"
+        found = d / f"{stem}_{arch}.deb"
+        return found if found.is_file() else d / f"{stem}_all.deb"
+
+    missing = [f"{n}={v}" for n, v in debs if not cached(n, v).is_file()]
     if missing:
         log(f"apt-get download {len(missing)} package(s)")
         _run(["apt-get", "download", "-q", *missing], cwd=d, timeout=600)
+    paths = [cached(n, v) for n, v in debs]
     for p in paths:
         if not p.is_file():
             raise BuildError(f"apt-get download did not produce {p.name}: is the version in debs.txt still served?")

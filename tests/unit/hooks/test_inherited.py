@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hookd_testlib import G0, GiB, Freezer, run
+from hookd_testlib import G0, Freezer, GiB, run
 
-from kybernate.hooks.gpu import inherited, inject
 from kybernate.hooks.api import procfs
 from kybernate.hooks.api.errors import InheritedDropFailed, ProcessPaused
+from kybernate.hooks.gpu import inherited, inject
 from kybernate.hooks.hookd.manager import ContainerRef, GpuManager
 
 PARENT = textwrap.dedent("""
@@ -347,3 +347,51 @@ def test_dropped_inherited_travels_in_the_manifest_json_and_over_grpc() -> None:
     old = manifest.to_dict()
     del old["dropped_inherited"]
     assert GpuManifest.from_dict(old).dropped_inherited == ()
+
+
+RESIDUE = textwrap.dedent("""
+    import ctypes, os, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    # libc's mmap, not Python's (which keeps a dup of the descriptor): the mapping outlives the descriptor,
+    # as the driver leaves it. PROT_WRITE, MAP_SHARED.
+    assert libc.mmap(None, 4096, 2, 1, fd, 0) not in (None, ctypes.c_void_p(-1).value)
+    os.close(fd)
+    if sys.argv[2] == "keep-fd":
+        held = os.open(sys.argv[1], os.O_RDWR)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(sum(i * i for i in range(int(line))), flush=True)
+""")
+
+
+@pytest.mark.parametrize("keep_fd", [False, True], ids=["released", "descriptor-held"])
+def test_a_mapping_the_driver_left_behind_is_dropped_only_when_no_descriptor_is_held(
+        tmp_path: Path, keep_fd: bool) -> None:
+    """Driver 580 left a 64 KiB /dev/nvidia0 mapping in some checkpointed CUDA processes while closing every
+    descriptor: that residue is dropped and the process computes on. A process still holding a device
+    descriptor was not released by the driver and is left alone."""
+    dev = tmp_path / "nvidia0"
+    dev.write_bytes(b"\0" * 4096)
+    proc = subprocess.Popen([sys.executable, "-c", RESIDUE, str(dev), "keep-fd" if keep_fd else "release"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout and proc.stdin and proc.stdout.readline().strip() == "ready"
+        match = lambda path: path.startswith(str(dev))  # noqa: E731
+        residue = inherited.find_residue([proc.pid], match)
+        if keep_fd:
+            assert residue == []
+            return
+        [holder] = residue
+        assert holder.cuda_ancestor == proc.pid and holder.fds == () and len(holder.mappings) == 1
+        record = inherited.drop_one(holder, timeout_s=10, match=match)
+        assert record.mappings == (holder.mappings[0].text,)
+        assert [m for m in procfs.maps(proc.pid) if match(m.path)] == []
+        proc.stdin.write("1000\n")
+        proc.stdin.flush()
+        assert int(proc.stdout.readline()) == sum(i * i for i in range(1000))
+    finally:
+        proc.kill()
+        proc.wait()
