@@ -33,8 +33,11 @@ CREATOR = "kybernate"
 CREATOR_VERSION = "0.1.0"
 MAX_KEY_LENGTH = 128
 TEMP_PREFIX = ".tmp-"
-_HASH_CHUNK = 4 << 20
-_HASH_THREADS = 4
+_READ_SIZE = 4 << 20
+# Files are hashed in parts of this size, all parts of all files in parallel: one sha256 stream runs at
+# about 1-2 GB/s on one core, too slow next to a CRIU dump of many GiB (docs/store.md, "Hashes").
+PART_SIZE = 64 << 20
+_HASH_THREADS = max(2, min(16, os.cpu_count() or 2))
 # Below this many free bytes at the moment of a failure, the store counts as full.
 FULL_THRESHOLD = 16 << 20
 
@@ -97,9 +100,15 @@ def parse_reference(reference: str) -> tuple[str, int | None]:
 
 @dataclass(frozen=True, slots=True)
 class FileEntry:
+    """One file: `sha256` is the file's own sha256 when it fits in one part (size <= part_size); a larger
+    file lists the sha256 of each `part_size` part in `parts`, and `sha256` is the sha256 of those part
+    digests concatenated (as raw bytes), so that parts hash (and verify) in parallel."""
+
     path: str  # relative to the generation dir, '/'-separated
     size: int
     sha256: str
+    part_size: int = PART_SIZE
+    parts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +144,7 @@ class Manifest:
 
     def to_json(self) -> str:
         data = asdict(self)
-        data["files"] = [asdict(f) for f in self.files]
+        data["files"] = [{k: v for k, v in asdict(f).items() if k != "parts" or v} for f in self.files]
         data["size"] = self.size
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
@@ -145,7 +154,9 @@ class Manifest:
             data = json.loads(text)
             if data.get("format") != FORMAT:
                 raise ValueError(f"format {data.get('format')!r}, this kybernate reads {FORMAT}")
-            files = tuple(FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in data["files"])
+            files = tuple(FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"]),
+                                    int(f.get("part_size", PART_SIZE)), tuple(str(p) for p in f.get("parts", ())))
+                          for f in data["files"])
             for entry in files:
                 _check_relative(entry.path)
             return cls(
@@ -181,14 +192,32 @@ def _check_relative(path: str) -> None:
         raise ValueError(f"file path {path!r} is not a plain relative path")
 
 
-def sha256_file(path: str) -> str:
+def sha256_range(path: str, offset: int, length: int) -> str:
     digest = hashlib.sha256()
+    buf = bytearray(min(_READ_SIZE, max(length, 1)))
+    view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
-        buf = bytearray(_HASH_CHUNK)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
+        f.seek(offset)
+        left = length
+        while left > 0:
+            n = f.readinto(view[:min(left, len(buf))])
+            if not n:
+                break
             digest.update(view[:n])
+            left -= n
     return digest.hexdigest()
+
+
+def sha256_file(path: str) -> str:
+    return sha256_range(path, 0, 1 << 62)
+
+
+def _combine(parts: list[str]) -> str:
+    return hashlib.sha256(b"".join(bytes.fromhex(p) for p in parts)).hexdigest()
+
+
+def _part_offsets(size: int, part_size: int) -> list[int]:
+    return list(range(0, size, part_size)) or [0]
 
 
 def _walk_files(top: str) -> list[str]:
@@ -203,16 +232,23 @@ def _walk_files(top: str) -> list[str]:
     return found
 
 
-def hash_files(top: str, names: Iterable[str]) -> list[FileEntry]:
-    """Size and sha256 of each file, in parallel (hashlib releases the GIL on large buffers)."""
-    names = list(names)
-
-    def one(name: str) -> FileEntry:
-        full = os.path.join(top, name)
-        return FileEntry(name, os.path.getsize(full), sha256_file(full))
-
+def hash_files(top: str, names: Iterable[str], part_size: int = PART_SIZE) -> list[FileEntry]:
+    """Size and sha256 of each file, every part of every file in parallel (hashlib releases the GIL)."""
+    sized = [(name, os.path.getsize(os.path.join(top, name))) for name in names]
+    jobs = [(name, offset) for name, size in sized for offset in _part_offsets(size, part_size)]
     with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:
-        return list(pool.map(one, names))
+        digests = list(pool.map(lambda job: sha256_range(os.path.join(top, job[0]), job[1], part_size), jobs))
+    by_file: dict[str, list[str]] = {}
+    for (name, _), digest in zip(jobs, digests, strict=True):
+        by_file.setdefault(name, []).append(digest)
+    entries = []
+    for name, size in sized:
+        parts = by_file[name]
+        if size <= part_size:
+            entries.append(FileEntry(name, size, parts[0], part_size))
+        else:
+            entries.append(FileEntry(name, size, _combine(parts), part_size, tuple(parts)))
+    return entries
 
 
 def now_rfc3339() -> str:
@@ -297,6 +333,8 @@ class Store:
 
 
 def verify_files(top: str, files: Iterable[FileEntry]) -> None:
+    """Every file's size, then its parts' sha256 in parallel; Corrupt names the first bad file."""
+    files = list(files)
     for entry in files:
         full = os.path.join(top, entry.path)
         try:
@@ -305,7 +343,19 @@ def verify_files(top: str, files: Iterable[FileEntry]) -> None:
             raise Corrupt(f"{full}: listed in the manifest but cannot be read ({err.strerror})", full) from err
         if size != entry.size:
             raise Corrupt(f"{full}: size {size} does not match the manifest's {entry.size}", full)
-        if sha256_file(full) != entry.sha256:
+    jobs = [(entry, offset) for entry in files for offset in _part_offsets(entry.size, entry.part_size)]
+    with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:
+        digests = list(pool.map(
+            lambda job: sha256_range(os.path.join(top, job[0].path), job[1], job[0].part_size), jobs))
+    by_file: dict[str, list[str]] = {}
+    for (entry, _), digest in zip(jobs, digests, strict=True):
+        by_file.setdefault(entry.path, []).append(digest)
+    for entry in files:
+        parts = by_file[entry.path]
+        good = (parts == list(entry.parts) and _combine(parts) == entry.sha256) if entry.size > entry.part_size \
+            else parts[0] == entry.sha256
+        if not good:
+            full = os.path.join(top, entry.path)
             raise Corrupt(f"{full}: sha256 does not match the manifest", full)
 
 
@@ -351,6 +401,15 @@ class Pending:
     def is_full(self) -> bool:
         """Whether the store's filesystem is (nearly) out of space now: call before abort() frees it."""
         return free_bytes(self.store.root) < FULL_THRESHOLD
+
+
+def human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
 
 
 def free_bytes(path: str) -> int:

@@ -141,3 +141,31 @@ def test_stale_temp_dirs_are_swept(tmp_path: Path) -> None:
     os.utime(pending.temp, (0, 0))
     assert store.remove_stale_temps() == [pending.temp]
     assert os.listdir(tmp_path / "k") == ["1"]
+
+
+def test_large_files_are_hashed_in_parts_and_a_changed_part_is_found(tmp_path: Path) -> None:
+    import hashlib
+
+    data = bytes(range(256)) * 4096 * 3  # 3 MiB
+    entries = sl.hash_files(str(tmp_path), [], part_size=1 << 20)
+    assert entries == []
+    Path(tmp_path, "big").write_bytes(data)
+    Path(tmp_path, "small").write_bytes(b"abc")
+    big, small = sl.hash_files(str(tmp_path), ["big", "small"], part_size=1 << 20)
+    assert small.sha256 == hashlib.sha256(b"abc").hexdigest() and small.parts == ()
+    parts = [hashlib.sha256(data[i:i + (1 << 20)]).hexdigest() for i in range(0, len(data), 1 << 20)]
+    assert big.parts == tuple(parts)
+    assert big.sha256 == hashlib.sha256(b"".join(bytes.fromhex(p) for p in parts)).hexdigest()
+    sl.verify_files(str(tmp_path), [big, small])
+    # The manifest round-trips the parts.
+    m = sl.Manifest("k", 1, "now", "node", IDENT, (big, small))
+    assert sl.Manifest.from_json(m.to_json(), "here").files == (big, small)
+    changed = bytearray(data)
+    changed[(2 << 20) + 5] ^= 1
+    Path(tmp_path, "big").write_bytes(changed)
+    with pytest.raises(sl.Corrupt, match="big: sha256 does not match"):
+        sl.verify_files(str(tmp_path), [big, small])
+    Path(tmp_path, "big").write_bytes(b"")
+    empty = sl.hash_files(str(tmp_path), ["big"])[0]
+    assert empty.sha256 == hashlib.sha256(b"").hexdigest()
+    sl.verify_files(str(tmp_path), [empty])
