@@ -1,4 +1,6 @@
-"""The store's `kybernate` verbs: `checkpoint <container> [--key K] [--leave-running]` into the store.
+"""The store's `kybernate` verbs: `checkpoint <container> [--key K] [--leave-running]` into the store,
+`ls [--json]` (the registry), `store rebuild` (the registry from the manifests), `store gc` (retention and
+the local budget, also run after every checkpoint).
 
 `kybernate checkpoint --output X.tar` (an archive, hooks/checkpoint_archive.py) stays as it was; without
 `--output` the checkpoint goes into the store (hooks/store_checkpoint.py). Progress goes to stderr, one
@@ -25,11 +27,42 @@ def wants_store(argv: list[str]) -> bool:
         return False
     if argv[0] == "checkpoint":
         return not any(a in ("--output", "-o") or a.startswith("--output=") for a in argv[1:])
-    return False
+    return argv[0] in ("ls", "store")
+
+
+KEEP_ENV = "KYBERNATE_KEEP"
+BUDGET_ENV = "KYBERNATE_BUDGET"
 
 
 def default_store() -> str:
     return os.environ.get(STORE_ENV) or DEFAULT_STORE
+
+
+def _size(text: str) -> int:
+    """`500M`, `20G`, `1T` or plain bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or with K, M, G, T)") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    from .store_registry import default_registry
+
+    p.add_argument("--store", default=default_store(), help=f"store root (default ${STORE_ENV} or {DEFAULT_STORE})")
+    p.add_argument("--registry", default=default_registry(), help="the SQLite index (default $KYBERNATE_REGISTRY "
+                   "or /var/lib/kybernate/registry.db)")
+
+
+def _retention(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep", type=int, default=int(os.environ.get(KEEP_ENV) or 3),
+                   help=f"generations kept per key (default ${KEEP_ENV} or 3)")
+    p.add_argument("--budget", type=_size, default=_size(os.environ[BUDGET_ENV]) if os.environ.get(BUDGET_ENV)
+                   else None, help=f"local disk budget of the store, e.g. 500G (default ${BUDGET_ENV}, none)")
 
 
 def _stderr(message: str) -> None:
@@ -44,14 +77,87 @@ def main(argv: list[str]) -> int:
     cp.add_argument("--key", "-k", help="workload key (default: kybernate.io/checkpoint-key, <pod>.<container>, "
                     "or the container id)")
     cp.add_argument("--leave-running", action="store_true", help="the container runs on after the dump")
-    cp.add_argument("--store", default=default_store(), help=f"store root (default ${STORE_ENV} or {DEFAULT_STORE})")
+    _common(cp)
+    _retention(cp)
     cp.add_argument("--address", "-a", default="/run/containerd/containerd.sock", help="containerd socket")
     cp.add_argument("--namespace", "-n", default="k8s.io", help="containerd namespace (CRI: k8s.io)")
     cp.add_argument("--timeout", type=float, default=600.0, help="seconds for each call")
     cp.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     cp.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    ls = verbs.add_parser("ls", help="list the checkpoints the registry knows")
+    _common(ls)
+    ls.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    ls.add_argument("key", nargs="?", help="only this key")
+    store = verbs.add_parser("store", help="registry and space")
+    actions = store.add_subparsers(dest="action", required=True)
+    rebuild = actions.add_parser("rebuild", help="rebuild the registry from the manifests in the store")
+    _common(rebuild)
+    gc = actions.add_parser("gc", help="apply retention and the local budget now")
+    _common(gc)
+    _retention(gc)
     args = parser.parse_args(argv)
-    return _checkpoint(args)
+    try:
+        if args.verb == "checkpoint":
+            return _checkpoint(args)
+        if args.verb == "ls":
+            return _ls(args)
+        if args.action == "rebuild":
+            return _rebuild(args)
+        return _gc(args)
+    except StoreError as err:
+        _stderr(f"kybernate {args.verb}: error: {err}")
+        return 1
+
+
+def _ls(args: argparse.Namespace) -> int:
+    from .store_registry import Registry
+
+    rows = Registry(args.registry).rows(args.key)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], sort_keys=True))
+        return 0
+    table = [("KEY", "GEN", "STATE", "TIERS", "SIZE", "CREATED", "NODE", "GPU")]
+    for r in rows:
+        gpu = f"{r.gpu.get('processes', 0)} proc, {store_layout.human(int(r.gpu.get('vram_bytes', 0)))}" \
+            if r.gpu.get("processes") else "-"
+        state = r.state if r.state != "uploading" or not r.size else \
+            f"uploading {100 * r.uploaded_bytes // max(1, r.size)}%"
+        if r.error:
+            state += f" ({r.error})"
+        table.append((r.key, str(r.generation), state, r.tiers, store_layout.human(r.size), r.created[:19] + "Z",
+                      r.node, gpu))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    from .store_registry import Registry
+
+    count = Registry(args.registry).rebuild(store_layout.Store(args.store))
+    _stderr(f"kybernate store rebuild: {count} generations indexed from {args.store}")
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from .store_registry import Registry, collect
+
+    report = collect(store_layout.Store(args.store), Registry(args.registry), keep=args.keep,
+                     budget_bytes=args.budget)
+    _report_gc(report)
+    return 0
+
+
+def _report_gc(report: object) -> None:
+    from .store_registry import GcReport
+
+    assert isinstance(report, GcReport)
+    for line in report.removed:
+        _stderr(f"removed {line}")
+    if report.over_budget_by:
+        _stderr(f"warning: the local store is {store_layout.human(report.over_budget_by)} over its budget and "
+                "holds no copy that another tier also has: nothing was evicted")
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
@@ -77,7 +183,21 @@ def _checkpoint(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _stderr("kybernate checkpoint: interrupted")
         return 130
+    _index(args, result.generation)
     if args.json:
         print(json.dumps(result.to_dict(), sort_keys=True))
     progress(f"done: {result.generation.key}@{result.generation.number} in {result.seconds:.2f}s")
     return 0
+
+
+def _index(args: argparse.Namespace, generation: store_layout.Generation) -> None:
+    """Registry and retention after a checkpoint: the checkpoint is complete either way (the registry is
+    an index, `kybernate store rebuild` restores it), so a failure here is a warning."""
+    from .store_registry import Registry, collect
+
+    try:
+        registry = Registry(args.registry)
+        registry.record_local(generation)
+        _report_gc(collect(store_layout.Store(args.store), registry, keep=args.keep, budget_bytes=args.budget))
+    except StoreError as err:
+        _stderr(f"kybernate checkpoint: warning: {err}")

@@ -51,7 +51,7 @@ def kybernate_checkpoint(c: Containerd, store: Path) -> tuple[float, dict[str, f
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "kybernate.hooks.checkpoint_archive", "checkpoint", NAME, "--leave-running",
-         "--key", "bench", "--store", str(store), "--address", str(c.address), "--namespace", c.namespace,
+         "--key", "bench", "--store", str(store), "--registry", str(store.parent / "registry.db"), "--address", str(c.address), "--namespace", c.namespace,
          "--json", "--quiet"], capture_output=True, text=True, check=True)
     took = time.perf_counter() - started
     result = json.loads(done.stdout)

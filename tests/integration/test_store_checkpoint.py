@@ -19,6 +19,14 @@ from harness.workload import COUNTER, read_counts, task_status, wait_for
 from kybernate.hooks import store_layout
 
 pytestmark = pytest.mark.stack
+
+
+@pytest.fixture(autouse=True)
+def private_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The store's SQLite index for the `kybernate` commands of this test (never the node's)."""
+    path = tmp_path / "registry.db"
+    monkeypatch.setenv("KYBERNATE_REGISTRY", str(path))
+    return path
 COMMAND = "echo hi > /made; rm /etc/group; " + COUNTER
 
 
@@ -35,7 +43,8 @@ def start_counter(c: Containerd, name: str) -> int:
     return wait_for("the counter", lambda: (n := read_counts(c, name)) and len(n) > 3 and n)[-1]
 
 
-def test_checkpoint_into_the_store_leaving_the_container_running(kyb: Containerd, tmp_path: Path) -> None:
+def test_checkpoint_into_the_store_leaving_the_container_running(kyb: Containerd, tmp_path: Path,
+                                                                 private_registry: Path) -> None:
     store = tmp_path / "store"
     start_counter(kyb, "cnt")
     done = kybernate(kyb, "checkpoint", "cnt", "--key", "web", "--leave-running", "--store", str(store), "--json")
@@ -65,6 +74,40 @@ def test_checkpoint_into_the_store_leaving_the_container_running(kyb: Containerd
     assert done.returncode == 0, done.stderr
     assert store_layout.Store(str(store)).generations("web") == [1, 2]
     wait_for("the checkpointed task to stop", lambda: task_status(kyb, "cnt") == "STOPPED")
+
+    # The registry lists both; wiped and rebuilt from the manifests, it lists the same.
+    def ls(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "kybernate.hooks.checkpoint_archive", "ls", *args],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    listed = json.loads(ls("--json"))
+    assert [(r["key"], r["generation"], r["state"], r["tiers"]) for r in listed] == [
+        ("web", 1, "complete", ["local"]), ("web", 2, "complete", ["local"])]
+    assert listed[0]["container"] == "cnt" and listed[0]["size"] == result["size"]
+    table = ls().splitlines()
+    assert table[0].split() == ["KEY", "GEN", "STATE", "TIERS", "SIZE", "CREATED", "NODE", "GPU"]
+    assert [line.split()[:4] for line in table[1:]] == [["web", "1", "complete", "local"],
+                                                        ["web", "2", "complete", "local"]]
+    private_registry.unlink()
+    assert json.loads(ls("--json")) == []
+    done = subprocess.run([sys.executable, "-m", "kybernate.hooks.checkpoint_archive", "store", "rebuild",
+                           "--store", str(store)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "2 generations indexed" in done.stderr, done.stderr
+
+    def stable(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "last_used"} for r in rows]
+
+    assert stable(json.loads(ls("--json"))) == stable(listed)
+
+    # Retention: with --keep 2 a third checkpoint removes generation 1.
+    start_counter(kyb, "cnt2")
+    done = kybernate(kyb, "checkpoint", "cnt2", "--key", "web", "--leave-running", "--keep", "2",
+                     "--store", str(store))
+    assert done.returncode == 0 and "removed web@1 (retention: keep 2)" in done.stderr, done.stderr
+    assert store_layout.Store(str(store)).generations("web") == [2, 3]
+    assert [r["generation"] for r in json.loads(ls("--json"))] == [2, 3]
 
 
 def test_a_full_store_fails_the_checkpoint_and_the_container_runs_on(kyb: Containerd, tmp_path: Path) -> None:

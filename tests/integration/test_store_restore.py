@@ -18,6 +18,14 @@ from harness.workload import COUNTER, wait_for
 from kybernate.hooks import store_layout
 
 pytestmark = pytest.mark.stack
+
+
+@pytest.fixture(autouse=True)
+def private_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The store's SQLite index for the `kybernate` commands of this test (never the node's)."""
+    path = tmp_path / "registry.db"
+    monkeypatch.setenv("KYBERNATE_REGISTRY", str(path))
+    return path
 ANNOTATION = "kybernate.io/restore-from"
 COMMAND = "echo hi > /made; rm /etc/group; " + COUNTER
 
