@@ -27,7 +27,7 @@ import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import any_pb2
@@ -132,6 +132,7 @@ class StoreCheckpointer:
         self.progress = progress
         self.timeout = timeout
         self.timings = Timings()
+        self.known_parts: dict[str, dict[int, str]] = {}
 
     def run(self) -> Result:
         started = time.monotonic()
@@ -154,7 +155,7 @@ class StoreCheckpointer:
                     f"removed and the container {self._now_state()}: {err}") from None
             raise
         identity = _identity(container, spec, self.client.namespace)
-        generation = self.timings.timed("manifest", lambda: pending.commit(identity, gpu))
+        generation = self.timings.timed("manifest", lambda: pending.commit(identity, gpu, self.known_parts))
         self.progress(f"stored {key}@{generation.number}: {store_layout.human(generation.manifest.size)} in "
                       f"{len(generation.manifest.files)} files at {generation.path} "
                       f"(hash + manifest {self.timings.phases['manifest']:.2f}s)")
@@ -189,14 +190,16 @@ class StoreCheckpointer:
             self.progress(f"paused ({self.timings.phases['pause']:.2f}s)")
             step = "checkpoint (GPU + CRIU dump into the store)"
             addresses = shim_addresses(self.containerd_address, self.client.namespace, spec, cid)
-            self.timings.timed("dump", lambda: asyncio.run(_shim_checkpoint(
-                addresses, self.client.namespace, cid, images, not self.leave_running, self.timeout)))
+            with store_layout.PartHasher(pending.temp) as hasher:
+                self.timings.timed("dump", lambda: asyncio.run(_shim_checkpoint(
+                    addresses, self.client.namespace, cid, images, not self.leave_running, self.timeout)))
+            self.known_parts = hasher.known
             self.progress(f"dumped into the store ({self.timings.phases['dump']:.2f}s, "
                           f"{store_layout.human(_tree_size(images))})")
             step = "rootfs diff"
             self.timings.timed("rootfs", lambda: self._rootfs_diff(container, pending.temp))
             self.progress(f"rootfs diff ({self.timings.phases['rootfs']:.2f}s)")
-        except (Exception, KeyboardInterrupt) as err:
+        except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001  (any failure: resume, then report it)
             failure = err
         finally:
             self.timings.timed("resume", self._resume_if_paused)
@@ -259,9 +262,9 @@ class StoreCheckpointer:
             "name": _container_name(container, spec),
             "rootfsImage": container.image, "rootfsImageRef": container.image, "rootfsImageName": container.image,
             "runtime": container.runtime.name,
-            "createdTime": _rfc3339(container.created_at.ToDatetime(tzinfo=timezone.utc)
-                                    if container.created_at.seconds else datetime.fromtimestamp(0, timezone.utc)),
-            "checkpointedTime": _rfc3339(datetime.now(timezone.utc)),
+            "createdTime": _rfc3339(container.created_at.ToDatetime(tzinfo=UTC)
+                                    if container.created_at.seconds else datetime.fromtimestamp(0, UTC)),
+            "checkpointedTime": _rfc3339(datetime.now(UTC)),
         }
         with open(os.path.join(workdir, "config.dump"), "w") as f:
             json.dump(config, f)
@@ -274,7 +277,7 @@ def _overlay_upperdir(mounts: list[pb.Mount]) -> str | None:
         return None
     for option in mounts[0].options:
         if option.startswith("upperdir="):
-            return option.removeprefix("upperdir=")
+            return str(option).removeprefix("upperdir=")
     return None
 
 
@@ -326,7 +329,7 @@ def _container_name(container: pb.ContainerRecord, spec: dict[str, Any]) -> str:
     parts = [notes.get(key, "") for key in _CRI_NAME_PARTS]
     if parts[0]:
         return "_".join([*parts, "0"])
-    return container.labels.get("io.kubernetes.container.name") or container.id
+    return str(container.labels.get("io.kubernetes.container.name") or container.id)
 
 
 def _default_key(container: pb.ContainerRecord, spec: dict[str, Any]) -> str:
@@ -337,7 +340,7 @@ def _default_key(container: pb.ContainerRecord, spec: dict[str, Any]) -> str:
     name, pod = notes.get(_CRI_NAME_PARTS[0]), notes.get(_CRI_NAME_PARTS[1])
     if name and pod:
         return f"{pod}.{name}"
-    return container.id
+    return str(container.id)
 
 
 def _identity(container: pb.ContainerRecord, spec: dict[str, Any], namespace: str) -> Identity:
@@ -364,4 +367,4 @@ def _gpu_summary(images: str) -> dict[str, Any]:
 
 
 def _rfc3339(when: datetime) -> str:
-    return when.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return when.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")

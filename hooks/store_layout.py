@@ -19,12 +19,13 @@ import os
 import secrets
 import shutil
 import socket
+import threading
 import time
 import unicodedata
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 MANIFEST = "manifest.json"
@@ -232,18 +233,22 @@ def _walk_files(top: str) -> list[str]:
     return found
 
 
-def hash_files(top: str, names: Iterable[str], part_size: int = PART_SIZE) -> list[FileEntry]:
-    """Size and sha256 of each file, every part of every file in parallel (hashlib releases the GIL)."""
+def hash_files(top: str, names: Iterable[str], part_size: int = PART_SIZE,
+                known: dict[str, dict[int, str]] | None = None) -> list[FileEntry]:
+    """Size and sha256 of each file, every part of every file in parallel (hashlib releases the GIL).
+
+    `known` holds digests of parts already hashed while the file was being written (PartHasher), by
+    file and offset; only full parts inside the final size are taken from it."""
+    known = known or {}
     sized = [(name, os.path.getsize(os.path.join(top, name))) for name in names]
-    jobs = [(name, offset) for name, size in sized for offset in _part_offsets(size, part_size)]
+    jobs = [(name, offset) for name, size in sized for offset in _part_offsets(size, part_size)
+            if not (offset + part_size <= size and offset in known.get(name, {}))]
     with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:
         digests = list(pool.map(lambda job: sha256_range(os.path.join(top, job[0]), job[1], part_size), jobs))
-    by_file: dict[str, list[str]] = {}
-    for (name, _), digest in zip(jobs, digests, strict=True):
-        by_file.setdefault(name, []).append(digest)
+    by_part = {(name, offset): digest for (name, offset), digest in zip(jobs, digests, strict=True)}
     entries = []
     for name, size in sized:
-        parts = by_file[name]
+        parts = [by_part.get((name, offset)) or known[name][offset] for offset in _part_offsets(size, part_size)]
         if size <= part_size:
             entries.append(FileEntry(name, size, parts[0], part_size))
         else:
@@ -251,8 +256,60 @@ def hash_files(top: str, names: Iterable[str], part_size: int = PART_SIZE) -> li
     return entries
 
 
+class PartHasher:
+    """Hashes the full parts of CRIU's page images while CRIU is still writing them, so that most of the
+    hashing is done when the dump ends (on a machine with spare cores it costs no wall time).
+
+    CRIU appends to `pages-*.img` and never rewrites what it wrote; should that ever change, the
+    manifest would not match and every reader refuses the generation: a failed restore, never a wrong one.
+    """
+
+    PATTERN = "pages-"
+    POLL_S = 0.05
+
+    def __init__(self, top: str, part_size: int = PART_SIZE) -> None:
+        self.top = top
+        self.part_size = part_size
+        self.known: dict[str, dict[int, str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kybernate-part-hasher", daemon=True)
+
+    def __enter__(self) -> PartHasher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._hash_ready():
+                self._stop.wait(self.POLL_S)
+
+    def _hash_ready(self) -> bool:
+        """Hash every part that is fully written now; whether any was."""
+        did = False
+        for dirpath, _, filenames in os.walk(self.top):
+            for name in filenames:
+                if not name.startswith(self.PATTERN) or self._stop.is_set():
+                    continue
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, self.top).replace(os.sep, "/")
+                done = self.known.setdefault(rel, {})
+                try:
+                    size = os.path.getsize(full)
+                    offset = len(done) * self.part_size
+                    if offset + self.part_size <= size:
+                        done[offset] = sha256_range(full, offset, self.part_size)
+                        did = True
+                except OSError:
+                    continue
+        return did
+
+
 def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 class Store:
@@ -367,11 +424,13 @@ class Pending:
         self.key = key
         self.temp = temp
 
-    def commit(self, identity: Identity, gpu: dict[str, Any] | None = None) -> Generation:
-        """Hash every file, write manifest.json last, fsync, rename into the next free generation number."""
+    def commit(self, identity: Identity, gpu: dict[str, Any] | None = None,
+               known: dict[str, dict[int, str]] | None = None) -> Generation:
+        """Hash every file (but the parts in `known`), write manifest.json last, fsync, rename into the next
+        free generation number."""
         try:
             names = [n for n in _walk_files(self.temp) if n != MANIFEST]
-            files = tuple(hash_files(self.temp, names))
+            files = tuple(hash_files(self.temp, names, known=known))
             key_dir = os.path.dirname(self.temp)
             for _ in range(100):  # another writer of the same key may take a number first
                 number = max(self.store.generations(self.key) + _numbered(key_dir), default=0) + 1

@@ -169,3 +169,29 @@ def test_large_files_are_hashed_in_parts_and_a_changed_part_is_found(tmp_path: P
     empty = sl.hash_files(str(tmp_path), ["big"])[0]
     assert empty.sha256 == hashlib.sha256(b"").hexdigest()
     sl.verify_files(str(tmp_path), [empty])
+
+
+def test_parts_hashed_while_a_file_grows_give_the_same_manifest(tmp_path: Path) -> None:
+    import threading
+
+    part = 1 << 20
+    data = os.urandom(5 * part + 123)
+    target = Path(tmp_path, "checkpoint")
+    target.mkdir()
+    with sl.PartHasher(str(tmp_path), part_size=part) as hasher, open(target / "pages-1.img", "wb") as f:
+        for i in range(0, len(data), part // 2):
+            f.write(data[i:i + part // 2])
+            f.flush()
+        # Wait (on the hasher's own state) until it has caught up with the full parts.
+        while len(hasher.known.get("checkpoint/pages-1.img", {})) < 5:
+            threading.Event().wait(0.01)
+    known = hasher.known
+    assert sorted(known["checkpoint/pages-1.img"]) == [i * part for i in range(5)]
+    with_known = sl.hash_files(str(tmp_path), ["checkpoint/pages-1.img"], part_size=part, known=known)
+    plain = sl.hash_files(str(tmp_path), ["checkpoint/pages-1.img"], part_size=part)
+    assert with_known == plain
+    # A wrong pre-hashed part (a file rewritten behind the hasher's back) is caught by verification.
+    known["checkpoint/pages-1.img"][0] = "0" * 64
+    wrong = sl.hash_files(str(tmp_path), ["checkpoint/pages-1.img"], part_size=part, known=known)
+    with pytest.raises(sl.Corrupt, match="pages-1.img: sha256 does not match"):
+        sl.verify_files(str(tmp_path), wrong)
