@@ -42,6 +42,8 @@ from .store_layout import Identity, Pending, Store, StoreError
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 TASK_SERVICE = "containerd.task.v2.Task"  # our shim serves v2 and v3 alike and renames for its child
 GPU_MANIFEST = "kybernate.json"
+# How long containerd may take to record the exit of a task dumped without --leave-running.
+EXIT_SETTLE_S = 5.0
 OPAQUE_XATTR = "trusted.overlay.opaque"
 _CRI_NAME_PARTS = (
     "io.kubernetes.cri.container-name",
@@ -220,12 +222,31 @@ class StoreCheckpointer:
             try:
                 self.client.resume(cid)
             except ContainerdError as err:
+                # After a dump without --leave-running containerd may still report PAUSED until the exit
+                # event arrives; the resume then fails on a stopped container, which is the intended end.
+                if not self.leave_running and self._exited_within(EXIT_SETTLE_S):
+                    self.progress("the task has exited (checkpoint without --leave-running)")
+                    return
                 raise CheckpointFailed(
                     f"container {cid!r} could not be resumed after the checkpoint: {err}: resume it with "
                     f"`ctr -n {self.client.namespace} task resume {cid}`") from None
             self.progress("resumed")
         elif status == pb.STATUS_STOPPED:
             self.progress("the task has exited (checkpoint without --leave-running)")
+
+    def _exited_within(self, seconds: float) -> bool:
+        """Whether the task is stopped or gone, polling containerd for up to `seconds` (bounded)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                if self.client.get_task(self.container_id).status == pb.STATUS_STOPPED:
+                    return True
+            except ContainerdError as err:
+                if err.not_found:
+                    return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
 
     def _now_state(self) -> str:
         try:
