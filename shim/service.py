@@ -242,11 +242,16 @@ class TaskService:
                 return None
             if request.checkpoint:
                 raise restore_from.RestoreError(f"{restore_from.ANNOTATION} and a checkpoint were both given")
-            # realpath walks the filesystem (and is quadratic in the path's length): off the event loop.
-            archive = await asyncio.to_thread(restore_from.resolve, reference, checkpoint_dir)
-            workdir = os.path.join(request.bundle, restore_from.WORKDIR_NAME)
-            # Unpacking reads and writes up to the size of the container's memory: off the event loop.
-            plan = await asyncio.to_thread(restore_from.unpack, archive, workdir)
+            if reference.startswith("store:"):  # the checkpoint store (docs/store.md): verified, not copied
+                from . import restore_store
+
+                plan = await asyncio.to_thread(restore_store.prepare, reference, request.id)
+            else:
+                workdir = os.path.join(request.bundle, restore_from.WORKDIR_NAME)
+                # realpath walks the filesystem (and is quadratic in the path's length): off the event loop.
+                archive = await asyncio.to_thread(restore_from.resolve, reference, checkpoint_dir)
+                # Unpacking reads and writes up to the size of the container's memory: off the event loop.
+                plan = await asyncio.to_thread(restore_from.unpack, archive, workdir)
         except restore_from.RestoreError as err:
             raise FailedPrecondition(f"{request.id}: cannot restore: {err}") from err
         archived = await asyncio.to_thread(restore_from.archived_container_name, plan)

@@ -390,6 +390,10 @@ def checkpoint(address: str, namespace: str, container_id: str, output: str, *,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import store_cli  # the store's verbs (docs/store.md)
+
+    if store_cli.wants_store(sys.argv[1:] if argv is None else argv):
+        return store_cli.main(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="kybernate", description="Kybernate node tools")
     verbs = parser.add_subparsers(dest="verb", required=True)
     cp = verbs.add_parser("checkpoint", help="write a CRI-style checkpoint archive of a running container")

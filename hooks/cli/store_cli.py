@@ -1,0 +1,203 @@
+"""The store's `kybernate` verbs: `checkpoint <container> [--key K] [--leave-running]` into the store,
+`ls [--json]` (the registry), `store rebuild` (the registry from the manifests), `store gc` (retention and
+the local budget, also run after every checkpoint).
+
+`kybernate checkpoint --output X.tar` (an archive, hooks/cli/checkpoint_archive.py) stays as it was; without
+`--output` the checkpoint goes into the store (hooks/cli/store_checkpoint.py). Progress goes to stderr, one
+line per phase; `--json` prints the result as one JSON object on stdout for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from kybernate.hooks.api import store as store_layout
+from kybernate.hooks.api.store import StoreError
+
+DEFAULT_STORE = "/var/lib/kybernate/store"
+STORE_ENV = "KYBERNATE_STORE"
+
+
+def wants_store(argv: list[str]) -> bool:
+    """Whether `kybernate <argv>` is one of ours (the archive form of `checkpoint` has --output/-o)."""
+    if not argv:
+        return False
+    if argv[0] == "checkpoint":
+        return not any(a in ("--output", "-o") or a.startswith("--output=") for a in argv[1:])
+    return argv[0] in ("ls", "store")
+
+
+KEEP_ENV = "KYBERNATE_KEEP"
+BUDGET_ENV = "KYBERNATE_BUDGET"
+
+
+def default_store() -> str:
+    return os.environ.get(STORE_ENV) or DEFAULT_STORE
+
+
+def _size(text: str) -> int:
+    """`500M`, `20G`, `1T` or plain bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or with K, M, G, T)") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    from .store_registry import default_registry
+
+    p.add_argument("--store", default=default_store(), help=f"store root (default ${STORE_ENV} or {DEFAULT_STORE})")
+    p.add_argument("--registry", default=default_registry(), help="the SQLite index (default $KYBERNATE_REGISTRY "
+                   "or /var/lib/kybernate/registry.db)")
+
+
+def _retention(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep", type=int, default=int(os.environ.get(KEEP_ENV) or 3),
+                   help=f"generations kept per key (default ${KEEP_ENV} or 3)")
+    p.add_argument("--budget", type=_size, default=_size(os.environ[BUDGET_ENV]) if os.environ.get(BUDGET_ENV)
+                   else None, help=f"local disk budget of the store, e.g. 500G (default ${BUDGET_ENV}, none)")
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kybernate", description="Kybernate checkpoint store")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    cp = verbs.add_parser("checkpoint", help="checkpoint a running container into the store")
+    cp.add_argument("container_id", metavar="CONTAINER_ID")
+    cp.add_argument("--key", "-k", help="workload key (default: kybernate.io/checkpoint-key, <pod>.<container>, "
+                    "or the container id)")
+    cp.add_argument("--leave-running", action="store_true", help="the container runs on after the dump")
+    _common(cp)
+    _retention(cp)
+    cp.add_argument("--address", "-a", default="/run/containerd/containerd.sock", help="containerd socket")
+    cp.add_argument("--namespace", "-n", default="k8s.io", help="containerd namespace (CRI: k8s.io)")
+    cp.add_argument("--timeout", type=float, default=600.0, help="seconds for each call")
+    cp.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    cp.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    ls = verbs.add_parser("ls", help="list the checkpoints the registry knows")
+    _common(ls)
+    ls.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    ls.add_argument("key", nargs="?", help="only this key")
+    store = verbs.add_parser("store", help="registry and space")
+    actions = store.add_subparsers(dest="action", required=True)
+    rebuild = actions.add_parser("rebuild", help="rebuild the registry from the manifests in the store")
+    _common(rebuild)
+    gc = actions.add_parser("gc", help="apply retention and the local budget now")
+    _common(gc)
+    _retention(gc)
+    args = parser.parse_args(argv)
+    try:
+        if args.verb == "checkpoint":
+            return _checkpoint(args)
+        if args.verb == "ls":
+            return _ls(args)
+        if args.action == "rebuild":
+            return _rebuild(args)
+        return _gc(args)
+    except StoreError as err:
+        _stderr(f"kybernate {args.verb}: error: {err}")
+        return 1
+
+
+def _ls(args: argparse.Namespace) -> int:
+    from .store_registry import Registry
+
+    rows = Registry(args.registry).rows(args.key)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], sort_keys=True))
+        return 0
+    table = [("KEY", "GEN", "STATE", "TIERS", "SIZE", "CREATED", "NODE", "GPU")]
+    for r in rows:
+        gpu = f"{r.gpu.get('processes', 0)} proc, {store_layout.human(int(r.gpu.get('vram_bytes', 0)))}" \
+            if r.gpu.get("processes") else "-"
+        state = r.state if r.state != "uploading" or not r.size else \
+            f"uploading {100 * r.uploaded_bytes // max(1, r.size)}%"
+        if r.error:
+            state += f" ({r.error})"
+        table.append((r.key, str(r.generation), state, r.tiers, store_layout.human(r.size), r.created[:19] + "Z",
+                      r.node, gpu))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    from .store_registry import Registry
+
+    count = Registry(args.registry).rebuild(store_layout.Store(args.store))
+    _stderr(f"kybernate store rebuild: {count} generations indexed from {args.store}")
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from .store_registry import Registry, collect
+
+    report = collect(store_layout.Store(args.store), Registry(args.registry), keep=args.keep,
+                     budget_bytes=args.budget)
+    _report_gc(report)
+    return 0
+
+
+def _report_gc(report: object) -> None:
+    from .store_registry import GcReport
+
+    assert isinstance(report, GcReport)
+    for line in report.removed:
+        _stderr(f"removed {line}")
+    if report.over_budget_by:
+        _stderr(f"warning: the local store is {store_layout.human(report.over_budget_by)} over its budget and "
+                "holds no copy that another tier also has: nothing was evicted")
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    from .checkpoint_archive import Progress
+    from .containerd_client import ContainerdClient, ContainerdError
+    from .store_checkpoint import StoreCheckpointer
+
+    progress = Progress(quiet=args.quiet)
+    address = args.address.removeprefix("unix://")
+    if not os.path.exists(address):
+        _stderr(f"kybernate checkpoint: error: no containerd socket at {args.address}")
+        return 1
+    try:
+        if args.key is not None:
+            store_layout.validate_key(args.key)
+        with ContainerdClient(address, args.namespace, timeout=args.timeout) as client:
+            result = StoreCheckpointer(client, address, args.container_id, store_layout.Store(args.store),
+                                       args.key, leave_running=args.leave_running, progress=progress,
+                                       timeout=args.timeout).run()
+    except (StoreError, ContainerdError) as err:
+        _stderr(f"kybernate checkpoint: error: {err}")
+        return 1
+    except KeyboardInterrupt:
+        _stderr("kybernate checkpoint: interrupted")
+        return 130
+    _index(args, result.generation)
+    if args.json:
+        print(json.dumps(result.to_dict(), sort_keys=True))
+    progress(f"done: {result.generation.key}@{result.generation.number} in {result.seconds:.2f}s")
+    return 0
+
+
+def _index(args: argparse.Namespace, generation: store_layout.Generation) -> None:
+    """Registry and retention after a checkpoint: the checkpoint is complete either way (the registry is
+    an index, `kybernate store rebuild` restores it), so a failure here is a warning."""
+    from .store_registry import Registry, collect
+
+    try:
+        registry = Registry(args.registry)
+        registry.record_local(generation)
+        _report_gc(collect(store_layout.Store(args.store), registry, keep=args.keep, budget_bytes=args.budget))
+    except StoreError as err:
+        _stderr(f"kybernate checkpoint: warning: {err}")

@@ -1,0 +1,216 @@
+"""The store's index: one SQLite file per node (default /var/lib/kybernate/registry.db).
+
+It says what is where without walking the store: key, generation, state, which tiers hold it, size,
+created, node, GPU summary. It is an index only: the manifests are the truth, and `rebuild()` makes the
+same rows from them (`kybernate store rebuild`). Retention (keep N generations per key) and the local
+disk budget (evict local copies, least recently used first, only where another tier holds the
+generation; never the only complete copy) run over it.
+
+sqlite3 is blocking: callers on an event loop run these in an executor. Every call opens its own
+connection (WAL, busy timeout), so the CLI and hookd may use one file at the same time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from kybernate.hooks.api.store import Generation, Store, StoreError
+
+DEFAULT_REGISTRY = "/var/lib/kybernate/registry.db"
+REGISTRY_ENV = "KYBERNATE_REGISTRY"
+# States a generation passes through; `failed` carries the reason in `error`.
+COMPLETE, UPLOADING, UPLOADED, FAILED = "complete", "uploading", "uploaded", "failed"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS generations (
+    key TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    local INTEGER NOT NULL,       -- 1: a complete copy is in the local store
+    remote INTEGER NOT NULL,      -- 1: a complete copy is in the object store
+    size INTEGER NOT NULL,        -- bytes of all files of the generation
+    created TEXT NOT NULL,        -- RFC 3339, from the manifest
+    node TEXT NOT NULL,
+    container TEXT NOT NULL,
+    gpu TEXT NOT NULL,            -- JSON summary from the manifest
+    last_used REAL NOT NULL,      -- unix seconds: written or restored
+    uploaded_bytes INTEGER NOT NULL DEFAULT 0,
+    error TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (key, generation)
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    key: str
+    generation: int
+    state: str
+    local: bool
+    remote: bool
+    size: int
+    created: str
+    node: str
+    container: str
+    gpu: dict[str, Any]
+    last_used: float
+    uploaded_bytes: int = 0
+    error: str = ""
+
+    @property
+    def tiers(self) -> str:
+        return ",".join(t for t, present in (("local", self.local), ("s3", self.remote)) if present) or "-"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["tiers"] = self.tiers.split(",") if self.tiers != "-" else []
+        return data
+
+
+def default_registry() -> str:
+    return os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY
+
+
+class Registry:
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=30.0)
+        except (OSError, sqlite3.Error) as err:
+            raise StoreError(f"cannot open the store registry {self.path}: {err}") from err
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(_SCHEMA)
+            with db:
+                yield db
+        except sqlite3.Error as err:
+            raise StoreError(f"store registry {self.path}: {err}") from err
+        finally:
+            db.close()
+
+    # ---- writes ----
+
+    def record_local(self, generation: Generation, *, remote: bool = False, state: str = COMPLETE) -> None:
+        """A complete local generation (just written, or found by rebuild)."""
+        m = generation.manifest
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO generations (key, generation, state, local, remote, size, created, node, container,"
+                " gpu, last_used) VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (key, generation) DO UPDATE SET local = 1, remote = max(remote, excluded.remote),"
+                " size = excluded.size",
+                (m.key, m.generation, state, int(remote), m.size, m.created, m.node, m.identity.container_id,
+                 json.dumps(m.gpu, sort_keys=True), time.time()))
+
+    def set_state(self, key: str, generation: int, state: str, *, error: str = "", uploaded_bytes: int | None = None,
+                  remote: bool | None = None) -> None:
+        with self._db() as db:
+            db.execute("UPDATE generations SET state = ?, error = ? WHERE key = ? AND generation = ?",
+                       (state, error, key, generation))
+            if uploaded_bytes is not None:
+                db.execute("UPDATE generations SET uploaded_bytes = ? WHERE key = ? AND generation = ?",
+                           (uploaded_bytes, key, generation))
+            if remote is not None:
+                db.execute("UPDATE generations SET remote = ? WHERE key = ? AND generation = ?",
+                           (int(remote), key, generation))
+
+    def touch(self, key: str, generation: int) -> None:
+        with self._db() as db:
+            db.execute("UPDATE generations SET last_used = ? WHERE key = ? AND generation = ?",
+                       (time.time(), key, generation))
+
+    def forget_local(self, key: str, generation: int) -> None:
+        """The local copy is gone: drop the row unless another tier still holds it."""
+        with self._db() as db:
+            db.execute("UPDATE generations SET local = 0 WHERE key = ? AND generation = ?", (key, generation))
+            db.execute("DELETE FROM generations WHERE key = ? AND generation = ? AND local = 0 AND remote = 0",
+                       (key, generation))
+
+    def rebuild(self, store: Store) -> int:
+        """Forget everything and index every complete local generation from its manifest; returns the count.
+
+        Row order and content depend only on the manifests, so a wiped index rebuilds to the same listing
+        (only last_used, a cache hint, restarts)."""
+        generations = [store.open(key, number) for key in store.keys() for number in store.generations(key)]
+        with self._db() as db:
+            db.execute("DELETE FROM generations")
+        for generation in generations:
+            self.record_local(generation)
+        return len(generations)
+
+    # ---- reads ----
+
+    def rows(self, key: str | None = None) -> list[Row]:
+        query = "SELECT key, generation, state, local, remote, size, created, node, container, gpu, last_used," \
+                " uploaded_bytes, error FROM generations"
+        args: tuple[Any, ...] = ()
+        if key is not None:
+            query += " WHERE key = ?"
+            args = (key,)
+        with self._db() as db:
+            found = db.execute(query + " ORDER BY key, generation", args).fetchall()
+        return [Row(r[0], r[1], r[2], bool(r[3]), bool(r[4]), r[5], r[6], r[7], r[8], json.loads(r[9] or "{}"),
+                    r[10], r[11], r[12]) for r in found]
+
+
+@dataclass(frozen=True, slots=True)
+class GcReport:
+    removed: tuple[str, ...]  # `key@generation (why)`
+    local_bytes: int
+    over_budget_by: int  # > 0 when nothing more could be evicted
+
+
+def collect(store: Store, registry: Registry, *, keep: int, budget_bytes: int | None) -> GcReport:
+    """Retention, then the local budget.
+
+    Retention: of each key, only the newest `keep` (>= 1) complete generations stay, on every tier this
+    node manages. Budget: while the local copies exceed `budget_bytes`, the least recently used local copy
+    that another tier also holds is removed locally; a copy that is the only complete one is never removed
+    (the report then says by how much the budget is exceeded).
+    """
+    if keep < 1:
+        raise StoreError(f"keep must be at least 1 (got {keep}): the newest generation is never removed")
+    removed: list[str] = []
+    for key in store.keys():
+        numbers = store.generations(key)
+        for number in numbers[:-keep]:
+            _remove_local(store, registry, key, number)
+            removed.append(f"{key}@{number} (retention: keep {keep})")
+    local = [r for r in registry.rows() if r.local]
+    total = sum(r.size for r in local)
+    if budget_bytes is not None and total > budget_bytes:
+        for row in sorted(local, key=lambda r: r.last_used):
+            if total <= budget_bytes:
+                break
+            if not row.remote:
+                continue  # the only complete copy stays
+            _remove_local(store, registry, row.key, row.generation, keep_row=True)
+            removed.append(f"{row.key}@{row.generation} (budget: local copy evicted, kept in s3)")
+            total -= row.size
+    over = total - budget_bytes if budget_bytes is not None and total > budget_bytes else 0
+    return GcReport(tuple(removed), total, over)
+
+
+def _remove_local(store: Store, registry: Registry, key: str, number: int, *, keep_row: bool = False) -> None:
+    path = os.path.join(store.key_dir(key), str(number))
+    # Rename first, so that a crash mid-delete leaves a dot-dir, never a torn numbered generation.
+    doomed = os.path.join(store.key_dir(key), f".tmp-delete-{number}-{os.getpid()}")
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(doomed, ignore_errors=True)
+    if keep_row:
+        registry.set_state(key, number, UPLOADED, remote=True)
+    registry.forget_local(key, number)

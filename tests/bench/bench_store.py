@@ -1,0 +1,164 @@
+"""`kybernate checkpoint` into the store vs `ctr c checkpoint` vs the raw floor, on the same container.
+
+One container under the kybernate runtime holds --mib MiB of memory. Per round, interleaved (rotating the
+order so drift hits all alike), each leaving the task running:
+- `kybernate checkpoint --leave-running` into a store on --dir: pause, our shim's dump into the store,
+  rootfs diff, resume, sha256 + manifest (its phases are printed too);
+- `ctr c checkpoint --task --rw`: containerd's own path (dump into a temp dir, copy into the content store);
+- the floor: `runc checkpoint --leave-running --image-path` on the same container, i.e. CRIU alone;
+- the disk: writing the same number of bytes with dd (conv=fsync off: CRIU does not fsync either).
+On a GPU machine the same script measures GPU containers when --gpu-image is given (tests/gpu).
+
+Usage: python tests/bench/bench_store.py [--containerd 1.6|2.1] [--runs 5] [--mib 512] [--dir /var/tmp]
+Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from harness import images  # noqa: E402
+from harness.containerd import Containerd  # noqa: E402
+from harness.stack import load_stack  # noqa: E402
+
+KYBERNATE = "io.containerd.kybernate.v1"
+NAME = "bench"
+
+
+def holder(mib: int) -> str:
+    # awk doubles a string of 'a's (not zero pages, which CRIU would skip) to `mib` MiB, then waits in
+    # system("sleep"), holding it. (busybox sh frees a large variable's pages right away.)
+    return (f"awk 'BEGIN {{ s = \"a\"; while (length(s) < {mib << 20}) s = s s; "
+            f"system(\"echo ready > /ready; sleep 100000\") }}'")
+
+
+def tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def kybernate_checkpoint(c: Containerd, store: Path) -> tuple[float, dict[str, float], int]:
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "kybernate.hooks.cli.checkpoint_archive", "checkpoint", NAME, "--leave-running",
+         "--key", "bench", "--store", str(store), "--registry", str(store.parent / "registry.db"), "--address", str(c.address), "--namespace", c.namespace,
+         "--json", "--quiet"], capture_output=True, text=True, check=True)
+    took = time.perf_counter() - started
+    result = json.loads(done.stdout)
+    shutil.rmtree(result["path"])
+    return took, result["phases"], int(result["size"])
+
+
+def ctr_checkpoint(c: Containerd, i: int) -> float:
+    ref = f"bench/ckpt:{i}"
+    started = time.perf_counter()
+    c.ctr("containers", "checkpoint", "--task", "--rw", NAME, ref)
+    took = time.perf_counter() - started
+    c.ctr("images", "rm", "--sync", ref, check=False)
+    return took
+
+
+def raw_checkpoint(c: Containerd, runc: str, scratch: Path) -> tuple[float, int]:
+    images_dir, work = scratch / "raw", scratch / "raw-work"
+    started = time.perf_counter()
+    subprocess.run([runc, "--root", f"/run/containerd/runc/{c.namespace}", "checkpoint", "--leave-running",
+                    "--image-path", str(images_dir), "--work-path", str(work), NAME],
+                   check=True, env=c.env, capture_output=True)
+    took = time.perf_counter() - started
+    size = tree_size(images_dir)
+    shutil.rmtree(images_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    return took, size
+
+
+def disk_write(scratch: Path, size: int) -> float:
+    target = scratch / "dd"
+    started = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={max(1, size >> 22)}"],
+                   check=True, capture_output=True)
+    took = time.perf_counter() - started
+    target.unlink()
+    return took
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--containerd", default="1.6", choices=["1.6", "2.1"])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--mib", type=int, default=512, help="memory the container holds")
+    parser.add_argument("--dir", default="/var/tmp", help="where the store and the raw dumps go (same disk)")
+    args = parser.parse_args()
+
+    stack = load_stack()
+    runc = str(stack.runc)
+    c = Containerd(stack, args.containerd, extra_path=[Path(sys.executable).parent], log_level="info")
+    ours: list[float] = []
+    phases: dict[str, list[float]] = {}
+    ctr_s: list[float] = []
+    raw_s: list[float] = []
+    disk_s: list[float] = []
+    size = 0
+    scratch = Path(tempfile.mkdtemp(prefix="kyb-bench-", dir=args.dir))
+    try:
+        c.start()
+        with tempfile.TemporaryDirectory() as d:
+            images.import_image(c, images.busybox_image(Path(d), stack.busybox))
+        c.ctr("run", "-d", "--runtime", KYBERNATE, images.BUSYBOX_IMAGE, NAME, "sh", "-c", holder(args.mib))
+        deadline = time.monotonic() + 300
+        while c.ctr("tasks", "exec", "--exec-id", "probe", NAME, "cat", "/ready", check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the benchmark container never filled its memory")
+            time.sleep(0.5)
+        kybernate_checkpoint(c, scratch / "store")  # warm-up: page cache, CRIU binary, imports
+        for i in range(args.runs):
+            steps = ["kyb", "ctr", "raw"]
+            for step in steps[i % 3:] + steps[:i % 3]:
+                if step == "kyb":
+                    took, ph, size = kybernate_checkpoint(c, scratch / "store")
+                    ours.append(took)
+                    for k, v in ph.items():
+                        phases.setdefault(k, []).append(v)
+                elif step == "ctr":
+                    ctr_s.append(ctr_checkpoint(c, i))
+                else:
+                    took, _ = raw_checkpoint(c, runc, scratch)
+                    raw_s.append(took)
+            disk_s.append(disk_write(scratch, size))
+    finally:
+        c.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    med = statistics.median
+    mib = size / (1 << 20)
+    version = subprocess.run([str(stack.containerd[args.containerd].containerd), "--version"],
+                             capture_output=True, text=True).stdout.split()[2]
+    print(f"containerd {version}, CPU container holding {args.mib} MiB, checkpoint {mib:.0f} MiB, "
+          f"{args.runs} interleaved rounds, medians, store on {args.dir}\n")
+    print("| path | seconds | MB/s of checkpoint | × raw CRIU |")
+    print("| --- | --- | --- | --- |")
+    floor = med(raw_s)
+    for label, values in (("`kybernate checkpoint --leave-running` (whole command)", ours),
+                          ("`ctr c checkpoint --task --rw`", ctr_s),
+                          ("raw floor: `runc checkpoint --leave-running` (CRIU dump)", raw_s),
+                          ("disk: `dd` of the same size", disk_s)):
+        m = med(values)
+        print(f"| {label} | {m:.3f} | {size / m / 1e6:.0f} | {m / floor:.2f} |")
+    print("\n| `kybernate checkpoint` phase | seconds |")
+    print("| --- | --- |")
+    for k, v in phases.items():
+        print(f"| {k} | {med(v):.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""`kybernate checkpoint <container>` into the store (containerd 1.6.20 and 2.1.x): our shim dumps
+straight into `<store>/<key>/<generation>/` (containerd 1.6 would not pass an image path to a runtime not
+named io.containerd.runc*), with the manifest last; faults leave the container running and no temp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import RUNTIME
+from harness.containerd import Containerd
+from harness.images import BUSYBOX_IMAGE
+from harness.workload import COUNTER, read_counts, task_status, wait_for
+
+from kybernate.hooks.api import store as store_layout
+
+pytestmark = pytest.mark.stack
+
+
+@pytest.fixture(autouse=True)
+def private_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The store's SQLite index for the `kybernate` commands of this test (never the node's)."""
+    path = tmp_path / "registry.db"
+    monkeypatch.setenv("KYBERNATE_REGISTRY", str(path))
+    return path
+COMMAND = "echo hi > /made; rm /etc/group; " + COUNTER
+
+
+def kybernate(c: Containerd, *args: str, namespace: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kybernate.hooks.cli.checkpoint_archive", *args, "--address", str(c.address),
+         "--namespace", namespace or c.namespace],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def start_counter(c: Containerd, name: str) -> int:
+    c.ctr("run", "-d", "--runtime", RUNTIME, BUSYBOX_IMAGE, name, "sh", "-c", COMMAND)
+    return wait_for("the counter", lambda: (n := read_counts(c, name)) and len(n) > 3 and n)[-1]
+
+
+def test_checkpoint_into_the_store_leaving_the_container_running(kyb: Containerd, tmp_path: Path,
+                                                                 private_registry: Path) -> None:
+    store = tmp_path / "store"
+    start_counter(kyb, "cnt")
+    done = kybernate(kyb, "checkpoint", "cnt", "--key", "web", "--leave-running", "--store", str(store), "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["key"], result["generation"], result["path"]) == ("web", 1, str(store / "web" / "1"))
+    assert {"pause", "dump", "rootfs", "resume", "manifest"} <= result["phases"].keys()
+    assert "paused" in done.stderr and "dumped into the store" in done.stderr and "resumed" in done.stderr
+
+    gen = store_layout.Store(str(store)).open("web")
+    store_layout.Store(str(store)).verify(gen)
+    names = {f.path for f in gen.manifest.files}
+    assert {"checkpoint/inventory.img", "rootfs-diff.tar", "deleted.files", "config.dump", "spec.dump"} <= names
+    assert any(n.startswith("checkpoint/pages-") for n in names)
+    assert gen.manifest.identity.container_id == "cnt" and gen.manifest.identity.runtime == RUNTIME
+    assert json.loads((store / "web" / "1" / "deleted.files").read_text()) == ["/etc/group"]
+    assert os.listdir(store / "web") == ["1"]  # no temp dir left
+    # Nothing went through containerd's content store.
+    assert "criu" not in kyb.ctr("content", "ls").stdout
+
+    assert task_status(kyb, "cnt") == "RUNNING"
+    last = read_counts(kyb, "cnt")[-1]
+    wait_for("the counter to move on", lambda: read_counts(kyb, "cnt")[-1] > last + 1)
+
+    # A second checkpoint is generation 2 of the same key; without --leave-running the task exits.
+    done = kybernate(kyb, "checkpoint", "cnt", "--key", "web", "--store", str(store))
+    assert done.returncode == 0, done.stderr
+    assert store_layout.Store(str(store)).generations("web") == [1, 2]
+    wait_for("the checkpointed task to stop", lambda: task_status(kyb, "cnt") == "STOPPED")
+
+    # The registry lists both; wiped and rebuilt from the manifests, it lists the same.
+    def ls(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "kybernate.hooks.cli.checkpoint_archive", "ls", *args],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    listed = json.loads(ls("--json"))
+    assert [(r["key"], r["generation"], r["state"], r["tiers"]) for r in listed] == [
+        ("web", 1, "complete", ["local"]), ("web", 2, "complete", ["local"])]
+    assert listed[0]["container"] == "cnt" and listed[0]["size"] == result["size"]
+    table = ls().splitlines()
+    assert table[0].split() == ["KEY", "GEN", "STATE", "TIERS", "SIZE", "CREATED", "NODE", "GPU"]
+    assert [line.split()[:4] for line in table[1:]] == [["web", "1", "complete", "local"],
+                                                        ["web", "2", "complete", "local"]]
+    private_registry.unlink()
+    assert json.loads(ls("--json")) == []
+    done = subprocess.run([sys.executable, "-m", "kybernate.hooks.cli.checkpoint_archive", "store", "rebuild",
+                           "--store", str(store)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "2 generations indexed" in done.stderr, done.stderr
+
+    def stable(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "last_used"} for r in rows]
+
+    assert stable(json.loads(ls("--json"))) == stable(listed)
+
+    # Retention: with --keep 2 a third checkpoint removes generation 1.
+    start_counter(kyb, "cnt2")
+    done = kybernate(kyb, "checkpoint", "cnt2", "--key", "web", "--leave-running", "--keep", "2",
+                     "--store", str(store))
+    assert done.returncode == 0 and "removed web@1 (retention: keep 2)" in done.stderr, done.stderr
+    assert store_layout.Store(str(store)).generations("web") == [2, 3]
+    assert [r["generation"] for r in json.loads(ls("--json"))] == [2, 3]
+
+
+def test_a_full_store_fails_the_checkpoint_and_the_container_runs_on(kyb: Containerd, tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(small)], check=True)
+    try:
+        start_counter(kyb, "full")
+        done = kybernate(kyb, "checkpoint", "full", "--key", "web", "--leave-running", "--store", str(small))
+        assert done.returncode == 1, done.stderr
+        assert "is full" in done.stderr and "partial checkpoint was removed" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+        assert os.listdir(small / "web") == []
+        assert task_status(kyb, "full") == "RUNNING"
+        last = read_counts(kyb, "full")[-1]
+        wait_for("the counter to move on", lambda: read_counts(kyb, "full")[-1] > last + 1)
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_bad_input_is_refused_before_anything_is_touched(kyb: Containerd, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    start_counter(kyb, "bad")
+    for key, says in (("../x", "path separator"), ("a\tb", "control"), ("x" * 200, "at most 128")):
+        done = kybernate(kyb, "checkpoint", "bad", "--key", key, "--store", str(store))
+        assert done.returncode == 1 and says in done.stderr, done.stderr
+    done = kybernate(kyb, "checkpoint", "nope", "--key", "k", "--store", str(store))
+    assert done.returncode == 1 and "'nope' not found" in done.stderr, done.stderr
+    assert not store.exists() or os.listdir(store) == []
+    assert task_status(kyb, "bad") == "RUNNING"
