@@ -110,7 +110,7 @@ def unpack(archive: str, workdir: str) -> RestorePlan:
         archive=archive,
         checkpoint_dir=os.path.join(workdir, CHECKPOINT_DIR),
         rootfs_diff=rootfs_diff if os.path.isfile(rootfs_diff) else None,
-        deleted_files=_deleted_files(os.path.join(workdir, DELETED_FILES), archive),
+        deleted_files=read_deleted_files(os.path.join(workdir, DELETED_FILES), archive),
     )
 
 
@@ -183,7 +183,8 @@ def _wanted(name: str) -> bool:
     return name.startswith(CHECKPOINT_PREFIX) or name in (CHECKPOINT_DIR, ROOTFS_DIFF, DELETED_FILES, CONFIG_DUMP)
 
 
-def _deleted_files(path: str, archive: str) -> tuple[str, ...]:
+def read_deleted_files(path: str, archive: str) -> tuple[str, ...]:
+    """The paths a checkpoint's deleted.files lists; () when there is none."""
     try:
         with open(path) as f:
             names = json.load(f)

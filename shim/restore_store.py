@@ -19,7 +19,6 @@ Imported only when the annotation names the store: the shim's start path never p
 from __future__ import annotations
 
 import errno
-import json
 import os
 import secrets
 import shutil
@@ -28,7 +27,7 @@ import time
 from kybernate.hooks.api import store as store_layout
 from kybernate.hooks.api.checkpoint import DELETED_FILES, ROOTFS_DIFF
 
-from .restore_from import RestoreError, RestorePlan
+from .restore_from import RestoreError, RestorePlan, read_deleted_files
 
 PREFIX = "store:"
 STORE_ENV = "KYBERNATE_STORE"
@@ -69,7 +68,7 @@ def prepare(reference: str, container_id: str, root: str | None = None) -> Resto
             _link(os.path.join(generation.path, entry.path), target)
         if not os.path.exists(os.path.join(workdir, "checkpoint", "inventory.img")):
             raise RestoreError(f"{name} has no checkpoint/inventory.img: it is not a container checkpoint")
-        deleted = _deleted_files(os.path.join(workdir, DELETED_FILES), name)
+        deleted = read_deleted_files(os.path.join(workdir, DELETED_FILES), name)
     except OSError as err:
         shutil.rmtree(workdir, ignore_errors=True)
         raise RestoreError(f"{name}: cannot prepare the restore in {workdir}: {err}") from err
@@ -105,16 +104,3 @@ def _sweep(links: str) -> None:
                 shutil.rmtree(entry.path, ignore_errors=True)
         except OSError:
             pass
-
-
-def _deleted_files(path: str, name: str) -> tuple[str, ...]:
-    try:
-        with open(path) as f:
-            names = json.load(f)
-    except FileNotFoundError:
-        return ()
-    except (OSError, ValueError) as err:
-        raise RestoreError(f"{name}: {DELETED_FILES} is not a JSON list: {err}") from err
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise RestoreError(f"{name}: {DELETED_FILES} is not a JSON list of paths")
-    return tuple(names)

@@ -51,6 +51,7 @@ from kybernate.hooks.api.checkpoint import (
     SPEC_DUMP,
     WHITEOUT_PREFIX,
 )
+from kybernate.hooks.api.store import human
 
 from .containerd_client import ContainerdClient, ContainerdError, criu_checkpoint
 
@@ -81,15 +82,6 @@ class Progress:
     def __call__(self, message: str) -> None:
         if not self.quiet:
             print(f"[{self.elapsed():7.2f}s] {message}", file=self.out, flush=True)
-
-
-def human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
 
 
 class _ChunkReader(io.RawIOBase):

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from conftest import RUNTIME
 from harness.containerd import Containerd, CtrError
-from harness.containerd_api import ContainerdApi, ContainerdApiError, criu_checkpoint
+from harness.containerd_api import ContainerdApi, ContainerdError, criu_checkpoint
 from harness.gpunode import G0, GiB, GpuNode
 from harness.images import BUSYBOX_IMAGE
 from harness.workload import read_counts, task_pid, task_status, wait_for
@@ -124,7 +124,7 @@ def test_start_with_short_vram_stops_the_task_and_a_second_start_works(kyb_facto
         hog = gpu.node.spawn("hog", G0, 60 * GiB)
         wait_for("the hog to hold its VRAM", lambda: live_cuda_pids(gpu, "hog"))
         try:
-            with pytest.raises(ContainerdApiError) as failed:
+            with pytest.raises(ContainerdError) as failed:
                 api.start_task("big")
             assert "VRAM" in failed.value.details and "stopped" in failed.value.details, failed.value.details
             assert_stopped_cleanly(c, gpu, "big", "p-big")
@@ -147,7 +147,7 @@ def test_start_with_hookd_dead_stops_the_task_and_works_once_hookd_is_back(kyb_f
         c.ctr("tasks", "delete", "g")
         api.create_task_from_checkpoint("g", criu_checkpoint(descriptors))
         gpu.kill9()
-        with pytest.raises(ContainerdApiError) as failed:
+        with pytest.raises(ContainerdError) as failed:
             api.start_task("g")
         assert failed.value.code is not None and failed.value.code.name == "UNAVAILABLE", failed.value
         assert "not reachable" in failed.value.details and "stopped" in failed.value.details
@@ -183,7 +183,7 @@ def test_cri_start_with_short_vram_reads_exited_and_the_pod_can_be_removed(kyb_f
     # The fake keys driver state by process id, and the pod that was checkpointed ran on (RUNNING); the
     # archive's image was taken CHECKPOINTED, which is what the real driver finds in a restored process.
     record = gpu.node.dir / "procs" / "p-cri"
-    record.write_text("".join(f"state=CHECKPOINTED\n" if line.startswith("state=") else line + "\n"
+    record.write_text("".join("state=CHECKPOINTED\n" if line.startswith("state=") else line + "\n"
                               for line in record.read_text().splitlines()))
     hog = gpu.node.spawn("hog", G0, 60 * GiB)
     wait_for("the hog to hold its VRAM", lambda: live_cuda_pids(gpu, "hog"))
@@ -289,7 +289,7 @@ def test_hookd_killed_during_checkpoint_is_reconciled_when_it_restarts(kyb_facto
         dumping = background(api.checkpoint_task, "k", False, pause=False)
         wait_event(gpu, "p-k", "lock", t0)
         gpu.kill9()
-        with pytest.raises(ContainerdApiError, match="not reachable"):
+        with pytest.raises(ContainerdError, match="not reachable"):
             dumping.result(60)
     assert task_status(c, "k") == "RUNNING"
     gpu.node.clear_faults()
@@ -345,7 +345,7 @@ def test_criu_killed_mid_dump_leaves_the_workload_running_with_its_gpu(kyb_facto
     c = kyb_factory(version, runtime_toml=gpu.runtime_toml())
     run_gpu(c, gpu, "d", "p-d", "--annotation", f"org.criu.config={conf}")
     with ContainerdApi(c.address, c.namespace) as api:
-        with pytest.raises(ContainerdApiError) as failed:
+        with pytest.raises(ContainerdError) as failed:
             api.checkpoint_task("d", exit=False)  # pause, checkpoint (CRIU dies), resume: as ctr does
     assert "criu" in str(failed.value).lower() or "checkpoint" in str(failed.value).lower(), failed.value
     wait_for("containerd to show the task RUNNING", lambda: task_status(c, "d") == "RUNNING", 30)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, RUNTIME
 from harness.containerd import Containerd
-from harness.containerd_api import CRIU_CHECKPOINT_MEDIA_TYPE, ContainerdApi, ContainerdApiError, criu_checkpoint
+from harness.containerd_api import CRIU_CHECKPOINT_MEDIA_TYPE, ContainerdApi, ContainerdError, criu_checkpoint
 from harness.images import BUSYBOX_IMAGE
 from harness.workload import wait_for
 
@@ -168,7 +168,7 @@ def test_a_restore_criu_refuses_says_why(kyb_factory, tmp_path: Path) -> None:
         prog.wait_past(prog.last_step() + 5, "the file to grow past its size at the dump")
         _stop(api, c, prog.name)
         api.create_task_from_checkpoint(prog.name, criu_checkpoint(leave))
-        with pytest.raises(ContainerdApiError) as failure:
+        with pytest.raises(ContainerdError) as failure:
             api.start_task(prog.name)
         message = str(failure.value)
         assert "criu restore failed: pid " in message and "has bad size" in message, message
@@ -176,7 +176,7 @@ def test_a_restore_criu_refuses_says_why(kyb_factory, tmp_path: Path) -> None:
         # Nothing half-restored is left: the task is gone with the failed Start or deletes cleanly.
         try:
             api.delete_task(prog.name)
-        except ContainerdApiError as err:
+        except ContainerdError as err:
             assert err.code is not None and err.code.name == "NOT_FOUND", err
         assert not [t for t in c.ctr("tasks", "ls", "-q").stdout.split() if t == prog.name]
     prog.check()
@@ -197,7 +197,7 @@ def _run(c: Containerd, pattern: str, tmp_path: Path, refused: str | None, extra
         before = prog.last_step()
         try:
             leave = api.checkpoint_task(prog.name, exit=False)
-        except ContainerdApiError as err:  # keep CRIU's whole log beside the test's output
+        except ContainerdError as err:  # keep CRIU's whole log beside the test's output
             _keep_criu_log(str(err), tmp_path)
             raise
         _forget_spec_blob(c, leave)
@@ -227,7 +227,7 @@ def _run(c: Containerd, pattern: str, tmp_path: Path, refused: str | None, extra
 
 def _assert_refused_clearly(api: ContainerdApi, prog: Program, reason: str) -> None:
     for exit_ in (False, True):
-        with pytest.raises(ContainerdApiError) as failure:
+        with pytest.raises(ContainerdError) as failure:
             api.checkpoint_task(prog.name, exit=exit_)
         message = str(failure.value)
         assert "criu dump failed: pid " in message and reason in message, message
