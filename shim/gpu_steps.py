@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from kybernate.hooks.api import intent
+from kybernate.hooks.api import intent, procfs
 
 from .errors import FailedPrecondition, Internal, InvalidArgument
 from .runtime_options import KybernateOptions
@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+
+def _own_start_time() -> int:
+    """This daemon's start time, recorded with its pid so hookd can tell it from a later process of that pid."""
+    return procfs.start_time(os.getpid())
 
 
 class GpuStepError(FailedPrecondition):
@@ -344,7 +349,8 @@ class GpuSteps:
     async def _record(self, task: TaskGpu, phase: Phase, step: str | None) -> None:
         record = intent.Intent(
             namespace=task.spec.namespace, container_id=task.container_id, bundle=task.spec.bundle,
-            desired=DESIRED[phase], step=step, phase=phase.value, shim_pid=os.getpid(), init_pid=task.init_pid,
+            desired=DESIRED[phase], step=step, phase=phase.value, shim_pid=os.getpid(), shim_start=_own_start_time(),
+            init_pid=task.init_pid,
             pids=task.pids, manifest=task.manifest.to_dict() if task.manifest is not None else None,
         )
         try:

@@ -62,6 +62,14 @@ _CHANNEL_OPTIONS = (
     # A connection the kernel accepted but nobody answers (a daemon stopped before it accepted):
     # gRPC's connect timeout is this backoff minimum, 20 s by default.
     ("grpc.min_reconnect_backoff_ms", KEEPALIVE_TIMEOUT_MS),
+    # After hookd went away the channel backs off between connection attempts (1 s, growing to minutes by
+    # default), failing calls at once meanwhile: a hookd restarted by systemd would stay unreachable for that
+    # long. A unix socket costs nothing to retry: start at 100 ms and never wait more than 1 s.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+    # A channel of its own connection (not gRPC's process-wide pool), so that a fresh channel after a refused
+    # connection really connects anew (see _call).
+    ("grpc.use_local_subchannel_pool", 1),
 )
 
 
@@ -180,7 +188,16 @@ class HookdClient:
 
         stub = await self._get_stub()
         try:
-            return await getattr(stub, method)(request, timeout=deadline_s)
+            try:
+                return await getattr(stub, method)(request, timeout=deadline_s)
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or not _not_connected(err.details() or ""):
+                    raise
+                # The request never left: the channel is still backing off after hookd went away (its socket
+                # refused a connection). hookd may be back since: one fresh channel, one more try.
+                await self._reset_channel()
+                stub = await self._get_stub()
+                return await getattr(stub, method)(request, timeout=deadline_s)
         except grpc.aio.AioRpcError as err:
             code = err.code()
             details = err.details() or code.name
@@ -194,6 +211,11 @@ class HookdClient:
             pid = md.get(METADATA_PID)
             raise HookdError(code.value[0], details, pid=int(pid) if pid and pid.isdigit() else None,
                              step=md.get(METADATA_STEP), driver_error=md.get(METADATA_DRIVER_ERROR)) from None
+
+    async def _reset_channel(self) -> None:
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close()
 
     async def _get_stub(self) -> Any:
         loop = asyncio.get_running_loop()
@@ -210,6 +232,11 @@ class HookdClient:
             self._stub = make_stub(self._channel)
             self._loop = loop
         return self._stub
+
+
+def _not_connected(details: str) -> bool:
+    """gRPC's words for a call that failed before it reached hookd: no connection could be made."""
+    return "failed to connect" in details.lower() or "connection refused" in details.lower()
 
 
 def _ref(pb: Any, namespace: str, container_id: str, pids: Sequence[int], cgroup_path: str) -> Any:

@@ -46,6 +46,7 @@ class Intent:
     init_pid: int = 0  # the task's init process (0 before Start); its cgroup holds every process
     pids: tuple[int, ...] = ()  # the task's processes as of the last step
     manifest: dict[str, Any] | None = None  # the GPU manifest of the last checkpoint (VRAM pre-check)
+    shim_start: int = 0  # the shim's start time (procfs.start_time): tells it from a later process of its pid
     version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -66,7 +67,8 @@ class Intent:
                 namespace=_str(data, "namespace"), container_id=_str(data, "container_id"),
                 bundle=_str(data, "bundle"), desired=_str(data, "desired"),
                 step=None if data.get("step") is None else _str(data, "step"), phase=_str(data, "phase"),
-                shim_pid=_int(data.get("shim_pid")), init_pid=_int(data.get("init_pid", 0)),
+                shim_pid=_int(data.get("shim_pid")), shim_start=_int(data.get("shim_start", 0)),
+                init_pid=_int(data.get("init_pid", 0)),
                 pids=tuple(_int(p) for p in data.get("pids") or ()),
                 manifest=data.get("manifest") if isinstance(data.get("manifest"), dict) else None,
             )

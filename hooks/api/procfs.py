@@ -92,6 +92,13 @@ def alive(pid: int) -> bool:
     return bool(state) and state[0] not in ("Z", "X")
 
 
+def start_time(pid: int) -> int:
+    """When the process started (clock ticks since boot; /proc/<pid>/stat field 22), 0 when it is gone.
+    With the pid it names one process for good: a pid reused later has another start time."""
+    fields = _read(f"/proc/{pid}/stat").rpartition(")")[2].split()
+    return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else 0
+
+
 @dataclass(frozen=True, slots=True)
 class MapEntry:
     """One line of /proc/<pid>/maps."""

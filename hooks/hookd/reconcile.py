@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,6 @@ from .reconcile_settings import ReconcileSettings
 
 log = logging.getLogger(__name__)
 
-SHIM_BINARY = "containerd-shim-kybernate-v1"
 MAX_BACKOFF_S = 300.0
 
 
@@ -90,7 +88,7 @@ class Reconciler:
         except (OSError, intent.IntentError) as err:
             log.warning("unreadable intent file; skipped", extra={"fields": {"path": str(path), "error": str(err)}})
             return "unreadable"
-        shim_alive = _is_shim(record.shim_pid)
+        shim_alive = _shim_alive(record)
         pids = _live_pids(record)
         name = f"{record.namespace}/{record.container_id}"
         if not pids:
@@ -142,39 +140,30 @@ class Reconciler:
         return "restored"
 
 
-def _is_shim(pid: int) -> bool:
-    if pid <= 0:
+def _shim_alive(record: intent.Intent) -> bool:
+    """The shim that wrote the record still runs: its pid lives with the start time it recorded. Not by its
+    command line, which depends on how the shim was launched (a console script, a wrapper, kybernate-shimd's
+    process titles): on the H200 a wrapper-launched shim was taken for dead and its parked task restored."""
+    if record.shim_pid <= 0 or not procfs.alive(record.shim_pid):
         return False
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return any(os.path.basename(a.decode(errors="replace")) == SHIM_BINARY for a in argv[:3])
+    return not record.shim_start or procfs.start_time(record.shim_pid) == record.shim_start
 
 
 def _live_pids(record: intent.Intent) -> list[int]:
     """The task's processes now: its init's cgroup when init lives, else the recorded pids still alive."""
-    if record.init_pid and _alive(record.init_pid):
+    if record.init_pid and procfs.alive(record.init_pid):
         cgroup = _cgroup_of(record.init_pid)
         if cgroup:
             try:
                 return procfs.pids_of_cgroup(cgroup)
             except KybernateError:
                 pass
-    return sorted(p for p in set(record.pids) | ({record.init_pid} if record.init_pid else set()) if _alive(p))
+    return sorted(p for p in set(record.pids) | ({record.init_pid} if record.init_pid else set()) if procfs.alive(p))
 
 
 def _cgroup_of(pid: int) -> str:
     directory = freezer.cgroup_dir(pid, procfs.CGROUP_ROOT)
     return str(directory) if directory is not None else ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def _unlink(path: Path) -> None:

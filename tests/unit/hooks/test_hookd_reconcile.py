@@ -9,11 +9,11 @@ from pathlib import Path
 import fakegpu
 from hookd_testlib import G0, GiB, run
 
+from kybernate.hooks.api import intent
 from kybernate.hooks.hookd.manager import ContainerRef
 from kybernate.hooks.hookd.metrics import Metrics
 from kybernate.hooks.hookd.reconcile import Reconciler
 from kybernate.hooks.hookd.reconcile_settings import ReconcileSettings
-from kybernate.hooks.api import intent
 
 
 def write_intent(d: Path, cid: str, pids: list[int], desired: str = intent.RUNNING, step: str | None = None,
@@ -89,7 +89,7 @@ def test_short_vram_is_retried_with_backoff_and_a_dead_task_forgotten(tmp_path, 
 
 
 def _a_live_shim() -> int:
-    """A live process whose argv[0] names the shim binary (what the reconciler checks for a live shim)."""
+    """A live process standing in for the shim (the reconciler checks that the recorded pid lives)."""
     proc = subprocess.Popen(["containerd-shim-kybernate-v1", "30"], executable="/bin/sleep")
     _LIVE.append(proc)
     return proc.pid
@@ -102,3 +102,23 @@ def teardown_module() -> None:
     for p in _LIVE:
         p.kill()
         p.wait()
+
+
+def test_a_shim_is_known_by_its_pid_and_start_time_not_its_command_line() -> None:
+    """On the H200 a shim launched through a wrapper (python -c ...) was taken for dead by its command line and
+    its parked task restored behind its back; a pid reused by another process must not pass for the shim."""
+    from kybernate.hooks.api import procfs
+    from kybernate.hooks.hookd.reconcile import _shim_alive
+
+    proc = subprocess.Popen(["/bin/sleep", "30"])  # any command line
+    try:
+        started = procfs.start_time(proc.pid)
+        assert started > 0
+        record = intent.Intent("ns", "c", "/bundle", intent.PARKED, None, "parked", proc.pid, shim_start=started)
+        assert _shim_alive(record)
+        assert not _shim_alive(intent.Intent("ns", "c", "/bundle", intent.PARKED, None, "parked", proc.pid,
+                                             shim_start=started + 1))  # the pid now names another process
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not _shim_alive(record)
