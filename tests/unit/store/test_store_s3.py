@@ -4,6 +4,7 @@ generation without its manifest invisible remotely."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -27,8 +28,7 @@ def make_generation(root: Path, key: str = "web", size: int = 3 * PART + 12345) 
     with open(os.path.join(pending.temp, "spec.dump"), "w") as f:
         f.write("{}")
     names = ["checkpoint/inventory.img", "checkpoint/pages-1.img", "spec.dump"]
-    known = {}  # hash with the small part size, as if PART were the store's
-    files = store_layout.hash_files(pending.temp, names, part_size=PART, known=known)
+    files = store_layout.hash_files(pending.temp, names, part_size=PART)  # the small parts, as the store's
     manifest = store_layout.Manifest(key=key, generation=1, created=store_layout.now_rfc3339(), node="node-a",
                                      identity=store_layout.Identity("c1"), files=tuple(files))
     return pending.commit_as(manifest)
@@ -107,3 +107,27 @@ def test_an_unreachable_endpoint_is_a_clear_error(tmp_path: Path, s3_server: S3S
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
     with pytest.raises(S3Error, match=f"upload of web/1/.* failed .*127.0.0.1:{s3_server.port}"):
         S3Tier(config).upload(make_generation(tmp_path / "a"))
+
+
+def test_kybernate_prefetch_downloads_and_registers_both_tiers(tier: S3Tier, tmp_path: Path, s3_server: S3Server,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from kybernate.hooks.cli import store_cli
+
+    tier.upload(make_generation(tmp_path / "a"))
+    for name, value in s3_server.env("cluster-a").items():
+        monkeypatch.setenv(name, value)
+    common = ["--store", str(tmp_path / "b"), "--registry", str(tmp_path / "registry.db")]
+    assert store_cli.main(["prefetch", "web@1", *common]) == 0
+    assert "prefetched web@1" in capsys.readouterr().err
+    store_layout.Store(str(tmp_path / "b")).verify(store_layout.Store(str(tmp_path / "b")).open("web", 1))
+    assert store_cli.main(["ls", "--json", *common]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["key"], row["generation"], row["state"], row["tiers"]) == ("web", 1, "uploaded", ["local", "s3"])
+    # A generation S3 does not have, and no S3 tier at all: clear errors, nothing created.
+    assert store_cli.main(["prefetch", "web@2", *common]) == 1
+    assert "no complete generation 2" in capsys.readouterr().err
+    monkeypatch.delenv("KYBERNATE_S3_BUCKET")
+    assert store_cli.main(["prefetch", "web", *common]) == 2
+    assert "S3 tier is not configured" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "b" / "web")) == ["1"]
