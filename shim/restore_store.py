@@ -93,19 +93,20 @@ def _open_or_download(store: store_layout.Store, key: str, number: int | None) -
     """The local generation; when it is not local and the S3 tier is configured ($KYBERNATE_S3_BUCKET in
     containerd's environment), a verified download of it first. Without a generation number, a newer
     remote generation wins over an older local one (another node may have checkpointed since)."""
+    missing: store_layout.NotFound | None = None
     try:
         local = store.open(key, number)
-    except store_layout.NotFound:
-        local = None
+    except store_layout.NotFound as err:
+        local, missing = None, err
     if local is not None and number is not None:
         return local
     from kybernate.hooks.api import store_s3  # boto3 loads only here: a restore that needs S3
 
     config = store_s3.S3Config.from_env()
     if config is None:
-        if local is None:
-            raise store_layout.NotFound(f"no complete checkpoint for key {key!r} in {store.root} "
-                                        "(and no S3 tier configured)")
+        if missing is not None:
+            raise missing  # the local store's own words (no S3 tier configured)
+        assert local is not None
         return local
     try:
         return store_s3.S3Tier(config).download(store, key, number)
