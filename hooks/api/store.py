@@ -454,14 +454,15 @@ class Pending:
             self.abort()
             raise
 
-    def commit_as(self, manifest: Manifest) -> Generation:
+    def commit_as(self, manifest: Manifest, text: str | None = None) -> Generation:
         """Complete a copy of a generation made elsewhere (a download from S3) under its own number: the
         files are already verified against `manifest`; it is written last and the dir renamed. StoreError
-        when that number is taken locally (a local generation is never overwritten)."""
+        when that number is taken locally (a local generation is never overwritten). `text` is the manifest
+        as it was read (kept byte for byte); without it the manifest is written anew."""
         key_dir = os.path.dirname(self.temp)
         final = os.path.join(key_dir, str(manifest.generation))
         try:
-            _write_synced(os.path.join(self.temp, MANIFEST), manifest.to_json())
+            _write_synced(os.path.join(self.temp, MANIFEST), manifest.to_json() if text is None else text)
             try:
                 os.rename(self.temp, final)
             except OSError as err:

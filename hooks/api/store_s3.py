@@ -153,15 +153,20 @@ class S3Tier:
         return sorted(found)
 
     def manifest(self, key: str, generation: int) -> Manifest:
+        return self._manifest(key, generation)[0]
+
+    def _manifest(self, key: str, generation: int) -> tuple[Manifest, str]:
+        """The remote manifest, parsed and checked, with its text (kept byte for byte in a download)."""
         name = self.config.object_key(key, generation, MANIFEST)
         try:
             body = self.client.get_object(Bucket=self.config.bucket, Key=name)["Body"].read()
         except Exception as err:
             raise self._fail(f"cannot read {name}", err) from err
-        manifest = Manifest.from_json(body.decode("utf-8", "replace"), f"s3://{self.config.bucket}/{name}")
+        text = body.decode("utf-8", "replace")
+        manifest = Manifest.from_json(text, f"s3://{self.config.bucket}/{name}")
         if manifest.key != key or manifest.generation != generation:
             raise Corrupt(f"{name} names {manifest.key!r}@{manifest.generation}, not {key!r}@{generation}", name)
-        return manifest
+        return manifest, text
 
     # ---- download ----
 
@@ -177,7 +182,7 @@ class S3Tier:
             raise NotFound(f"key {key!r} has no complete generation {number} in {self.config.where} (have {have})")
         if number in store.generations(key):
             return store.open(key, number)
-        manifest = self.manifest(key, number)
+        manifest, text = self._manifest(key, number)
         pending = store.begin(key)
         done = progress or (lambda n: None)
         try:
@@ -200,7 +205,7 @@ class S3Tier:
                 rel = os.path.relpath(err.path, pending.temp)
                 raise Corrupt(f"{self.config.object_key(key, number, rel)} downloaded from {self.config.where}: "
                               f"{str(err).replace(pending.temp + '/', '')}", rel) from err
-            return pending.commit_as(manifest)
+            return pending.commit_as(manifest, text)
         except BaseException:
             pending.abort()
             raise

@@ -35,10 +35,12 @@ def make_generation(root: Path, key: str = "web", size: int = 3 * PART + 12345) 
 
 
 @pytest.fixture
-def tier(s3_server: S3Server) -> S3Tier:
+def tier(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Tier:
     config = S3Config.from_env(s3_server.env("cluster-a"))
     assert config is not None
-    os.environ.update({k: v for k, v in s3_server.env().items() if k.startswith("AWS_")})
+    for name, value in s3_server.env().items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)  # credentials from the standard AWS environment
     return S3Tier(config)
 
 
@@ -66,6 +68,8 @@ def test_upload_then_a_fresh_store_downloads_the_same_verified_generation(tier: 
     fresh.verify(fresh.open("web", 1))
     assert (tmp_path / "b" / "web" / "1" / "checkpoint" / "pages-1.img").read_bytes() == \
         (tmp_path / "a" / "web" / "1" / "checkpoint" / "pages-1.img").read_bytes()
+    assert (tmp_path / "b" / "web" / "1" / "manifest.json").read_bytes() == \
+        (tmp_path / "a" / "web" / "1" / "manifest.json").read_bytes()  # the manifest byte for byte
     assert tier.download(fresh, "web", 1).path == got.path  # already local: no second copy
 
 
@@ -99,12 +103,15 @@ def test_a_generation_whose_manifest_was_not_uploaded_is_invisible(tier: S3Tier,
         tier.download(store_layout.Store(str(tmp_path / "b")), "web")
 
 
-def test_an_unreachable_endpoint_is_a_clear_error(tmp_path: Path, s3_server: S3Server) -> None:
+def test_an_unreachable_endpoint_is_a_clear_error(tmp_path: Path, s3_server: S3Server,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     env = {**s3_server.env(), "KYBERNATE_S3_ENDPOINT": f"http://127.0.0.1:{s3_server.port}"}
     s3_server.stop()
     config = S3Config.from_env(env)
     assert config is not None
-    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    for name, value in env.items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
     with pytest.raises(S3Error, match=f"upload of web/1/.* failed .*127.0.0.1:{s3_server.port}"):
         S3Tier(config).upload(make_generation(tmp_path / "a"))
 
