@@ -52,11 +52,13 @@ def ls(store: Path, env: dict[str, str]) -> list[dict[str, object]]:
     return rows
 
 
-def test_a_wiped_node_restores_through_s3_only(kyb_factory, tmp_path: Path, s3_server: S3Server) -> None:
+@pytest.mark.parametrize("version", ["1.6", "2.1"])
+def test_a_wiped_node_restores_through_s3_only(kyb_factory, tmp_path: Path, s3_server: S3Server,
+                                               version: str) -> None:
     store = tmp_path / "store"
     env = {**os.environ, **s3_server.env("cluster"), "KYBERNATE_REGISTRY": str(tmp_path / "registry.db")}
     node_env = {k: v for k, v in env.items() if k.startswith(("KYBERNATE_S3_", "AWS_"))}
-    c = kyb_factory("1.6", env={"KYBERNATE_STORE": str(store), **node_env})
+    c = kyb_factory(version, env={"KYBERNATE_STORE": str(store), **node_env})
     with c.cri() as cri:
         pod, cid = start_pod(cri, "a")
         cri.start_container(cid)
