@@ -96,7 +96,8 @@ def test_s3_unreachable_the_local_checkpoint_succeeds_and_ls_shows_the_failure(
     store = tmp_path / "store"
     env = {**os.environ, **s3_server.env("cluster"), "KYBERNATE_REGISTRY": str(tmp_path / "registry.db")}
     s3_server.stop()  # nothing listens on its port now
-    c = kyb_factory("1.6", env={"KYBERNATE_STORE": str(store)})
+    node_env = {k: v for k, v in env.items() if k.startswith(("KYBERNATE_S3_", "AWS_"))}
+    c = kyb_factory("1.6", env={"KYBERNATE_STORE": str(store), **node_env})
     with c.cri() as cri:
         pod, cid = start_pod(cri, "a")
         cri.start_container(cid)
@@ -111,7 +112,7 @@ def test_s3_unreachable_the_local_checkpoint_succeeds_and_ls_shows_the_failure(
     assert f"127.0.0.1:{s3_server.port}" in str(row["error"]), row
     table = kybernate("ls", "--store", str(store), env=env)
     assert "failed (upload:" in table.stdout, table.stdout
-    # Without S3, the pod restores from the local copy.
+    # S3 configured but unreachable: the shim's restore falls back to the local copy.
     with c.cri() as cri:
         pod, cid = start_pod(cri, "b", {ANNOTATION: "store:web"})
         cri.start_container(cid)
