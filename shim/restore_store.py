@@ -13,6 +13,10 @@ container's mount namespace, where a symlink to the store would not resolve. The
 so what was verified is what CRIU reads. Link dirs are only needed until runc has restored at Start;
 those older than an hour are swept by the next restore.
 
+When the generation is not in the local store and the S3 tier is configured (docs/store.md, "S3 tier"), it is
+downloaded into the local store first (hooks/api/store_s3.py, verified against its manifest before it is
+renamed into place); boto3 is imported only then.
+
 Imported only when the annotation names the store: the shim's start path never pays for it.
 """
 
@@ -53,7 +57,7 @@ def prepare(reference: str, container_id: str, root: str | None = None) -> Resto
     try:
         key, number = store_layout.parse_reference(reference.removeprefix(PREFIX))
         store = store_layout.Store(root)
-        generation = store.open(key, number)
+        generation = _open_or_download(store, key, number)
         name = f"{PREFIX}{key}@{generation.number}"
         store.verify(generation)
     except store_layout.Corrupt as err:
@@ -82,6 +86,33 @@ def prepare(reference: str, container_id: str, root: str | None = None) -> Resto
         rootfs_diff=rootfs_diff if os.path.exists(rootfs_diff) else None,
         deleted_files=deleted,
     )
+
+
+def _open_or_download(store: store_layout.Store, key: str, number: int | None) -> store_layout.Generation:
+    """The local generation; when it is not local and the S3 tier is configured ($KYBERNATE_S3_BUCKET in
+    containerd's environment), a verified download of it first. Without a generation number, a newer
+    remote generation wins over an older local one (another node may have checkpointed since)."""
+    missing: store_layout.NotFound | None = None
+    try:
+        local = store.open(key, number)
+    except store_layout.NotFound as err:
+        local, missing = None, err
+    if local is not None and number is not None:
+        return local
+    from kybernate.hooks.api import store_s3  # boto3 loads only here: a restore that needs S3
+
+    config = store_s3.S3Config.from_env()
+    if config is None:
+        if missing is not None:
+            raise missing  # the local store's own words (no S3 tier configured)
+        assert local is not None
+        return local
+    try:
+        return store_s3.S3Tier(config).download(store, key, number)
+    except (store_layout.NotFound, store_s3.S3Error):
+        if local is None:
+            raise
+        return local
 
 
 def _link(source: str, target: str) -> None:

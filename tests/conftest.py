@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import images  # noqa: E402
 from harness.containerd import CRI_NAMESPACE, Containerd  # noqa: E402
 from harness.stack import VERSIONS, Stack, StackMissing, load_stack  # noqa: E402
+from harness.s3server import S3Server  # noqa: E402
 
 # The containerd instances a test started, so a failure report can carry their logs.
 _INSTANCES = pytest.StashKey[list[Containerd]]()
@@ -95,3 +96,13 @@ def containerd_factory(
 def containerd(request: pytest.FixtureRequest, containerd_factory: ContainerdFactory) -> Containerd:
     """A running private containerd of each version, stock runc runtime, test images imported."""
     return containerd_factory(request.param)
+
+
+@pytest.fixture
+def s3_server(tmp_path: Path) -> Iterator[S3Server]:
+    """A real S3-compatible server on 127.0.0.1 (tests/harness/s3server.py), its own port and credentials."""
+    server = S3Server(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.stop()

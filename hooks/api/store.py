@@ -454,6 +454,31 @@ class Pending:
             self.abort()
             raise
 
+    def commit_as(self, manifest: Manifest, text: str | None = None) -> Generation:
+        """Complete a copy of a generation made elsewhere (a download from S3) under its own number: the
+        files are already verified against `manifest`; it is written last and the dir renamed. StoreError
+        when that number is taken locally (a local generation is never overwritten). `text` is the manifest
+        as it was read (kept byte for byte); without it the manifest is written anew."""
+        key_dir = os.path.dirname(self.temp)
+        final = os.path.join(key_dir, str(manifest.generation))
+        try:
+            _write_synced(os.path.join(self.temp, MANIFEST), manifest.to_json() if text is None else text)
+            try:
+                os.rename(self.temp, final)
+            except OSError as err:
+                if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise StoreError(f"{final} exists locally already: the downloaded copy was dropped") from err
+                raise
+            _fsync_dir(key_dir)
+        except OSError as err:
+            self.abort()
+            raise _os_error(f"cannot complete the copy of {self.key!r}@{manifest.generation}", err,
+                            self.store.root) from err
+        except BaseException:
+            self.abort()
+            raise
+        return Generation(self.store.root, self.key, manifest.generation, manifest)
+
     def abort(self) -> None:
         shutil.rmtree(self.temp, ignore_errors=True)
 

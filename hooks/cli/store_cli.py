@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from kybernate.hooks.api import store as store_layout
 from kybernate.hooks.api.store import StoreError
@@ -27,7 +28,7 @@ def wants_store(argv: list[str]) -> bool:
         return False
     if argv[0] == "checkpoint":
         return not any(a in ("--output", "-o") or a.startswith("--output=") for a in argv[1:])
-    return argv[0] in ("ls", "store")
+    return argv[0] in ("ls", "store", "prefetch")
 
 
 KEEP_ENV = "KYBERNATE_KEEP"
@@ -84,6 +85,12 @@ def main(argv: list[str]) -> int:
     cp.add_argument("--timeout", type=float, default=600.0, help="seconds for each call")
     cp.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     cp.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    cp.add_argument("--no-upload", action="store_true", help="keep the checkpoint local even when the S3 tier "
+                    "is configured ($KYBERNATE_S3_BUCKET)")
+    pf = verbs.add_parser("prefetch", help="download a checkpoint from the S3 tier into the local store")
+    pf.add_argument("reference", metavar="KEY[@GENERATION]")
+    _common(pf)
+    pf.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     ls = verbs.add_parser("ls", help="list the checkpoints the registry knows")
     _common(ls)
     ls.add_argument("--json", action="store_true", help="one JSON array on stdout")
@@ -101,6 +108,8 @@ def main(argv: list[str]) -> int:
             return _checkpoint(args)
         if args.verb == "ls":
             return _ls(args)
+        if args.verb == "prefetch":
+            return _prefetch(args)
         if args.action == "rebuild":
             return _rebuild(args)
         return _gc(args)
@@ -184,6 +193,8 @@ def _checkpoint(args: argparse.Namespace) -> int:
         _stderr("kybernate checkpoint: interrupted")
         return 130
     _index(args, result.generation)
+    if not args.no_upload:
+        _upload(args, result.generation, progress)
     if args.json:
         print(json.dumps(result.to_dict(), sort_keys=True))
     progress(f"done: {result.generation.key}@{result.generation.number} in {result.seconds:.2f}s")
@@ -201,3 +212,65 @@ def _index(args: argparse.Namespace, generation: store_layout.Generation) -> Non
         _report_gc(collect(store_layout.Store(args.store), registry, keep=args.keep, budget_bytes=args.budget))
     except StoreError as err:
         _stderr(f"kybernate checkpoint: warning: {err}")
+
+
+def _s3() -> object | None:
+    """The configured S3 tier, or None when $KYBERNATE_S3_BUCKET is unset."""
+    from kybernate.hooks.api.store_s3 import S3Config, S3Tier
+
+    config = S3Config.from_env()
+    return S3Tier(config) if config else None
+
+
+def _upload(args: argparse.Namespace, generation: store_layout.Generation, progress: object) -> None:
+    """Upload a complete local generation to the S3 tier (manifest last). The local checkpoint is complete
+    whatever happens here: a failure is recorded (`kybernate ls` shows `failed (<why>)`) and warned about,
+    and the command still succeeds."""
+    from kybernate.hooks.api.store_s3 import S3Tier
+
+    from .store_registry import FAILED, UPLOADED, UPLOADING, Registry
+
+    tier = _s3()
+    if tier is None:
+        return
+    assert isinstance(tier, S3Tier)
+    key, number = generation.key, generation.number
+    registry = Registry(args.registry)
+    registry.set_state(key, number, UPLOADING, uploaded_bytes=0)
+    started = time.monotonic()
+    try:
+        sent = tier.upload(generation)
+    except StoreError as err:
+        registry.set_state(key, number, FAILED, error=f"upload: {err}")
+        _stderr(f"kybernate checkpoint: warning: {key}@{number} is complete locally but its upload failed: {err}")
+        return
+    registry.set_state(key, number, UPLOADED, uploaded_bytes=sent, remote=True)
+    seconds = time.monotonic() - started
+    if not args.quiet:
+        _stderr(f"uploaded {key}@{number} to {tier.config.where}: {store_layout.human(sent)} in {seconds:.2f}s "
+                f"({sent / max(seconds, 1e-9) / 1e6:.0f} MB/s)")
+
+
+def _prefetch(args: argparse.Namespace) -> int:
+    from kybernate.hooks.api.store_s3 import S3Tier
+
+    from .store_registry import UPLOADED, Registry
+
+    key, number = store_layout.parse_reference(args.reference.removeprefix("store:"))
+    tier = _s3()
+    if tier is None:
+        _stderr("kybernate prefetch: error: the S3 tier is not configured (set $KYBERNATE_S3_BUCKET, "
+                "see docs/store.md)")
+        return 2
+    assert isinstance(tier, S3Tier)
+    started = time.monotonic()
+    generation = tier.download(store_layout.Store(args.store), key, number)
+    seconds = time.monotonic() - started
+    try:
+        Registry(args.registry).record_local(generation, remote=True, state=UPLOADED)
+    except StoreError as err:
+        _stderr(f"kybernate prefetch: warning: {err}")
+    if not args.quiet:
+        _stderr(f"prefetched {key}@{generation.number} into {generation.path}: "
+                f"{store_layout.human(generation.manifest.size)} in {seconds:.2f}s")
+    return 0

@@ -9,7 +9,15 @@ order so drift hits all alike), each leaving the task running:
 - the disk: writing the same number of bytes with dd (conv=fsync off: CRIU does not fsync either).
 On a GPU machine the same script measures GPU containers when --gpu-image is given (tests/gpu).
 
+With --s3, the S3 tier instead (no containerd): against one S3-compatible server started for the run
+(tests/harness/s3server.py), interleaved per round, a --mib MiB generation:
+- the store's upload (S3Tier.upload: parallel files and parts, per-part SHA256, manifest last) and its
+  download into a fresh store (including the sha256 check of every part);
+- the plain copy of the same client library: boto3's upload_file/download_file, default settings;
+- the other client measured: minio's fput_object/fget_object (parts of 64 MiB, 8 parallel uploads).
+
 Usage: python tests/bench/bench_store.py [--containerd 1.6|2.1] [--runs 5] [--mib 512] [--dir /var/tmp]
+       python tests/bench/bench_store.py --s3 [--runs 3] [--mib 256] [--dir /var/tmp]
 Prints a markdown table.
 """
 
@@ -23,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,7 +106,10 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--mib", type=int, default=512, help="memory the container holds")
     parser.add_argument("--dir", default="/var/tmp", help="where the store and the raw dumps go (same disk)")
+    parser.add_argument("--s3", action="store_true", help="measure the S3 tier and its clients instead")
     args = parser.parse_args()
+    if args.s3:
+        return s3_bench(args.runs, args.mib, Path(args.dir))
 
     stack = load_stack()
     runc = str(stack.runc)
@@ -157,6 +169,73 @@ def main() -> int:
     print("| --- | --- |")
     for k, v in phases.items():
         print(f"| {k} | {med(v):.3f} |")
+    return 0
+
+
+def s3_bench(runs: int, mib: int, where: Path) -> int:
+    import os
+
+    from harness.s3server import S3Server
+    from minio import Minio
+
+    from kybernate.hooks.api import store as store_layout
+    from kybernate.hooks.api.store_s3 import S3Config, S3Tier
+
+    scratch = Path(tempfile.mkdtemp(prefix="kyb-s3bench-", dir=where))
+    server = S3Server(scratch).start()
+    try:
+        os.environ.update(server.env("bench"))
+        config = S3Config.from_env()
+        assert config is not None
+        tier = S3Tier(config)
+        store = store_layout.Store(str(scratch / "store"))
+        pending = store.begin("bench")
+        os.makedirs(os.path.join(pending.temp, "checkpoint"))
+        with open(os.path.join(pending.temp, "checkpoint", "pages-1.img"), "wb") as f:
+            for _ in range(mib):
+                f.write(os.urandom(1 << 20))
+        generation = pending.commit(store_layout.Identity("bench"))
+        pages = os.path.join(generation.path, "checkpoint", "pages-1.img")
+        size = generation.manifest.size
+        plain = server.client()
+        other = Minio(f"127.0.0.1:{server.port}", access_key=server.access_key, secret_key=server.secret_key,
+                      secure=False, region="us-east-1")
+        results: dict[str, list[float]] = {}
+
+        def timed(label: str, step: Callable[[], object]) -> None:
+            started = time.perf_counter()
+            step()
+            results.setdefault(label, []).append(time.perf_counter() - started)
+
+        def store_download() -> None:
+            fresh = store_layout.Store(str(scratch / "fresh"))
+            tier.download(fresh, "bench")
+            shutil.rmtree(scratch / "fresh")
+
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("store upload (S3Tier.upload)", lambda: tier.upload(generation)),
+            ("store download + verify (S3Tier.download)", store_download),
+            ("boto3 plain upload_file", lambda: plain.upload_file(pages, server.bucket, "plain/pages")),
+            ("boto3 plain download_file", lambda: plain.download_file(server.bucket, "plain/pages",
+                                                                       str(scratch / "p"))),
+            ("minio fput_object", lambda: other.fput_object(server.bucket, "minio/pages", pages,
+                                                            part_size=64 << 20, num_parallel_uploads=8)),
+            ("minio fget_object", lambda: other.fget_object(server.bucket, "minio/pages", str(scratch / "m"))),
+        ]
+        timed("warm-up", lambda: tier.upload(generation))
+        for _ in range(runs):
+            for label, step in steps:
+                timed(label, step)
+    finally:
+        server.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"S3 tier: {size / (1 << 20):.0f} MiB generation, {runs} rounds, medians, one server "
+          f"(moto_server on 127.0.0.1), scratch on {where}, {os.cpu_count()} CPUs\n")
+    print("| step | seconds | MB/s |")
+    print("| --- | --- | --- |")
+    for label, _ in steps:
+        m = statistics.median(results[label])
+        print(f"| {label} | {m:.3f} | {size / m / 1e6:.0f} |")
     return 0
 
 

@@ -1,0 +1,211 @@
+"""The store's S3 tier: `s3://<bucket>/<prefix><key>/<generation>/<path>`, the same layout as on disk.
+
+Upload: every file of a complete local generation, in multipart parts of the manifest's `part_size`
+(64 MiB), several files and several parts in parallel, each part sent with its own checksum; then
+`manifest.json`, LAST. A generation exists remotely only once its manifest does: readers list and open
+manifests only, so an interrupted upload is never mistaken for a checkpoint.
+
+Download: into a temp dir of the local store (hooks/api/store.py), every file checked for size and
+sha256 against the manifest before the generation is renamed into place under its own number; a
+mismatch removes the temp dir and names the file. Nothing downloaded is handed on unverified.
+
+Configuration (environment; docs/store.md "S3 tier"): KYBERNATE_S3_BUCKET (the tier is off without it),
+KYBERNATE_S3_ENDPOINT (any S3-compatible endpoint; default the client's AWS endpoint), KYBERNATE_S3_PREFIX,
+KYBERNATE_S3_REGION. Credentials come from the standard AWS chain (AWS_ACCESS_KEY_ID/..., AWS_PROFILE,
+~/.aws/credentials, AWS_SHARED_CREDENTIALS_FILE for a mounted Secret file).
+
+boto3 is imported on the first call only (the shim imports this module only for a restore from the store
+whose generation is not local); chosen by measurement (docs/benchmarks.md, tests/bench/bench_store.py).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from .store import MANIFEST, Corrupt, Generation, Manifest, NotFound, Store, StoreError, validate_key, verify_files
+
+BUCKET_ENV = "KYBERNATE_S3_BUCKET"
+ENDPOINT_ENV = "KYBERNATE_S3_ENDPOINT"
+PREFIX_ENV = "KYBERNATE_S3_PREFIX"
+REGION_ENV = "KYBERNATE_S3_REGION"
+# Files in flight at once, and parts in flight per file: bounded, whatever the generation holds.
+FILE_CONCURRENCY = 4
+PART_CONCURRENCY = 8
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 60.0
+RETRIES = 3
+
+
+class S3Error(StoreError):
+    """The S3 tier failed (unreachable, refused, missing); the message names the object and the endpoint."""
+
+
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    bucket: str
+    endpoint: str = ""
+    prefix: str = ""
+    region: str = "us-east-1"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> S3Config | None:
+        """The configured tier, or None when KYBERNATE_S3_BUCKET is unset (the tier is off)."""
+        env = dict(os.environ) if env is None else env
+        bucket = env.get(BUCKET_ENV, "")
+        if not bucket:
+            return None
+        prefix = env.get(PREFIX_ENV, "").strip("/")
+        return cls(bucket, env.get(ENDPOINT_ENV, ""), prefix + "/" if prefix else "",
+                   env.get(REGION_ENV) or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1")
+
+    @property
+    def where(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" + (f" at {self.endpoint}" if self.endpoint else "")
+
+    def object_key(self, key: str, generation: int, path: str) -> str:
+        return f"{self.prefix}{validate_key(key)}/{generation}/{path}"
+
+
+Progress = Callable[[int], None]  # bytes just transferred
+
+
+class S3Tier:
+    def __init__(self, config: S3Config) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.config = config
+        # Checksums only where asked (per part, SHA256 below): some S3-compatible servers refuse the
+        # client's default trailing CRC32.
+        self.client: Any = boto3.session.Session().client(
+            "s3", endpoint_url=config.endpoint or None, region_name=config.region,
+            config=Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+                          retries={"max_attempts": RETRIES, "mode": "standard"},
+                          max_pool_connections=FILE_CONCURRENCY * PART_CONCURRENCY + 4,
+                          request_checksum_calculation="when_required",
+                          response_checksum_validation="when_required",
+                          s3={"addressing_style": "path"}))
+
+    def _transfer_config(self, part_size: int) -> Any:
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size,
+                              max_concurrency=PART_CONCURRENCY, use_threads=True)
+
+    def _fail(self, what: str, err: Exception) -> S3Error:
+        return S3Error(f"{what} ({self.config.where}): {err}")
+
+    # ---- upload ----
+
+    def upload(self, generation: Generation, progress: Progress | None = None) -> int:
+        """Every file, then manifest.json last; returns the bytes sent. S3Error when anything fails (the
+        generation then has no remote manifest: invisible remotely, the local copy untouched)."""
+        m = generation.manifest
+        done = progress or (lambda n: None)
+
+        def one(entry_path: str, part_size: int) -> None:
+            name = self.config.object_key(m.key, m.generation, entry_path)
+            try:
+                self.client.upload_file(os.path.join(generation.path, entry_path), self.config.bucket, name,
+                                        ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Callback=done,
+                                        Config=self._transfer_config(part_size))
+            except Exception as err:  # botocore's errors have no common public base worth naming here
+                raise self._fail(f"upload of {name} failed", err) from err
+
+        with ThreadPoolExecutor(max_workers=FILE_CONCURRENCY) as pool:
+            for future in [pool.submit(one, f.path, f.part_size) for f in m.files]:
+                future.result()
+        one(MANIFEST, m.files[0].part_size if m.files else 64 << 20)
+        return m.size
+
+    # ---- listing ----
+
+    def generations(self, key: str) -> list[int]:
+        """Remote generations of `key` that have a manifest (complete), oldest first."""
+        prefix = f"{self.config.prefix}{validate_key(key)}/"
+        found = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.config.bucket, Prefix=prefix)
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    rest = obj["Key"][len(prefix):]
+                    number, _, name = rest.partition("/")
+                    if name == MANIFEST and number.isdigit() and number.isascii():
+                        found.append(int(number))
+        except Exception as err:
+            raise self._fail(f"cannot list {prefix}", err) from err
+        return sorted(found)
+
+    def keys(self) -> list[str]:
+        found = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.config.bucket, Prefix=self.config.prefix, Delimiter="/")
+            for page in pages:
+                for common in page.get("CommonPrefixes", ()):
+                    found.append(common["Prefix"][len(self.config.prefix):].rstrip("/"))
+        except Exception as err:
+            raise self._fail("cannot list keys", err) from err
+        return sorted(found)
+
+    def manifest(self, key: str, generation: int) -> Manifest:
+        return self._manifest(key, generation)[0]
+
+    def _manifest(self, key: str, generation: int) -> tuple[Manifest, str]:
+        """The remote manifest, parsed and checked, with its text (kept byte for byte in a download)."""
+        name = self.config.object_key(key, generation, MANIFEST)
+        try:
+            body = self.client.get_object(Bucket=self.config.bucket, Key=name)["Body"].read()
+        except Exception as err:
+            raise self._fail(f"cannot read {name}", err) from err
+        text = body.decode("utf-8", "replace")
+        manifest = Manifest.from_json(text, f"s3://{self.config.bucket}/{name}")
+        if manifest.key != key or manifest.generation != generation:
+            raise Corrupt(f"{name} names {manifest.key!r}@{manifest.generation}, not {key!r}@{generation}", name)
+        return manifest, text
+
+    # ---- download ----
+
+    def download(self, store: Store, key: str, generation: int | None = None,
+                 progress: Progress | None = None) -> Generation:
+        """The generation (newest remote when None) into the local store, verified; the local one when it
+        is already there. NotFound when S3 has no complete copy; Corrupt names the first bad file."""
+        have = self.generations(key)
+        if not have:
+            raise NotFound(f"no complete checkpoint for key {key!r} in {self.config.where}")
+        number = have[-1] if generation is None else generation
+        if number not in have:
+            raise NotFound(f"key {key!r} has no complete generation {number} in {self.config.where} (have {have})")
+        if number in store.generations(key):
+            return store.open(key, number)
+        manifest, text = self._manifest(key, number)
+        pending = store.begin(key)
+        done = progress or (lambda n: None)
+        try:
+            def one(entry_path: str, part_size: int) -> None:
+                name = self.config.object_key(key, number, entry_path)
+                target = os.path.join(pending.temp, entry_path)
+                os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+                try:
+                    self.client.download_file(self.config.bucket, name, target, Callback=done,
+                                              Config=self._transfer_config(part_size))
+                except Exception as err:
+                    raise self._fail(f"download of {name} failed", err) from err
+
+            with ThreadPoolExecutor(max_workers=FILE_CONCURRENCY) as pool:
+                for future in [pool.submit(one, f.path, f.part_size) for f in manifest.files]:
+                    future.result()
+            try:
+                verify_files(pending.temp, manifest.files)
+            except Corrupt as err:
+                rel = os.path.relpath(err.path, pending.temp)
+                raise Corrupt(f"{self.config.object_key(key, number, rel)} downloaded from {self.config.where}: "
+                              f"{str(err).replace(pending.temp + '/', '')}", rel) from err
+            return pending.commit_as(manifest, text)
+        except BaseException:
+            pending.abort()
+            raise

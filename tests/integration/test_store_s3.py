@@ -1,0 +1,121 @@
+"""The store's S3 tier with real containerd, runc and CRIU and a real S3-compatible server: a checkpoint
+is uploaded after it is complete locally; a node whose local store was wiped restores `store:<key>` in a
+new pod through a download only; with S3 unreachable the local checkpoint succeeds and `kybernate ls`
+shows the failed upload."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from harness.containerd import CRI_NAMESPACE, Containerd
+from harness.cri import pb
+from harness.images import BUSYBOX_IMAGE
+from harness.s3server import S3Server
+from harness.workload import COUNTER, wait_for
+
+pytestmark = pytest.mark.stack
+
+ANNOTATION = "kybernate.io/restore-from"
+
+
+def kybernate(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kybernate.hooks.cli.checkpoint_archive", *argv],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def counts(cri, cid: str) -> list[int]:
+    return [int(x) for x in cri.exec_sync(cid, ["cat", "/count"]).stdout.split()]
+
+
+def start_pod(cri, name: str, annotations: dict[str, str] | None = None) -> tuple[str, str]:
+    config = cri.pod_config(name, annotations=annotations or {})
+    pod = cri.run_pod(config, runtime_handler="kybernate")
+    cid = cri.create_container(pod, config, "counter", BUSYBOX_IMAGE, command=["sh", "-c", COUNTER])
+    return pod, cid
+
+
+def checkpoint(c: Containerd, cid: str, store: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return kybernate("checkpoint", cid, "--key", "web", "--store", str(store), "--address", str(c.address),
+                     "--namespace", CRI_NAMESPACE, env=env)
+
+
+def ls(store: Path, env: dict[str, str]) -> list[dict[str, object]]:
+    done = kybernate("ls", "--json", "--store", str(store), env=env)
+    assert done.returncode == 0, done.stderr
+    rows: list[dict[str, object]] = json.loads(done.stdout)
+    return rows
+
+
+@pytest.mark.parametrize("version", ["1.6", "2.1"])
+def test_a_wiped_node_restores_through_s3_only(kyb_factory, tmp_path: Path, s3_server: S3Server,
+                                               version: str) -> None:
+    store = tmp_path / "store"
+    env = {**os.environ, **s3_server.env("cluster"), "KYBERNATE_REGISTRY": str(tmp_path / "registry.db")}
+    node_env = {k: v for k, v in env.items() if k.startswith(("KYBERNATE_S3_", "AWS_"))}
+    c = kyb_factory(version, env={"KYBERNATE_STORE": str(store), **node_env})
+    with c.cri() as cri:
+        pod, cid = start_pod(cri, "a")
+        cri.start_container(cid)
+        wait_for("the counter", lambda: len(counts(cri, cid)) > 10)
+        done = checkpoint(c, cid, store, env)  # the container exits after the dump
+        assert done.returncode == 0, done.stderr
+        assert "uploaded web@1" in done.stderr, done.stderr
+        wait_for("pod A's container to exit", lambda: cri.container_status(cid).state == pb.CONTAINER_EXITED)
+        cri.stop_pod(pod)
+        cri.remove_pod(pod)
+    [row] = ls(store, env)
+    assert (row["key"], row["generation"], row["state"], row["tiers"]) == ("web", 1, "uploaded", ["local", "s3"])
+    names = {o["Key"] for o in s3_server.client().list_objects_v2(
+        Bucket=s3_server.bucket, Prefix="cluster/web/1/")["Contents"]}
+    assert "cluster/web/1/manifest.json" in names and "cluster/web/1/checkpoint/inventory.img" in names
+
+    shutil.rmtree(store)  # a node that never saw the checkpoint
+    with c.cri() as cri:
+        pod, cid = start_pod(cri, "b", {ANNOTATION: "store:web"})
+        cri.start_container(cid)
+        assert cri.container_status(cid).state == pb.CONTAINER_RUNNING
+        now = counts(cri, cid)
+        assert now[-1] > 10, now  # restored, not started afresh
+        restored = wait_for("the restored counter to move on",
+                            lambda: (n := counts(cri, cid)) and n[-1] > now[-1] + 1 and n)
+        assert restored == list(range(len(restored)))
+        cri.stop_pod(pod)
+        cri.remove_pod(pod)
+    # The download is a complete, verified local generation now.
+    assert (store / "web" / "1" / "manifest.json").is_file()
+
+
+def test_s3_unreachable_the_local_checkpoint_succeeds_and_ls_shows_the_failure(
+        kyb_factory, tmp_path: Path, s3_server: S3Server) -> None:
+    store = tmp_path / "store"
+    env = {**os.environ, **s3_server.env("cluster"), "KYBERNATE_REGISTRY": str(tmp_path / "registry.db")}
+    s3_server.stop()  # nothing listens on its port now
+    node_env = {k: v for k, v in env.items() if k.startswith(("KYBERNATE_S3_", "AWS_"))}
+    c = kyb_factory("1.6", env={"KYBERNATE_STORE": str(store), **node_env})
+    with c.cri() as cri:
+        pod, cid = start_pod(cri, "a")
+        cri.start_container(cid)
+        wait_for("the counter", lambda: len(counts(cri, cid)) > 3)
+        done = checkpoint(c, cid, store, env)
+        assert done.returncode == 0, done.stderr
+        assert "web@1 is complete locally but its upload failed" in done.stderr, done.stderr
+        cri.stop_pod(pod)
+        cri.remove_pod(pod)
+    [row] = ls(store, env)
+    assert (row["state"], row["tiers"]) == ("failed", ["local"]), row
+    assert f"127.0.0.1:{s3_server.port}" in str(row["error"]), row
+    table = kybernate("ls", "--store", str(store), env=env)
+    assert "failed (upload:" in table.stdout, table.stdout
+    # S3 configured but unreachable: the shim's restore falls back to the local copy.
+    with c.cri() as cri:
+        pod, cid = start_pod(cri, "b", {ANNOTATION: "store:web"})
+        cri.start_container(cid)
+        assert counts(cri, cid)[-1] > 3
+        cri.stop_pod(pod)
+        cri.remove_pod(pod)
