@@ -53,7 +53,7 @@ from kybernate.hooks.api.checkpoint import (
 )
 from kybernate.hooks.api.store import human
 
-from .containerd_client import ContainerdClient, ContainerdError, criu_checkpoint
+from .containerd_client import ContainerdClient, ContainerdError, container_spec, criu_checkpoint
 
 # CRI annotations on the spec that name a container the way CRI's container names are made.
 _CRI_NAME_PARTS = (
@@ -196,12 +196,9 @@ class Checkpointer:
 
     def _spec(self, container: pb.ContainerRecord) -> dict[str, Any]:
         try:
-            spec = json.loads(container.spec.value or b"{}")
+            return container_spec(container)
         except ValueError as err:
-            raise CheckpointError(f"container {self.container_id!r}: its spec is not JSON: {err}") from None
-        if not isinstance(spec, dict):
-            raise CheckpointError(f"container {self.container_id!r}: its spec is not a JSON object")
-        return spec
+            raise CheckpointError(str(err)) from None
 
     def _checkpoint(self, container: pb.ContainerRecord,
                     lease: str) -> tuple[list[pb.Descriptor], pb.Descriptor | None]:

@@ -13,11 +13,12 @@ real containerd ones. Works against containerd 1.6 through 2.1 (the field number
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, empty_pb2
@@ -60,6 +61,17 @@ class ContainerdError(RuntimeError):
 def criu_checkpoint(descriptors: Sequence[pb.Descriptor]) -> pb.Descriptor | None:
     """The CRIU image among what Tasks.Checkpoint returned (the other descriptor is the spec), or None."""
     return next((d for d in descriptors if d.media_type == CRIU_CHECKPOINT_MEDIA_TYPE), None)
+
+
+def container_spec(container: pb.ContainerRecord) -> dict[str, Any]:
+    """The container's OCI spec as containerd stores it; ValueError saying what is wrong with it."""
+    try:
+        spec = json.loads(container.spec.value or b"{}")
+    except ValueError as err:
+        raise ValueError(f"container {container.id!r}: its spec is not JSON: {err}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"container {container.id!r}: its spec is not a JSON object")
+    return spec
 
 
 class ContainerdClient:

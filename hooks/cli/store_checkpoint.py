@@ -37,8 +37,9 @@ from kybernate.api import runc_options_pb2, task_pb2
 from kybernate.hooks.api import store as store_layout
 from kybernate.hooks.api.checkpoint import CHECKPOINT_OPTIONS_TYPE
 from kybernate.hooks.api.store import Identity, Pending, Store, StoreError
+from kybernate.shim.manager import group_id, socket_address, spec_annotations
 
-from .containerd_client import ContainerdClient, ContainerdError
+from .containerd_client import ContainerdClient, ContainerdError, container_spec
 
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 TASK_SERVICE = "containerd.task.v2.Task"  # our shim serves v2 and v3 alike and renames for its child
@@ -88,8 +89,6 @@ class Result:
 def shim_addresses(containerd_address: str, namespace: str, spec: dict[str, Any], container_id: str) -> list[str]:
     """Where our shim for this container listens: the address containerd gave it, spelled as containerd
     spells its own (a bare path; tried also with unix:// since an operator may write either)."""
-    from kybernate.shim.manager import group_id, socket_address
-
     group = group_id(spec, container_id)
     bare = containerd_address.removeprefix("unix://")
     return [socket_address(a, namespace, group) for a in (bare, "unix://" + bare)]
@@ -332,22 +331,14 @@ def _tree_size(path: str) -> int:
 
 def _spec(container: pb.ContainerRecord) -> dict[str, Any]:
     try:
-        spec = json.loads(container.spec.value or b"{}")
+        return container_spec(container)
     except ValueError as err:
-        raise CheckpointFailed(f"container {container.id!r}: its spec is not JSON: {err}") from None
-    if not isinstance(spec, dict):
-        raise CheckpointFailed(f"container {container.id!r}: its spec is not a JSON object")
-    return spec
-
-
-def _annotations(spec: dict[str, Any]) -> dict[str, str]:
-    notes = spec.get("annotations") or {}
-    return {str(k): str(v) for k, v in notes.items()} if isinstance(notes, dict) else {}
+        raise CheckpointFailed(str(err)) from None
 
 
 def _container_name(container: pb.ContainerRecord, spec: dict[str, Any]) -> str:
     """CRI's `<container>_<pod>_<namespace>_<uid>_<attempt>` when the spec carries CRI's annotations."""
-    notes = _annotations(spec)
+    notes = spec_annotations(spec)
     parts = [notes.get(key, "") for key in _CRI_NAME_PARTS]
     if parts[0]:
         return "_".join([*parts, "0"])
@@ -356,7 +347,7 @@ def _container_name(container: pb.ContainerRecord, spec: dict[str, Any]) -> str:
 
 def _default_key(container: pb.ContainerRecord, spec: dict[str, Any]) -> str:
     """`kybernate.io/checkpoint-key` when set, else `<pod>.<container>` for CRI containers, else the id."""
-    notes = _annotations(spec)
+    notes = spec_annotations(spec)
     if notes.get("kybernate.io/checkpoint-key"):
         return notes["kybernate.io/checkpoint-key"]
     name, pod = notes.get(_CRI_NAME_PARTS[0]), notes.get(_CRI_NAME_PARTS[1])
@@ -366,7 +357,7 @@ def _default_key(container: pb.ContainerRecord, spec: dict[str, Any]) -> str:
 
 
 def _identity(container: pb.ContainerRecord, spec: dict[str, Any], namespace: str) -> Identity:
-    notes = _annotations(spec)
+    notes = spec_annotations(spec)
     return Identity(container_id=container.id, container_name=notes.get(_CRI_NAME_PARTS[0], container.id),
                     namespace=namespace, image=container.image,
                     runtime=container.runtime.name, pod_name=notes.get(_CRI_NAME_PARTS[1], ""),
