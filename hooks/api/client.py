@@ -36,12 +36,14 @@ from .model import (
     ProcessStatus,
     RestoreResult,
     StepTiming,
+    StoreCheckpointResult,
+    StoreProgress,
 )
 
 __all__ = [
     "DEFAULT_SOCKET", "MANIFEST_FILE", "CheckpointResult", "GpuDeviceRecord", "GpuManifest", "GpuPair",
     "GpuProcessRecord", "HealthInfo", "HookdClient", "HookdError", "HookdUnavailable", "ManifestError", "NodeGpu",
-    "ProcessOutcome", "ProcessStatus", "RestoreResult", "StepTiming",
+    "ProcessOutcome", "ProcessStatus", "RestoreResult", "StepTiming", "StoreCheckpointResult", "StoreProgress",
 ]
 
 # While a call is in flight the channel pings hookd every KEEPALIVE_INTERVAL_MS and gives the
@@ -115,6 +117,7 @@ class HookdClient:
         self.socket_path = socket_path
         self._channel: Any = None
         self._stub: Any = None
+        self._store_stub: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def checkpoint_gpu(self, namespace: str, container_id: str, pids: Sequence[int], lock_timeout_ms: int = 0,
@@ -170,9 +173,38 @@ class HookdClient:
 
         return convert.health_from_pb(await self._call("Health", pb.HealthRequest(), deadline_s))
 
+    async def store_checkpoint(self, namespace: str, container_id: str, key: str = "", *,
+                               leave_running: bool = False, deadline_s: float = 3600.0, reason: str = "cli",
+                               on_progress: Callable[[StoreProgress], None] | None = None) -> StoreCheckpointResult:
+        """hookd's Store.Checkpoint: the container into the store (key "" = its checkpoint-key annotation or
+        default key). `on_progress` gets every progress message; the result is the committed generation.
+        deadline_s bounds the whole checkpoint: past it hookd rolls back (DEADLINE_EXCEEDED)."""
+        from kybernate.api import store_pb2 as spb
+
+        request = spb.CheckpointRequest(namespace=namespace, container_id=container_id, key=key,
+                                        leave_running=leave_running, deadline_ms=int(deadline_s * 1000),
+                                        reason=reason)
+        last: Any = None
+
+        async def consume(stub: Any) -> Any:
+            nonlocal last
+            async for message in stub.Checkpoint(request, timeout=deadline_s + KEEPALIVE_S):
+                if on_progress is not None:
+                    on_progress(StoreProgress(message.phase, message.bytes_done, message.bytes_total))
+                if message.HasField("result"):
+                    last = message.result
+            return last
+
+        result = await self._call_with(self._get_store_stub, consume, "Store.Checkpoint", deadline_s)
+        if result is None:
+            raise HookdError(Code.INTERNAL, "kybernate-hookd ended Store.Checkpoint without a result")
+        return StoreCheckpointResult(key=result.key, generation=result.generation, path=result.path,
+                                     size_bytes=result.size_bytes, pause_s=result.pause_s, total_s=result.total_s,
+                                     phase_s=dict(result.phase_s), upload_queued=result.upload_queued)
+
     async def close(self) -> None:
         if self._channel is not None:
-            channel, self._channel, self._stub = self._channel, None, None
+            channel, self._channel, self._stub, self._store_stub = self._channel, None, None, None
             await channel.close()
 
     async def __aenter__(self) -> HookdClient:
@@ -182,22 +214,29 @@ class HookdClient:
         await self.close()
 
     async def _call(self, method: str, request: Any, deadline_s: float) -> Any:
+        async def unary(stub: Any) -> Any:
+            return await getattr(stub, method)(request, timeout=deadline_s)
+
+        return await self._call_with(self._get_stub, unary, method, deadline_s)
+
+    async def _call_with(self, get_stub: Callable[[], Any], invoke: Callable[[Any], Any], method: str,
+                         deadline_s: float) -> Any:
         if not os.path.exists(self.socket_path):
             raise HookdUnavailable(self.socket_path, "no socket")
         import grpc
 
-        stub = await self._get_stub()
+        stub = await get_stub()
         try:
             try:
-                return await getattr(stub, method)(request, timeout=deadline_s)
+                return await invoke(stub)
             except grpc.aio.AioRpcError as err:
                 if err.code() != grpc.StatusCode.UNAVAILABLE or not _not_connected(err.details() or ""):
                     raise
                 # The request never left: the channel is still backing off after hookd went away (its socket
                 # refused a connection). hookd may be back since: one fresh channel, one more try.
                 await self._reset_channel()
-                stub = await self._get_stub()
-                return await getattr(stub, method)(request, timeout=deadline_s)
+                stub = await get_stub()
+                return await invoke(stub)
         except grpc.aio.AioRpcError as err:
             code = err.code()
             details = err.details() or code.name
@@ -213,14 +252,14 @@ class HookdClient:
                              step=md.get(METADATA_STEP), driver_error=md.get(METADATA_DRIVER_ERROR)) from None
 
     async def _reset_channel(self) -> None:
-        channel, self._channel, self._stub = self._channel, None, None
+        channel, self._channel, self._stub, self._store_stub = self._channel, None, None, None
         if channel is not None:
             await channel.close()
 
     async def _get_stub(self) -> Any:
         loop = asyncio.get_running_loop()
         if self._channel is not None and self._loop is not loop:
-            self._channel = self._stub = None  # a channel works on the loop that made it only
+            self._channel = self._stub = self._store_stub = None  # a channel works on the loop that made it only
         if self._stub is None:
             import grpc
 
@@ -232,6 +271,15 @@ class HookdClient:
             self._stub = make_stub(self._channel)
             self._loop = loop
         return self._stub
+
+    async def _get_store_stub(self) -> Any:
+        await self._get_stub()  # the one channel
+        if self._store_stub is None:
+            from kybernate.api import store_pb2_grpc
+
+            make_stub: Callable[[Any], Any] = store_pb2_grpc.StoreStub
+            self._store_stub = make_stub(self._channel)
+        return self._store_stub
 
 
 def _not_connected(details: str) -> bool:

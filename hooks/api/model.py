@@ -201,3 +201,24 @@ class HealthInfo:
     cuda_version: int
     nvml: bool
     gpus: tuple[NodeGpu, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreProgress:
+    """One progress message of a store checkpoint: the phase and, where known, bytes."""
+    phase: str
+    bytes_done: int = 0
+    bytes_total: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCheckpointResult:
+    """A committed store generation (hookd's Store.Checkpoint)."""
+    key: str
+    generation: int
+    path: str
+    size_bytes: int
+    pause_s: float
+    total_s: float
+    phase_s: dict[str, float]
+    upload_queued: bool
