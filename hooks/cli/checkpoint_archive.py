@@ -52,8 +52,7 @@ from kybernate.hooks.api.checkpoint import (
     WHITEOUT_PREFIX,
 )
 from kybernate.hooks.api.store import human
-
-from .containerd_client import ContainerdClient, ContainerdError, container_spec, criu_checkpoint
+from kybernate.hooks.containerd.client import ContainerdClient, ContainerdError, container_spec, criu_checkpoint
 
 # CRI annotations on the spec that name a container the way CRI's container names are made.
 _CRI_NAME_PARTS = (

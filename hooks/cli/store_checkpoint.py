@@ -37,9 +37,8 @@ from kybernate.api import runc_options_pb2, task_pb2
 from kybernate.hooks.api import store as store_layout
 from kybernate.hooks.api.checkpoint import CHECKPOINT_OPTIONS_TYPE
 from kybernate.hooks.api.store import Identity, Pending, Store, StoreError
+from kybernate.hooks.containerd.client import ContainerdClient, ContainerdError, container_spec
 from kybernate.shim.manager import group_id, socket_address, spec_annotations
-
-from .containerd_client import ContainerdClient, ContainerdError, container_spec
 
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 TASK_SERVICE = "containerd.task.v2.Task"  # our shim serves v2 and v3 alike and renames for its child

@@ -170,8 +170,9 @@ def _report_gc(report: object) -> None:
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
+    from kybernate.hooks.containerd.client import ContainerdClient, ContainerdError
+
     from .checkpoint_archive import Progress
-    from .containerd_client import ContainerdClient, ContainerdError
     from .store_checkpoint import StoreCheckpointer
 
     progress = Progress(quiet=args.quiet)

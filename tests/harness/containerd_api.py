@@ -1,4 +1,4 @@
-"""What ctr cannot do, done through Kybernate's one containerd client (kybernate.hooks.cli.containerd_client).
+"""What ctr cannot do, done through Kybernate's one containerd client (kybernate.hooks.containerd.client).
 
 ctr cannot checkpoint a task *with exit* under a runtime whose name is not io.containerd.runc.* (1.6 only
 sets the checkpoint options for those names) and cannot restore a `ctr tasks checkpoint` image. The Go
@@ -22,8 +22,8 @@ import os
 from collections.abc import Sequence
 
 from kybernate.api import containerd_api_pb2 as pb
-from kybernate.hooks.cli import containerd_client
-from kybernate.hooks.cli.containerd_client import CRIU_CHECKPOINT_MEDIA_TYPE, ContainerdClient, ContainerdError
+from kybernate.hooks.containerd import client as containerd_client
+from kybernate.hooks.containerd.client import CRIU_CHECKPOINT_MEDIA_TYPE, ContainerdClient, ContainerdError
 
 __all__ = ["CRIU_CHECKPOINT_MEDIA_TYPE", "ContainerdApi", "ContainerdError", "criu_checkpoint", "pb"]
 

@@ -43,13 +43,18 @@ RULES = (
          "the API part is imported by the shim, hookd and the CLI: it imports nothing else of ours but the codes"),
     Rule("kybernate.hooks.gpu", ("kybernate.hooks.gpu", "kybernate.hooks.api", "kybernate.api"), (),
          "driver access serves the daemon and knows nothing of it"),
+    # containerd's gRPC API, and our shim's ttrpc socket for a checkpoint straight into the store (the transport
+    # and the shim's socket naming, shim.manager, nothing else of the shim): used by hookd and the CLI.
+    Rule("kybernate.hooks.containerd", ("kybernate.hooks.containerd", "kybernate.hooks.api", "kybernate.api",
+                                        "kybernate.shim.ttrpc", "kybernate.shim.manager"),
+         ("prometheus_client", "pynvml"), "a client of containerd and of our shim's socket, nothing more"),
     Rule("kybernate.hooks.hookd", ("kybernate.hooks.hookd", "kybernate.hooks.gpu", "kybernate.hooks.api",
-                                   "kybernate.api"), (),
-         "the daemon sits on top of driver access and the API"),
+                                   "kybernate.hooks.containerd", "kybernate.api"), (),
+         "the daemon sits on top of driver access, the API and the containerd client"),
     # The CLI also speaks ttrpc to our shim directly (a store checkpoint bypasses containerd's content store):
     # the transport and the shim's socket naming (shim.manager), nothing else of the shim.
     Rule("kybernate.hooks.cli", ("kybernate.hooks.cli", "kybernate.hooks.api", "kybernate.api",
-                                 "kybernate.shim.ttrpc", "kybernate.shim.manager"),
+                                 "kybernate.hooks.containerd", "kybernate.shim.ttrpc", "kybernate.shim.manager"),
          ("prometheus_client", "pynvml"), "the command-line tool talks to containerd, never to the daemon's insides"),
     Rule("kybernate.hooks", ("kybernate.hooks",), DAEMON_AND_INSTALLER_ONLY, "the package itself holds nothing"),
     Rule("installer", (), (), "the installer runs before Kybernate is installed: it imports none of it"),
