@@ -62,6 +62,8 @@ CARRY=${KYB_CARRY:-$REPO/.carry}
 NS=kybgpu
 IMAGE=docker.io/kybernate/gpu-skeleton:latest
 ADDR=$BASE/containerd.sock
+# The checkpoint store (docs/store.md): the shim (containerd's environment), hookd and the CLI share it.
+export KYBERNATE_STORE=${KYBERNATE_STORE:-$BASE/store}
 export PYTHONUNBUFFERED=1
 PY=${KYB_PY:-$(command -v python3)}
 mkdir -p "$OUT"
@@ -243,7 +245,7 @@ if [ "$RUNTIME" = kybernate ]; then
 fi
 
 say "starting containerd (root $BASE/root, state $BASE/state, socket $ADDR)"
-env -i PATH="$CTRD_PATH" HOME=/root XDG_RUNTIME_DIR="$BASE/tmp" TMPDIR="$BASE/tmp" \
+env -i PATH="$CTRD_PATH" HOME=/root XDG_RUNTIME_DIR="$BASE/tmp" TMPDIR="$BASE/tmp" KYBERNATE_STORE="$KYBERNATE_STORE" \
     "$BASE/bin/containerd" --config "$BASE/config.toml" >"$BASE/containerd.log" 2>&1 &
 echo $! >"$BASE/containerd.pid"
 CTR=("$BASE/bin/ctr" --address "$ADDR" --namespace "$NS")

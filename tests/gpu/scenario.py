@@ -54,7 +54,8 @@ from dataclasses import dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-ALL_SCENARIOS = ("driver-floor", "exit-restore", "leave-running", "pause-resume", "export-import", "remap", "programs")
+ALL_SCENARIOS = ("driver-floor", "exit-restore", "leave-running", "pause-resume", "export-import", "remap", "programs",
+                 "store")
 # The GPU corpus (programs.py), as the `programs` scenario runs it: name -> programs.py arguments.
 PROGRAMS = {
     "train-fork": ["train", "--workers-start", "fork"],
@@ -481,9 +482,12 @@ class Runner:
         os.makedirs(d)
         return d
 
-    def start_container(self, cid: str, out: str, command: list[str] | None = None) -> tuple[float, list[str]]:
+    def start_container(self, cid: str, out: str, command: list[str] | None = None, vram_gib: float | None = None,
+                        annotations: dict[str, str] | None = None) -> tuple[float, list[str]]:
         args = ["run", "-d", "--runtime", RUNTIME_NAMES[self.a.runtime], "--cwd", "/",
                 "--log-uri", f"file://{out}/stdout.log"]
+        for k, v in (annotations or {}).items():
+            args += ["--annotation", f"{k}={v}"]
         if self.a.snapshotter:
             args += ["--snapshotter", self.a.snapshotter]
         if not self.a.own_netns:
@@ -496,17 +500,18 @@ class Runner:
                  "--mount", f"type=bind,src={HERE},dst=/kyb,options=bind:ro"]
         for e in container_env():
             args += ["--env", e]
-        command = command or [sys.executable, "/kyb/workload.py", "--vram-gib", str(self.a.vram_gib),
+        vram = self.a.vram_gib if vram_gib is None else vram_gib
+        command = command or [sys.executable, "/kyb/workload.py", "--vram-gib", str(vram),
                               "--out-dir", "/out", "--backend", self.backend]
         args += [self.a.image, cid, *command]
         dt, _ = self.ctr.run(*args, timeout=120)
         return dt, args
 
-    def launch(self, name: str, rec: dict) -> tuple[str, str, int, str]:
+    def launch(self, name: str, rec: dict, vram_gib: float | None = None) -> tuple[str, str, int, str]:
         cid = f"kyb-{name}"
         self.ctr.remove(cid)
         out = self.out_dir(name)
-        dt, _ = self.start_container(cid, out)
+        dt, _ = self.start_container(cid, out, vram_gib=vram_gib)
         rec["ctr_run_s"] = round(dt, 3)
         t = time.perf_counter()
         wait_status(out, lambda s: "counter" in s and int(s["counter"]) >= 3, self.a.ready_timeout, "workload ticks")
@@ -673,6 +678,92 @@ class Runner:
         rec.update(verify_continues(out, before, ref, t_wall))
         self.ctr.remove(cid)
 
+    # -- the checkpoint store (docs/store.md) ------------------------------------------------------
+    def s_store(self, rec: dict) -> None:
+        """`kybernate checkpoint` into the store at each --store-sizes, against the floors of the same
+        run: the GPU checkpoint (hookd's metrics) + CRIU's own dump time (its dump.log), and the disk's
+        plain write rate; then a new container restores from `store:<key>` and the workload is verified."""
+        if self.a.runtime != "kybernate":
+            raise StepError("the store scenario needs --runtime kybernate")
+        store = os.environ.get("KYBERNATE_STORE", "/var/lib/kybernate/store")
+        os.makedirs(store, exist_ok=True)
+        rec["store"] = store
+        rec["disk_write"] = disk_write_rate(store, int(self.a.store_disk_floor_gib * (1 << 30)))
+        log(f"store: disk floor {rec['disk_write']}")
+        failed = []
+        for size in [float(x) for x in self.a.store_sizes.split(",") if x.strip()]:
+            sub: dict = {}
+            rec[f"{size:g}gib"] = sub
+            try:
+                self._store_one(size, sub, store)
+                sub["result"] = "PASS"
+            except Exception as e:  # noqa: BLE001 - next size; recorded
+                sub["result"] = "FAIL"
+                sub["error"] = f"{type(e).__name__}: {e}"
+                failed.append(f"{size:g}")
+                for cid in ("kyb-store", "kyb-store-r"):
+                    self.collect_logs(cid, sub)
+                    self.ctr.remove(cid)
+            log(f"store {size:g} GiB: {json.dumps({k: v for k, v in sub.items() if k != 'logs'}, default=str)}")
+        if failed:
+            raise StepError(f"store failed at {', '.join(failed)} GiB")
+
+    def _store_one(self, size: float, rec: dict, store: str) -> None:
+        key = f"gpu-store-{size:g}".replace(".", "-")
+        shutil.rmtree(os.path.join(store, key), ignore_errors=True)
+        cid, out, pid, ref = self.launch("store", rec, vram_gib=size)
+        before = read_status(out)
+        self.steps.freeze(pid, rec)  # metrics before
+        cmd = [sys.executable, "-c", "import sys; from kybernate.hooks.cli.checkpoint_archive import main; "
+               "sys.exit(main())", "checkpoint", cid, "--key", key, "--json", "--address", self.a.address,
+               "--namespace", self.a.namespace]
+        t = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=self.a.step_timeout)
+        rec["kybernate_checkpoint_s"] = round(time.perf_counter() - t, 3)
+        rec["cli_stderr"] = p.stderr[-2000:]
+        if p.returncode != 0:
+            raise StepError(f"kybernate checkpoint failed rc={p.returncode}: {p.stderr[-800:]}")
+        result = json.loads(p.stdout.strip().splitlines()[-1])
+        rec["cli_result"] = {k: v for k, v in result.items() if k != "gpu"}
+        after = self.steps.metrics()
+        for step in ("lock", "checkpoint"):
+            k = f'kybernate_hookd_step_duration_seconds_sum{{step="{step}"}}'
+            rec[f"gpu_{step}_s"] = round(after.get(k, 0.0) - self.steps._metrics0.get(k, 0.0), 4)
+        gen_dir = result.get("path") or _newest_generation(store, key)
+        rec["generation_dir"] = gen_dir
+        rec["stored_bytes"] = dir_size(gen_dir)
+        # CRIU's dump: its own log when kept, else the shim's Checkpoint RPC of the paused task (runc + CRIU
+        # only: the GPU steps ran in Pause), from the shim's log lines in containerd's log.
+        dump = criu_log_seconds(gen_dir, "dump.log")
+        rpcs = self.steps.shim_rpcs()
+        rec["shim_rpc_ms"] = rpcs
+        if dump is None:
+            dump = next((round(ms / 1000, 3) for m, ms in rpcs if m == "Checkpoint:OK"), None)
+            rec["dump_source"] = "shim Checkpoint RPC (runc + CRIU)"
+        rec["criu_dump_s"] = dump
+        pages = sum(os.path.getsize(f) for f in glob.glob(os.path.join(gen_dir, "**", "pages-*.img"), recursive=True))
+        rec["criu_pages_bytes"] = pages
+        if dump:
+            rec["criu_write_mb_s"] = round(pages / dump / 1e6, 1)
+            floor = rec["gpu_lock_s"] + rec["gpu_checkpoint_s"] + dump
+            rec["floor_s"] = round(floor, 3)
+            rec["ratio_to_floor"] = round(rec["kybernate_checkpoint_s"] / floor, 3)
+        rec["delete_s"] = round(self.ctr.remove(cid), 3)
+        # Restore in a new container from the store; the same out dir, so the workload's open files are there.
+        rid = "kyb-store-r"
+        self.ctr.remove(rid)
+        self.steps.freeze(pid, {})
+        dt, _ = self.start_container(rid, out, vram_gib=size,
+                                     annotations={"kybernate.io/restore-from": f"store:{key}"})
+        rec["ctr_run_restore_s"] = round(dt, 3)
+        new_pid = self.ctr.task_pid(rid)
+        rec["restored_pid"] = new_pid
+        self.steps.thaw(new_pid, rec)
+        rec.update(verify_continues(out, before, ref, time.time()))
+        self.collect_logs(rid, rec)
+        self.ctr.remove(rid)
+        shutil.rmtree(os.path.join(store, key), ignore_errors=True)
+
     # -- the GPU corpus (programs.py) ----------------------------------------------------------
     def s_programs(self, rec: dict) -> None:
         names = [n.strip() for n in self.a.programs.split(",") if n.strip()]
@@ -791,6 +882,41 @@ class Runner:
         except ValueError:
             return -1
         return len(rc_out) + sum(int(m.get("size", 0)) for m in index.get("manifests", []))
+
+
+def disk_write_rate(directory: str, size: int) -> dict:
+    """The disk's plain sequential write rate into `directory` (the store's floor): `size` bytes in 16 MiB
+    writes, then fsync, through the page cache as CRIU writes."""
+    path = os.path.join(directory, ".kyb-disk-floor")
+    block = os.urandom(16 << 20)
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    dt = time.perf_counter() - t
+    os.unlink(path)
+    return {"bytes": size, "s": round(dt, 3), "mb_s": round(size / dt / 1e6, 1)}
+
+
+def criu_log_seconds(top: str, name: str) -> float | None:
+    """CRIU's own duration from its log's last timestamp `(SS.ffffff)` (seconds since it started)."""
+    for path in glob.glob(os.path.join(top, "**", name), recursive=True):
+        last = None
+        with open(path, errors="replace") as f:
+            for line in f:
+                m = re.match(r"\((\d+\.\d+)\)", line)
+                if m:
+                    last = float(m.group(1))
+        if last is not None:
+            return round(last, 3)
+    return None
+
+
+def _newest_generation(store: str, key: str) -> str:
+    numbers = [int(n) for n in os.listdir(os.path.join(store, key)) if n.isdigit()]
+    return os.path.join(store, key, str(max(numbers)))
 
 
 def _steps_file(out_dir: str) -> str:
@@ -918,6 +1044,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--programs", default=",".join(PROGRAMS), help=f"programs scenario: from {', '.join(PROGRAMS)}")
     p.add_argument("--program-steps", type=int, default=200, help="programs scenario: steps per program")
     p.add_argument("--program-checkpoint-at", type=int, default=30, help="programs scenario: checkpoint at this step")
+    p.add_argument("--store-sizes", default="2.6,16", help="store scenario: VRAM GiB of each container checkpointed")
+    p.add_argument("--store-disk-floor-gib", type=float, default=4.0, help="store scenario: bytes of the disk floor")
     p.add_argument("--hookd-metrics", default="http://127.0.0.1:9464/metrics", help="kybernate-hookd's /metrics")
     a = p.parse_args(argv)
     a.state = a.state or os.path.join(a.base, "state")
@@ -981,6 +1109,18 @@ def print_summary(results: dict) -> None:
             "total_s", "workload_gap_s")
     print("\n==== summary (seconds) ====")
     for name, rec in results["scenarios"].items():
+        if name == "store":
+            print(f"store disk floor: {rec.get('disk_write')}")
+            for size, r in rec.items():
+                if isinstance(r, dict) and "result" in r:
+                    vals = " ".join(f"{k}={r[k]}" for k in ("kybernate_checkpoint_s", "gpu_lock_s", "gpu_checkpoint_s",
+                                                           "criu_dump_s", "floor_s", "ratio_to_floor", "criu_pages_bytes",
+                                                           "criu_write_mb_s", "ctr_run_restore_s", "gpu_restore_s",
+                                                           "workload_gap_s") if k in r)
+                    print(f"{'store ' + size:24s} {r['result']:4s} {vals} verified={r.get('verified')}")
+                    if r.get("error"):
+                        print(f"{'':24s} error: {r['error'][:600]}")
+            continue
         if name == "programs":
             for prog, r in rec.items():
                 if isinstance(r, dict):
