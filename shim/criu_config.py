@@ -52,13 +52,18 @@ def check_options(options: Sequence[str], origin: str) -> tuple[str, ...]:
     return tuple(checked)
 
 
-def render(extra: Sequence[str] = ()) -> str:
+def render(extra: Sequence[str] = (), cgroup_root: str | None = None) -> str:
     lines = list(DEFAULT_OPTIONS) + [o for o in extra if o not in DEFAULT_OPTIONS]
+    if cgroup_root and not any(o.split()[0] == "cgroup-root" for o in extra):
+        lines.append(f"cgroup-root {cgroup_root}")
     return "# written by the kybernate shim for this container; see docs/real-programs.md\n" + "\n".join(lines) + "\n"
 
 
-def apply(bundle: str, spec: dict[str, Any], extra: Sequence[str] = ()) -> str | None:
+def apply(bundle: str, spec: dict[str, Any], extra: Sequence[str] = (), restoring: bool = False) -> str | None:
     """Write the container's CRIU config into the bundle and name it in config.json.
+
+    `restoring`: the task is created from a checkpoint, so the file also says where its cgroup is
+    (`cgroup-root`, see restore_cgroup_root).
 
     Returns the file's path, or None when the spec already carries `org.criu.config` (the user's
     choice, kept as is). `spec` is the bundle's config.json as read at Create; it is updated in place.
@@ -71,7 +76,7 @@ def apply(bundle: str, spec: dict[str, Any], extra: Sequence[str] = ()) -> str |
         return None
     path = os.path.join(bundle, FILE_NAME)
     with open(path, "w", encoding="utf-8") as f:
-        f.write(render(extra))
+        f.write(render(extra, restore_cgroup_root(spec) if restoring else None))
     notes[ANNOTATION] = path
     spec["annotations"] = notes
     # Rewritten in place, not renamed over: ext4 pushes a file replaced by rename (or O_TRUNC) to disk
@@ -81,3 +86,42 @@ def apply(bundle: str, spec: dict[str, Any], extra: Sequence[str] = ()) -> str |
         f.write(json.dumps(spec, separators=(",", ":")))
         f.truncate()
     return path
+
+
+def restore_cgroup_root(spec: dict[str, Any]) -> str | None:
+    """The new container's cgroup, as CRIU's `cgroup-root` for a restore, or None when it cannot be known.
+
+    runc tells CRIU the container's cgroup per controller over RPC, naming the cgroup v2 hierarchy by an
+    empty controller name, which CRIU takes for a controller of that name rather than for the default
+    root: on a cgroup-v2-only node a task restored into a container other than the one dumped (a new pod,
+    `kybernate.io/restore-from`) lands in a re-created copy of the dumped container's cgroup, outside its
+    own limits, and runc then lists no process in the container. The default root from this file puts it
+    where it belongs. cgroupfs paths are absolute; systemd ones (`slice:prefix:name`) expand as runc's
+    systemd driver expands them. A relative path (runc nests it below its own cgroup) gives None.
+    """
+    linux = spec.get("linux")
+    path = linux.get("cgroupsPath") if isinstance(linux, dict) else None
+    if not isinstance(path, str) or not path or "\n" in path:
+        return None
+    parts = path.split(":")
+    if len(parts) == 3:
+        slice_name, prefix, name = parts
+        unit = name if name.endswith(".slice") else (f"{prefix}-{name}.scope" if prefix else f"{name}.scope")
+        expanded = _expand_slice(slice_name or "system.slice")
+        if expanded is None or "/" in unit:
+            return None
+        return f"{expanded.rstrip('/')}/{unit}"
+    return path if path.startswith("/") and ".." not in path.split("/") else None
+
+
+def _expand_slice(slice_name: str) -> str | None:
+    """`a-b-c.slice` -> `/a.slice/a-b.slice/a-b-c.slice`; `-.slice` is the root."""
+    if slice_name == "-.slice":
+        return "/"
+    if not slice_name.endswith(".slice") or "/" in slice_name:
+        return None
+    stem = slice_name.removesuffix(".slice")
+    if not stem or stem.startswith("-") or stem.endswith("-") or "--" in stem:
+        return None
+    words = stem.split("-")
+    return "".join("/" + "-".join(words[: i + 1]) + ".slice" for i in range(len(words)))

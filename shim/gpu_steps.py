@@ -343,6 +343,14 @@ class GpuSteps:
 
     async def _restore(self, task: TaskGpu) -> None:
         task.pids = tuple(await self.control.pids(task.container_id))
+        if not task.pids and task.init_pid:
+            # runc lists a container's processes from its cgroup: none there means the restore put them
+            # elsewhere (criu_config.restore_cgroup_root says when). Their GPU state must come back all the
+            # same: the restored init and its descendants are the task's processes.
+            task.pids = tuple(await asyncio.to_thread(procfs.process_tree, task.init_pid))
+            log.warning("runc lists no process in the restored task's cgroup; restoring the GPU state of its "
+                        "init process and descendants", extra={"fields": {"id": task.container_id,
+                                                                          "pids": list(task.pids)}})
         await self.driver_for(task.options).restore(task.spec.namespace, task.container_id, list(task.pids),
                                                     task.manifest)
 

@@ -7,6 +7,7 @@ map errors once. Everything else is forwarded as bytes, so containerd's behaviou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -85,11 +86,12 @@ class TaskService:
         options, changed = self._options_for_child(request)
         raw_spec = _read_spec(request.bundle)
         spec = TaskSpec.parse(request.id, self.namespace, request.bundle, raw_spec, options)
-        _write_criu_config(request.bundle, raw_spec, spec.options)  # runc reads it at dump and restore; ~0.3 ms
         plan = await self._restore_plan(request, spec)
         if plan is not None:
             request.checkpoint = plan.checkpoint_dir  # runc restores from it at Start
             changed = True
+        # runc reads it at dump and restore; ~0.3 ms
+        _write_criu_config(request.bundle, raw_spec, spec.options, restoring=bool(request.checkpoint))
         phase, manifest = await self._gpu_phase(spec, request.checkpoint)
         # The intent is recorded first: a Create that cannot record it changes nothing.
         await self.gpu.created(TaskGpu(spec, phase, manifest=manifest))
@@ -303,13 +305,17 @@ class TaskService:
     async def _stop_task(self, container_id: str) -> None:
         """Kill the task and wait for it to exit (Start could not give it its GPU state back)."""
         try:
-            await self.upstream.call("Kill", task_pb2.KillRequest(id=container_id, signal=9, all=True), task_pb2.Empty,
-                                     metadata=self._metadata())
+            # The init process by its pid first (ends its pid namespace), then whatever runc finds in the cgroup:
+            # `all` alone reaches only the cgroup, which a restore may have missed (criu_config.restore_cgroup_root).
+            for everyone in (False, True):
+                with contextlib.suppress(TTRPCError):  # one of the two may find nothing left to kill
+                    await self.upstream.call("Kill", task_pb2.KillRequest(id=container_id, signal=9, all=everyone),
+                                             task_pb2.Empty, metadata=self._metadata())
             await asyncio.wait_for(self.upstream.call("Wait", task_pb2.WaitRequest(id=container_id),
                                                       task_pb2.WaitResponse, metadata=self._metadata()), KILL_WAIT_S)
         except (TTRPCError, TimeoutError) as err:
-            log.error("could not stop a task whose GPU restore failed", extra={"fields": {"id": container_id,
-                                                                                          "error": str(err)}})
+            log.error("could not stop a task whose GPU restore failed", extra={"fields": {
+                "id": container_id, "error": str(err) or f"no exit within {KILL_WAIT_S:g} s"}})
 
     async def _refreeze(self, container_id: str) -> str:
         """After a failed GPU step in Resume: freeze the task again so containerd shows it PAUSED, as it is
@@ -385,8 +391,8 @@ def _read_spec(bundle: str) -> dict[str, Any]:
         raise InvalidArgument(str(err)) from err
 
 
-def _write_criu_config(bundle: str, spec: dict[str, Any], options: KybernateOptions) -> None:
+def _write_criu_config(bundle: str, spec: dict[str, Any], options: KybernateOptions, restoring: bool) -> None:
     try:
-        criu_config.apply(bundle, spec, options.criu_options)
+        criu_config.apply(bundle, spec, options.criu_options, restoring)
     except OSError as err:
         raise FailedPrecondition(f"cannot write the CRIU configuration into the bundle {bundle}: {err}") from err

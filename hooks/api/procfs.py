@@ -177,6 +177,22 @@ def processes() -> dict[int, Process]:
     return found
 
 
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it (by parent pid), root first; empty when root is gone."""
+    table = processes()
+    if root not in table:
+        return []
+    children: dict[int, list[int]] = {}
+    for pid, process in table.items():
+        children.setdefault(process.ppid, []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(sorted(children.get(pid, ()), reverse=True))
+    return found
+
+
 def open_files(pid: int) -> list[str]:
     """What the process's file descriptors point at (paths, or `socket:[inode]` and the like)."""
     targets = []

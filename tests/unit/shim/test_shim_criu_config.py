@@ -68,3 +68,35 @@ def test_runtime_toml_criu_options() -> None:
 def test_runtime_toml_bad_criu_options(value: str) -> None:
     with pytest.raises(runtime_options.OptionsError, match="criu_options"):
         runtime_options.from_toml(f"[kybernate]\ncriu_options = {value}\n", "t")
+
+
+@pytest.mark.parametrize(("cgroups_path", "root"), [
+    ("/kybgpu/kyb-store-r", "/kybgpu/kyb-store-r"),
+    ("kubepods-besteffort-podabc.slice:cri-containerd:0123",
+     "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podabc.slice/cri-containerd-0123.scope"),
+    ("system.slice:docker:abc", "/system.slice/docker-abc.scope"),
+    (":cri-containerd:abc", "/system.slice/cri-containerd-abc.scope"),
+    ("-.slice:p:abc", "/p-abc.scope"),
+    ("relative/path", None),
+    ("/a/../escape", None),
+    ("bad-.slice:p:n", None),
+    ("", None),
+])
+def test_a_restore_names_the_new_containers_cgroup_as_criu_cgroup_root(cgroups_path: str, root: str | None) -> None:
+    spec = {"linux": {"cgroupsPath": cgroups_path}} if cgroups_path else {}
+    assert criu_config.restore_cgroup_root(spec) == root
+
+
+def test_the_cgroup_root_is_written_for_a_restore_only(tmp_path) -> None:
+    spec = {"linux": {"cgroupsPath": "/ns/new"}}
+    (tmp_path / "config.json").write_text("{}")
+    path = criu_config.apply(str(tmp_path), dict(spec), restoring=True)
+    assert path is not None
+    assert "cgroup-root /ns/new\n" in open(path).read()
+    path = criu_config.apply(str(tmp_path), dict(spec), restoring=False)
+    assert path is not None
+    assert "cgroup-root" not in open(path).read()
+
+
+def test_a_users_own_cgroup_root_option_wins() -> None:
+    assert criu_config.render(["cgroup-root /mine"], "/ns/new").count("cgroup-root") == 1
