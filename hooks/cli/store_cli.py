@@ -134,7 +134,8 @@ def _ls(args: argparse.Namespace) -> int:
         state = r.state if r.state != "uploading" or not r.size else \
             f"uploading {100 * r.uploaded_bytes // max(1, r.size)}%"
         if r.error:
-            state += f" ({r.error})"
+            state += f" ({r.error}; {r.attempts} attempt{'s' if r.attempts != 1 else ''}, hookd retries)" \
+                if r.state == "failed" and r.attempts else f" ({r.error})"
         table.append((r.key, str(r.generation), state, r.tiers, store_layout.human(r.size), r.created[:19] + "Z",
                       r.node, gpu))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,48 @@ def test_s3_unreachable_the_local_checkpoint_succeeds_and_ls_shows_the_failure(
         assert counts(cri, cid)[-1] > 3
         cri.stop_pod(pod)
         cri.remove_pod(pod)
+
+
+def connected_to(port: int) -> bool:
+    """Whether any TCP connection to 127.0.0.1:`port` is established (from /proc/net/tcp)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote, state = fields[2], fields[3]
+        if state == "01" and remote.endswith(f":{port:04X}"):
+            return True
+    return False
+
+
+def test_hookd_killed_mid_upload_and_restarted_finishes_it(kyb_factory, tmp_path: Path, s3_server: S3Server,
+                                                           store_hookd, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "store"
+    monkeypatch.setenv("KYBERNATE_REGISTRY", str(tmp_path / "registry.db"))
+    env = {**os.environ, **s3_server.env("cluster")}
+    c = kyb_factory("2.1", env={"KYBERNATE_STORE": str(store)})
+    hookd = s3_hookd(store_hookd, c, store, s3_server, monkeypatch)
+    assert s3_server.proc is not None
+    os.kill(s3_server.proc.pid, signal.SIGSTOP)  # connections are accepted by the kernel, never answered
+    try:
+        with c.cri() as cri:
+            pod, cid = start_pod(cri, "a")
+            cri.start_container(cid)
+            wait_for("the counter", lambda: len(counts(cri, cid)) > 3)
+            done = checkpoint(hookd, cid, env)
+            assert done.returncode == 0 and "upload queued" in done.stderr, done.stderr
+            cri.stop_pod(pod)
+            cri.remove_pod(pod)
+        # The upload is in flight (queued in the registry, connected to the server) when hookd dies.
+        wait_for("the upload to be in flight", lambda: row_state(store, env)[0] == "uploading"
+                 and connected_to(s3_server.port), 30)
+        hookd.kill9()
+    finally:
+        os.kill(s3_server.proc.pid, signal.SIGCONT)
+    assert row_state(store, env) == ("uploading", ["local"])
+    hookd.start()  # a restarted hookd resumes what the registry says is queued
+    wait_for("the resumed upload", lambda: row_state(store, env) == ("uploaded", ["local", "s3"]), 60)
+    assert "uploads_resumed=1" in hookd.log.read_text()
+    # Complete remotely, manifest included: a fresh store downloads and verifies it.
+    done = kybernate("prefetch", "web", "--store", str(tmp_path / "fresh"), "--registry",
+                     str(tmp_path / "fresh.db"), env=env)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "fresh" / "web" / "1" / "manifest.json").is_file()

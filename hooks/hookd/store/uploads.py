@@ -179,7 +179,7 @@ class Uploader:
                 except StoreError:
                     pass
 
-        return int(tier.upload(generation, progress))
+        return int(tier.upload(generation, progress, resume=True))
 
     def _get_tier(self) -> Any:
         with self._tier_lock:

@@ -138,3 +138,29 @@ def test_kybernate_prefetch_downloads_and_registers_both_tiers(tier: S3Tier, tmp
     assert store_cli.main(["prefetch", "web", *common]) == 2
     assert "S3 tier is not configured" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path / "b" / "web")) == ["1"]
+
+
+def test_a_resumed_upload_skips_complete_objects_and_restarts_unfinished_parts(tier: S3Tier, tmp_path: Path,
+                                                                              s3_server: S3Server) -> None:
+    gen = make_generation(tmp_path / "a")
+    assert tier.upload(gen) == gen.manifest.size
+    s3 = s3_server.client()
+    prefix = "cluster-a/web/1/"
+    # As an interrupted attempt leaves it: no manifest, one file missing, a multipart upload left open.
+    s3.delete_object(Bucket=s3_server.bucket, Key=prefix + "manifest.json")
+    s3.delete_object(Bucket=s3_server.bucket, Key=prefix + "spec.dump")
+    s3.create_multipart_upload(Bucket=s3_server.bucket, Key=prefix + "spec.dump")
+    assert tier.generations("web") == []  # invisible remotely
+    sent: list[str] = []
+    tier.client.meta.events.register("before-call.s3.*", lambda model, **_: sent.append(model.name))
+    counted: list[int] = []
+    assert tier.upload(gen, counted.append, resume=True) == gen.manifest.size
+    # Only the missing file and the manifest went up; the open multipart upload was aborted.
+    uploads = [n for n in sent if n in ("PutObject", "UploadPart", "CreateMultipartUpload")]
+    assert uploads == ["PutObject", "PutObject"], sent
+    assert "AbortMultipartUpload" in sent
+    assert s3.list_multipart_uploads(Bucket=s3_server.bucket, Prefix=prefix).get("Uploads", []) == []
+    assert sum(counted) == gen.manifest.size + len(gen.manifest.to_json())
+    assert tier.generations("web") == [1]
+    fresh = tier.download(store_layout.Store(str(tmp_path / "b")), "web")
+    assert fresh.manifest == gen.manifest
