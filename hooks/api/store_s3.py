@@ -28,6 +28,7 @@ from typing import Any
 
 from .store import (
     MANIFEST,
+    BadKey,
     Corrupt,
     FileEntry,
     Generation,
@@ -199,6 +200,17 @@ class S3Tier:
         except Exception as err:
             raise self._fail("cannot list keys", err) from err
         return sorted(found)
+
+    def manifests(self) -> list[Manifest]:
+        """The manifest of every complete remote generation of every key (what a registry rebuild indexes)."""
+        found = []
+        for key in self.keys():
+            try:
+                numbers = self.generations(key)
+            except BadKey:
+                continue  # not a key of ours (no store writes such a prefix)
+            found += [self.manifest(key, number) for number in numbers]
+        return found
 
     def manifest(self, key: str, generation: int) -> Manifest:
         return self._manifest(key, generation)[0]

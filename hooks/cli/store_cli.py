@@ -146,9 +146,13 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _rebuild(args: argparse.Namespace) -> int:
     from kybernate.hooks.api.store_registry import Registry
+    from kybernate.hooks.api.store_s3 import S3Tier
 
-    count = Registry(args.registry).rebuild(store_layout.Store(args.store))
-    _stderr(f"kybernate store rebuild: {count} generations indexed from {args.store}")
+    tier = _s3()
+    remote = tier.manifests() if isinstance(tier, S3Tier) else []
+    count = Registry(args.registry).rebuild(store_layout.Store(args.store), remote)
+    where = args.store + (f" and {tier.config.where}" if isinstance(tier, S3Tier) else "")
+    _stderr(f"kybernate store rebuild: {count} generations indexed from {where}")
     return 0
 
 

@@ -94,6 +94,17 @@ def test_a_wiped_node_restores_through_s3_only(kyb_factory, tmp_path: Path, s3_s
     [row] = ls(store, env)
     assert (row["key"], row["generation"], row["state"], row["tiers"]) == ("web", 1, "uploaded", ["local", "s3"])
     assert row["uploaded_bytes"] == row["size"] and row["attempts"] == 0, row
+    # A wiped index rebuilds from the manifests, local and in S3, to the same `kybernate ls`.
+    listed, table = ls(store, env), kybernate("ls", "--store", str(store), env=env).stdout
+    os.unlink(tmp_path / "registry.db")
+    done = kybernate("store", "rebuild", "--store", str(store), env=env)
+    assert done.returncode == 0 and "1 generations indexed" in done.stderr and "s3://" in done.stderr, done.stderr
+
+    def stable(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+        return [{k: v for k, v in r.items() if k != "last_used"} for r in rows]
+
+    assert stable(ls(store, env)) == stable(listed)
+    assert kybernate("ls", "--store", str(store), env=env).stdout == table
     names = {o["Key"] for o in s3_server.client().list_objects_v2(
         Bucket=s3_server.bucket, Prefix="cluster/web/1/")["Contents"]}
     assert "cluster/web/1/manifest.json" in names and "cluster/web/1/checkpoint/inventory.img" in names

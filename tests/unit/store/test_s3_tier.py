@@ -164,3 +164,21 @@ def test_a_resumed_upload_skips_complete_objects_and_restarts_unfinished_parts(t
     assert tier.generations("web") == [1]
     fresh = tier.download(store_layout.Store(str(tmp_path / "b")), "web")
     assert fresh.manifest == gen.manifest
+
+
+def test_a_node_that_never_saw_a_key_rebuilds_its_index_from_s3(tier: S3Tier, tmp_path: Path,
+                                                                s3_server: S3Server) -> None:
+    from kybernate.hooks.api.store_registry import Registry
+
+    gen1 = make_generation(tmp_path / "a", size=100)
+    tier.upload(gen1)
+    s3 = s3_server.client()
+    s3.put_object(Bucket=s3_server.bucket, Key="cluster-a/not..ours/1/manifest.json", Body=b"{}")  # skipped
+    fresh = Registry(str(tmp_path / "fresh.db"))
+    assert fresh.rebuild(store_layout.Store(str(tmp_path / "fresh")), tier.manifests()) == 1
+    [row] = fresh.rows()
+    assert (row.key, row.generation, row.state, row.tiers, row.size, row.uploaded_bytes, row.node) == \
+        ("web", 1, "uploaded", "s3", gen1.manifest.size, gen1.manifest.size, "node-a")
+    # The newest complete generation there is what a prefetch (or a restore) takes.
+    got = tier.download(store_layout.Store(str(tmp_path / "fresh")), "web")
+    assert got.number == 1 and got.manifest == gen1.manifest
