@@ -17,12 +17,12 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kybernate.hooks.api.store import Generation, Store, StoreError
+from kybernate.hooks.api.store import Generation, Manifest, Store, StoreError
 
 DEFAULT_REGISTRY = "/var/lib/kybernate/registry.db"
 REGISTRY_ENV = "KYBERNATE_REGISTRY"
@@ -43,9 +43,12 @@ CREATE TABLE IF NOT EXISTS generations (
     last_used REAL NOT NULL,      -- unix seconds: written or restored
     uploaded_bytes INTEGER NOT NULL DEFAULT 0,
     error TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,  -- upload attempts that failed since the upload was queued
     PRIMARY KEY (key, generation)
 )
 """
+# Columns added after the first release of the schema: (name, definition), added to an older file on open.
+_ADDED_COLUMNS = (("attempts", "INTEGER NOT NULL DEFAULT 0"),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,7 @@ class Row:
     last_used: float
     uploaded_bytes: int = 0
     error: str = ""
+    attempts: int = 0
 
     @property
     def tiers(self) -> str:
@@ -92,6 +96,10 @@ class Registry:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)
+            have = {r[1] for r in db.execute("PRAGMA table_info(generations)")}
+            for name, definition in _ADDED_COLUMNS:
+                if name not in have:
+                    db.execute(f"ALTER TABLE generations ADD COLUMN {name} {definition}")
             with db:
                 yield db
         except sqlite3.Error as err:
@@ -102,16 +110,25 @@ class Registry:
     # ---- writes ----
 
     def record_local(self, generation: Generation, *, remote: bool = False, state: str = COMPLETE) -> None:
-        """A complete local generation (just written, or found by rebuild)."""
-        m = generation.manifest
+        """A complete local generation (just written, or found by rebuild); `remote`: S3 holds it too."""
+        self._record(generation.manifest, local=True, remote=remote, state=state)
+
+    def record_remote(self, manifest: Manifest) -> None:
+        """A complete generation the S3 tier holds (found by rebuild); a local copy, if any, is recorded apart."""
+        self._record(manifest, local=False, remote=True, state=UPLOADED)
+
+    def _record(self, m: Manifest, *, local: bool, remote: bool, state: str) -> None:
         with self._db() as db:
             db.execute(
                 "INSERT INTO generations (key, generation, state, local, remote, size, created, node, container,"
-                " gpu, last_used) VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (key, generation) DO UPDATE SET local = 1, remote = max(remote, excluded.remote),"
-                " size = excluded.size",
-                (m.key, m.generation, state, int(remote), m.size, m.created, m.node, m.identity.container_id,
-                 json.dumps(m.gpu, sort_keys=True), time.time()))
+                " gpu, last_used, uploaded_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (key, generation) DO UPDATE SET local = max(local, excluded.local),"
+                " remote = max(remote, excluded.remote), size = excluded.size,"
+                " uploaded_bytes = max(uploaded_bytes, excluded.uploaded_bytes),"
+                " state = CASE WHEN excluded.remote = 1 THEN 'uploaded' ELSE state END",
+                (m.key, m.generation, state, int(local), int(remote), m.size, m.created, m.node,
+                 m.identity.container_id, json.dumps(m.gpu, sort_keys=True), time.time(),
+                 m.size if remote else 0))
 
     def set_state(self, key: str, generation: int, state: str, *, error: str = "", uploaded_bytes: int | None = None,
                   remote: bool | None = None) -> None:
@@ -125,6 +142,35 @@ class Registry:
                 db.execute("UPDATE generations SET remote = ? WHERE key = ? AND generation = ?",
                            (int(remote), key, generation))
 
+    def queue_upload(self, key: str, generation: int) -> None:
+        """Durably mark a generation for upload: a restarted hookd resumes every such row (pending_uploads)."""
+        with self._db() as db:
+            db.execute("UPDATE generations SET state = ?, error = '', uploaded_bytes = 0, attempts = 0"
+                       " WHERE key = ? AND generation = ?", (UPLOADING, key, generation))
+
+    def upload_progress(self, key: str, generation: int, uploaded_bytes: int) -> None:
+        with self._db() as db:
+            db.execute("UPDATE generations SET uploaded_bytes = ? WHERE key = ? AND generation = ?",
+                       (uploaded_bytes, key, generation))
+
+    def upload_failed(self, key: str, generation: int, error: str) -> int:
+        """One more failed attempt (the upload stays queued and is retried); returns the attempts so far."""
+        with self._db() as db:
+            db.execute("UPDATE generations SET state = ?, error = ?, attempts = attempts + 1"
+                       " WHERE key = ? AND generation = ?", (FAILED, error, key, generation))
+            row = db.execute("SELECT attempts FROM generations WHERE key = ? AND generation = ?",
+                             (key, generation)).fetchone()
+        return int(row[0]) if row else 0
+
+    def upload_done(self, key: str, generation: int, uploaded_bytes: int) -> None:
+        with self._db() as db:
+            db.execute("UPDATE generations SET state = ?, error = '', uploaded_bytes = ?, remote = 1"
+                       " WHERE key = ? AND generation = ?", (UPLOADED, uploaded_bytes, key, generation))
+
+    def pending_uploads(self) -> list[Row]:
+        """Local generations queued for upload and not uploaded yet (uploading, or failed and being retried)."""
+        return [r for r in self.rows() if r.local and not r.remote and r.state in (UPLOADING, FAILED)]
+
     def touch(self, key: str, generation: int) -> None:
         with self._db() as db:
             db.execute("UPDATE generations SET last_used = ? WHERE key = ? AND generation = ?",
@@ -137,23 +183,31 @@ class Registry:
             db.execute("DELETE FROM generations WHERE key = ? AND generation = ? AND local = 0 AND remote = 0",
                        (key, generation))
 
-    def rebuild(self, store: Store) -> int:
-        """Forget everything and index every complete local generation from its manifest; returns the count.
+    def rebuild(self, store: Store, remote: Iterable[Manifest] = ()) -> int:
+        """Forget everything and index every complete generation from its manifest: the local store's, and
+        `remote`, the manifests the S3 tier holds (a node that never saw a key learns its generations).
+        Returns how many generations are indexed.
 
         Row order and content depend only on the manifests, so a wiped index rebuilds to the same listing
-        (only last_used, a cache hint, restarts)."""
+        (only last_used, a cache hint, restarts, and attempts, the failed uploads since one was queued).
+        A local generation that S3 does not hold is `complete`: a rebuild forgets a queued upload."""
         generations = [store.open(key, number) for key in store.keys() for number in store.generations(key)]
+        remote = list(remote)
         with self._db() as db:
             db.execute("DELETE FROM generations")
+        held = {(m.key, m.generation) for m in remote}
         for generation in generations:
-            self.record_local(generation)
-        return len(generations)
+            there = (generation.key, generation.number) in held
+            self.record_local(generation, remote=there, state=UPLOADED if there else COMPLETE)
+        for manifest in remote:
+            self.record_remote(manifest)
+        return len({(g.key, g.number) for g in generations} | held)
 
     # ---- reads ----
 
     def rows(self, key: str | None = None) -> list[Row]:
         query = "SELECT key, generation, state, local, remote, size, created, node, container, gpu, last_used," \
-                " uploaded_bytes, error FROM generations"
+                " uploaded_bytes, error, attempts FROM generations"
         args: tuple[Any, ...] = ()
         if key is not None:
             query += " WHERE key = ?"
@@ -161,7 +215,7 @@ class Registry:
         with self._db() as db:
             found = db.execute(query + " ORDER BY key, generation", args).fetchall()
         return [Row(r[0], r[1], r[2], bool(r[3]), bool(r[4]), r[5], r[6], r[7], r[8], json.loads(r[9] or "{}"),
-                    r[10], r[11], r[12]) for r in found]
+                    r[10], r[11], r[12], r[13]) for r in found]
 
 
 @dataclass(frozen=True, slots=True)
