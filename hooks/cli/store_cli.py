@@ -10,13 +10,17 @@ line per phase; `--json` prints the result as one JSON object on stdout for scri
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
 import time
 
+from kybernate.hooks.api import DEFAULT_SOCKET
 from kybernate.hooks.api import store as store_layout
 from kybernate.hooks.api.store import StoreError
+
+HOOKD_SOCKET_ENV = "KYBERNATE_HOOKD_SOCKET"
 
 DEFAULT_STORE = "/var/lib/kybernate/store"
 STORE_ENV = "KYBERNATE_STORE"
@@ -52,7 +56,7 @@ def _size(text: str) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from .store_registry import default_registry
+    from kybernate.hooks.api.store_registry import default_registry
 
     p.add_argument("--store", default=default_store(), help=f"store root (default ${STORE_ENV} or {DEFAULT_STORE})")
     p.add_argument("--registry", default=default_registry(), help="the SQLite index (default $KYBERNATE_REGISTRY "
@@ -75,18 +79,16 @@ def main(argv: list[str]) -> int:
     verbs = parser.add_subparsers(dest="verb", required=True)
     cp = verbs.add_parser("checkpoint", help="checkpoint a running container into the store")
     cp.add_argument("container_id", metavar="CONTAINER_ID")
-    cp.add_argument("--key", "-k", help="workload key (default: kybernate.io/checkpoint-key, <pod>.<container>, "
-                    "or the container id)")
+    cp.add_argument("--key", "-k", help="workload key (required for now)")
     cp.add_argument("--leave-running", action="store_true", help="the container runs on after the dump")
-    _common(cp)
-    _retention(cp)
-    cp.add_argument("--address", "-a", default="/run/containerd/containerd.sock", help="containerd socket")
+    cp.add_argument("--socket", default=os.environ.get(HOOKD_SOCKET_ENV) or DEFAULT_SOCKET,
+                    help=f"kybernate-hookd's socket (${HOOKD_SOCKET_ENV}, default {DEFAULT_SOCKET}): hookd runs the "
+                    "checkpoint into its store, indexes it and uploads it when its S3 tier is configured")
     cp.add_argument("--namespace", "-n", default="k8s.io", help="containerd namespace (CRI: k8s.io)")
-    cp.add_argument("--timeout", type=float, default=600.0, help="seconds for each call")
+    cp.add_argument("--timeout", type=float, default=600.0,
+                    help="deadline of the whole checkpoint in seconds: past it hookd rolls it back")
     cp.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     cp.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
-    cp.add_argument("--no-upload", action="store_true", help="keep the checkpoint local even when the S3 tier "
-                    "is configured ($KYBERNATE_S3_BUCKET)")
     pf = verbs.add_parser("prefetch", help="download a checkpoint from the S3 tier into the local store")
     pf.add_argument("reference", metavar="KEY[@GENERATION]")
     _common(pf)
@@ -119,7 +121,7 @@ def main(argv: list[str]) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    from .store_registry import Registry
+    from kybernate.hooks.api.store_registry import Registry
 
     rows = Registry(args.registry).rows(args.key)
     if args.json:
@@ -142,7 +144,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _rebuild(args: argparse.Namespace) -> int:
-    from .store_registry import Registry
+    from kybernate.hooks.api.store_registry import Registry
 
     count = Registry(args.registry).rebuild(store_layout.Store(args.store))
     _stderr(f"kybernate store rebuild: {count} generations indexed from {args.store}")
@@ -150,7 +152,7 @@ def _rebuild(args: argparse.Namespace) -> int:
 
 
 def _gc(args: argparse.Namespace) -> int:
-    from .store_registry import Registry, collect
+    from kybernate.hooks.api.store_registry import Registry, collect
 
     report = collect(store_layout.Store(args.store), Registry(args.registry), keep=args.keep,
                      budget_bytes=args.budget)
@@ -159,7 +161,7 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def _report_gc(report: object) -> None:
-    from .store_registry import GcReport
+    from kybernate.hooks.api.store_registry import GcReport
 
     assert isinstance(report, GcReport)
     for line in report.removed:
@@ -170,49 +172,69 @@ def _report_gc(report: object) -> None:
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
-    from kybernate.hooks.containerd.client import ContainerdClient, ContainerdError
+    """A thin client of hookd's Store.Checkpoint: hookd pauses, dumps into its store, indexes and queues the
+    upload; this prints the phases as they stream in and the result."""
+    from kybernate.hooks.api.client import HookdClient, HookdError, HookdUnavailable, StoreProgress
 
-    from .checkpoint_archive import Progress
-    from .store_checkpoint import StoreCheckpointer
+    from .progress import CheckpointProgress
 
-    progress = Progress(quiet=args.quiet)
-    address = args.address.removeprefix("unix://")
-    if not os.path.exists(address):
-        _stderr(f"kybernate checkpoint: error: no containerd socket at {args.address}")
-        return 1
-    try:
-        if args.key is not None:
+    if args.key is not None:
+        try:
             store_layout.validate_key(args.key)
-        with ContainerdClient(address, args.namespace, timeout=args.timeout) as client:
-            result = StoreCheckpointer(client, address, args.container_id, store_layout.Store(args.store),
-                                       args.key, leave_running=args.leave_running, progress=progress,
-                                       timeout=args.timeout).run()
-    except (StoreError, ContainerdError) as err:
-        _stderr(f"kybernate checkpoint: error: {err}")
+        except StoreError as err:
+            _stderr(f"kybernate checkpoint: error: {err}")
+            return 1
+    show = CheckpointProgress.for_terminal(quiet=args.quiet)
+
+    def on_progress(p: StoreProgress) -> None:
+        show.update(p.phase, p.bytes_done, p.bytes_total)
+
+    async def call() -> object:
+        async with HookdClient(args.socket) as client:
+            return await client.store_checkpoint(args.namespace, args.container_id, args.key or "",
+                                                 leave_running=args.leave_running, deadline_s=args.timeout,
+                                                 reason="cli", on_progress=on_progress)
+
+    try:
+        result = asyncio.run(call())
+    except HookdUnavailable:
+        show.close()
+        _stderr(f"kybernate checkpoint: error: kybernate-hookd is not running at {args.socket} (it runs store "
+                "checkpoints): start kybernate-hookd (systemctl start kybernate-hookd), or pass --socket")
+        return 1
+    except HookdError as err:
+        show.close()
+        _stderr(f"kybernate checkpoint: error: {err.message} [{err.code_name}]")
         return 1
     except KeyboardInterrupt:
-        _stderr("kybernate checkpoint: interrupted")
+        show.close()
+        _stderr("kybernate checkpoint: interrupted (hookd finishes or rolls back the checkpoint on its own)")
         return 130
-    _index(args, result.generation)
-    if not args.no_upload:
-        _upload(args, result.generation, progress)
+    show.close()
+    from kybernate.hooks.api.model import StoreCheckpointResult
+
+    assert isinstance(result, StoreCheckpointResult)
+    out = {"key": result.key, "generation": result.generation, "path": result.path, "size": result.size_bytes,
+           "seconds": round(result.total_s, 4), "pause_s": round(result.pause_s, 4),
+           "phases": {k: round(v, 4) for k, v in sorted(result.phase_s.items())},
+           "upload_queued": result.upload_queued, **_manifest_summary(result.path)}
     if args.json:
-        print(json.dumps(result.to_dict(), sort_keys=True))
-    progress(f"done: {result.generation.key}@{result.generation.number} in {result.seconds:.2f}s")
+        print(json.dumps(out, sort_keys=True))
+    if not args.quiet:
+        _stderr(f"stored {result.key}@{result.generation}: {store_layout.human(result.size_bytes)} at {result.path} "
+                f"in {result.total_s:.2f}s (paused {result.pause_s:.2f}s)"
+                + ("; upload queued (kybernate ls shows it)" if result.upload_queued else ""))
     return 0
 
 
-def _index(args: argparse.Namespace, generation: store_layout.Generation) -> None:
-    """Registry and retention after a checkpoint: the checkpoint is complete either way (the registry is
-    an index, `kybernate store rebuild` restores it), so a failure here is a warning."""
-    from .store_registry import Registry, collect
-
+def _manifest_summary(path: str) -> dict[str, object]:
+    """Files and GPU summary of the generation hookd wrote (the CLI runs on the same node)."""
     try:
-        registry = Registry(args.registry)
-        registry.record_local(generation)
-        _report_gc(collect(store_layout.Store(args.store), registry, keep=args.keep, budget_bytes=args.budget))
-    except StoreError as err:
-        _stderr(f"kybernate checkpoint: warning: {err}")
+        with open(os.path.join(path, store_layout.MANIFEST)) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {"files": len(data.get("files") or []), "gpu": data.get("gpu") or {}}
 
 
 def _s3() -> object | None:
@@ -223,39 +245,9 @@ def _s3() -> object | None:
     return S3Tier(config) if config else None
 
 
-def _upload(args: argparse.Namespace, generation: store_layout.Generation, progress: object) -> None:
-    """Upload a complete local generation to the S3 tier (manifest last). The local checkpoint is complete
-    whatever happens here: a failure is recorded (`kybernate ls` shows `failed (<why>)`) and warned about,
-    and the command still succeeds."""
-    from kybernate.hooks.api.store_s3 import S3Tier
-
-    from .store_registry import FAILED, UPLOADED, UPLOADING, Registry
-
-    tier = _s3()
-    if tier is None:
-        return
-    assert isinstance(tier, S3Tier)
-    key, number = generation.key, generation.number
-    registry = Registry(args.registry)
-    registry.set_state(key, number, UPLOADING, uploaded_bytes=0)
-    started = time.monotonic()
-    try:
-        sent = tier.upload(generation)
-    except StoreError as err:
-        registry.set_state(key, number, FAILED, error=f"upload: {err}")
-        _stderr(f"kybernate checkpoint: warning: {key}@{number} is complete locally but its upload failed: {err}")
-        return
-    registry.set_state(key, number, UPLOADED, uploaded_bytes=sent, remote=True)
-    seconds = time.monotonic() - started
-    if not args.quiet:
-        _stderr(f"uploaded {key}@{number} to {tier.config.where}: {store_layout.human(sent)} in {seconds:.2f}s "
-                f"({sent / max(seconds, 1e-9) / 1e6:.0f} MB/s)")
-
-
 def _prefetch(args: argparse.Namespace) -> int:
+    from kybernate.hooks.api.store_registry import UPLOADED, Registry
     from kybernate.hooks.api.store_s3 import S3Tier
-
-    from .store_registry import UPLOADED, Registry
 
     key, number = store_layout.parse_reference(args.reference.removeprefix("store:"))
     tier = _s3()

@@ -4,6 +4,12 @@ serves Prometheus metrics, and stops gracefully on SIGTERM/SIGINT, naming whatev
     kybernate-hookd [--socket /run/kybernate/hookd.sock] [--backend ctypes|binary] [--libcuda PATH]
                     [--cuda-checkpoint PATH] [--libnvml PATH] [--metrics-address 127.0.0.1:9464]
                     [--log-level info] [--intent-dir /run/kybernate/intent] [--reconcile-period-s 10]
+                    [--store-root /var/lib/kybernate/store] [--store-registry /var/lib/kybernate/registry.db]
+                    [--containerd-address /run/containerd/containerd.sock] [--store-keep 3] [--store-budget 0]
+                    [--s3-bucket B] [--s3-endpoint URL] [--s3-prefix P] [--s3-region R]
+
+The S3 flags default to $KYBERNATE_S3_BUCKET, $KYBERNATE_S3_ENDPOINT, $KYBERNATE_S3_PREFIX, $KYBERNATE_S3_REGION;
+credentials come from the standard AWS chain (docs/store.md).
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ from . import metrics
 from .manager import GpuManager
 from .reconcile import Reconciler
 from .reconcile_settings import ReconcileSettings
-from .settings import DriverSettings, ManagerSettings, ServerSettings, Settings
+from .settings import DriverSettings, ManagerSettings, ServerSettings, Settings, StoreSettings
+from .store.checkpoints import StoreCheckpoints
+from .store.service import StoreService
+from .store.uploads import Uploader
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +52,7 @@ class StartError(Exception):
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
-    d, s, m, r = DriverSettings(), ServerSettings(), ManagerSettings(), ReconcileSettings()
+    d, s, m, r, st = DriverSettings(), ServerSettings(), ManagerSettings(), ReconcileSettings(), StoreSettings()
     p = argparse.ArgumentParser(prog="kybernate-hookd",
                                 description="Kybernate node daemon: CUDA checkpoint steps for the shim.")
     p.add_argument("--socket", default=s.socket, help="unix socket to serve on (root only, mode 0600) [%(default)s]")
@@ -75,7 +84,34 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    help="where shims record each GPU task's desired GPU state ([kybernate] intent_dir) [%(default)s]")
     p.add_argument("--reconcile-period-s", type=float, default=r.period_s,
                    help="seconds between reconcile passes over the intent files; 0: at start only [%(default)s]")
+    env = os.environ
+    p.add_argument("--store-root", default=env.get("KYBERNATE_STORE") or st.root,
+                   help="the checkpoint store's local root ($KYBERNATE_STORE) [%(default)s]")
+    p.add_argument("--store-registry", default=env.get("KYBERNATE_REGISTRY") or st.registry,
+                   help="the store's SQLite index ($KYBERNATE_REGISTRY) [%(default)s]")
+    p.add_argument("--containerd-address", default=st.containerd_address,
+                   help="containerd's socket, as containerd gives it to its shims [%(default)s]")
+    p.add_argument("--store-max-parallel", type=int, default=st.max_parallel,
+                   help="store checkpoints at once on the node [%(default)s]")
+    p.add_argument("--store-keep", type=int, default=int(env.get("KYBERNATE_KEEP") or st.keep),
+                   help="generations kept per key ($KYBERNATE_KEEP) [%(default)s]")
+    p.add_argument("--store-budget", type=int, default=st.budget_bytes,
+                   help="local disk budget of the store in bytes; 0: none [%(default)s]")
+    p.add_argument("--s3-bucket", default=env.get("KYBERNATE_S3_BUCKET", ""), help="S3 tier's bucket; empty: off")
+    p.add_argument("--s3-endpoint", default=env.get("KYBERNATE_S3_ENDPOINT", ""),
+                   help="S3-compatible endpoint URL; empty: AWS's")
+    p.add_argument("--s3-prefix", default=env.get("KYBERNATE_S3_PREFIX", ""), help="prefix inside the bucket")
+    p.add_argument("--s3-region", default=env.get("KYBERNATE_S3_REGION") or env.get("AWS_REGION")
+                   or env.get("AWS_DEFAULT_REGION") or "us-east-1", help="signing region [%(default)s]")
+    p.add_argument("--upload-max-parallel", type=int, default=st.max_parallel_uploads,
+                   help="generations uploaded at once [%(default)s]")
+    p.add_argument("--upload-retry-max-s", type=float, default=st.upload_retry_max_s,
+                   help="longest wait between attempts of a failed upload, seconds [%(default)s]")
     a = p.parse_args(argv)
+    if min(a.store_max_parallel, a.store_keep, a.upload_max_parallel) < 1:
+        p.error("--store-max-parallel, --store-keep and --upload-max-parallel must be at least 1")
+    if a.store_budget < 0 or a.upload_retry_max_s <= 0:
+        p.error("--store-budget must be at least 0 and --upload-retry-max-s above 0")
     if min(a.max_parallel, a.max_parallel_per_request, a.max_pids_per_request) < 1:
         p.error("--max-parallel, --max-parallel-per-request and --max-pids-per-request must be at least 1")
     if a.max_request_bytes < 4096:
@@ -95,6 +131,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                         restore_vram_headroom_bytes=a.restore_vram_headroom_bytes),
         log_level=a.log_level,
         reconcile=replace(r, intent_dir=a.intent_dir, period_s=max(0.0, a.reconcile_period_s)),
+        store=replace(st, root=a.store_root, registry=a.store_registry, containerd_address=a.containerd_address,
+                      max_parallel=a.store_max_parallel, keep=a.store_keep, budget_bytes=a.store_budget,
+                      s3_bucket=a.s3_bucket, s3_endpoint=a.s3_endpoint, s3_prefix=a.s3_prefix, s3_region=a.s3_region,
+                      max_parallel_uploads=a.upload_max_parallel,
+                      upload_retry_max_s=a.upload_retry_max_s,
+                      upload_retry_first_s=min(st.upload_retry_first_s, a.upload_retry_max_s)),
     )
 
 
@@ -170,6 +212,13 @@ class Daemon:
         self._reconciling: asyncio.Task[None] | None = None
         self.manager: GpuManager | None = None
         self.reconciler: Reconciler | None = None
+        # The store's blocking work (containerd's gRPC, files, hashing, SQLite): apart from the driver's threads,
+        # so that a long rootfs diff never delays a pause. Each checkpoint has at most two calls in flight.
+        self._store_executor = ThreadPoolExecutor(max_workers=2 * settings.store.max_parallel + 2,
+                                                  thread_name_prefix="hookd-store")
+        self.store: StoreCheckpoints | None = None
+        self.uploads: Uploader | None = None
+        self._store_service: StoreService | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -180,7 +229,7 @@ class Daemon:
     async def start(self) -> None:
         import grpc
 
-        from kybernate.api import hookd_pb2_grpc
+        from kybernate.api import hookd_pb2_grpc, store_pb2_grpc
 
         from .service import HookdService
 
@@ -205,6 +254,11 @@ class Daemon:
         ])
         add_servicer: Callable[[Any, Any], None] = hookd_pb2_grpc.add_HookdServicer_to_server  # unannotated, generated
         add_servicer(HookdService(self.manager, self.metrics), self._server)
+        self.uploads = Uploader(s.store, self.metrics)
+        self.store = StoreCheckpoints(s.store, self._store_executor, self.uploads, self.metrics)
+        self._store_service = StoreService(self.store, self.metrics)
+        add_store: Callable[[Any, Any], None] = store_pb2_grpc.add_StoreServicer_to_server  # generated
+        add_store(self._store_service, self._server)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others could connect
         try:
             self._server.add_insecure_port(f"unix:{s.server.socket}")
@@ -218,10 +272,13 @@ class Daemon:
         # At start and then periodically: GPU state a crash left stranded goes back where the intent says.
         self.reconciler = Reconciler(self.manager, s.reconcile, self.metrics)
         self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconcile")
+        resumed = await self.uploads.resume()  # uploads a previous hookd left queued, failed or half done
         log.info("serving", extra={"fields": {
             "socket": s.server.socket, "backend": health.backend, "driver": health.driver_version,
             "cuda": health.cuda_version, "nvml": health.nvml, "gpus": len(health.gpus),
-            "metrics": f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "off", "pid": os.getpid()}})
+            "metrics": f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "off", "pid": os.getpid(),
+            "store": s.store.root, "s3": self.uploads.config.where if self.uploads.config else "off",
+            "uploads_resumed": resumed}})
 
     async def stop(self) -> int:
         """Graceful stop; 0 when everything finished, 1 when driver calls are still running (named in the log)."""
@@ -233,6 +290,12 @@ class Daemon:
             await asyncio.gather(self._reconciling, return_exceptions=True)
         if self._server is not None:
             await self._server.stop(grace=s.shutdown_grace_s)  # then in-flight handlers are cancelled
+        if self._store_service is not None:
+            # Checkpoints run as tasks of their own, bounded by their deadlines: a half-done one is rolled back
+            # or committed by its own code, never abandoned.
+            await self._store_service.wait_running(s.stop_timeout_s)
+        if self.uploads is not None:
+            await self.uploads.stop()  # resumed by the next hookd
         deadline = loop.time() + s.stop_timeout_s
         while loop.time() < deadline:
             busy = (self.manager.busy() if self.manager else []) + [
@@ -262,6 +325,7 @@ class Daemon:
         if self._driver is not None:
             self._driver.close()
         self._executor.shutdown(wait=True)
+        self._store_executor.shutdown(wait=True)
         log.info("stopped")
         return 0
 

@@ -7,6 +7,10 @@ Updated on the event loop thread (timings are taken around run_blocking there).
   kybernate_hookd_bytes_total{direction}          VRAM moved: device_to_host (checkpoint), host_to_device (restore)
   kybernate_hookd_requests_total{rpc,outcome}     RPCs by result (ok or the status name)
   kybernate_hookd_driver_calls_in_flight          blocking calls not returned yet
+  kybernate_hookd_store_bytes_total{tier,operation}             bytes checkpointed (local) and uploaded (s3)
+  kybernate_hookd_store_duration_seconds{tier,operation}        histogram: checkpoints, their pause, uploads
+  kybernate_hookd_store_failures_total{tier,operation}          failed checkpoints and upload attempts
+  kybernate_hookd_store_upload_backlog                          generations queued or uploading
 
 The endpoint stays our own asyncio server rather than prometheus-client's threaded one: it lives on the
 daemon's event loop, bounds every read, and stops with the daemon.
@@ -27,6 +31,9 @@ log = logging.getLogger(__name__)
 STEP_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 STEPS = ("lock", "checkpoint", "restore", "unlock")
 DIRECTIONS = ("device_to_host", "host_to_device")
+STORE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+# (tier, operation) pairs that show, with zero counts, from the start.
+STORE_SERIES = (("local", "checkpoint"), ("local", "pause"), ("s3", "upload"))
 
 # No `_created` series: they double every counter's lines and no dashboard of ours reads them.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in the library
@@ -50,6 +57,21 @@ class Metrics:
         in_flight_gauge = Gauge("kybernate_hookd_driver_calls_in_flight",
                                 "Blocking driver and NVML calls that have not returned.", registry=self.registry)
         in_flight_gauge.set_function(lambda: float(in_flight()))
+        self._store_bytes = Counter("kybernate_hookd_store_bytes", "Bytes written into the store, per tier.",
+                                    ["tier", "operation"], registry=self.registry)
+        self._store_seconds = Histogram("kybernate_hookd_store_duration_seconds",
+                                        "Duration of store operations (a checkpoint, its pause, an upload).",
+                                        ["tier", "operation"], buckets=STORE_BUCKETS, registry=self.registry)
+        self._store_failures = Counter("kybernate_hookd_store_failures", "Failed store operations, per tier.",
+                                       ["tier", "operation"], registry=self.registry)
+        self._store_backlog = Gauge("kybernate_hookd_store_upload_backlog",
+                                    "Generations queued for upload or uploading (failed ones being retried too).",
+                                    registry=self.registry)
+        for tier, operation in STORE_SERIES:
+            if operation != "pause":
+                self._store_bytes.labels(tier=tier, operation=operation)
+            self._store_seconds.labels(tier=tier, operation=operation)
+            self._store_failures.labels(tier=tier, operation=operation)
         for step in STEPS:  # every step shows, with zero counts, from the start
             self._steps.labels(step=step)
         for direction in DIRECTIONS:
@@ -66,6 +88,19 @@ class Metrics:
 
     def request(self, rpc: str, outcome: str) -> None:
         self._requests.labels(rpc=rpc, outcome=outcome).inc()
+
+    def store_transfer(self, tier: str, operation: str, n: int, seconds: float) -> None:
+        self._store_bytes.labels(tier=tier, operation=operation).inc(n)
+        self._store_seconds.labels(tier=tier, operation=operation).observe(seconds)
+
+    def store_duration(self, tier: str, operation: str, seconds: float) -> None:
+        self._store_seconds.labels(tier=tier, operation=operation).observe(seconds)
+
+    def store_failure(self, tier: str, operation: str) -> None:
+        self._store_failures.labels(tier=tier, operation=operation).inc()
+
+    def store_upload_backlog(self, n: int) -> None:
+        self._store_backlog.set(n)
 
     def render(self) -> str:
         """The text exposition format (version 0.0.4)."""

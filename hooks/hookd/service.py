@@ -14,6 +14,7 @@ import grpc
 from kybernate.api import hookd_pb2 as pb
 from kybernate.api import hookd_pb2_grpc
 from kybernate.hooks.api import convert
+from kybernate.hooks.api import store as store_layout
 from kybernate.hooks.api.errors import METADATA_DRIVER_ERROR, METADATA_PID, METADATA_STEP, Code, KybernateError
 
 from .manager import ContainerRef, GpuManager
@@ -25,6 +26,26 @@ T = TypeVar("T")
 
 # The shared Code enum (kybernate.shim.ttrpc.codes) -> grpc's status objects, by number.
 _STATUS = {Code(code.value[0]): code for code in grpc.StatusCode}
+
+
+# The store's on-disk errors (hooks/api/store.py, shared with the shim and the CLI) carry no status of their own.
+_STORE_CODES: tuple[tuple[type[store_layout.StoreError], Code], ...] = (
+    (store_layout.BadKey, Code.INVALID_ARGUMENT),
+    (store_layout.NotFound, Code.NOT_FOUND),
+    (store_layout.StoreFull, Code.RESOURCE_EXHAUSTED),
+    (store_layout.Corrupt, Code.DATA_LOSS),
+    (store_layout.StoreError, Code.ABORTED),
+)
+
+
+def to_status(err: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The one mapping of hookd's errors to gRPC statuses (Hookd and Store services); None: a bug."""
+    if isinstance(err, KybernateError):
+        return _STATUS.get(Code.from_wire(int(err.code)), grpc.StatusCode.UNKNOWN), err.message
+    for kind, code in _STORE_CODES:
+        if isinstance(err, kind):
+            return _STATUS[code], str(err)
+    return None
 
 
 def container_ref(msg: pb.ContainerRef) -> ContainerRef:
@@ -61,7 +82,7 @@ class HookdService(hookd_pb2_grpc.HookdServicer):
         try:
             result = await work
         except KybernateError as err:
-            status = _STATUS.get(Code.from_wire(int(err.code)), grpc.StatusCode.UNKNOWN)
+            status, _ = to_status(err) or (grpc.StatusCode.UNKNOWN, "")
             self._metrics.request(rpc, status.name)
             log.warning("request failed", extra={"fields": {**fields, "status": status.name, "error": err.message}})
             metadata = tuple((key, str(value)) for key, value in (

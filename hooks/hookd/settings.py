@@ -74,6 +74,32 @@ class ManagerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreSettings:
+    # The local store's root (0700, root only) and its SQLite index; the CLI's `kybernate ls` reads the same.
+    root: str = "/var/lib/kybernate/store"
+    registry: str = "/var/lib/kybernate/registry.db"
+    # containerd's socket as containerd gives it to its shims: our shim's socket address is derived from it.
+    containerd_address: str = "/run/containerd/containerd.sock"
+    # Store checkpoints running at once on the node (count); more wait for a slot within their deadline.
+    max_parallel: int = 2
+    # Seconds a checkpoint may take when the request gives no deadline (deadline_ms 0).
+    default_deadline_s: float = 3600.0
+    # Generations kept per key (at least 1), and the local disk budget in bytes (0: none).
+    keep: int = 3
+    budget_bytes: int = 0
+    # The S3 tier: off without a bucket. Endpoint: any S3-compatible URL (empty: AWS's). Prefix: inside the bucket.
+    s3_bucket: str = ""
+    s3_endpoint: str = ""
+    s3_prefix: str = ""
+    s3_region: str = ""
+    # Uploads running at once (count), each with the S3 tier's own per-file and per-part parallelism.
+    max_parallel_uploads: int = 2
+    # Backoff between attempts of a failed upload, seconds: doubling from the first to the cap, forever.
+    upload_retry_first_s: float = 1.0
+    upload_retry_max_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     driver: DriverSettings = field(default_factory=DriverSettings)
@@ -81,3 +107,4 @@ class Settings:
     # Python logging level name: debug, info, warning, error.
     log_level: str = "info"
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)

@@ -56,11 +56,12 @@ def tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def kybernate_checkpoint(c: Containerd, store: Path) -> tuple[float, dict[str, float], int]:
+def kybernate_checkpoint(c: Containerd, hookd_socket: str) -> tuple[float, dict[str, float], int]:
+    """The whole `kybernate checkpoint` command, through hookd's Store.Checkpoint (hookd owns the store)."""
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "kybernate.hooks.cli.checkpoint_archive", "checkpoint", NAME, "--leave-running",
-         "--key", "bench", "--store", str(store), "--registry", str(store.parent / "registry.db"), "--address", str(c.address), "--namespace", c.namespace,
+         "--key", "bench", "--socket", hookd_socket, "--namespace", c.namespace,
          "--json", "--quiet"], capture_output=True, text=True, check=True)
     took = time.perf_counter() - started
     result = json.loads(done.stdout)
@@ -107,6 +108,9 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=512, help="memory the container holds")
     parser.add_argument("--dir", default="/var/tmp", help="where the store and the raw dumps go (same disk)")
     parser.add_argument("--s3", action="store_true", help="measure the S3 tier and its clients instead")
+    parser.add_argument("--hookd-socket", default="",
+                        help="a running kybernate-hookd whose store is on --dir and whose --containerd-address is "
+                        "this run's containerd (GPU machine); default: one started here with the fake GPU driver")
     args = parser.parse_args()
     if args.s3:
         return s3_bench(args.runs, args.mib, Path(args.dir))
@@ -121,6 +125,7 @@ def main() -> int:
     disk_s: list[float] = []
     size = 0
     scratch = Path(tempfile.mkdtemp(prefix="kyb-bench-", dir=args.dir))
+    hookd = None
     try:
         c.start()
         with tempfile.TemporaryDirectory() as d:
@@ -131,12 +136,22 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise RuntimeError("the benchmark container never filled its memory")
             time.sleep(0.5)
-        kybernate_checkpoint(c, scratch / "store")  # warm-up: page cache, CRIU binary, imports
+        socket = args.hookd_socket
+        if not socket:
+            from harness.gpunode import GpuNode
+
+            home = scratch / "hookd"
+            home.mkdir()
+            hookd = GpuNode(home, hookd_args=["--containerd-address", str(c.address), "--store-root",
+                                              str(scratch / "store"), "--store-registry",
+                                              str(scratch / "registry.db")])
+            socket = hookd.socket
+        kybernate_checkpoint(c, socket)  # warm-up: page cache, CRIU binary, imports
         for i in range(args.runs):
             steps = ["kyb", "ctr", "raw"]
             for step in steps[i % 3:] + steps[:i % 3]:
                 if step == "kyb":
-                    took, ph, size = kybernate_checkpoint(c, scratch / "store")
+                    took, ph, size = kybernate_checkpoint(c, socket)
                     ours.append(took)
                     for k, v in ph.items():
                         phases.setdefault(k, []).append(v)
@@ -147,6 +162,8 @@ def main() -> int:
                     raw_s.append(took)
             disk_s.append(disk_write(scratch, size))
     finally:
+        if hookd is not None:
+            hookd.stop()
         c.stop()
         shutil.rmtree(scratch, ignore_errors=True)
 

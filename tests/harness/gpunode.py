@@ -27,7 +27,7 @@ GiB = 1 << 30
 class GpuNode:
     """A fake GPU node: the fake driver's state dir plus a real kybernate-hookd using it."""
 
-    def __init__(self, tmp: Path, reconcile_period_s: float = 10.0) -> None:
+    def __init__(self, tmp: Path, reconcile_period_s: float = 10.0, hookd_args: list[str] | None = None) -> None:
         self.built = fakegpu.build(Path("/tmp/kybernate-fakegpu"))
         self.node = fakegpu.FakeNode(tmp / "fakegpu")
         self.node.set_gpus([fakegpu.FakeGpu(G0, H100, 80 * GiB), fakegpu.FakeGpu(G1, H100, 80 * GiB)])
@@ -35,6 +35,8 @@ class GpuNode:
         self.intent_dir = tmp / "intent"
         self.reconcile_period_s = reconcile_period_s
         self.log = tmp / "hookd.log"
+        # More flags for hookd (the store's: --containerd-address, --store-root, --s3-*, ...).
+        self.hookd_args = list(hookd_args or [])
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -45,7 +47,7 @@ class GpuNode:
                 [sys.executable, "-m", "kybernate.hooks.hookd.daemon", "--socket", self.socket,
                  "--libcuda", str(self.built.libcuda), "--libnvml", str(self.built.libnvml),
                  "--metrics-address", "", "--log-level", "debug", "--intent-dir", str(self.intent_dir),
-                 "--reconcile-period-s", str(self.reconcile_period_s)],
+                 "--reconcile-period-s", str(self.reconcile_period_s), *self.hookd_args],
                 env={**os.environ, **self.node.env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
@@ -66,6 +68,13 @@ class GpuNode:
         assert self.proc is not None
         self.proc.terminate()
         self.proc.wait(60)
+
+    def restart_hookd(self, hookd_args: list[str] | None = None) -> None:
+        """Stop hookd gracefully and start it again, with other flags when given."""
+        self.stop_hookd_gracefully()
+        if hookd_args is not None:
+            self.hookd_args = list(hookd_args)
+        self.start()
 
     def runtime_toml(self, **kybernate: object) -> str:
         lines = [f'hookd_socket = "{self.socket}"', f'intent_dir = "{self.intent_dir}"'] + [

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from harness.containerd import Containerd
+from harness.gpunode import GpuNode
 
 from kybernate.hooks.api import procfs
 
@@ -79,6 +80,29 @@ def kyb_factory(containerd_factory, tmp_path) -> Callable[..., Containerd]:
 @pytest.fixture(params=["1.6", "2.1"], ids=["ctrd1.6", "ctrd2.1"])
 def kyb(request, kyb_factory) -> Containerd:
     return kyb_factory(request.param)
+
+
+@pytest.fixture
+def store_hookd(tmp_path: Path) -> Iterator[Callable[..., GpuNode]]:
+    """start(containerd, store, *more_flags, registry=None) -> a real kybernate-hookd (fake GPU driver) that owns
+    `store` for that containerd; stopped at the end. Its `socket` is what `kybernate checkpoint --socket` takes."""
+    nodes: list[GpuNode] = []
+
+    def start(c: Containerd, store: Path, *more: str, registry: Path | None = None) -> GpuNode:
+        home = tmp_path / f"hookd-{len(nodes)}"
+        home.mkdir()
+        node = GpuNode(home, hookd_args=store_flags(c, store, registry or tmp_path / "registry.db", *more))
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()
+
+
+def store_flags(c: Containerd, store: Path, registry: Path, *more: str) -> list[str]:
+    return ["--containerd-address", str(c.address), "--store-root", str(store), "--store-registry", str(registry),
+            *more]
 
 
 # --- what a shim leaves on the host ---------------------------------------------------------------

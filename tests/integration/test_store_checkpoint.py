@@ -1,6 +1,7 @@
-"""`kybernate checkpoint <container>` into the store (containerd 1.6.20 and 2.1.x): our shim dumps
-straight into `<store>/<key>/<generation>/` (containerd 1.6 would not pass an image path to a runtime not
-named io.containerd.runc*), with the manifest last; faults leave the container running and no temp dir."""
+"""`kybernate checkpoint <container>` into the store (containerd 1.6.20 and 2.1.x), through a real
+kybernate-hookd (its Store.Checkpoint): our shim dumps straight into `<store>/<key>/<generation>/`
+(containerd 1.6 would not pass an image path to a runtime not named io.containerd.runc*), with the
+manifest last; faults leave the container running and no temp dir."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import RUNTIME
 from harness.containerd import Containerd
+from harness.gpunode import GpuNode
 from harness.images import BUSYBOX_IMAGE
 from harness.workload import COUNTER, read_counts, task_status, wait_for
 
@@ -30,10 +32,10 @@ def private_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 COMMAND = "echo hi > /made; rm /etc/group; " + COUNTER
 
 
-def kybernate(c: Containerd, *args: str, namespace: str | None = None) -> subprocess.CompletedProcess[str]:
+def kybernate(c: Containerd, hookd: GpuNode, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kybernate.hooks.cli.checkpoint_archive", *args, "--address", str(c.address),
-         "--namespace", namespace or c.namespace],
+        [sys.executable, "-m", "kybernate.hooks.cli.checkpoint_archive", *args, "--socket", hookd.socket,
+         "--namespace", c.namespace],
         capture_output=True, text=True, timeout=120,
     )
 
@@ -44,15 +46,19 @@ def start_counter(c: Containerd, name: str) -> int:
 
 
 def test_checkpoint_into_the_store_leaving_the_container_running(kyb: Containerd, tmp_path: Path,
-                                                                 private_registry: Path) -> None:
+                                                                 private_registry: Path, store_hookd) -> None:
     store = tmp_path / "store"
+    hookd = store_hookd(kyb, store, "--store-keep", "2", registry=private_registry)
     start_counter(kyb, "cnt")
-    done = kybernate(kyb, "checkpoint", "cnt", "--key", "web", "--leave-running", "--store", str(store), "--json")
+    done = kybernate(kyb, hookd, "checkpoint", "cnt", "--key", "web", "--leave-running", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert (result["key"], result["generation"], result["path"]) == ("web", 1, str(store / "web" / "1"))
     assert {"pause", "dump", "rootfs", "resume", "manifest"} <= result["phases"].keys()
-    assert "paused" in done.stderr and "dumped into the store" in done.stderr and "resumed" in done.stderr
+    assert 0 < result["pause_s"] < result["seconds"] and result["upload_queued"] is False
+    # One line per phase on stderr when it is not a terminal (here a pipe).
+    phases = [line.split(":")[0] for line in done.stderr.splitlines()]
+    assert ["pause", "dump", "rootfs", "resume", "manifest"] == [p for p in phases if p in result["phases"]]
 
     gen = store_layout.Store(str(store)).open("web")
     store_layout.Store(str(store)).verify(gen)
@@ -70,7 +76,7 @@ def test_checkpoint_into_the_store_leaving_the_container_running(kyb: Containerd
     wait_for("the counter to move on", lambda: read_counts(kyb, "cnt")[-1] > last + 1)
 
     # A second checkpoint is generation 2 of the same key; without --leave-running the task exits.
-    done = kybernate(kyb, "checkpoint", "cnt", "--key", "web", "--store", str(store))
+    done = kybernate(kyb, hookd, "checkpoint", "cnt", "--key", "web")
     assert done.returncode == 0, done.stderr
     assert store_layout.Store(str(store)).generations("web") == [1, 2]
     wait_for("the checkpointed task to stop", lambda: task_status(kyb, "cnt") == "STOPPED")
@@ -101,24 +107,26 @@ def test_checkpoint_into_the_store_leaving_the_container_running(kyb: Containerd
 
     assert stable(json.loads(ls("--json"))) == stable(listed)
 
-    # Retention: with --keep 2 a third checkpoint removes generation 1.
+    # Retention: with hookd's --store-keep 2 a third checkpoint removes generation 1.
     start_counter(kyb, "cnt2")
-    done = kybernate(kyb, "checkpoint", "cnt2", "--key", "web", "--leave-running", "--keep", "2",
-                     "--store", str(store))
-    assert done.returncode == 0 and "removed web@1 (retention: keep 2)" in done.stderr, done.stderr
+    done = kybernate(kyb, hookd, "checkpoint", "cnt2", "--key", "web", "--leave-running")
+    assert done.returncode == 0, done.stderr
     assert store_layout.Store(str(store)).generations("web") == [2, 3]
     assert [r["generation"] for r in json.loads(ls("--json"))] == [2, 3]
 
 
-def test_a_full_store_fails_the_checkpoint_and_the_container_runs_on(kyb: Containerd, tmp_path: Path) -> None:
+def test_a_full_store_fails_the_checkpoint_and_the_container_runs_on(kyb: Containerd, tmp_path: Path,
+                                                                     store_hookd) -> None:
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(small)], check=True)
     try:
+        hookd = store_hookd(kyb, small)
         start_counter(kyb, "full")
-        done = kybernate(kyb, "checkpoint", "full", "--key", "web", "--leave-running", "--store", str(small))
+        done = kybernate(kyb, hookd, "checkpoint", "full", "--key", "web", "--leave-running")
         assert done.returncode == 1, done.stderr
         assert "is full" in done.stderr and "partial checkpoint was removed" in done.stderr, done.stderr
+        assert "[RESOURCE_EXHAUSTED]" in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
         assert os.listdir(small / "web") == []
         assert task_status(kyb, "full") == "RUNNING"
@@ -128,13 +136,23 @@ def test_a_full_store_fails_the_checkpoint_and_the_container_runs_on(kyb: Contai
         subprocess.run(["umount", str(small)], check=False)
 
 
-def test_bad_input_is_refused_before_anything_is_touched(kyb: Containerd, tmp_path: Path) -> None:
+def test_bad_input_is_refused_before_anything_is_touched(kyb: Containerd, tmp_path: Path, store_hookd) -> None:
     store = tmp_path / "store"
+    hookd = store_hookd(kyb, store)
     start_counter(kyb, "bad")
     for key, says in (("../x", "path separator"), ("a\tb", "control"), ("x" * 200, "at most 128")):
-        done = kybernate(kyb, "checkpoint", "bad", "--key", key, "--store", str(store))
+        done = kybernate(kyb, hookd, "checkpoint", "bad", "--key", key)
         assert done.returncode == 1 and says in done.stderr, done.stderr
-    done = kybernate(kyb, "checkpoint", "nope", "--key", "k", "--store", str(store))
-    assert done.returncode == 1 and "'nope' not found" in done.stderr, done.stderr
+    done = kybernate(kyb, hookd, "checkpoint", "nope", "--key", "k")
+    assert done.returncode == 1 and "'nope' not found" in done.stderr and "[NOT_FOUND]" in done.stderr, done.stderr
+    done = kybernate(kyb, hookd, "checkpoint", "bad")  # no key: required for now
+    assert done.returncode == 1 and "a key is required" in done.stderr, done.stderr
+    assert "[INVALID_ARGUMENT]" in done.stderr, done.stderr
     assert not store.exists() or os.listdir(store) == []
+    assert task_status(kyb, "bad") == "RUNNING"
+    # hookd not running: the command says where it looked and what to start.
+    hookd.stop_hookd_gracefully()
+    done = kybernate(kyb, hookd, "checkpoint", "bad", "--key", "k")
+    assert done.returncode == 1 and f"kybernate-hookd is not running at {hookd.socket}" in done.stderr, done.stderr
+    assert "start kybernate-hookd" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert task_status(kyb, "bad") == "RUNNING"

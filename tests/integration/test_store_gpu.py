@@ -1,5 +1,5 @@
 """GPU state through the store (fake CUDA driver, real hookd, containerd 1.6.20 and 2.1.x): `kybernate
-checkpoint` runs the GPU steps in the usual order (lock and checkpoint before the freeze and the dump),
+checkpoint` (hookd's Store.Checkpoint) runs the GPU steps in the usual order (lock and checkpoint before the freeze and the dump),
 the GPU manifest lands in the generation, and a new pod restored from `store:<key>` gets its GPU state
 back (restore + unlock after runc restored the process)."""
 
@@ -14,6 +14,7 @@ import pytest
 from harness.containerd import CRI_NAMESPACE
 from harness.images import BUSYBOX_IMAGE
 from harness.workload import wait_for
+from conftest import store_flags
 from test_gpu_steps import COUNTER, G0, GiB, GpuNode, gpu  # noqa: F401  (gpu: the fixture)
 
 from kybernate.hooks.api import store as store_layout
@@ -31,6 +32,8 @@ def test_gpu_state_goes_through_the_store_into_a_new_pod(kyb_factory, gpu: GpuNo
     store = tmp_path / "store"
     monkeypatch.setenv("KYBERNATE_REGISTRY", str(tmp_path / "registry.db"))
     c = kyb_factory(version, runtime_toml=gpu.runtime_toml(), env={"KYBERNATE_STORE": str(store)})
+    # The node's one hookd runs the GPU steps for the shim and owns the store: it needs containerd's address.
+    gpu.restart_hookd(store_flags(c, store, tmp_path / "registry.db"))
     env = {"NVIDIA_VISIBLE_DEVICES": "all", **gpu.node.env, **gpu.node.process_env("p-store", G0, 2 * GiB)}
     with c.cri() as cri:
         config = cri.pod_config("a")
@@ -40,7 +43,7 @@ def test_gpu_state_goes_through_the_store_into_a_new_pod(kyb_factory, gpu: GpuNo
         wait_for("the counter", lambda: len(cri.exec_sync(cid, ["cat", "/count"]).stdout.split()) > 3)
         done = subprocess.run(
             [sys.executable, "-m", "kybernate.hooks.cli.checkpoint_archive", "checkpoint", cid, "--key", "gpu",
-             "--store", str(store), "--address", str(c.address), "--namespace", CRI_NAMESPACE, "--json"],
+             "--socket", gpu.socket, "--namespace", CRI_NAMESPACE, "--json"],
             capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout)
@@ -70,3 +73,48 @@ def test_gpu_state_goes_through_the_store_into_a_new_pod(kyb_factory, gpu: GpuNo
         last = count(cri, cid)
         assert last > 3  # carried on from the checkpoint, not started afresh
         wait_for("the counter to go on", lambda: count(cri, cid) > last)
+
+
+def test_past_its_deadline_a_checkpoint_is_rolled_back_and_one_runs_per_container(
+        kyb_factory, gpu: GpuNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    store = tmp_path / "store"
+    c = kyb_factory("2.1", runtime_toml=gpu.runtime_toml(), env={"KYBERNATE_STORE": str(store)})
+    gpu.restart_hookd(store_flags(c, store, tmp_path / "registry.db"))
+    gpu.node.set_faults(["checkpoint delay 3000 proc=p-late"])  # the GPU checkpoint (inside the pause) takes 3 s
+    env = {"NVIDIA_VISIBLE_DEVICES": "all", **gpu.node.env, **gpu.node.process_env("p-late", G0, 2 * GiB)}
+
+    def kybernate(*args: str) -> list[str]:
+        return [sys.executable, "-m", "kybernate.hooks.cli.checkpoint_archive", "checkpoint", *args,
+                "--socket", gpu.socket, "--namespace", CRI_NAMESPACE]
+
+    with c.cri() as cri:
+        config = cri.pod_config("a")
+        pod = cri.run_pod(config, runtime_handler="kybernate")
+        cid = cri.create_container(pod, config, "trainer", BUSYBOX_IMAGE, command=["sh", "-c", COUNTER], env=env)
+        cri.start_container(cid)
+        wait_for("the counter", lambda: len(cri.exec_sync(cid, ["cat", "/count"]).stdout.split()) > 3)
+        first = subprocess.Popen(kybernate(cid, "--key", "late", "--leave-running", "--timeout", "2"),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for("the GPU lock of the first checkpoint", lambda: [e.op for e in gpu.events("p-late")] == ["lock"])
+            # A second checkpoint of the same container while the first runs: refused, nothing touched.
+            second = subprocess.run(kybernate(cid, "--key", "other"), capture_output=True, text=True, timeout=60)
+            assert second.returncode == 1, second.stderr
+            assert "already being checkpointed" in second.stderr and "[FAILED_PRECONDITION]" in second.stderr
+            _, err = first.communicate(timeout=60)
+        finally:
+            first.kill()
+        assert first.returncode == 1, err
+        assert "[DEADLINE_EXCEEDED]" in err and "rolled back" in err and "runs on" in err, err
+        # Rolled back: the GPU checkpoint the deadline cut short is undone by hookd once the driver call
+        # returns (restore + unlock), the task runs, no temp dir is left.
+        wait_for("the GPU rollback", lambda: [e.op for e in gpu.events("p-late")][-1:] == ["unlock"], 30)
+        assert [e.op for e in gpu.events("p-late")] == ["lock", "checkpoint", "restore", "unlock"]
+        assert gpu.node.state("p-late").get("state", "").upper() == "RUNNING"
+        assert cri.container_status(cid).state == 1  # CONTAINER_RUNNING
+        last = count(cri, cid)
+        wait_for("the counter to go on", lambda: count(cri, cid) > last)
+        assert not (store / "late").exists() or list((store / "late").iterdir()) == []
+        assert not (store / "other").exists()
+        cri.stop_pod(pod)
+        cri.remove_pod(pod)

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from harness.containerd import CRI_NAMESPACE, Containerd
 from harness.cri import pb
+from harness.gpunode import GpuNode
 from harness.images import BUSYBOX_IMAGE
 from harness.workload import COUNTER, wait_for
 
@@ -34,10 +35,11 @@ def counts(cri, cid: str) -> list[int]:
     return [int(x) for x in cri.exec_sync(cid, ["cat", "/count"]).stdout.split()]
 
 
-def checkpoint(c: Containerd, cid: str, store: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def checkpoint(hookd: GpuNode, cid: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`kybernate checkpoint` through the test's hookd (which owns the store)."""
     return subprocess.run(
-        [sys.executable, "-m", "kybernate.hooks.cli.checkpoint_archive", "checkpoint", cid, "--store", str(store),
-         "--address", str(c.address), "--namespace", CRI_NAMESPACE, *extra],
+        [sys.executable, "-m", "kybernate.hooks.cli.checkpoint_archive", "checkpoint", cid, "--socket", hookd.socket,
+         "--namespace", CRI_NAMESPACE, *extra],
         capture_output=True, text=True, timeout=120,
     )
 
@@ -50,18 +52,19 @@ def start_pod(cri, name: str, annotations: dict[str, str] | None = None) -> tupl
 
 
 @pytest.mark.parametrize("version", ["1.6", "2.1"])
-def test_a_new_pod_restores_from_the_store(kyb_factory, tmp_path: Path, version: str) -> None:
+def test_a_new_pod_restores_from_the_store(kyb_factory, tmp_path: Path, version: str, store_hookd) -> None:
     store = tmp_path / "store"
     c = kyb_factory(version, env={"KYBERNATE_STORE": str(store)})
+    hookd = store_hookd(c, store)
     with c.cri() as cri:
         pod, cid = start_pod(cri, "a")
         cri.start_container(cid)
         wait_for("the counter", lambda: len(counts(cri, cid)) > 10)
-        done = checkpoint(c, cid, store, "--key", "web", "--leave-running")
+        done = checkpoint(hookd, cid, "--key", "web", "--leave-running")
         assert done.returncode == 0, done.stderr
         first = counts(cri, cid)[-1]
         wait_for("pod A to count on", lambda: counts(cri, cid)[-1] > first + 5)
-        done = checkpoint(c, cid, store, "--key", "web")  # generation 2, and pod A's container exits
+        done = checkpoint(hookd, cid, "--key", "web")  # generation 2, and pod A's container exits
         assert done.returncode == 0, done.stderr
         wait_for("pod A's container to exit", lambda: cri.container_status(cid).state == pb.CONTAINER_EXITED)
         cri.stop_pod(pod)
@@ -97,14 +100,16 @@ def test_a_new_pod_restores_from_the_store(kyb_factory, tmp_path: Path, version:
         {f.path.split("/")[0] for f in gen2.manifest.files} | {"manifest.json"})
 
 
-def test_a_damaged_or_missing_checkpoint_is_refused_and_nothing_starts(kyb_factory, tmp_path: Path) -> None:
+def test_a_damaged_or_missing_checkpoint_is_refused_and_nothing_starts(kyb_factory, tmp_path: Path,
+                                                                      store_hookd) -> None:
     store = tmp_path / "store"
     c = kyb_factory("1.6", env={"KYBERNATE_STORE": str(store)})
+    hookd = store_hookd(c, store)
     with c.cri() as cri:
         pod, cid = start_pod(cri, "a")
         cri.start_container(cid)
         wait_for("the counter", lambda: len(counts(cri, cid)) > 3)
-        done = checkpoint(c, cid, store, "--key", "web", "--leave-running")
+        done = checkpoint(hookd, cid, "--key", "web", "--leave-running")
         assert done.returncode == 0, done.stderr
         cri.stop_pod(pod)
         cri.remove_pod(pod)

@@ -1,7 +1,7 @@
-"""The store's S3 tier with real containerd, runc and CRIU and a real S3-compatible server: a checkpoint
-is uploaded after it is complete locally; a node whose local store was wiped restores `store:<key>` in a
-new pod through a download only; with S3 unreachable the local checkpoint succeeds and `kybernate ls`
-shows the failed upload."""
+"""The store's S3 tier with real containerd, runc and CRIU, a real kybernate-hookd and a real S3-compatible
+server: hookd uploads a checkpoint in the background after it is complete locally; a node whose local
+store was wiped restores `store:<key>` in a new pod through a download only; with S3 unreachable the local
+checkpoint succeeds, `kybernate ls` shows the failed upload, and once S3 is back the retry uploads it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from harness.containerd import CRI_NAMESPACE, Containerd
 from harness.cri import pb
+from harness.gpunode import GpuNode
 from harness.images import BUSYBOX_IMAGE
 from harness.s3server import S3Server
 from harness.workload import COUNTER, wait_for
@@ -40,9 +41,25 @@ def start_pod(cri, name: str, annotations: dict[str, str] | None = None) -> tupl
     return pod, cid
 
 
-def checkpoint(c: Containerd, cid: str, store: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return kybernate("checkpoint", cid, "--key", "web", "--store", str(store), "--address", str(c.address),
-                     "--namespace", CRI_NAMESPACE, env=env)
+def checkpoint(hookd: GpuNode, cid: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return kybernate("checkpoint", cid, "--key", "web", "--socket", hookd.socket, "--namespace", CRI_NAMESPACE,
+                     env=env)
+
+
+def s3_hookd(store_hookd, c: Containerd, store: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch,
+             *more: str) -> GpuNode:
+    """hookd with the S3 tier: bucket, endpoint and prefix as flags, credentials from its environment."""
+    for name, value in s3_server.env("cluster").items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
+    return store_hookd(c, store, "--s3-bucket", s3_server.bucket, "--s3-endpoint", s3_server.endpoint,
+                       "--s3-prefix", "cluster", "--upload-retry-max-s", "1", *more,
+                       registry=Path(os.environ["KYBERNATE_REGISTRY"]))
+
+
+def row_state(store: Path, env: dict[str, str]) -> tuple[str, list[str]]:
+    [row] = ls(store, env)
+    return str(row["state"]), list(row["tiers"])  # type: ignore[call-overload]
 
 
 def ls(store: Path, env: dict[str, str]) -> list[dict[str, object]]:
@@ -54,23 +71,28 @@ def ls(store: Path, env: dict[str, str]) -> list[dict[str, object]]:
 
 @pytest.mark.parametrize("version", ["1.6", "2.1"])
 def test_a_wiped_node_restores_through_s3_only(kyb_factory, tmp_path: Path, s3_server: S3Server,
-                                               version: str) -> None:
+                                               version: str, store_hookd, monkeypatch: pytest.MonkeyPatch) -> None:
     store = tmp_path / "store"
-    env = {**os.environ, **s3_server.env("cluster"), "KYBERNATE_REGISTRY": str(tmp_path / "registry.db")}
+    monkeypatch.setenv("KYBERNATE_REGISTRY", str(tmp_path / "registry.db"))
+    env = {**os.environ, **s3_server.env("cluster")}
     node_env = {k: v for k, v in env.items() if k.startswith(("KYBERNATE_S3_", "AWS_"))}
     c = kyb_factory(version, env={"KYBERNATE_STORE": str(store), **node_env})
+    hookd = s3_hookd(store_hookd, c, store, s3_server, monkeypatch)
     with c.cri() as cri:
         pod, cid = start_pod(cri, "a")
         cri.start_container(cid)
         wait_for("the counter", lambda: len(counts(cri, cid)) > 10)
-        done = checkpoint(c, cid, store, env)  # the container exits after the dump
+        done = checkpoint(hookd, cid, env)  # the container exits after the dump
         assert done.returncode == 0, done.stderr
-        assert "uploaded web@1" in done.stderr, done.stderr
+        assert "upload queued" in done.stderr, done.stderr
         wait_for("pod A's container to exit", lambda: cri.container_status(cid).state == pb.CONTAINER_EXITED)
         cri.stop_pod(pod)
         cri.remove_pod(pod)
+    # hookd uploads in the background: the registry goes uploading -> uploaded.
+    wait_for("the background upload", lambda: row_state(store, env)[0] == "uploaded", 60)
     [row] = ls(store, env)
     assert (row["key"], row["generation"], row["state"], row["tiers"]) == ("web", 1, "uploaded", ["local", "s3"])
+    assert row["uploaded_bytes"] == row["size"] and row["attempts"] == 0, row
     names = {o["Key"] for o in s3_server.client().list_objects_v2(
         Bucket=s3_server.bucket, Prefix="cluster/web/1/")["Contents"]}
     assert "cluster/web/1/manifest.json" in names and "cluster/web/1/checkpoint/inventory.img" in names
@@ -92,26 +114,36 @@ def test_a_wiped_node_restores_through_s3_only(kyb_factory, tmp_path: Path, s3_s
 
 
 def test_s3_unreachable_the_local_checkpoint_succeeds_and_ls_shows_the_failure(
-        kyb_factory, tmp_path: Path, s3_server: S3Server) -> None:
+        kyb_factory, tmp_path: Path, s3_server: S3Server, store_hookd, monkeypatch: pytest.MonkeyPatch) -> None:
     store = tmp_path / "store"
-    env = {**os.environ, **s3_server.env("cluster"), "KYBERNATE_REGISTRY": str(tmp_path / "registry.db")}
+    monkeypatch.setenv("KYBERNATE_REGISTRY", str(tmp_path / "registry.db"))
+    env = {**os.environ, **s3_server.env("cluster")}
     s3_server.stop()  # nothing listens on its port now
     node_env = {k: v for k, v in env.items() if k.startswith(("KYBERNATE_S3_", "AWS_"))}
     c = kyb_factory("1.6", env={"KYBERNATE_STORE": str(store), **node_env})
+    hookd = s3_hookd(store_hookd, c, store, s3_server, monkeypatch)
     with c.cri() as cri:
         pod, cid = start_pod(cri, "a")
         cri.start_container(cid)
         wait_for("the counter", lambda: len(counts(cri, cid)) > 3)
-        done = checkpoint(c, cid, store, env)
+        done = checkpoint(hookd, cid, env)
         assert done.returncode == 0, done.stderr
-        assert "web@1 is complete locally but its upload failed" in done.stderr, done.stderr
         cri.stop_pod(pod)
         cri.remove_pod(pod)
+    wait_for("the upload to fail", lambda: row_state(store, env)[0] == "failed", 60)
     [row] = ls(store, env)
     assert (row["state"], row["tiers"]) == ("failed", ["local"]), row
     assert f"127.0.0.1:{s3_server.port}" in str(row["error"]), row
     table = kybernate("ls", "--store", str(store), env=env)
     assert "failed (upload:" in table.stdout, table.stdout
+    # S3 back: hookd's retry (backoff capped at 1 s here) uploads it, manifest last.
+    s3_server.start()
+    wait_for("the retried upload", lambda: row_state(store, env) == ("uploaded", ["local", "s3"]), 60)
+    [row] = ls(store, env)
+    assert row["attempts"] >= 1 and row["error"] == "", row
+    names = {o["Key"] for o in s3_server.client().list_objects_v2(
+        Bucket=s3_server.bucket, Prefix="cluster/web/1/")["Contents"]}
+    assert "cluster/web/1/manifest.json" in names
     # S3 configured but unreachable: the shim's restore falls back to the local copy.
     with c.cri() as cri:
         pod, cid = start_pod(cri, "b", {ANNOTATION: "store:web"})

@@ -51,10 +51,9 @@ RULES = (
     Rule("kybernate.hooks.hookd", ("kybernate.hooks.hookd", "kybernate.hooks.gpu", "kybernate.hooks.api",
                                    "kybernate.hooks.containerd", "kybernate.api"), (),
          "the daemon sits on top of driver access, the API and the containerd client"),
-    # The CLI also speaks ttrpc to our shim directly (a store checkpoint bypasses containerd's content store):
-    # the transport and the shim's socket naming (shim.manager), nothing else of the shim.
+    # A store checkpoint is hookd's (its Store RPC): the CLI needs nothing of the shim.
     Rule("kybernate.hooks.cli", ("kybernate.hooks.cli", "kybernate.hooks.api", "kybernate.api",
-                                 "kybernate.hooks.containerd", "kybernate.shim.ttrpc", "kybernate.shim.manager"),
+                                 "kybernate.hooks.containerd"),
          ("prometheus_client", "pynvml"), "the command-line tool talks to containerd, never to the daemon's insides"),
     Rule("kybernate.hooks", ("kybernate.hooks",), DAEMON_AND_INSTALLER_ONLY, "the package itself holds nothing"),
     Rule("installer", (), (), "the installer runs before Kybernate is installed: it imports none of it"),

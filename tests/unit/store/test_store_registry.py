@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kybernate.hooks.api import store as sl
-from kybernate.hooks.cli import store_registry as sr
+from kybernate.hooks.api import store_registry as sr
 
 IDENT = sl.Identity(container_id="c1")
 

@@ -43,9 +43,12 @@ CREATE TABLE IF NOT EXISTS generations (
     last_used REAL NOT NULL,      -- unix seconds: written or restored
     uploaded_bytes INTEGER NOT NULL DEFAULT 0,
     error TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,  -- upload attempts that failed since the upload was queued
     PRIMARY KEY (key, generation)
 )
 """
+# Columns added after the first release of the schema: (name, definition), added to an older file on open.
+_ADDED_COLUMNS = (("attempts", "INTEGER NOT NULL DEFAULT 0"),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,7 @@ class Row:
     last_used: float
     uploaded_bytes: int = 0
     error: str = ""
+    attempts: int = 0
 
     @property
     def tiers(self) -> str:
@@ -92,6 +96,10 @@ class Registry:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)
+            have = {r[1] for r in db.execute("PRAGMA table_info(generations)")}
+            for name, definition in _ADDED_COLUMNS:
+                if name not in have:
+                    db.execute(f"ALTER TABLE generations ADD COLUMN {name} {definition}")
             with db:
                 yield db
         except sqlite3.Error as err:
@@ -125,6 +133,35 @@ class Registry:
                 db.execute("UPDATE generations SET remote = ? WHERE key = ? AND generation = ?",
                            (int(remote), key, generation))
 
+    def queue_upload(self, key: str, generation: int) -> None:
+        """Durably mark a generation for upload: a restarted hookd resumes every such row (pending_uploads)."""
+        with self._db() as db:
+            db.execute("UPDATE generations SET state = ?, error = '', uploaded_bytes = 0, attempts = 0"
+                       " WHERE key = ? AND generation = ?", (UPLOADING, key, generation))
+
+    def upload_progress(self, key: str, generation: int, uploaded_bytes: int) -> None:
+        with self._db() as db:
+            db.execute("UPDATE generations SET uploaded_bytes = ? WHERE key = ? AND generation = ?",
+                       (uploaded_bytes, key, generation))
+
+    def upload_failed(self, key: str, generation: int, error: str) -> int:
+        """One more failed attempt (the upload stays queued and is retried); returns the attempts so far."""
+        with self._db() as db:
+            db.execute("UPDATE generations SET state = ?, error = ?, attempts = attempts + 1"
+                       " WHERE key = ? AND generation = ?", (FAILED, error, key, generation))
+            row = db.execute("SELECT attempts FROM generations WHERE key = ? AND generation = ?",
+                             (key, generation)).fetchone()
+        return int(row[0]) if row else 0
+
+    def upload_done(self, key: str, generation: int, uploaded_bytes: int) -> None:
+        with self._db() as db:
+            db.execute("UPDATE generations SET state = ?, error = '', uploaded_bytes = ?, remote = 1"
+                       " WHERE key = ? AND generation = ?", (UPLOADED, uploaded_bytes, key, generation))
+
+    def pending_uploads(self) -> list[Row]:
+        """Local generations queued for upload and not uploaded yet (uploading, or failed and being retried)."""
+        return [r for r in self.rows() if r.local and not r.remote and r.state in (UPLOADING, FAILED)]
+
     def touch(self, key: str, generation: int) -> None:
         with self._db() as db:
             db.execute("UPDATE generations SET last_used = ? WHERE key = ? AND generation = ?",
@@ -153,7 +190,7 @@ class Registry:
 
     def rows(self, key: str | None = None) -> list[Row]:
         query = "SELECT key, generation, state, local, remote, size, created, node, container, gpu, last_used," \
-                " uploaded_bytes, error FROM generations"
+                " uploaded_bytes, error, attempts FROM generations"
         args: tuple[Any, ...] = ()
         if key is not None:
             query += " WHERE key = ?"
@@ -161,7 +198,7 @@ class Registry:
         with self._db() as db:
             found = db.execute(query + " ORDER BY key, generation", args).fetchall()
         return [Row(r[0], r[1], r[2], bool(r[3]), bool(r[4]), r[5], r[6], r[7], r[8], json.loads(r[9] or "{}"),
-                    r[10], r[11], r[12]) for r in found]
+                    r[10], r[11], r[12], r[13]) for r in found]
 
 
 @dataclass(frozen=True, slots=True)
