@@ -48,6 +48,20 @@ def store_root() -> str:
     return os.environ.get(STORE_ENV) or DEFAULT_STORE
 
 
+class NothingToRestore(RestoreError):
+    """The key has no complete generation on any tier (or not the one named)."""
+
+
+def prepare_latest(key: str, container_id: str, root: str | None = None) -> RestorePlan | None:
+    """`kybernate.io/resume: latest`: the plan for the key's newest complete generation (local, or S3 when that
+    has a newer one), or None when no tier has one. Any other problem (a damaged generation, S3 unreachable
+    with no local copy) is a RestoreError: the Create fails rather than start over what may have progress."""
+    try:
+        return prepare(PREFIX + key, container_id, root)
+    except NothingToRestore:
+        return None
+
+
 def prepare(reference: str, container_id: str, root: str | None = None) -> RestorePlan:
     """Open, verify and link the generation `reference` names; RestoreError on any problem."""
     root = root or store_root()
@@ -62,6 +76,8 @@ def prepare(reference: str, container_id: str, root: str | None = None) -> Resto
         store.verify(generation)
     except store_layout.Corrupt as err:
         raise RestoreError(f"{reference}: refused, the checkpoint is damaged: {err}") from err
+    except store_layout.NotFound as err:
+        raise NothingToRestore(f"{reference}: {err}") from err
     except store_layout.StoreError as err:
         raise RestoreError(f"{reference}: {err}") from err
     try:

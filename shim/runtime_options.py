@@ -70,6 +70,10 @@ class KybernateOptions:
     # Where the shim records each GPU task's desired GPU state (docs/lifecycle.md); kybernate-hookd's
     # --intent-dir must name the same directory for its reconciler to find them.
     intent_dir: str = "/run/kybernate/intent"
+    # How long a checkpoint-on-stop may take (kybernate.io/checkpoint-on-stop-timeout overrides it per pod), in
+    # seconds. The runtime is not told the pod's grace period: set it below terminationGracePeriodSeconds
+    # (Kubernetes' default is 30 s), docs/resilience.md.
+    checkpoint_on_stop_timeout_s: float = 20.0
 
 
 KYBERNATE_KEYS: dict[str, type] = {
@@ -80,6 +84,11 @@ KYBERNATE_KEYS: dict[str, type] = {
     "checkpoint_dir": str,
     "criu_options": list,
     "intent_dir": str,
+    "checkpoint_on_stop_timeout_s": float,
+}
+# Bounds of the [kybernate] numbers that have them: (smallest, largest).
+KYBERNATE_RANGES: dict[str, tuple[float, float]] = {
+    "checkpoint_on_stop_timeout_s": (1.0, 3600.0),
 }
 
 
@@ -196,6 +205,9 @@ def kybernate_from_table(table: object, origin: str) -> KybernateOptions:
                 f"{origin}: unknown key kybernate.{key}; known: {', '.join(sorted(KYBERNATE_KEYS))}"
             )
         values[key] = _typed(origin, f"kybernate.{key}", value, KYBERNATE_KEYS[key])
+        low, high = KYBERNATE_RANGES.get(key, (0.0, 0.0))
+        if key in KYBERNATE_RANGES and not low <= values[key] <= high:  # type: ignore[operator]
+            raise OptionsError(f"{origin}: kybernate.{key} = {value!r} is out of range {low:g}..{high:g}")
     if "criu_options" in values:
         values["criu_options"] = _criu_options(origin, values["criu_options"])
     return KybernateOptions(**values)  # type: ignore[arg-type]

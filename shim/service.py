@@ -30,11 +30,14 @@ from .ttrpc.server import Call
 from .upstream import TASK_SERVICES, Upstream
 
 if TYPE_CHECKING:
-    from kybernate.hooks.api.model import GpuManifest  # loaded with the first GPU checkpoint or restore
+    from kybernate.hooks.api.model import GpuManifest, StoreCheckpointResult  # loaded when first needed
+
+    from .resilience import StoreCheckpoints  # loaded for the first task that asks for store checkpoints
 
 log = logging.getLogger(__name__)
 
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
+SIGKILL = 9
 # How long Start waits for a task it had to kill (its GPU state could not be restored) to exit.
 KILL_WAIT_S = 30.0
 
@@ -55,12 +58,14 @@ class TaskService:
             driver_for=driver_for,
         )
         self._background: set[asyncio.Task[None]] = set()
+        self._store_checkpoints: StoreCheckpoints | None = None
         self._intercepted: dict[str, Callable[[Call], Awaitable[bytes]]] = {
             "Create": self.create,
             "Start": self.start,
             "Pause": self.pause,
             "Resume": self.resume,
             "Checkpoint": self.checkpoint,
+            "Kill": self.kill,
             "Delete": self.delete,
             "Connect": self.connect,
             "Shutdown": self.shutdown,
@@ -102,6 +107,8 @@ class TaskService:
         except BaseException:
             await self.gpu.forget(request.id)
             raise
+        if spec.resilience is not None:
+            self._checkpoints().created(spec)
         return reply
 
     async def start(self, call: Call) -> bytes:
@@ -113,6 +120,8 @@ class TaskService:
             if request.exec_id:
                 raise
             raise await self._criu_error(err, request.id, "restore", since) from err  # runc restores at Start
+        if not request.exec_id and self._store_checkpoints is not None:
+            self._store_checkpoints.started(request.id)
         if request.exec_id or self.gpu.phase(request.id) is Phase.NO_GPU:
             return reply
         await self.gpu.started(request.id, task_pb2.StartResponse.FromString(reply).pid)
@@ -176,11 +185,27 @@ class TaskService:
             await self._gpu_step(Event.CHECKPOINT_DONE, request.id, "restore GPU state after checkpoint", call)
         return reply
 
+    async def kill(self, call: Call) -> bytes:
+        request = _decode(task_pb2.KillRequest, call)
+        store = self._store_checkpoints
+        if store is None or request.exec_id:  # the common case: forwarded as it came
+            return await self.upstream.forward(call)
+        if request.signal == SIGKILL:
+            try:
+                return await self.upstream.forward(call)  # never delayed
+            finally:
+                store.killed(request.id)
+        if await store.on_stop_signal(request.id, request.signal, call.deadline):
+            return task_pb2.Empty().SerializeToString()  # checkpointed: the task exited through the dump
+        return await self.upstream.forward(call)
+
     async def delete(self, call: Call) -> bytes:
         request = _decode(task_pb2.DeleteRequest, call)
         reply = await self.upstream.forward(call)
         if not request.exec_id:
             await self.gpu.forget(request.id)
+            if self._store_checkpoints is not None:
+                self._store_checkpoints.forget(request.id)
         return reply
 
     async def connect(self, call: Call) -> bytes:
@@ -237,14 +262,24 @@ class TaskService:
         return Phase.LIVE, manifest
 
     async def _restore_plan(self, request: Any, spec: TaskSpec) -> restore_from.RestorePlan | None:
-        """Unpack the archive `kybernate.io/restore-from` names; any problem fails the Create, nothing started."""
+        """Unpack the archive `kybernate.io/restore-from` names, or the newest generation of the key for
+        `kybernate.io/resume: latest`; any problem fails the Create, nothing started."""
         reference, checkpoint_dir = spec.restore_from, spec.options.checkpoint_dir
+        resume = spec.resilience if spec.resilience is not None and spec.resilience.resume_latest else None
         try:
-            if reference is None:
+            if resume is not None and not request.checkpoint:
+                from . import restore_store
+
+                plan = await asyncio.to_thread(restore_store.prepare_latest, resume.key, request.id)
+                if plan is None:
+                    log.info("resume: latest: the key has no complete checkpoint; starting fresh",
+                             extra={"fields": {"id": request.id, "key": resume.key}})
+                    return None
+            elif reference is None:
                 return None
-            if request.checkpoint:
+            elif request.checkpoint:
                 raise restore_from.RestoreError(f"{restore_from.ANNOTATION} and a checkpoint were both given")
-            if reference.startswith("store:"):  # the checkpoint store (docs/store.md): verified, not copied
+            elif reference.startswith("store:"):  # the checkpoint store (docs/store.md): verified, not copied
                 from . import restore_store
 
                 plan = await asyncio.to_thread(restore_store.prepare, reference, request.id)
@@ -275,6 +310,29 @@ class TaskService:
             await self.upstream.call("Delete", task_pb2.DeleteRequest(id=container_id), task_pb2.DeleteResponse,
                                      metadata=self._metadata())
             raise FailedPrecondition(f"{container_id}: cannot restore: {err}") from err
+
+    def _checkpoints(self) -> StoreCheckpoints:
+        """The store checkpoints of this shim's tasks (checkpoint-on-stop, periodic), made on first use."""
+        if self._store_checkpoints is None:
+            from .resilience import StoreCheckpoints
+
+            self._store_checkpoints = StoreCheckpoints(status=self._status, paused=self._is_paused,
+                                                       retain=self._retain)
+        return self._store_checkpoints
+
+    async def _status(self, container_id: str) -> int:
+        reply = await self.upstream.call("State", task_pb2.StateRequest(id=container_id), task_pb2.StateResponse,
+                                         metadata=self._metadata())
+        return int(reply.status)
+
+    def _is_paused(self, container_id: str) -> bool:
+        task = self.gpu.tasks.get(container_id)
+        return task is not None and task.paused
+
+    async def _retain(self, result: StoreCheckpointResult, keep: int) -> None:
+        from .resilience import retain
+
+        await asyncio.to_thread(retain, result.path, result.key, keep)
 
     def _set_paused(self, container_id: str, paused: bool) -> None:
         task = self.gpu.tasks.get(container_id)

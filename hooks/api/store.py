@@ -13,6 +13,7 @@ restore (shim/restore_store.py) both build on it.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -22,8 +23,9 @@ import socket
 import threading
 import time
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +41,11 @@ _READ_SIZE = 4 << 20
 # about 1-2 GB/s on one core, too slow next to a CRIU dump of many GiB (docs/store.md, "Hashes").
 PART_SIZE = 64 << 20
 _HASH_THREADS = max(2, min(16, os.cpu_count() or 2))
+# Keys' lock files, `<root>/.locks/<key>`: one download of a key into the local store per node at a time
+# (docs/resilience.md). A dot-dir: never taken for a key.
+LOCK_DIR = ".locks"
+LOCK_WAIT_S = 1800.0
+_LOCK_POLL_S = 0.05
 # Below this many free bytes at the moment of a failure, the store counts as full.
 FULL_THRESHOLD = 16 << 20
 
@@ -348,6 +355,31 @@ class Store:
         except OSError as err:
             raise _os_error(f"cannot create a temp dir for key {key!r} in {self.root}", err, self.root) from err
         return Pending(self, key, temp)
+
+    @contextmanager
+    def lock(self, key: str, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+        """Hold the key's node-wide lock (an flock on `<root>/.locks/<key>`: released by the kernel when its
+        holder dies, so a crash never leaves it held). Waits at most `wait_s`, then StoreError."""
+        locks = os.path.join(self.root, LOCK_DIR)
+        try:
+            os.makedirs(locks, mode=0o700, exist_ok=True)
+            fd = os.open(os.path.join(locks, validate_key(key)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise _os_error(f"cannot open the lock of key {key!r}", err, self.root) from err
+        try:
+            give_up = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= give_up:
+                        raise StoreError(f"key {key!r}: another process on this node has held its lock for over "
+                                         f"{wait_s:g} s (a download into {self.root}); try again later") from None
+                    time.sleep(_LOCK_POLL_S)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     # ---- reading ----
 

@@ -242,6 +242,14 @@ class S3Tier:
             raise NotFound(f"key {key!r} has no complete generation {number} in {self.config.where} (have {have})")
         if number in store.generations(key):
             return store.open(key, number)
+        # One download of a generation per node: restores of the same key at once (scale-out) wait for the
+        # first one's download and then find the generation local.
+        with store.lock(key):
+            if number in store.generations(key):
+                return store.open(key, number)
+            return self._download(store, key, number, progress)
+
+    def _download(self, store: Store, key: str, number: int, progress: Progress | None) -> Generation:
         manifest, text = self._manifest(key, number)
         pending = store.begin(key)
         done = progress or (lambda n: None)

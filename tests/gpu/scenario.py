@@ -31,6 +31,15 @@ Scenarios (comma-separated, run in order, each in its own container):
                  delete → ctr c restore --live --rw → the restored job runs to --program-steps. Every
                  steps.log line of the container (before, after the checkpoint, after the restore) must
                  equal the reference's line for that step, byte for byte (losses as float.hex).
+  resilience     (kybernate runtime; docs/resilience.md) (1) the training loop (programs.py train, fork
+                 DataLoader workers) with kybernate.io/checkpoint-on-stop: at step --program-checkpoint-at
+                 `ctr task kill -s SIGTERM` → the shim has hookd checkpoint it into the store and the task
+                 exits through the dump → delete → a NEW container with kybernate.io/resume: latest runs on
+                 to --program-steps; every steps.log line must equal an uninterrupted reference's, and
+                 no step may be lost. (2) an inference-style server (server.py: weights from a file, moved
+                 to the GPU, warmed up): time from `ctr run` to the first answer, cold; SIGTERM with
+                 checkpoint-on-stop; then from `ctr run` with resume: latest to the first answer, restored;
+                 the restored server must give the same answer to the same request.
 
 Verification: the workload's counter must continue past its pre-checkpoint value and its checksum
 must equal the reference taken at start (ok=True).
@@ -55,7 +64,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 ALL_SCENARIOS = ("driver-floor", "exit-restore", "leave-running", "pause-resume", "export-import", "remap", "programs",
-                 "store")
+                 "store", "resilience")
 # The GPU corpus (programs.py), as the `programs` scenario runs it: name -> programs.py arguments.
 PROGRAMS = {
     "train-fork": ["train", "--workers-start", "fork"],
@@ -482,8 +491,9 @@ class Runner:
         os.makedirs(d)
         return d
 
-    def start_container(self, cid: str, out: str, command: list[str] | None = None, vram_gib: float | None = None,
-                        annotations: dict[str, str] | None = None) -> tuple[float, list[str]]:
+    def start_container(self, cid: str, out: str, command: list[str] | None = None,
+                        annotations: dict[str, str] | None = None, vram_gib: float | None = None
+                        ) -> tuple[float, list[str]]:
         args = ["run", "-d", "--runtime", RUNTIME_NAMES[self.a.runtime], "--cwd", "/",
                 "--log-uri", f"file://{out}/stdout.log"]
         for k, v in (annotations or {}).items():
@@ -858,6 +868,144 @@ class Runner:
         if not rec["identical"]:
             raise StepError(f"{name}: the restored run's steps differ from the reference: {rec['mismatches'][:3]}")
 
+    # -- preemption resilience (docs/resilience.md) ---------------------------------------------
+    def s_resilience(self, rec: dict) -> None:
+        if self.a.runtime != "kybernate":
+            raise StepError("resilience needs --runtime kybernate (checkpoint-on-stop and resume: latest are "
+                            "the kybernate shim's)")
+        failed = []
+        for part, run in (("train", self._resilience_train), ("serve", self._resilience_serve)):
+            sub: dict = {}
+            rec[part] = sub
+            t = time.perf_counter()
+            log(f"--- resilience {part} ---")
+            try:
+                run(sub)
+                sub["result"] = "PASS"
+            except Exception as e:  # noqa: BLE001 - next part; recorded
+                sub["result"] = "FAIL"
+                sub["error"] = f"{type(e).__name__}: {e}"
+                failed.append(part)
+            sub["wall_s"] = round(time.perf_counter() - t, 2)
+            log(f"resilience {part}: {sub['result']} {json.dumps(sub, default=str)}")
+        if failed:
+            raise StepError(f"resilience failed: {', '.join(failed)}")
+
+    def _resilience_notes(self, key: str, resume: bool) -> dict[str, str]:
+        notes = {"kybernate.io/checkpoint-key": key, "kybernate.io/checkpoint-on-stop": "true",
+                 "kybernate.io/checkpoint-on-stop-timeout": f"{int(self.a.stop_timeout)}s"}
+        if resume:
+            notes["kybernate.io/resume"] = "latest"
+        return notes
+
+    def _stop_with_checkpoint(self, cid: str, key: str, rec: dict) -> None:
+        """SIGTERM through the shim, as a kubelet's StopContainer sends it; the task must exit through the dump
+        and a new generation of the key must be in the store."""
+        before = store_generations(self.a.store, key)
+        t = time.perf_counter()
+        rec["kill_s"], _ = self.ctr.run("task", "kill", "--signal", "SIGTERM", cid, timeout=self.a.stop_timeout + 30)
+        wait_for_status(self.ctr, cid, ("STOPPED", "ABSENT"), self.a.stop_timeout + 30)
+        rec["stop_s"] = round(time.perf_counter() - t, 3)
+        after = store_generations(self.a.store, key)
+        rec["generations"] = after
+        if not set(after) - set(before):
+            raise StepError(f"no new generation of {key!r} in {self.a.store} after the stop (had {before}, "
+                            f"have {after}): the checkpoint-on-stop failed; see hookd.log and containerd.log")
+        rec["generation"] = max(after)
+        rec["generation_bytes"] = dir_size(os.path.join(self.a.store, key, str(max(after))))
+        rec["stop_log"] = self.stop_log_lines(cid)
+
+    def _resilience_train(self, rec: dict) -> None:
+        key, name = "resil-train", "train-fork"
+        cid, cid2 = "kyb-r-train", "kyb-r-train-2"
+        for c in (cid, cid2):
+            self.ctr.remove(c)
+        clear_key(self.a.store, key)
+        out, ref_out = self.out_dir("r-train"), self.out_dir("r-train-ref")
+        steps, at = self.a.program_steps, self.a.program_checkpoint_at
+        common = [*PROGRAMS[name], "--steps", str(steps), "--backend", self.backend]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+        with open(os.path.join(ref_out, "stdout.log"), "w") as so:
+            ref = subprocess.Popen([sys.executable, os.path.join(HERE, "programs.py"), *common, "--out-dir", ref_out],
+                                   stdin=subprocess.DEVNULL, stdout=so, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+        command = [sys.executable, "/kyb/programs.py", *common, "--out-dir", "/out"]
+        try:
+            rec["ctr_run_s"], _ = self.start_container(cid, out, command, self._resilience_notes(key, resume=True))
+            wait_step(out, at, self.a.ready_timeout, f"{name} to reach step {at}")
+            rec["first_step"] = read_steps(out)[0][0]  # 0: the first container started fresh (no generation yet)
+            self._stop_with_checkpoint(cid, key, rec)
+            rec["step_at_stop"] = last_step(out)
+            rec["delete_s"] = round(self.ctr.remove(cid), 3)
+            offset = os.path.getsize(os.path.join(out, "steps.log"))
+            t = time.perf_counter()
+            rec["ctr_run_resume_s"], _ = self.start_container(cid2, out, command, self._resilience_notes(key, True))
+            wait_step(out, rec["step_at_stop"] + 1, self.a.step_timeout, f"the resumed {name} to step on", after=offset)
+            rec["resume_to_next_step_s"] = round(time.perf_counter() - t, 3)
+            wait_step(out, steps - 1, self.a.step_timeout, f"the resumed {name} to finish", after=offset)
+            wait_step(ref_out, steps - 1, self.a.step_timeout, f"the reference {name} to finish")
+            rec.update(compare_steps(ref_out, out, offset, steps))
+            # checkpoint-on-stop loses nothing: the resumed process starts with the step after the last one written.
+            rec["lost_steps"] = (rec["restored_first_step"] or 0) - rec["step_at_stop"] - 1
+        finally:
+            try:
+                os.killpg(ref.pid, 9)
+            except ProcessLookupError:
+                pass
+            ref.wait()
+            for c in (cid, cid2):
+                self.collect_logs(c, rec)
+                self.ctr.remove(c)
+        if not rec["identical"] or rec["first_step"] != 0 or rec["lost_steps"] != 0:
+            raise StepError(f"train: identical={rec['identical']} first_step={rec['first_step']} "
+                            f"lost_steps={rec['lost_steps']} mismatches={rec['mismatches'][:3]}")
+
+    def _resilience_serve(self, rec: dict) -> None:
+        key, cid, cid2 = "resil-serve", "kyb-r-serve", "kyb-r-serve-2"
+        for c in (cid, cid2):
+            self.ctr.remove(c)
+        clear_key(self.a.store, key)
+        out = self.out_dir("r-serve")
+        weights = os.path.join(out, "weights.bin")
+        t = time.perf_counter()
+        subprocess.run([sys.executable, os.path.join(HERE, "server.py"), "make-weights", "--weights", weights,
+                        "--mib", str(self.a.serve_weights_mib), "--backend", self.backend], check=True, timeout=600)
+        rec["make_weights_s"] = round(time.perf_counter() - t, 2)
+        rec["weights_bytes"] = os.path.getsize(weights)
+        port = self.a.serve_port
+        command = [sys.executable, "/kyb/server.py", "serve", "--weights", "/out/weights.bin", "--port", str(port),
+                   "--out-dir", "/out", "--backend", self.backend]
+        try:
+            t = time.perf_counter()
+            self.start_container(cid, out, command, self._resilience_notes(key, resume=True))
+            rec["cold_answer"] = first_answer(port, self.a.ready_timeout)
+            rec["cold_first_response_s"] = round(time.perf_counter() - t, 3)
+            self._stop_with_checkpoint(cid, key, rec)
+            rec["delete_s"] = round(self.ctr.remove(cid), 3)
+            t = time.perf_counter()
+            self.start_container(cid2, out, command, self._resilience_notes(key, resume=True))
+            rec["restored_answer"] = first_answer(port, self.a.ready_timeout)
+            rec["restored_first_response_s"] = round(time.perf_counter() - t, 3)
+            rec["speedup"] = round(rec["cold_first_response_s"] / max(rec["restored_first_response_s"], 1e-6), 2)
+            rec["same_answer"] = rec["cold_answer"] == rec["restored_answer"]
+            rec["server_log"] = read_text(os.path.join(out, "server.log"))[-2000:]
+        finally:
+            for c in (cid, cid2):
+                self.collect_logs(c, rec)
+                self.ctr.remove(c)
+            try:
+                os.unlink(weights)
+            except OSError:
+                pass
+        if not rec["same_answer"]:
+            raise StepError(f"serve: the restored server answered {rec['restored_answer']!r}, the cold one "
+                            f"{rec['cold_answer']!r}")
+
+    def stop_log_lines(self, cid: str) -> list[str]:
+        """The shim's checkpoint-on-stop lines for this container, from containerd's log."""
+        lines = read_text(os.path.join(self.a.base, "containerd.log")).splitlines()
+        return [x[-400:] for x in lines if "checkpoint-on-stop" in x and cid in x][-6:]
+
     def dropped_inherited(self) -> list[str]:
         """kybernate-hookd's log lines about inherited GPU files it dropped (kybernate runtime only)."""
         try:
@@ -917,6 +1065,54 @@ def criu_log_seconds(top: str, name: str) -> float | None:
 def _newest_generation(store: str, key: str) -> str:
     numbers = [int(n) for n in os.listdir(os.path.join(store, key)) if n.isdigit()]
     return os.path.join(store, key, str(max(numbers)))
+
+
+def store_generations(store: str, key: str) -> list[int]:
+    """Complete generations of `key` in the store (numbered dirs with a manifest.json)."""
+    try:
+        names = os.listdir(os.path.join(store, key))
+    except OSError:
+        return []
+    return sorted(int(n) for n in names if n.isdigit() and os.path.isfile(os.path.join(store, key, n, "manifest.json")))
+
+
+def clear_key(store: str, key: str) -> None:
+    """A scenario starts from a key without generations (resume: latest must start the first container fresh)."""
+    shutil.rmtree(os.path.join(store, key), ignore_errors=True)
+
+
+def wait_for_status(ctr: Ctr, cid: str, wanted: tuple[str, ...], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = ctr.task_status(cid)
+        if status in wanted:
+            return status
+        if time.monotonic() > deadline:
+            raise StepError(f"{cid}: task still {status} after {timeout:.0f}s (wanted {'/'.join(wanted)})")
+        time.sleep(0.1)
+
+
+def first_answer(port: int, timeout: float, seed: int = 7) -> str:
+    """Poll GET /infer?seed=… on 127.0.0.1:port until the server answers; its body."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/infer?seed={seed}", timeout=30) as r:
+                return r.read().decode().strip()
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise StepError(f"no answer on port {port} within {timeout:.0f}s: {e}") from e
+            time.sleep(0.05)
+
+
+def read_text(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def _steps_file(out_dir: str) -> str:
@@ -1047,6 +1243,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--store-sizes", default="2.6,16", help="store scenario: VRAM GiB of each container checkpointed")
     p.add_argument("--store-disk-floor-gib", type=float, default=4.0, help="store scenario: bytes of the disk floor")
     p.add_argument("--hookd-metrics", default="http://127.0.0.1:9464/metrics", help="kybernate-hookd's /metrics")
+    p.add_argument("--store", default="/var/lib/kybernate/store",
+                   help="resilience: the checkpoint store (hookd's and the shim's, $KYBERNATE_STORE)")
+    p.add_argument("--stop-timeout", type=float, default=120, help="resilience: checkpoint-on-stop budget, seconds")
+    p.add_argument("--serve-weights-mib", type=int, default=2048, help="resilience: the server's weights file size")
+    p.add_argument("--serve-port", type=int, default=18080, help="resilience: the server's port (host network)")
     a = p.parse_args(argv)
     a.state = a.state or os.path.join(a.base, "state")
     os.makedirs(os.path.join(a.base, "tmp"), exist_ok=True)
@@ -1118,6 +1319,17 @@ def print_summary(results: dict) -> None:
                                                            "criu_write_mb_s", "ctr_run_restore_s", "gpu_restore_s",
                                                            "workload_gap_s") if k in r)
                     print(f"{'store ' + size:24s} {r['result']:4s} {vals} verified={r.get('verified')}")
+                    if r.get("error"):
+                        print(f"{'':24s} error: {r['error'][:600]}")
+            continue
+        if name == "resilience":
+            for part, r in rec.items():
+                if isinstance(r, dict):
+                    vals = " ".join(f"{k}={r[k]}" for k in ("stop_s", "generation_bytes", "step_at_stop",
+                                                           "restored_first_step", "lost_steps", "identical",
+                                                           "cold_first_response_s", "restored_first_response_s",
+                                                           "speedup", "same_answer") if k in r)
+                    print(f"{'resilience ' + part:24s} {r.get('result', '?'):4s} {vals}")
                     if r.get("error"):
                         print(f"{'':24s} error: {r['error'][:600]}")
             continue
