@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from kybernate.hooks.api import DEFAULT_SOCKET
 
+from .policy.settings import StandbySettings
 from .reconcile_settings import ReconcileSettings
 
 
@@ -81,3 +82,5 @@ class Settings:
     # Python logging level name: debug, info, warning, error.
     log_level: str = "info"
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
+    # Scale-to-zero and multiplexing (docs/standby.md); off unless --standby.
+    standby: StandbySettings = field(default_factory=StandbySettings)
