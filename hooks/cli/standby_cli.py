@@ -62,7 +62,9 @@ def main(argv: list[str]) -> int:
 
 
 def render_json(found: list[pb.WorkloadStatus]) -> str:
-    return "\n".join(json.dumps(MessageToDict(w, preserving_proto_field_name=True), sort_keys=True) for w in found)
+    rows = [MessageToDict(w, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+            for w in found]
+    return "\n".join(json.dumps(row, sort_keys=True) for row in rows)
 
 
 def render(found: list[pb.WorkloadStatus]) -> str:

@@ -47,8 +47,11 @@ def free_bytes(total: int, free: int, budget: int | None) -> int:
     return max(0, min(free, budget - used))
 
 
-def plan(gpu: str, need: int, available: int, priority: int, candidates: Sequence[Candidate]) -> Plan:
-    """Victims (least recently active first) that make `need` bytes fit in `available` on `gpu`."""
+def plan(gpu: str, need: int, total: int, free: int, budget: int | None, priority: int,
+         candidates: Sequence[Candidate]) -> Plan:
+    """Victims (least recently active first) that make `need` bytes fit on `gpu`, which has `total` bytes,
+    `free` of them free, and maybe a `budget`: parking X bytes frees X, and lowers the use the budget counts."""
+    available = free_bytes(total, free, budget)
     if need <= available:
         return Plan(True, (), f"{gpu}: needs {_gib(need)}, {_gib(available)} free")
     eligible: list[Candidate] = []
@@ -68,11 +71,11 @@ def plan(gpu: str, need: int, available: int, priority: int, candidates: Sequenc
     victims: list[Candidate] = []
     freed = 0
     for c in eligible:
-        if available + freed >= need:
+        if free_bytes(total, free + freed, budget) >= need:
             break
         victims.append(c)
         freed += c.vram_bytes
-    if available + freed < need:
+    if free_bytes(total, free + freed, budget) < need:
         return Plan(False, (), f"{gpu}: needs {_gib(need)}, {_gib(available)} free, and parking every eligible "
                                 f"workload would free only {_gib(freed)}", tuple(skipped))
     names = tuple(c.name for c in victims)

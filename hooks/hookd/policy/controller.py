@@ -38,6 +38,9 @@ from .settings import StandbySettings
 log = logging.getLogger(__name__)
 
 MAX_RETRY_S = 300.0
+# The shim's phases a Pause parks from (shim/gpu_steps.py): on the GPU, or after a failed step (the task runs;
+# a Pause from there checkpoints again). Not while a dump or a restore at Start is in progress.
+PARKABLE_PHASES = ("live", "unknown")
 
 
 @dataclass(slots=True)
@@ -103,7 +106,8 @@ class Controller:
         self.nvml = nvml
         self.metrics = metrics
         self.executor = executor or Executor(settings.containerd_address, settings.containerd_timeout_s)
-        self.budgets = {normalize_uuid(k): v for k, v in settings.gpu_budget_bytes.items()}
+        # By GPU UUID; "all" applies to every GPU without one of its own.
+        self.budgets = {k if k == "all" else normalize_uuid(k): v for k, v in settings.gpu_budget_bytes.items()}
         self._managed: dict[tuple[str, str], Managed] = {}
         self._gpu_locks: dict[str, asyncio.Lock] = {}
         self._wake_slots = asyncio.Semaphore(max(1, settings.max_parallel_wakes))
@@ -157,7 +161,7 @@ class Controller:
             w = m.workload
             if m.ours and m.wake_wanted:
                 self._spawn(self._wake_logged(m, "retry"), f"wake {w.name}")
-            elif (not m.parked and w.phase == "live" and w.policy.enabled and not w.policy_error
+            elif (not m.parked and w.phase in PARKABLE_PHASES and w.policy.enabled and not w.policy_error
                   and m.tracker.idle_for(now) >= w.policy.idle_s):
                 reason = f"idle for {m.tracker.idle_for(now):.0f} s (period {w.policy.idle_s:.0f} s): " + ", ".join(
                     f"{k} {v}" for k, v in sorted(m.tracker.signals.items()))
@@ -296,7 +300,6 @@ class Controller:
         node_gpu = inventory.gpu(gpu) if inventory is not None else None
         if node_gpu is None:
             return  # no NVML, or the GPU is gone: the shim's VRAM pre-check decides
-        available = arbiter.free_bytes(node_gpu.memory_total_bytes, node_gpu.memory_free_bytes, self.budgets.get(gpu))
         now = time.monotonic()
         window = self.settings.busy_window_s
         candidates = [
@@ -305,7 +308,9 @@ class Controller:
                               opted_in=o.workload.policy.enabled and not o.workload.policy_error,
                               busy=o.tracker.busy(now, window), evict_busy=o.workload.policy.evict_busy)
             for o in self._managed.values() if o is not m and not o.parked and not o.busy and gpu in o.gpus]
-        decision = arbiter.plan(gpu, need, available, m.workload.policy.priority, candidates)
+        budget = self.budgets.get(gpu, self.budgets.get("all"))
+        decision = arbiter.plan(gpu, need, node_gpu.memory_total_bytes, node_gpu.memory_free_bytes, budget,
+                                m.workload.policy.priority, candidates)
         fields = {"container": m.workload.name, "gpu": gpu, "fits": decision.fits,
                   "victims": ",".join(decision.victims), "reason": decision.reason,
                   "skipped": "; ".join(decision.skipped)}
@@ -325,6 +330,9 @@ class Controller:
         w = m.workload
         try:
             diag = await asyncio.to_thread(sockwatch.NetnsDiag, w.init_pid)
+            # Its own listeners only: the namespace may hold others' (another container of the pod, or the
+            # host's for a pod on the host network). A frozen task opens no new sockets: read once.
+            own = await asyncio.to_thread(_socket_inodes, w.init_pid)
         except OSError as err:
             log.warning("standby: cannot watch the workload's sockets; it wakes only through the API",
                         extra={"fields": {"container": w.name, "error": str(err)}})
@@ -332,7 +340,7 @@ class Controller:
         try:
             while m.ours:
                 try:
-                    m.listeners = await asyncio.to_thread(diag.listeners)
+                    m.listeners = [x for x in await asyncio.to_thread(diag.listeners) if x.inode in own]
                 except OSError as err:
                     log.warning("standby: socket watch failed; it wakes only through the API",
                                 extra={"fields": {"container": w.name, "error": str(err)}})
@@ -410,6 +418,13 @@ def _pids_of(init_pid: int) -> list[int]:
         except KybernateError:
             pass
     return [init_pid] if procfs.alive(init_pid) else []
+
+
+def _socket_inodes(init_pid: int) -> set[int]:
+    inodes: set[int] = set()
+    for pid in _pids_of(init_pid):
+        inodes |= {int(t[8:-1]) for t in procfs.open_files(pid) if t.startswith("socket:[")}
+    return inodes
 
 
 def _vram_by_gpu(inventory: Inventory, pids: list[int]) -> dict[str, int]:

@@ -73,7 +73,8 @@ class StandbySettings:
     # Traffic within this many seconds makes a workload busy: the arbiter does not park it (a request may be
     # in flight) unless its policy says evict_busy.
     busy_window_s: float = 10.0
-    # Per-GPU VRAM budget in bytes below the physical size, by GPU UUID; absent: the physical free VRAM.
+    # Per-GPU VRAM budget in bytes below the physical size, by GPU UUID ("all": every GPU without its own);
+    # absent: the physical free VRAM.
     gpu_budget_bytes: Mapping[str, int] = field(default_factory=dict)
     # Wakes in flight on the node at once (each GPU also wakes one workload at a time): no wake storm.
     max_parallel_wakes: int = 2
@@ -156,7 +157,7 @@ def policy_of(annotations: Mapping[str, Any], defaults: Policy) -> Policy:
 
 
 def parse_budgets(entries: list[str]) -> dict[str, int]:
-    """`--standby-gpu-budget GPU-uuid=BYTES` (repeatable; BYTES may end in Mi or Gi)."""
+    """`--standby-gpu-budget GPU-uuid=BYTES` (repeatable; BYTES may end in Mi or Gi; `all=BYTES`: every GPU)."""
     out: dict[str, int] = {}
     for entry in entries:
         uuid, sep, raw = entry.partition("=")

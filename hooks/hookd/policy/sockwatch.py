@@ -45,6 +45,7 @@ class Listener:
     family: int  # AF_INET or AF_INET6
     port: int
     pending: int  # connections in the accept queue, not yet accepted
+    inode: int  # the socket's inode: which process holds it (/proc/<pid>/fd -> socket:[inode])
 
 
 class NetnsDiag:
@@ -94,7 +95,8 @@ class NetnsDiag:
                 elif kind == SOCK_DIAG_BY_FAMILY and payload + _MSG.size <= len(data):
                     fields = _MSG.unpack_from(data, payload)
                     if fields[1] == TCP_LISTEN:
-                        out.append(Listener(family=fields[0], port=socket.ntohs(fields[4]), pending=fields[11]))
+                        out.append(Listener(family=fields[0], port=socket.ntohs(fields[4]), pending=fields[11],
+                                            inode=fields[14]))
                 offset += (length + 3) & ~3
 
 

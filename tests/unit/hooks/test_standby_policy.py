@@ -134,18 +134,18 @@ def cand(name: str, vram: int, last: float, prio: int = 0, opted: bool = True, b
 
 
 def test_a_wake_that_fits_parks_nothing() -> None:
-    p = arbiter.plan("G", 10 * GiB, 20 * GiB, 0, [cand("a", 20, 1.0)])
+    p = arbiter.plan("G", 10 * GiB, 80 * GiB, 20 * GiB, None, 0, [cand("a", 20, 1.0)])
     assert p.fits and p.victims == ()
 
 
 def test_least_recently_active_first_until_it_fits() -> None:
-    p = arbiter.plan("G", 30 * GiB, 5 * GiB, 0, [cand("new", 20, 9.0), cand("old", 20, 1.0), cand("mid", 20, 5.0)])
+    p = arbiter.plan("G", 30 * GiB, 80 * GiB, 5 * GiB, None, 0, [cand("new", 20, 9.0), cand("old", 20, 1.0), cand("mid", 20, 5.0)])
     assert p.fits and p.victims == ("old", "mid")
     assert "old, mid" in p.reason
 
 
 def test_higher_priority_busy_and_not_opted_in_are_never_parked() -> None:
-    p = arbiter.plan("G", 20 * GiB, 0, 5, [cand("vip", 20, 0.0, prio=6), cand("chatty", 20, 1.0, busy=True),
+    p = arbiter.plan("G", 20 * GiB, 80 * GiB, 0, None, 5, [cand("vip", 20, 0.0, prio=6), cand("chatty", 20, 1.0, busy=True),
                                            cand("optout", 20, 2.0, opted=False), cand("ok", 20, 3.0, prio=5)])
     assert p.fits and p.victims == ("ok",)
     assert any("vip: priority 6 above 5" in s for s in p.skipped)
@@ -154,12 +154,20 @@ def test_higher_priority_busy_and_not_opted_in_are_never_parked() -> None:
 
 
 def test_busy_is_parked_when_its_policy_allows() -> None:
-    assert arbiter.plan("G", 1, 0, 0, [cand("chatty", 20, 1.0, busy=True, evict_busy=True)]).victims == ("chatty",)
+    assert arbiter.plan("G", 1, 80 * GiB, 0, None, 0, [cand("chatty", 20, 1.0, busy=True, evict_busy=True)]).victims == ("chatty",)
 
 
 def test_nothing_is_parked_when_even_all_would_not_make_room() -> None:
-    p = arbiter.plan("G", 50 * GiB, 0, 0, [cand("a", 20, 1.0), cand("b", 20, 2.0)])
+    p = arbiter.plan("G", 50 * GiB, 80 * GiB, 0, None, 0, [cand("a", 20, 1.0), cand("b", 20, 2.0)])
     assert not p.fits and p.victims == () and "would free only 40.00 GiB" in p.reason
+
+
+def test_under_a_budget_parking_counts_against_the_use_it_caps() -> None:
+    # 12 GiB used of a 9 GiB budget: a 4 GiB wake needs 7 GiB parked, not 4.
+    p = arbiter.plan("G", 4 * GiB, 80 * GiB, 68 * GiB, 9 * GiB, 0, [cand("a", 4, 1.0), cand("b", 4, 2.0),
+                                                                    cand("c", 4, 3.0)])
+    assert p.fits and p.victims == ("a", "b")
+    assert not arbiter.plan("G", 4 * GiB, 80 * GiB, 68 * GiB, 9 * GiB, 0, [cand("a", 4, 1.0)]).fits
 
 
 def test_the_budget_caps_what_is_free() -> None:
@@ -176,6 +184,7 @@ def test_sock_diag_sees_a_listener_and_its_pending_connections() -> None:
         with socket.create_server(("127.0.0.1", 0), backlog=8) as srv:
             port = srv.getsockname()[1]
             assert [x.pending for x in diag.listeners() if x.port == port] == [0]
+            assert [x.inode for x in diag.listeners() if x.port == port] == [os.fstat(srv.fileno()).st_ino]
             clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
             assert [x.pending for x in diag.listeners() if x.port == port] == [2]
             srv.accept()[0].close()
