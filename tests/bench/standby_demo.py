@@ -32,6 +32,11 @@ from harness import images  # noqa: E402
 from harness.containerd import Containerd  # noqa: E402
 from harness.gpunode import G0, H100, GiB, GpuNode, fakegpu  # noqa: E402
 from harness.stack import load_stack  # noqa: E402
+from harness.workload import wait_for  # noqa: E402
+
+import grpc  # noqa: E402
+from kybernate.api import standby_pb2 as spb  # noqa: E402
+from kybernate.api import standby_pb2_grpc  # noqa: E402
 
 from kybernate.hooks.containerd.client import ContainerdClient  # noqa: E402
 
@@ -83,6 +88,7 @@ def main() -> int:
                           "--standby-state-dir", str(tmp / "standby"), "--standby-busy-window-s", "0",
                           "--standby-watch-period-s", "0.02", "--standby-retry-s", "0.2"]
         gpu.start()
+        standby = standby_pb2_grpc.StandbyStub(grpc.insecure_channel(f"unix:{gpu.socket}"))
         ips: dict[str, str] = {}
         cids: dict[str, str] = {}
         with c.cri() as cri:
@@ -98,6 +104,14 @@ def main() -> int:
                                                   command=["sh", "-c", serve], env=env)
                 cri.start_container(cids[name])
                 print(f"   {name}: pod {ips[name]}, {VRAM >> 30} GiB of VRAM, checksum {checksum(name)}", flush=True)
+                # The arbiter acts before wakes, not at start: the first ones are parked before the next starts,
+                # so that the GPU never holds more than it has.
+                if name != SERVERS[-1]:
+                    wait_for(f"hookd to list {name}", lambda n=name: any(
+                        w.container_id == cids[n] and w.vram_bytes == VRAM
+                        for w in standby.Status(spb.StatusRequest(), timeout=10).workloads), 30)
+                    standby.Park(spb.ParkRequest(name=cids[name], reason="demo: make room for the next"), timeout=60)
+                    print(f"   {name}: parked (kybernate park)", flush=True)
         rng = random.Random(args.seed)
         latencies: dict[str, list[float]] = {"warm": [], "ram-wake": []}
         print(f"== {args.duration:.0f} s of requests: round-robin, then random", flush=True)
