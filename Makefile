@@ -7,7 +7,7 @@ PROTO_DIR := proto
 PROTO_FILES := $(sort $(wildcard $(PROTO_DIR)/kybernate/api/*.proto))
 export STACK_PREFIX
 
-.PHONY: all venv proto proto-check stack image lint test unit demo bench clean-stack
+.PHONY: all venv proto proto-check stack image lint test unit demo standby-demo bench clean-stack
 
 all: venv
 
@@ -59,6 +59,12 @@ test: venv lint stack proto-check image
 
 demo: venv stack
 	$(VENV)/bin/python tests/demo.py
+
+# Three HTTP "model servers" share a fake GPU that holds two of them: park, wake on connect, the arbiter
+# (docs/standby.md). STANDBY_DEMO_S=20 for a short run.
+STANDBY_DEMO_S ?= 60
+standby-demo: venv stack
+	$(VENV)/bin/python tests/bench/standby_demo.py --duration $(STANDBY_DEMO_S)
 
 bench: venv stack
 	$(VENV)/bin/python tests/bench/bench_shim.py

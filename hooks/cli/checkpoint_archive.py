@@ -378,8 +378,10 @@ def checkpoint(address: str, namespace: str, container_id: str, output: str, *,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import store_cli  # the store's verbs (docs/store.md)
+    from . import standby_cli, store_cli  # the store's verbs (docs/store.md); park, wake, status (docs/standby.md)
 
+    if standby_cli.wants_standby(sys.argv[1:] if argv is None else argv):
+        return standby_cli.main(sys.argv[1:] if argv is None else argv)
     if store_cli.wants_store(sys.argv[1:] if argv is None else argv):
         return store_cli.main(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="kybernate", description="Kybernate node tools")

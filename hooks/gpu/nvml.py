@@ -112,6 +112,30 @@ class Nvml:
                 usage.append(ProcessUsage(pid=int(p.pid), gpu_uuid=uuid, used_bytes=int(p.usedGpuMemory or 0)))
         return Inventory(driver_version=_text(n.nvmlSystemGetDriverVersion()), gpus=tuple(gpus), processes=tuple(usage))
 
+    def utilization(self, since_us: int) -> dict[int, int] | None:
+        """Per process, the highest SM or memory-controller utilisation (percent) NVML sampled after `since_us`
+        (its own microsecond clock; 0: everything it kept). None where the driver gives no per-process samples
+        (or without NVML): then GPU activity is not one of the idle signals."""
+        n = self._nvml
+        if n is None:
+            return None
+        out: dict[int, int] = {}
+        supported = False
+        for index in range(n.nvmlDeviceGetCount()):
+            handle = n.nvmlDeviceGetHandleByIndex(index)
+            try:
+                samples = n.nvmlDeviceGetProcessUtilization(handle, since_us)
+            except n.NVMLError as err:
+                # NOT_FOUND: no process had a sample since then, which is an answer; anything else is not.
+                if getattr(err, "value", None) == n.NVML_ERROR_NOT_FOUND:
+                    supported = True
+                continue
+            supported = True
+            for s in samples:
+                pid = int(s.pid)
+                out[pid] = max(out.get(pid, 0), int(s.smUtil), int(s.memUtil))
+        return out if supported else None
+
     def close(self) -> None:
         if self._nvml is not None:
             try:

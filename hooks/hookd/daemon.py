@@ -10,6 +10,7 @@ serves Prometheus metrics, and stops gracefully on SIGTERM/SIGINT, naming whatev
 
 The S3 flags default to $KYBERNATE_S3_BUCKET, $KYBERNATE_S3_ENDPOINT, $KYBERNATE_S3_PREFIX, $KYBERNATE_S3_REGION;
 credentials come from the standard AWS chain (docs/store.md).
+                    [--standby [--standby-* ...]]   (docs/standby.md)
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from kybernate.hooks.gpu.nvml import Nvml
 
 from . import metrics
 from .manager import GpuManager
+from .policy import settings as standby_settings
+from .policy.controller import Controller
 from .reconcile import Reconciler
 from .reconcile_settings import ReconcileSettings
 from .settings import DriverSettings, ManagerSettings, ServerSettings, Settings, StoreSettings
@@ -107,11 +110,16 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    help="generations uploaded at once [%(default)s]")
     p.add_argument("--upload-retry-max-s", type=float, default=st.upload_retry_max_s,
                    help="longest wait between attempts of a failed upload, seconds [%(default)s]")
+    add_standby_flags(p)
     a = p.parse_args(argv)
     if min(a.store_max_parallel, a.store_keep, a.upload_max_parallel) < 1:
         p.error("--store-max-parallel, --store-keep and --upload-max-parallel must be at least 1")
     if a.store_budget < 0 or a.upload_retry_max_s <= 0:
         p.error("--store-budget must be at least 0 and --upload-retry-max-s above 0")
+    try:
+        standby = standby_from_flags(a)
+    except standby_settings.PolicyError as err:
+        p.error(str(err))
     if min(a.max_parallel, a.max_parallel_per_request, a.max_pids_per_request) < 1:
         p.error("--max-parallel, --max-parallel-per-request and --max-pids-per-request must be at least 1")
     if a.max_request_bytes < 4096:
@@ -137,7 +145,62 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                       max_parallel_uploads=a.upload_max_parallel,
                       upload_retry_max_s=a.upload_retry_max_s,
                       upload_retry_first_s=min(st.upload_retry_first_s, a.upload_retry_max_s)),
+        standby=standby,
     )
+
+
+def add_standby_flags(p: argparse.ArgumentParser) -> None:
+    s, d = standby_settings.StandbySettings(), standby_settings.Policy()
+    g = p.add_argument_group("standby", "scale-to-zero and multiplexing (docs/standby.md)")
+    g.add_argument("--standby", action="store_true", help="park idle workloads and wake them on demand")
+    g.add_argument("--containerd-address", default=s.containerd_address,
+                   help="containerd's socket: parks and wakes are its Pause and Resume [%(default)s]")
+    g.add_argument("--standby-default", choices=("off", "on"), default="on" if d.enabled else "off",
+                   help="park workloads without kybernate.io/standby when idle [%(default)s]")
+    g.add_argument("--standby-idle", default=f"{d.idle_s:.0f}s",
+                   help="default idle period before parking, e.g. 300, 90s, 5m [%(default)s]")
+    g.add_argument("--standby-tier", default=d.tier, help="default tier: ram [%(default)s]")
+    g.add_argument("--standby-wake", default=d.wake, help="default wake: connect or api [%(default)s]")
+    g.add_argument("--standby-priority", default=str(d.priority), help="default priority 0..1000 [%(default)s]")
+    g.add_argument("--standby-sample-period-s", type=float, default=s.sample_period_s,
+                   help="seconds between samples of the idle signals [%(default)s]")
+    g.add_argument("--standby-cpu-idle-cores", type=float, default=s.cpu_idle_cores,
+                   help="a cgroup below this many cores is CPU-idle [%(default)s]")
+    g.add_argument("--standby-gpu-idle-percent", type=int, default=s.gpu_idle_percent,
+                   help="a process above this GPU utilisation is GPU-active [%(default)s]")
+    g.add_argument("--standby-watch-period-s", type=float, default=s.watch_period_s,
+                   help="seconds between looks at a parked workload's listening sockets [%(default)s]")
+    g.add_argument("--standby-busy-window-s", type=float, default=s.busy_window_s,
+                   help="traffic this recent keeps the arbiter from parking a workload [%(default)s]")
+    g.add_argument("--standby-gpu-budget", action="append", default=[], metavar="GPU-UUID=BYTES",
+                   help="VRAM budget of a GPU below its size (BYTES, or with Mi/Gi); repeatable")
+    g.add_argument("--standby-max-parallel-wakes", type=int, default=s.max_parallel_wakes,
+                   help="wakes in flight on the node at once [%(default)s]")
+    g.add_argument("--standby-state-dir", default=s.state_dir,
+                   help="where hookd records its parks across restarts [%(default)s]")
+    g.add_argument("--standby-retry-s", type=float, default=s.retry_s,
+                   help="seconds before a failed park or wake is tried again (doubling) [%(default)s]")
+
+
+def standby_from_flags(a: argparse.Namespace) -> standby_settings.StandbySettings:
+    m = standby_settings
+    defaults = m.Policy(enabled=a.standby_default == "on", idle_s=m.parse_duration("--standby-idle", a.standby_idle),
+                        tier=m.parse_tier("--standby-tier", a.standby_tier),
+                        wake=m.parse_wake("--standby-wake", a.standby_wake),
+                        priority=m.parse_priority("--standby-priority", a.standby_priority))
+    for flag, value, low in (("--standby-sample-period-s", a.standby_sample_period_s, 0.01),
+                             ("--standby-watch-period-s", a.standby_watch_period_s, 0.001),
+                             ("--standby-retry-s", a.standby_retry_s, 0.01)):
+        if not low <= value <= 3600:
+            raise m.PolicyError(f"{flag}={value}: want {low} to 3600 seconds")
+    if a.standby_max_parallel_wakes < 1:
+        raise m.PolicyError("--standby-max-parallel-wakes must be at least 1")
+    return m.StandbySettings(
+        enabled=a.standby, containerd_address=a.containerd_address, defaults=defaults,
+        sample_period_s=a.standby_sample_period_s, cpu_idle_cores=a.standby_cpu_idle_cores,
+        gpu_idle_percent=a.standby_gpu_idle_percent, watch_period_s=a.standby_watch_period_s,
+        busy_window_s=a.standby_busy_window_s, gpu_budget_bytes=m.parse_budgets(a.standby_gpu_budget),
+        max_parallel_wakes=a.standby_max_parallel_wakes, state_dir=a.standby_state_dir, retry_s=a.standby_retry_s)
 
 
 def open_driver(settings: DriverSettings, transfer_timeout_s: float) -> CheckpointDriver:
@@ -210,6 +273,8 @@ class Daemon:
         self._bound = False  # the socket file is ours to remove
         self._instance_lock: int | None = None
         self._reconciling: asyncio.Task[None] | None = None
+        self._standby_task: asyncio.Task[None] | None = None
+        self.standby: Controller | None = None
         self.manager: GpuManager | None = None
         self.reconciler: Reconciler | None = None
         # The store's blocking work (containerd's gRPC, files, hashing, SQLite): apart from the driver's threads,
@@ -259,6 +324,14 @@ class Daemon:
         self._store_service = StoreService(self.store, self.metrics)
         add_store: Callable[[Any, Any], None] = store_pb2_grpc.add_StoreServicer_to_server  # generated
         add_store(self._store_service, self._server)
+        if s.standby.enabled:
+            self.standby = Controller(s.standby, s.reconcile.intent_dir, self._nvml, self.metrics)
+        from kybernate.api import standby_pb2_grpc
+
+        from .policy.service import StandbyService
+
+        add_standby: Callable[[Any, Any], None] = standby_pb2_grpc.add_StandbyServicer_to_server
+        add_standby(StandbyService(self.standby, self.metrics), self._server)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others could connect
         try:
             self._server.add_insecure_port(f"unix:{s.server.socket}")
@@ -273,21 +346,25 @@ class Daemon:
         self.reconciler = Reconciler(self.manager, s.reconcile, self.metrics)
         self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconcile")
         resumed = await self.uploads.resume()  # uploads a previous hookd left queued, failed or half done
+        if self.standby is not None:
+            self._standby_task = asyncio.create_task(self.standby.run(), name="standby")
         log.info("serving", extra={"fields": {
             "socket": s.server.socket, "backend": health.backend, "driver": health.driver_version,
             "cuda": health.cuda_version, "nvml": health.nvml, "gpus": len(health.gpus),
             "metrics": f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "off", "pid": os.getpid(),
             "store": s.store.root, "s3": self.uploads.config.where if self.uploads.config else "off",
-            "uploads_resumed": resumed}})
+            "uploads_resumed": resumed,
+            "standby": "on" if self.standby is not None else "off"}})
 
     async def stop(self) -> int:
         """Graceful stop; 0 when everything finished, 1 when driver calls are still running (named in the log)."""
         s = self.settings.server
         loop = asyncio.get_running_loop()
         log.info("stopping", extra={"fields": {"grace_s": s.shutdown_grace_s}})
-        if self._reconciling is not None:
-            self._reconciling.cancel()
-            await asyncio.gather(self._reconciling, return_exceptions=True)
+        for task in (self._reconciling, self._standby_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._server is not None:
             await self._server.stop(grace=s.shutdown_grace_s)  # then in-flight handlers are cancelled
         if self._store_service is not None:

@@ -11,6 +11,12 @@ Updated on the event loop thread (timings are taken around run_blocking there).
   kybernate_hookd_store_duration_seconds{tier,operation}        histogram: checkpoints, their pause, uploads
   kybernate_hookd_store_failures_total{tier,operation}          failed checkpoints and upload attempts
   kybernate_hookd_store_upload_backlog                          generations queued or uploading
+  kybernate_hookd_standby_parked                  workloads parked by standby now
+  kybernate_hookd_standby_parks_total{trigger,outcome}  parks (idle, arbiter, api) by result
+  kybernate_hookd_standby_wakes_total{trigger,outcome}  wakes (connect, api, retry) by result
+  kybernate_hookd_standby_wake_seconds{trigger}   histogram of successful wakes (containerd Resume)
+  kybernate_hookd_standby_park_seconds            histogram of successful parks (containerd Pause)
+  kybernate_hookd_standby_evictions_total         workloads the arbiter parked to make room for a wake
 
 The endpoint stays our own asyncio server rather than prometheus-client's threaded one: it lives on the
 daemon's event loop, bounds every read, and stops with the daemon.
@@ -29,6 +35,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 log = logging.getLogger(__name__)
 
 STEP_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+WAKE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
 STEPS = ("lock", "checkpoint", "restore", "unlock")
 DIRECTIONS = ("device_to_host", "host_to_device")
 STORE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -72,6 +79,20 @@ class Metrics:
                 self._store_bytes.labels(tier=tier, operation=operation)
             self._store_seconds.labels(tier=tier, operation=operation)
             self._store_failures.labels(tier=tier, operation=operation)
+        self._parked = Gauge("kybernate_hookd_standby_parked", "Workloads parked by standby now.",
+                             registry=self.registry)
+        self._parks = Counter("kybernate_hookd_standby_parks", "Parks by standby, by trigger and outcome.",
+                              ["trigger", "outcome"], registry=self.registry)
+        self._wakes = Counter("kybernate_hookd_standby_wakes", "Wakes by standby, by trigger and outcome.",
+                              ["trigger", "outcome"], registry=self.registry)
+        self._wake_seconds = Histogram("kybernate_hookd_standby_wake_seconds",
+                                       "Duration of successful wakes (containerd Resume).", ["trigger"],
+                                       buckets=WAKE_BUCKETS, registry=self.registry)
+        self._park_seconds = Histogram("kybernate_hookd_standby_park_seconds",
+                                       "Duration of successful parks (containerd Pause).", buckets=STEP_BUCKETS,
+                                       registry=self.registry)
+        self._evictions = Counter("kybernate_hookd_standby_evictions",
+                                  "Workloads the VRAM arbiter parked to make room for a wake.", registry=self.registry)
         for step in STEPS:  # every step shows, with zero counts, from the start
             self._steps.labels(step=step)
         for direction in DIRECTIONS:
@@ -101,6 +122,21 @@ class Metrics:
 
     def store_upload_backlog(self, n: int) -> None:
         self._store_backlog.set(n)
+    def standby_parked(self, n: int) -> None:
+        self._parked.set(n)
+
+    def standby_park(self, trigger: str, outcome: str, seconds: float | None = None) -> None:
+        self._parks.labels(trigger=trigger, outcome=outcome).inc()
+        if seconds is not None:
+            self._park_seconds.observe(seconds)
+
+    def standby_wake(self, trigger: str, outcome: str, seconds: float | None = None) -> None:
+        self._wakes.labels(trigger=trigger, outcome=outcome).inc()
+        if seconds is not None:
+            self._wake_seconds.labels(trigger=trigger).observe(seconds)
+
+    def standby_evicted(self) -> None:
+        self._evictions.inc()
 
     def render(self) -> str:
         """The text exposition format (version 0.0.4)."""

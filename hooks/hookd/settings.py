@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from kybernate.hooks.api import DEFAULT_SOCKET
 
+from .policy.settings import StandbySettings
 from .reconcile_settings import ReconcileSettings
 
 
@@ -108,3 +109,5 @@ class Settings:
     log_level: str = "info"
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
+    # Scale-to-zero and multiplexing (docs/standby.md); off unless --standby.
+    standby: StandbySettings = field(default_factory=StandbySettings)

@@ -26,7 +26,9 @@
 # Environment: OUT (results dir, default /tmp/kyb-gpu-out), KYB_BASE (work dir, default /tmp/kyb-gpu),
 #   KYB_CARRY (default <repo>/.carry), KYB_CRIU_CONF (text written to /etc/criu/runc.conf if set),
 #   KYB_STEP_TIMEOUT (seconds for one ctr checkpoint/restore/export/import, default 180),
-#   KYB_SCENARIO_ARGS (more scenario.py options, e.g. "--programs train-fork,compile").
+#   KYB_SCENARIO_ARGS (more scenario.py options, e.g. "--programs train-fork,compile"),
+#   KYB_HOOKD_ARGS (more kybernate-hookd flags, e.g. "--standby ..."; `--scenario standby` runs
+#   tests/gpu/standby_scenario.py instead of scenario.py).
 set -uo pipefail
 
 RUNTIME=runc
@@ -230,7 +232,7 @@ SHIM
     mkdir -p /run/kybernate
     PYTHONPATH=$BASE/site setsid "$PY" -m kybernate.hooks.hookd.daemon --socket /run/kybernate/hookd.sock \
         --libcuda "${KYB_LIBCUDA:-/usr/local/nvidia/lib64/libcuda.so.1}" --metrics-address 127.0.0.1:9464 --log-level info \
-        >"$BASE/hookd.log" 2>&1 </dev/null &
+        --containerd-address "$ADDR" ${KYB_HOOKD_ARGS:-} >"$BASE/hookd.log" 2>&1 </dev/null &
     echo $! >"$BASE/hookd.pid"
     for _ in $(seq 1 100); do
         [ -S /run/kybernate/hookd.sock ] && break
@@ -294,7 +296,7 @@ RC=0
 if [ -n "$SCENARIOS" ]; then
     say "scenarios: $SCENARIOS (runtime $RUNTIME, vram ${VRAM} GiB)"
     timeout --signal=TERM --kill-after=10 "$TIMEOUT" \
-        env PYTHONPATH="$BASE/site" "$PY" "$REPO/tests/gpu/scenario.py" \
+        env PYTHONPATH="$BASE/site" "$PY" "$REPO/tests/gpu/$([ "$SCENARIOS" = standby ] && echo standby_scenario.py || echo scenario.py)" \
         --ctr "$BASE/bin/ctr" --address "$ADDR" --namespace "$NS" --image "$IMAGE" --snapshotter "$SNAP" \
         --base "$BASE" --state "$BASE/state" --runtime "$RUNTIME" --scenario "$SCENARIOS" \
         --vram-gib "$VRAM" --cycles "$CYCLES" --step-timeout "${KYB_STEP_TIMEOUT:-180}" \

@@ -37,6 +37,8 @@ class GpuNode:
         self.log = tmp / "hookd.log"
         # More flags for hookd (the store's: --containerd-address, --store-root, --s3-*, ...).
         self.hookd_args = list(hookd_args or [])
+        # More hookd flags (the standby tests: --standby ...); a restart (stop + start) picks up a change.
+        self.extra_args: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -47,7 +49,7 @@ class GpuNode:
                 [sys.executable, "-m", "kybernate.hooks.hookd.daemon", "--socket", self.socket,
                  "--libcuda", str(self.built.libcuda), "--libnvml", str(self.built.libnvml),
                  "--metrics-address", "", "--log-level", "debug", "--intent-dir", str(self.intent_dir),
-                 "--reconcile-period-s", str(self.reconcile_period_s), *self.hookd_args],
+                 "--reconcile-period-s", str(self.reconcile_period_s), *self.hookd_args, *self.extra_args],
                 env={**os.environ, **self.node.env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 

@@ -163,6 +163,11 @@ class FakeNode:
         self._children.append(proc)
         return proc
 
+    def set_utilization(self, proc_id: str, percent: int) -> None:
+        """The GPU utilisation NVML's per-process samples report for a RUNNING process (0 when never set)."""
+        (self.dir / "util").mkdir(exist_ok=True)
+        (self.dir / "util" / proc_id).write_text(f"{percent}\n")
+
     def state(self, proc_id: str) -> dict[str, str]:
         """The driver's record of one process ({} until its first transition)."""
         path = self.dir / "procs" / proc_id

@@ -218,6 +218,72 @@ FG_EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t devi
     return NVML_SUCCESS;
 }
 
+typedef struct {
+    unsigned int pid;
+    unsigned long long timeStamp;
+    unsigned int smUtil, memUtil, encUtil, decUtil;
+} nvmlProcessUtilizationSample_t;
+
+/* The utilisation tests give a process: $FAKEGPU_STATE_DIR/util/<id> holds a percent (0..100); absent: 0. */
+static unsigned read_util(const char *id) {
+    char name[FG_ID_LEN + 8], path[FG_PATH_LEN];
+    snprintf(name, sizeof name, "util/%s", id);
+    if (fg_path(path, sizeof path, name) != 0) return 0;
+    FILE *f = fopen(path, "re");
+    if (!f) return 0;
+    unsigned v = 0;
+    if (fscanf(f, "%u", &v) != 1) v = 0;
+    fclose(f);
+    return v > 100 ? 100 : v;
+}
+
+struct util_collect {
+    const char *gpu;
+    nvmlProcessUtilizationSample_t *out;
+    unsigned int cap, n;
+    unsigned long long now_us;
+};
+
+static void collect_util(int pid, const struct fg_env *env, const struct fg_state *st, void *arg) {
+    struct util_collect *c = arg;
+    unsigned char a[16], b[16];
+    /* The real driver samples the processes with a context on the GPU: a checkpointed one has none. */
+    if (st->state != FG_RUNNING) return;
+    if (fg_uuid_parse(st->gpu, a) != 0 || fg_uuid_parse(c->gpu, b) != 0 || memcmp(a, b, 16) != 0) return;
+    if (c->out && c->n < c->cap) {
+        unsigned u = read_util(env->id);
+        c->out[c->n].pid = (unsigned)pid;
+        c->out[c->n].timeStamp = c->now_us;
+        c->out[c->n].smUtil = u;
+        c->out[c->n].memUtil = u;
+        c->out[c->n].encUtil = 0;
+        c->out[c->n].decUtil = 0;
+    }
+    c->n++;
+}
+
+/* Per-process utilisation samples since lastSeenTimeStamp (microseconds). Like the real one: NULL samples
+ * answer INSUFFICIENT_SIZE with the count; no process with a sample answers NOT_FOUND. One sample per RUNNING
+ * process, stamped now, with the percent from util/<id>. */
+FG_EXPORT nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device, nvmlProcessUtilizationSample_t *samples,
+                                                       unsigned int *count, unsigned long long lastSeenTimeStamp) {
+    (void)lastSeenTimeStamp;
+    struct fg_gpu gpus[FG_MAX_GPUS];
+    const struct fg_gpu *g;
+    int rc = lookup(device, gpus, &g);
+    if (rc) return rc;
+    if (!count) return NVML_ERROR_INVALID_ARGUMENT;
+    struct util_collect c = {g->uuid, samples, samples ? *count : 0, 0, (unsigned long long)(fg_now_ns() / 1000)};
+    fg_each_process(collect_util, &c);
+    if (c.n == 0) return NVML_ERROR_NOT_FOUND;
+    if (!samples || c.n > c.cap) {
+        *count = c.n;
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    }
+    *count = c.n;
+    return NVML_SUCCESS;
+}
+
 FG_EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v2(nvmlDevice_t device, unsigned int *count,
                                                                nvmlProcessInfo_t *infos) {
     return nvmlDeviceGetComputeRunningProcesses_v3(device, count, infos);

@@ -1,0 +1,443 @@
+"""The standby controller: discover GPU workloads, sample their idle signals, park the idle, wake on connect.
+
+Every `sample_period_s`:
+
+1. discover the workloads from the intent files (workloads.py) and load what hookd recorded of their parks
+   (record.py: after a hookd restart, workloads it had parked are managed again, watchers included);
+2. sample each running workload's signals (signals.py) and its VRAM (NVML, by the pids of its cgroup);
+3. park every opted-in workload whose signals stayed quiet for its idle period;
+4. try again the wakes that failed (a wake that is wanted stays wanted until it works).
+
+While a workload is parked with `wake: connect`, a watcher looks at its pod's listening sockets every
+`watch_period_s` (sockwatch.py) and wakes it when a connection is pending. A wake first asks the arbiter of
+each of its GPUs (arbiter.py) whether its VRAM fits, parking least recently active workloads if it must.
+Wakes are serialised per GPU and at most `max_parallel_wakes` run on the node. Every park and wake is one
+structured log line (`standby parked` / `standby woke`) with its trigger, reason and duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from kybernate.hooks.api import freezer, intent, procfs
+from kybernate.hooks.api.errors import InvalidRequest, KybernateError
+from kybernate.hooks.gpu.cuda import normalize_uuid
+from kybernate.hooks.gpu.nvml import Inventory, Nvml
+
+from ..metrics import Metrics
+from . import arbiter, record, signals, sockwatch, workloads
+from .executor import Executor, StandbyFailed, StandbyRefused, UnknownWorkload
+from .settings import StandbySettings
+
+log = logging.getLogger(__name__)
+
+MAX_RETRY_S = 300.0
+# The shim's phases a Pause parks from (shim/gpu_steps.py): on the GPU, or after a failed step (the task runs;
+# a Pause from there checkpoints again). Not while a dump or a restore at Start is in progress.
+PARKABLE_PHASES = ("live", "unknown")
+
+
+@dataclass(slots=True)
+class Managed:
+    """hookd's view of one workload between samples."""
+
+    workload: workloads.Workload
+    tracker: signals.IdleTracker
+    record: record.Record | None = None
+    gpus: dict[str, int] = field(default_factory=dict)  # GPU UUID -> VRAM bytes held (or to bring back)
+    host_ram: int | None = None
+    listeners: list[sockwatch.Listener] = field(default_factory=list)
+    watcher: asyncio.Task[None] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    busy: str = ""  # parking | waking: a step in progress
+    last_error: str = ""
+    retry_at: float = 0.0
+    retry_s: float = 0.0
+    wake_wanted: str = ""  # trigger of a wake that failed and is tried again
+
+    @property
+    def parked(self) -> bool:
+        """Paused by someone (the shim's intent says parked: containerd shows PAUSED)."""
+        return self.workload.desired == intent.PARKED
+
+    @property
+    def ours(self) -> bool:
+        """Parked by standby: it wakes it (on connect, on retry)."""
+        return self.parked and self.record is not None and self.record.parked
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadStatus:
+    namespace: str
+    container_id: str
+    state: str
+    tier: str
+    opted_in: bool
+    policy_error: str
+    idle_for_s: float
+    idle_period_s: float
+    wake: str
+    priority: int
+    vram_bytes: int
+    gpus: tuple[str, ...]
+    host_ram_bytes: int
+    last_park_s: float
+    last_wake_s: float
+    parked_by: str
+    reason: str
+    signals: dict[str, str]
+    listeners: tuple[tuple[int, int], ...]
+    last_error: str
+    woken_by: str
+    parks: int
+
+
+class Controller:
+    def __init__(self, settings: StandbySettings, intent_dir: str, nvml: Nvml, metrics: Metrics,
+                 executor: Executor | None = None) -> None:
+        self.settings = settings
+        self.intent_dir = intent_dir
+        self.nvml = nvml
+        self.metrics = metrics
+        self.executor = executor or Executor(settings.containerd_address, settings.containerd_timeout_s)
+        # By GPU UUID; "all" applies to every GPU without one of its own.
+        self.budgets = {k if k == "all" else normalize_uuid(k): v for k, v in settings.gpu_budget_bytes.items()}
+        self._managed: dict[tuple[str, str], Managed] = {}
+        self._gpu_locks: dict[str, asyncio.Lock] = {}
+        self._wake_slots = asyncio.Semaphore(max(1, settings.max_parallel_wakes))
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._util_since_us = 0
+
+    # ---- the loop ----
+
+    async def run(self) -> None:
+        """Forever: one tick, then a sample period. Cancel to stop (watchers and wakes in flight stop too)."""
+        try:
+            while True:
+                try:
+                    await self.tick()
+                except Exception:  # a bug in one tick must not end standby
+                    log.exception("standby tick crashed")
+                await asyncio.sleep(self.settings.sample_period_s)
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        pending = [t for t in self._tasks if not t.done()] + [
+            m.watcher for m in self._managed.values() if m.watcher is not None and not m.watcher.done()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def tick(self) -> None:
+        now = time.monotonic()
+        found = await asyncio.to_thread(workloads.discover, self.intent_dir, self.settings.defaults)
+        await self._refresh(found, now)
+        inventory = await asyncio.to_thread(self.nvml.inventory)
+        since, self._util_since_us = self._util_since_us, int(time.time() * 1e6)
+        util = await asyncio.to_thread(self.nvml.utilization, since)
+        for m in list(self._managed.values()):
+            if m.parked or m.busy:
+                continue
+            pids = await asyncio.to_thread(_pids_of, m.workload.init_pid)
+            counters = await asyncio.to_thread(signals.read_counters, m.workload.init_pid, time.monotonic())
+            m.host_ram = counters.memory_bytes
+            if inventory is not None:
+                m.gpus = _vram_by_gpu(inventory, pids)
+            gpu_percent = None if util is None else max((util.get(p, 0) for p in pids), default=0)
+            m.tracker.observe(counters, gpu_percent, cpu_idle_cores=self.settings.cpu_idle_cores,
+                              gpu_idle_percent=self.settings.gpu_idle_percent)
+        self.metrics.standby_parked(sum(1 for m in self._managed.values() if m.ours))
+        now = time.monotonic()
+        for m in list(self._managed.values()):
+            if m.busy or now < m.retry_at:
+                continue
+            w = m.workload
+            if m.ours and m.wake_wanted:
+                self._spawn(self._wake_logged(m, "retry"), f"wake {w.name}")
+            elif (not m.parked and w.phase in PARKABLE_PHASES and w.policy.enabled and not w.policy_error
+                  and m.tracker.idle_for(now) >= w.policy.idle_s):
+                reason = f"idle for {m.tracker.idle_for(now):.0f} s (period {w.policy.idle_s:.0f} s): " + ", ".join(
+                    f"{k} {v}" for k, v in sorted(m.tracker.signals.items()))
+                self._spawn(self._park_logged(m, "idle", reason), f"park {w.name}")
+
+    async def _refresh(self, found: Iterable[workloads.Workload], now: float) -> None:
+        seen: set[tuple[str, str]] = set()
+        for w in found:
+            seen.add(w.key)
+            m = self._managed.get(w.key)
+            if m is None:
+                m = Managed(workload=w, tracker=signals.IdleTracker(last_active=now))
+                m.record = await asyncio.to_thread(record.read, self.settings.state_dir, w.namespace, w.container_id)
+                self._managed[w.key] = m
+                if m.ours:
+                    log.info("standby: managing a workload parked before hookd (re)started",
+                             extra={"fields": {"container": w.name, "parked_by": m.record.trigger if m.record else ""}})
+            else:
+                m.workload = w
+            if m.record is not None and m.record.parked and not m.parked and not m.busy:
+                # Resumed behind standby's back (ctr task resume, the kubelet): it runs; not ours to wake.
+                m.record = replace(m.record, parked=False, woken_by="other")
+                await asyncio.to_thread(record.write, self.settings.state_dir, m.record)
+                m.tracker.reset(now)
+            if m.parked and w.manifest:
+                m.gpus = _vram_of_manifest(w.manifest)
+            if m.ours and w.policy.wake == "connect" and (m.watcher is None or m.watcher.done()):
+                m.watcher = asyncio.create_task(self._watch(m), name=f"watch {w.name}")
+            if not m.ours and not m.busy and m.watcher is not None and not m.watcher.done():
+                m.watcher.cancel()  # woken by someone else: nothing to watch
+        for key in set(self._managed) - seen:
+            gone = self._managed.pop(key)
+            if gone.watcher is not None:
+                gone.watcher.cancel()
+            await asyncio.to_thread(record.remove, self.settings.state_dir, *key)
+        for namespace, container_id in await asyncio.to_thread(record.known, self.settings.state_dir):
+            if (namespace, container_id) not in seen:  # a record of a workload that is gone
+                await asyncio.to_thread(record.remove, self.settings.state_dir, namespace, container_id)
+
+    # ---- park ----
+
+    async def park(self, name: str, trigger: str = "api", reason: str = "") -> WorkloadStatus:
+        m = self.find(name)
+        if m.parked:
+            raise StandbyRefused(f"{m.workload.name} is already parked")
+        await self._park(m, trigger, reason or "asked through the API")
+        return self.status_of(m)
+
+    async def _park_logged(self, m: Managed, trigger: str, reason: str) -> None:
+        try:
+            await self._park(m, trigger, reason)
+        except KybernateError:
+            pass  # logged and recorded in _park
+
+    async def _park(self, m: Managed, trigger: str, reason: str) -> None:
+        w = m.workload
+        async with m.lock:
+            if m.parked:
+                return
+            m.busy = "parking"
+            try:
+                seconds = await self.executor.pause(w.namespace, w.container_id)
+            except StandbyFailed as err:
+                self._failed(m, err.message)
+                self.metrics.standby_park(trigger, "failed")
+                log.warning("standby park failed; the workload runs on", extra={"fields": {
+                    "container": w.name, "trigger": trigger, "error": err.message, "retry_s": round(m.retry_s, 1)}})
+                raise
+            finally:
+                m.busy = ""
+            before = m.record or record.Record(w.namespace, w.container_id, parked=False)
+            m.record = replace(before, parked=True, trigger=trigger, reason=reason, parked_at=time.time(),
+                               park_s=seconds, parks=before.parks + 1)
+            m.workload = replace(w, desired=intent.PARKED, phase="parked")
+            m.last_error, m.retry_s, m.retry_at, m.wake_wanted = "", 0.0, 0.0, ""
+            await asyncio.to_thread(record.write, self.settings.state_dir, m.record)
+            self.metrics.standby_park(trigger, "ok", seconds)
+            log.info("standby parked", extra={"fields": {
+                "container": w.name, "trigger": trigger, "tier": w.policy.tier, "park_s": round(seconds, 3),
+                "vram_bytes": sum(m.gpus.values()), "reason": reason}})
+            if w.policy.wake == "connect" and (m.watcher is None or m.watcher.done()):
+                m.watcher = asyncio.create_task(self._watch(m), name=f"watch {w.name}")
+
+    # ---- wake ----
+
+    async def wake(self, name: str, trigger: str = "api") -> WorkloadStatus:
+        m = self.find(name)
+        if not m.parked:
+            raise StandbyRefused(f"{m.workload.name} is not parked")
+        await self._wake(m, trigger)
+        return self.status_of(m)
+
+    async def _wake_logged(self, m: Managed, trigger: str) -> None:
+        try:
+            await self._wake(m, trigger)
+        except KybernateError:
+            pass  # logged, recorded, and tried again by the tick
+
+    async def _wake(self, m: Managed, trigger: str) -> None:
+        w = m.workload
+        async with self._wake_slots, self._gpus_locked(sorted(m.gpus)), m.lock:
+            if not m.parked:
+                return
+            m.busy = "waking"
+            try:
+                for gpu, need in sorted(m.gpus.items()):
+                    await self._make_room(m, gpu, need)
+                seconds = await self.executor.resume(w.namespace, w.container_id)
+            except (StandbyFailed, StandbyRefused) as err:
+                m.wake_wanted = trigger if trigger != "retry" else (m.wake_wanted or "retry")
+                self._failed(m, err.message)
+                self.metrics.standby_wake(trigger, "failed" if isinstance(err, StandbyFailed) else "refused")
+                log.warning("standby wake failed; it stays parked and is tried again", extra={"fields": {
+                    "container": w.name, "trigger": trigger, "error": err.message, "retry_s": round(m.retry_s, 1)}})
+                raise
+            finally:
+                m.busy = ""
+            now = time.monotonic()
+            m.workload = replace(w, desired=intent.RUNNING, phase="live")
+            woken_by = m.wake_wanted or trigger
+            m.last_error, m.retry_s, m.retry_at, m.wake_wanted = "", 0.0, 0.0, ""
+            m.tracker.reset(now)
+            before = m.record or record.Record(w.namespace, w.container_id, parked=False)
+            m.record = replace(before, parked=False, wake_s=seconds, woken_by=woken_by)
+            await asyncio.to_thread(record.write, self.settings.state_dir, m.record)
+            self.metrics.standby_wake(trigger, "ok", seconds)
+            log.info("standby woke", extra={"fields": {
+                "container": w.name, "trigger": woken_by, "wake_s": round(seconds, 3),
+                "parked_for_s": round(time.time() - before.parked_at, 1) if before.parked_at else None}})
+            if m.watcher is not None and m.watcher is not asyncio.current_task():
+                m.watcher.cancel()
+
+    async def _make_room(self, m: Managed, gpu: str, need: int) -> None:
+        """Park what the arbiter picks on `gpu` so that `need` bytes fit; StandbyRefused when they cannot."""
+        inventory = await asyncio.to_thread(self.nvml.inventory)
+        node_gpu = inventory.gpu(gpu) if inventory is not None else None
+        if node_gpu is None:
+            return  # no NVML, or the GPU is gone: the shim's VRAM pre-check decides
+        now = time.monotonic()
+        window = self.settings.busy_window_s
+        candidates = [
+            arbiter.Candidate(name=o.workload.name, vram_bytes=o.gpus.get(gpu, 0), priority=o.workload.policy.priority,
+                              last_active=o.tracker.last_active,
+                              opted_in=o.workload.policy.enabled and not o.workload.policy_error,
+                              busy=o.tracker.busy(now, window), evict_busy=o.workload.policy.evict_busy)
+            for o in self._managed.values() if o is not m and not o.parked and not o.busy and gpu in o.gpus]
+        budget = self.budgets.get(gpu, self.budgets.get("all"))
+        decision = arbiter.plan(gpu, need, node_gpu.memory_total_bytes, node_gpu.memory_free_bytes, budget,
+                                m.workload.policy.priority, candidates)
+        fields = {"container": m.workload.name, "gpu": gpu, "fits": decision.fits,
+                  "victims": ",".join(decision.victims), "reason": decision.reason,
+                  "skipped": "; ".join(decision.skipped)}
+        if not decision.fits:
+            log.warning("standby arbiter: no room", extra={"fields": fields})
+            raise StandbyRefused(f"no room on {gpu} to wake {m.workload.name}: {decision.reason}")
+        log.info("standby arbiter", extra={"fields": fields})
+        for victim in decision.victims:
+            o = self.find(victim)
+            await self._park(o, "arbiter", f"to make room for {m.workload.name}: {decision.reason}")
+            self.metrics.standby_evicted()
+
+    # ---- wake on connect ----
+
+    async def _watch(self, m: Managed) -> None:
+        """While `m` is parked: look at its pod's listening sockets; a pending connection wakes it."""
+        w = m.workload
+        try:
+            diag = await asyncio.to_thread(sockwatch.NetnsDiag, w.init_pid)
+            # Its own listeners only: the namespace may hold others' (another container of the pod, or the
+            # host's for a pod on the host network). A frozen task opens no new sockets: read once.
+            own = await asyncio.to_thread(_socket_inodes, w.init_pid)
+        except OSError as err:
+            log.warning("standby: cannot watch the workload's sockets; it wakes only through the API",
+                        extra={"fields": {"container": w.name, "error": str(err)}})
+            return
+        try:
+            while m.ours:
+                try:
+                    m.listeners = [x for x in await asyncio.to_thread(diag.listeners) if x.inode in own]
+                except OSError as err:
+                    log.warning("standby: socket watch failed; it wakes only through the API",
+                                extra={"fields": {"container": w.name, "error": str(err)}})
+                    return
+                if any(lst.pending for lst in m.listeners) and not m.busy:
+                    await self._wake_logged(m, "connect")
+                    if not m.parked:
+                        return
+                    await asyncio.sleep(max(self.settings.watch_period_s, m.retry_at - time.monotonic()))
+                    continue
+                await asyncio.sleep(self.settings.watch_period_s)
+        finally:
+            await asyncio.to_thread(diag.close)
+
+    # ---- lookups and status ----
+
+    def find(self, name: str) -> Managed:
+        """By namespace/id, id, or a unique prefix of the id."""
+        if not name or len(name) > 512:
+            raise InvalidRequest("name a workload: its container id, a unique prefix of it, or namespace/id")
+        namespace, _, cid = name.rpartition("/")
+        matches = [m for (ns, c), m in self._managed.items() if (not namespace or ns == namespace) and c == cid]
+        if not matches:
+            matches = [m for (ns, c), m in self._managed.items()
+                       if (not namespace or ns == namespace) and c.startswith(cid)]
+        if not matches:
+            raise UnknownWorkload(f"no GPU workload named {name!r} (kybernate status lists them)")
+        if len(matches) > 1:
+            raise InvalidRequest(f"{name!r} names {len(matches)} workloads: give more of the id or namespace/id")
+        return matches[0]
+
+    def statuses(self, name: str = "") -> list[WorkloadStatus]:
+        if name:
+            return [self.status_of(self.find(name))]
+        return [self.status_of(m) for _, m in sorted(self._managed.items())]
+
+    def status_of(self, m: Managed) -> WorkloadStatus:
+        w, r = m.workload, m.record
+        state = m.busy or ("parked" if m.ours else "paused (not by standby)" if m.parked else "running")
+        return WorkloadStatus(
+            namespace=w.namespace, container_id=w.container_id, state=state, tier=w.policy.tier if m.parked else "",
+            opted_in=w.policy.enabled, policy_error=w.policy_error,
+            idle_for_s=0.0 if m.parked else m.tracker.idle_for(time.monotonic()), idle_period_s=w.policy.idle_s,
+            wake=w.policy.wake, priority=w.policy.priority, vram_bytes=sum(m.gpus.values()), gpus=tuple(sorted(m.gpus)),
+            host_ram_bytes=m.host_ram or 0, last_park_s=r.park_s if r else 0.0, last_wake_s=r.wake_s if r else 0.0,
+            parked_by=r.trigger if r and m.parked else "", reason=r.reason if r and m.parked else "",
+            signals=dict(m.tracker.signals), listeners=tuple((lst.port, lst.pending) for lst in m.listeners),
+            last_error=m.last_error, woken_by=r.woken_by if r else "", parks=r.parks if r else 0)
+
+    # ---- internals ----
+
+    def _failed(self, m: Managed, error: str) -> None:
+        m.last_error = error
+        m.retry_s = min(MAX_RETRY_S, m.retry_s * 2 if m.retry_s else self.settings.retry_s)
+        m.retry_at = time.monotonic() + m.retry_s
+
+    def _spawn(self, work: Any, name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @contextlib.asynccontextmanager
+    async def _gpus_locked(self, gpus: list[str]) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            for gpu in gpus:  # sorted: two wakes spanning GPUs take their locks in one order
+                await stack.enter_async_context(self._gpu_locks.setdefault(gpu, asyncio.Lock()))
+            yield
+
+
+def _pids_of(init_pid: int) -> list[int]:
+    directory = freezer.cgroup_dir(init_pid, procfs.CGROUP_ROOT)
+    if directory is not None:
+        try:
+            return procfs.pids_of_cgroup(str(directory))
+        except KybernateError:
+            pass
+    return [init_pid] if procfs.alive(init_pid) else []
+
+
+def _socket_inodes(init_pid: int) -> set[int]:
+    inodes: set[int] = set()
+    for pid in _pids_of(init_pid):
+        inodes |= {int(t[8:-1]) for t in procfs.open_files(pid) if t.startswith("socket:[")}
+    return inodes
+
+
+def _vram_by_gpu(inventory: Inventory, pids: list[int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for usages in inventory.usage_of(pids).values():
+        for u in usages:
+            out[u.gpu_uuid] = out.get(u.gpu_uuid, 0) + u.used_bytes
+    return out
+
+
+def _vram_of_manifest(manifest: dict[str, Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for gpu in manifest.get("gpus") or ():
+        if isinstance(gpu, dict) and isinstance(gpu.get("uuid"), str) and isinstance(gpu.get("vram_used_bytes"), int):
+            out[normalize_uuid(gpu["uuid"])] = out.get(normalize_uuid(gpu["uuid"]), 0) + gpu["vram_used_bytes"]
+    return out

@@ -1,0 +1,158 @@
+"""`make standby-demo`: three HTTP "model servers" share one fake GPU that holds only two of them.
+
+On a private containerd (2.1.9 by default) from the test stack, with CNI, and a real kybernate-hookd with
+--standby on the named fake driver (tests/fakes/fakegpu) whose one GPU has 10 GiB. Each server is a CRI pod
+(runtime handler kybernate) holding 4 GiB of fake VRAM and answering GET /model with its checksum, opted in
+to standby with wake on connect. A client sends requests one at a time, round-robin for the first half of
+the run and at random for the second; a request to a parked server wakes it on connect, and the arbiter
+parks the least recently used of the other two to make room. Every request must succeed with the right
+checksum (exit 1 otherwise). Prints p50/p99 latency of warm and RAM-wake requests and the parks.
+
+    python tests/bench/standby_demo.py [--duration 60] [--version 2.1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parents[1]
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from harness import images  # noqa: E402
+from harness.containerd import Containerd  # noqa: E402
+from harness.gpunode import G0, H100, GiB, GpuNode, fakegpu  # noqa: E402
+from harness.stack import load_stack  # noqa: E402
+from harness.workload import wait_for  # noqa: E402
+
+import grpc  # noqa: E402
+from kybernate.api import standby_pb2 as spb  # noqa: E402
+from kybernate.api import standby_pb2_grpc  # noqa: E402
+
+from kybernate.hooks.containerd.client import ContainerdClient  # noqa: E402
+
+VENV_BIN = Path(sys.executable).parent
+SERVERS = ("llama", "mistral", "qwen")
+VRAM = 4 * GiB  # each; three of them (12 GiB) do not fit the 10 GiB GPU
+
+
+def config_snippet(version: str, runtime_toml: Path) -> str:
+    name = "config-v2-kybernate.toml" if version == "1.6" else "config-v3-kybernate.toml"
+    text = (ROOT / "containerd-config" / name).read_text()
+    text = text.replace("/usr/local/bin/containerd-shim-kybernate-v1", str(VENV_BIN / "containerd-shim-kybernate-v1"))
+    return text.replace("/etc/kybernate/runtime.toml", str(runtime_toml))
+
+
+def checksum(name: str) -> str:
+    return hashlib.sha256(f"weights of {name}".encode()).hexdigest()[:16]
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds of requests [%(default)s]")
+    ap.add_argument("--version", default="2.1", choices=("1.6", "2.1"), help="containerd [%(default)s]")
+    ap.add_argument("--seed", type=int, default=12)
+    args = ap.parse_args()
+    stack = load_stack()
+    tmp = Path(tempfile.mkdtemp(prefix="kyb-standby-demo-"))
+    gpu = GpuNode(tmp)
+    gpu.node.set_gpus([fakegpu.FakeGpu(G0, H100, 10 * GiB)])
+    toml = tmp / "runtime.toml"
+    toml.write_text(gpu.runtime_toml())
+    c = Containerd(stack, args.version, extra_path=[VENV_BIN], extra_config=config_snippet(args.version, toml),
+                   env={"KYBERNATE_CONFIG": str(toml)})
+    failures = 0
+    try:
+        print(f"== containerd {stack.containerd[args.version].version}, a fake GPU of 10 GiB, three servers of 4 GiB",
+              flush=True)
+        c.start()
+        images.import_image(c, images.busybox_image(tmp, stack.busybox), namespace="k8s.io")
+        images.import_image(c, images.pause_image(tmp, stack.busybox), namespace="k8s.io")
+        # The client is sequential, so no other server is in the middle of a request: no busy window.
+        gpu.stop_hookd_gracefully()
+        gpu.extra_args = ["--standby", "--containerd-address", str(c.address), "--standby-sample-period-s", "0.2",
+                          "--standby-state-dir", str(tmp / "standby"), "--standby-busy-window-s", "0",
+                          "--standby-watch-period-s", "0.02", "--standby-retry-s", "0.2"]
+        gpu.start()
+        standby = standby_pb2_grpc.StandbyStub(grpc.insecure_channel(f"unix:{gpu.socket}"))
+        ips: dict[str, str] = {}
+        cids: dict[str, str] = {}
+        with c.cri() as cri:
+            for name in SERVERS:
+                config = cri.pod_config(name, annotations={"kybernate.io/standby": "true",
+                                                           "kybernate.io/standby-idle": "5s"})
+                pod = cri.run_pod(config, runtime_handler="kybernate")
+                ips[name] = cri.pod_status(pod).network.ip
+                env = {"NVIDIA_VISIBLE_DEVICES": "all", **gpu.node.env,
+                       **gpu.node.process_env(f"model-{name}", G0, VRAM)}
+                serve = f"mkdir -p /www && echo {checksum(name)} > /www/model && exec httpd -f -p 8080 -h /www"
+                cids[name] = cri.create_container(pod, config, name, images.BUSYBOX_IMAGE,
+                                                  command=["sh", "-c", serve], env=env)
+                cri.start_container(cids[name])
+                print(f"   {name}: pod {ips[name]}, {VRAM >> 30} GiB of VRAM, checksum {checksum(name)}", flush=True)
+                # The arbiter acts before wakes, not at start: the first ones are parked before the next starts,
+                # so that the GPU never holds more than it has.
+                if name != SERVERS[-1]:
+                    wait_for(f"hookd to list {name}", lambda n=name: any(
+                        w.container_id == cids[n] and w.vram_bytes == VRAM
+                        for w in standby.Status(spb.StatusRequest(), timeout=10).workloads), 30)
+                    standby.Park(spb.ParkRequest(name=cids[name], reason="demo: make room for the next"), timeout=60)
+                    print(f"   {name}: parked (kybernate park)", flush=True)
+        rng = random.Random(args.seed)
+        latencies: dict[str, list[float]] = {"warm": [], "ram-wake": []}
+        print(f"== {args.duration:.0f} s of requests: round-robin, then random", flush=True)
+        with ContainerdClient(c.address, "k8s.io") as api:
+            start, n = time.monotonic(), 0
+            while time.monotonic() - start < args.duration:
+                first_half = time.monotonic() - start < args.duration / 2
+                name = SERVERS[n % len(SERVERS)] if first_half else rng.choice(SERVERS)
+                n += 1
+                kind = "ram-wake" if api.task_status(cids[name]) == "PAUSED" else "warm"
+                t0 = time.monotonic()
+                try:
+                    with urllib.request.urlopen(f"http://{ips[name]}:8080/model", timeout=60) as r:
+                        body = r.read().decode().strip()
+                except OSError as err:
+                    failures += 1
+                    print(f"   FAILED request {n} to {name}: {err}", flush=True)
+                    continue
+                seconds = time.monotonic() - t0
+                if body != checksum(name):
+                    failures += 1
+                    print(f"   FAILED request {n} to {name}: checksum {body!r}", flush=True)
+                    continue
+                latencies[kind].append(seconds)
+        log = gpu.log.read_text()
+        parks = re.findall(r'msg="standby parked" .*?trigger=(\w+)', log)
+        print(f"== {n} requests, {failures} failed", flush=True)
+        for kind, values in latencies.items():
+            if values:
+                print(f"   {kind:9s} n={len(values):4d}  p50={percentile(values, 50) * 1000:7.1f} ms  "
+                      f"p99={percentile(values, 99) * 1000:7.1f} ms  mean={statistics.mean(values) * 1000:7.1f} ms")
+        print(f"   parks: {len(parks)} ({', '.join(f'{t}: {parks.count(t)}' for t in sorted(set(parks)))})")
+        print("   disk-wake: not measured (the disk tier is not available yet: docs/standby.md)")
+        if not latencies["ram-wake"]:
+            print("FAILED: no request found its server parked", file=sys.stderr)
+            return 1
+    finally:
+        c.stop()
+        gpu.stop()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""The standby scenario on a real GPU (issue 12): wake on connect and VRAM multiplexing, measured.
+
+Run by tests/gpu/on_gpu.sh with `--scenario standby --runtime kybernate` (it then runs this file instead of
+scenario.py, with the same arguments) and hookd started with standby on, e.g.
+
+    KYB_HOOKD_ARGS="--standby --standby-default on --standby-idle 1h --standby-gpu-budget all=45Gi \
+        --standby-busy-window-s 0 --standby-watch-period-s 0.02"
+
+Containers run on the host network (scenario.py's default), each server on its own port; hookd watches only
+each workload's own listening sockets, and the host network's packet counters never look idle, so every park
+here is an API park or the arbiter's.
+
+1. connect-to-first-byte: a `--ttfb-vram-gib` (2.6) GiB server is parked through the Standby API, then a TCP
+   client connects and sends a GET; the time to the first byte of the answer (the server's answer reads all
+   of its VRAM) is compared with the driver's restore + unlock time of the same wake (hookd's metrics):
+   target ttfb <= restore + unlock + 100 ms. `--ttfb-rounds` (3) times.
+2. multiplexing: `--servers` (3) servers of `--vram-gib` (20) GiB each under the budget (45 GiB): each is
+   started and parked in turn but the last, then a client sends GETs one at a time for `--duration` (60) s,
+   round-robin for the first half and at random for the second. A request to a parked server wakes it on
+   connect and the arbiter parks the least recently used one. Every answer must carry the server's checksum
+   (bit-identical VRAM). p50/p99 of warm and RAM-wake requests, parks and evictions go to results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import sys
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from scenario import Runner, StepError, log  # noqa: E402
+
+import grpc  # noqa: E402
+from kybernate.api import standby_pb2 as spb  # noqa: E402
+from kybernate.api import standby_pb2_grpc  # noqa: E402
+
+BASE_PORT = 8100
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ctr", default="ctr")
+    p.add_argument("--address", required=True)
+    p.add_argument("--namespace", default="kybgpu")
+    p.add_argument("--image", default="docker.io/kybernate/gpu-skeleton:latest")
+    p.add_argument("--snapshotter", default="")
+    p.add_argument("--base", required=True)
+    p.add_argument("--state", default="")
+    p.add_argument("--runtime", default="kybernate")
+    p.add_argument("--vram-gib", type=float, default=20.0)
+    p.add_argument("--ttfb-vram-gib", type=float, default=2.6)
+    p.add_argument("--ttfb-rounds", type=int, default=3)
+    p.add_argument("--servers", type=int, default=3)
+    p.add_argument("--duration", type=float, default=60.0)
+    p.add_argument("--bind", action="append")
+    p.add_argument("--own-netns", action="store_true")
+    p.add_argument("--no-gpu", action="store_true")
+    p.add_argument("--results", default="")
+    p.add_argument("--hookd-socket", default="/run/kybernate/hookd.sock")
+    p.add_argument("--hookd-metrics", default="http://127.0.0.1:9464/metrics")
+    p.add_argument("--seed", type=int, default=7)
+    a, _ = p.parse_known_args(argv)  # on_gpu.sh passes scenario.py's options too
+    return a
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return round(s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))] * 1000, 1)
+
+
+class Scenario:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.runner = Runner(a)
+        self.channel = grpc.insecure_channel(f"unix:{a.hookd_socket}")
+        self.standby = standby_pb2_grpc.StandbyStub(self.channel)
+        self.ports: dict[str, int] = {}
+        self.refs: dict[str, str] = {}
+
+    def start_server(self, name: str, gib: float, port: int) -> None:
+        cid = f"kyb-sb-{name}"
+        self.runner.ctr.remove(cid)
+        out = self.runner.out_dir(f"sb-{name}")
+        command = [sys.executable, "/kyb/standby_server.py", "--vram-gib", str(gib), "--port", str(port),
+                   "--out-dir", "/out", "--backend", "py" if self.a.no_gpu else "torch"]
+        self.runner.start_container(cid, out, command)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                with open(os.path.join(out, "status")) as f:
+                    words = f.read().split()
+                if words and words[0] == "ready":
+                    self.refs[cid], self.ports[cid] = words[1], port
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise StepError(f"server {cid} did not get ready")
+
+    def state(self, cid: str) -> str:
+        return self.standby.Status(spb.StatusRequest(name=cid), timeout=30).workloads[0].state
+
+    def wait_known(self, cid: str) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if self.standby.Status(spb.StatusRequest(name=cid), timeout=30).workloads[0].vram_bytes:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        raise StepError(f"hookd does not list {cid} with its VRAM")
+
+    def metrics(self) -> dict[str, float]:
+        with urllib.request.urlopen(self.a.hookd_metrics, timeout=5) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("kybernate_hookd_"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    def get(self, cid: str) -> tuple[float, float, str]:
+        """(connect-to-first-byte, whole request) seconds and the body, over a raw TCP connection."""
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", self.ports[cid]), timeout=300) as s:
+            s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+            first = s.recv(1)
+            t_first = time.monotonic()
+            data = first
+            while chunk := s.recv(65536):
+                data += chunk
+        body = data.decode(errors="replace").split("\r\n\r\n", 1)[-1].strip()
+        return t_first - t0, time.monotonic() - t0, body
+
+    def ttfb(self) -> dict:
+        cid = "kyb-sb-ttfb"
+        self.start_server("ttfb", self.a.ttfb_vram_gib, BASE_PORT)
+        self.wait_known(cid)
+        rounds = []
+        warm = [self.get(cid)[0] for _ in range(5)]
+        for _ in range(self.a.ttfb_rounds):
+            park = self.standby.Park(spb.ParkRequest(name=cid, reason="ttfb"), timeout=600)
+            before = self.metrics()
+            first, whole, body = self.get(cid)
+            deadline = time.monotonic() + 60
+            while self.state(cid) != "running" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            after = self.metrics()
+
+            def delta(step: str, a: dict = after, b: dict = before) -> float:
+                key = f'kybernate_hookd_step_duration_seconds_sum{{step="{step}"}}'
+                return a.get(key, 0.0) - b.get(key, 0.0)
+
+            restore = delta("restore") + delta("unlock")
+            ok = body == f"{self.refs[cid]} True"
+            rounds.append({"park_s": round(park.last_park_s, 3), "ttfb_s": round(first, 3),
+                           "request_s": round(whole, 3), "driver_restore_unlock_s": round(restore, 3),
+                           "target_met": first <= restore + 0.1, "checksum_ok": ok})
+            log(f"ttfb {first * 1000:.0f} ms vs driver restore+unlock {restore * 1000:.0f} ms (checksum ok={ok})")
+        self.runner.ctr.remove(cid)
+        return {"vram_gib": self.a.ttfb_vram_gib, "warm_ttfb_ms": percentile(warm, 50), "rounds": rounds}
+
+    def multiplex(self) -> dict:
+        names = [f"kyb-sb-m{i}" for i in range(self.a.servers)]
+        for i, cid in enumerate(names):
+            self.start_server(f"m{i}", self.a.vram_gib, BASE_PORT + 1 + i)
+            self.wait_known(cid)
+            if i < len(names) - 1:
+                self.standby.Park(spb.ParkRequest(name=cid, reason="start the next"), timeout=600)
+        m0 = self.metrics()
+        rng = random.Random(self.a.seed)
+        lat: dict[str, list[float]] = {"warm": [], "ram-wake": []}
+        failures: list[str] = []
+        start, n = time.monotonic(), 0
+        while time.monotonic() - start < self.a.duration:
+            first_half = time.monotonic() - start < self.a.duration / 2
+            cid = names[n % len(names)] if first_half else rng.choice(names)
+            n += 1
+            kind = "ram-wake" if self.state(cid) == "parked" else "warm"
+            try:
+                _, whole, body = self.get(cid)
+            except OSError as err:
+                failures.append(f"{cid}: {err}")
+                continue
+            if body != f"{self.refs[cid]} True":
+                failures.append(f"{cid}: answered {body!r}")
+                continue
+            lat[kind].append(whole)
+        m1 = self.metrics()
+        parks = {k: m1[k] - m0.get(k, 0.0) for k in m1 if k.startswith("kybernate_hookd_standby_parks_total")}
+        evictions = m1.get("kybernate_hookd_standby_evictions_total", 0.0) - m0.get(
+            "kybernate_hookd_standby_evictions_total", 0.0)
+        for cid in names:
+            self.runner.ctr.remove(cid)
+        result = {"servers": self.a.servers, "vram_gib": self.a.vram_gib, "requests": n, "failures": failures,
+                  "evictions": evictions, "parks": parks}
+        for kind, values in lat.items():
+            result[kind] = {"n": len(values), "p50_ms": percentile(values, 50), "p99_ms": percentile(values, 99)}
+        log(f"multiplex: {n} requests, {len(failures)} failed, warm {result['warm']}, ram-wake {result['ram-wake']},"
+            f" evictions {evictions}")
+        return result
+
+
+def main(argv: list[str]) -> int:
+    a = parse(argv)
+    results: dict = {"scenario": "standby", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                     "argv": argv}
+    s = Scenario(a)
+    try:
+        results["ttfb"] = s.ttfb()
+        results["multiplex"] = s.multiplex()
+    except (StepError, grpc.RpcError, OSError) as err:
+        results["error"] = str(err)
+        log(f"standby scenario failed: {err}")
+    results["ctr_commands"] = s.runner.ctr.commands
+    if a.results:
+        with open(a.results, "w") as f:
+            json.dump(results, f, indent=1)
+    print(json.dumps({k: v for k, v in results.items() if k != "ctr_commands"}, indent=1))
+    bad = "error" in results or results.get("multiplex", {}).get("failures")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,202 @@
+"""Standby's pure parts: the annotations' policy, the idle tracker, the arbiter, and sock_diag on real sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from kybernate.hooks.hookd.daemon import parse_args
+from kybernate.hooks.hookd.policy import arbiter, sockwatch
+from kybernate.hooks.hookd.policy.settings import Policy, PolicyError, parse_budgets, policy_of
+from kybernate.hooks.hookd.policy.signals import Counters, IdleTracker, packets
+
+GiB = 1 << 30
+DEFAULTS = Policy()
+
+
+# ---- policy from annotations ----
+
+def test_no_annotations_is_the_node_default_and_parking_is_off() -> None:
+    assert policy_of({"other/x": "1"}, DEFAULTS) == DEFAULTS
+    assert DEFAULTS.enabled is False
+
+
+def test_every_annotation_is_applied() -> None:
+    p = policy_of({"kybernate.io/standby": "true", "kybernate.io/standby-idle": "5m",
+                   "kybernate.io/standby-tier": "RAM", "kybernate.io/standby-wake": "api",
+                   "kybernate.io/standby-priority": "700", "kybernate.io/standby-evict-busy": "true"}, DEFAULTS)
+    assert p == Policy(enabled=True, idle_s=300.0, tier="ram", wake="api", priority=700, evict_busy=True)
+    assert policy_of({"kybernate.io/standby-idle": "90"}, DEFAULTS).idle_s == 90.0
+    assert policy_of({"kybernate.io/standby-idle": "2h"}, DEFAULTS).idle_s == 7200.0
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [
+    ("kybernate.io/standby", "yes", "want true or false"),
+    ("kybernate.io/standby-idle", "5 minutes", "want a duration"),
+    ("kybernate.io/standby-idle", "0", "want 1 s to 7 days"),
+    ("kybernate.io/standby-idle", "99999999", "want a duration"),
+    ("kybernate.io/standby-tier", "nvme", "want ram or disk"),
+    ("kybernate.io/standby-tier", "disk", "not available yet"),
+    ("kybernate.io/standby-wake", "http", "want connect or api"),
+    ("kybernate.io/standby-priority", "-1", "0..1000"),
+    ("kybernate.io/standby-priority", "1001", "0..1000"),
+    ("kybernate.io/standby-idel", "5m", "unknown"),
+    ("kybernate.io/standby-wake", "x" * 100, "longer than 64 bytes"),
+])
+def test_a_bad_annotation_is_refused_naming_it_and_what_is_wanted(key: str, value: str, says: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        policy_of({key: value}, DEFAULTS)
+    assert says in str(err.value) and key[:40] in str(err.value)
+
+
+def test_node_defaults_come_from_hookd_flags() -> None:
+    s = parse_args(["--standby", "--standby-default", "on", "--standby-idle", "2m", "--standby-wake", "api",
+                    "--standby-priority", "5", "--standby-gpu-budget", "GPU-abc=45Gi",
+                    "--containerd-address", "/x.sock"]).standby
+    assert s.enabled and s.containerd_address == "/x.sock"
+    assert s.defaults == Policy(enabled=True, idle_s=120.0, wake="api", priority=5)
+    assert s.gpu_budget_bytes == {"GPU-abc": 45 * GiB}
+    assert parse_args([]).standby.enabled is False
+
+
+@pytest.mark.parametrize("argv", [["--standby-idle", "soon"], ["--standby-tier", "disk"],
+                                  ["--standby-gpu-budget", "GPU-abc"], ["--standby-max-parallel-wakes", "0"],
+                                  ["--standby-watch-period-s", "0"]])
+def test_bad_standby_flags_stop_hookd_with_a_clear_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert "--standby" in capsys.readouterr().err
+
+
+def test_budgets() -> None:
+    assert parse_budgets(["G1=100", "G2=2Mi"]) == {"G1": 100, "G2": 2 << 20}
+    with pytest.raises(PolicyError):
+        parse_budgets(["=5"])
+
+
+# ---- idle tracker ----
+
+def sample(at: float, cpu_s: float, packets: int, host: bool = False) -> Counters:
+    return Counters(at=at, cpu_ns=int(cpu_s * 1e9), packets=packets, host_network=host, memory_bytes=None)
+
+
+def observe(t: IdleTracker, c: Counters, gpu: int | None = 0) -> None:
+    t.observe(c, gpu, cpu_idle_cores=0.05, gpu_idle_percent=1)
+
+
+def test_idle_grows_while_every_signal_is_quiet() -> None:
+    t = IdleTracker(last_active=0.0)
+    observe(t, sample(0.0, 10.0, 100))
+    observe(t, sample(10.0, 10.1, 100))  # 0.01 cores, no packets, GPU 0 %
+    assert t.idle_for(10.0) == 10.0
+    assert t.signals == {"cpu": "0.010 cores", "gpu": "0%", "net": "0 packets"}
+
+
+@pytest.mark.parametrize(("second", "gpu", "signal"), [
+    (sample(10.0, 11.0, 100), 0, "cpu"),  # 0.1 cores
+    (sample(10.0, 10.0, 101), 0, "net"),
+    (sample(10.0, 10.0, 100), 50, "gpu"),
+    (sample(10.0, 10.0, 100, host=True), 0, "net"),  # host network: never idle by traffic
+])
+def test_any_active_signal_resets_idle(second: Counters, gpu: int, signal: str) -> None:
+    t = IdleTracker(last_active=0.0)
+    observe(t, sample(0.0, 10.0, 100))
+    observe(t, second, gpu)
+    assert t.idle_for(10.0) == 0.0, signal
+
+
+def test_traffic_makes_it_busy_for_the_window_and_no_gpu_samples_leave_the_others_to_decide() -> None:
+    t = IdleTracker(last_active=0.0)
+    observe(t, sample(0.0, 0.0, 1), None)
+    observe(t, sample(5.0, 0.0, 9), None)
+    assert t.busy(10.0, 10.0) and not t.busy(15.0, 10.0)
+    assert t.signals["gpu"] == "n/a"
+    t.reset(20.0)
+    assert t.idle_for(20.0) == 0.0
+
+
+def test_packets_reads_the_namespace_counters() -> None:
+    before = packets(os.getpid())
+    assert before is not None
+    with socket.create_server(("127.0.0.1", 0)) as srv, socket.create_connection(srv.getsockname()) as c:
+        c.sendall(b"x")
+    after = packets(os.getpid())
+    assert after is not None and after > before
+
+
+# ---- the arbiter ----
+
+def cand(name: str, vram: int, last: float, prio: int = 0, opted: bool = True, busy: bool = False,
+         evict_busy: bool = False) -> arbiter.Candidate:
+    return arbiter.Candidate(name, vram * GiB, prio, last, opted, busy, evict_busy)
+
+
+def test_a_wake_that_fits_parks_nothing() -> None:
+    p = arbiter.plan("G", 10 * GiB, 80 * GiB, 20 * GiB, None, 0, [cand("a", 20, 1.0)])
+    assert p.fits and p.victims == ()
+
+
+def test_least_recently_active_first_until_it_fits() -> None:
+    p = arbiter.plan("G", 30 * GiB, 80 * GiB, 5 * GiB, None, 0, [cand("new", 20, 9.0), cand("old", 20, 1.0), cand("mid", 20, 5.0)])
+    assert p.fits and p.victims == ("old", "mid")
+    assert "old, mid" in p.reason
+
+
+def test_higher_priority_busy_and_not_opted_in_are_never_parked() -> None:
+    p = arbiter.plan("G", 20 * GiB, 80 * GiB, 0, None, 5, [cand("vip", 20, 0.0, prio=6), cand("chatty", 20, 1.0, busy=True),
+                                           cand("optout", 20, 2.0, opted=False), cand("ok", 20, 3.0, prio=5)])
+    assert p.fits and p.victims == ("ok",)
+    assert any("vip: priority 6 above 5" in s for s in p.skipped)
+    assert any("chatty: recent traffic" in s for s in p.skipped)
+    assert any("optout: not opted in" in s for s in p.skipped)
+
+
+def test_busy_is_parked_when_its_policy_allows() -> None:
+    assert arbiter.plan("G", 1, 80 * GiB, 0, None, 0, [cand("chatty", 20, 1.0, busy=True, evict_busy=True)]).victims == ("chatty",)
+
+
+def test_nothing_is_parked_when_even_all_would_not_make_room() -> None:
+    p = arbiter.plan("G", 50 * GiB, 80 * GiB, 0, None, 0, [cand("a", 20, 1.0), cand("b", 20, 2.0)])
+    assert not p.fits and p.victims == () and "would free only 40.00 GiB" in p.reason
+
+
+def test_under_a_budget_parking_counts_against_the_use_it_caps() -> None:
+    # 12 GiB used of a 9 GiB budget: a 4 GiB wake needs 7 GiB parked, not 4.
+    p = arbiter.plan("G", 4 * GiB, 80 * GiB, 68 * GiB, 9 * GiB, 0, [cand("a", 4, 1.0), cand("b", 4, 2.0),
+                                                                    cand("c", 4, 3.0)])
+    assert p.fits and p.victims == ("a", "b")
+    assert not arbiter.plan("G", 4 * GiB, 80 * GiB, 68 * GiB, 9 * GiB, 0, [cand("a", 4, 1.0)]).fits
+
+
+def test_the_budget_caps_what_is_free() -> None:
+    assert arbiter.free_bytes(80 * GiB, 60 * GiB, None) == 60 * GiB
+    assert arbiter.free_bytes(80 * GiB, 60 * GiB, 45 * GiB) == 25 * GiB  # 20 used of a 45 budget
+    assert arbiter.free_bytes(80 * GiB, 10 * GiB, 45 * GiB) == 0
+
+
+# ---- sock_diag ----
+
+def test_sock_diag_sees_a_listener_and_its_pending_connections() -> None:
+    diag = sockwatch.NetnsDiag(os.getpid())
+    try:
+        with socket.create_server(("127.0.0.1", 0), backlog=8) as srv:
+            port = srv.getsockname()[1]
+            assert [x.pending for x in diag.listeners() if x.port == port] == [0]
+            assert [x.inode for x in diag.listeners() if x.port == port] == [os.fstat(srv.fileno()).st_ino]
+            clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+            assert [x.pending for x in diag.listeners() if x.port == port] == [2]
+            srv.accept()[0].close()
+            assert [x.pending for x in diag.listeners() if x.port == port] == [1]
+            for c in clients:
+                c.close()
+        with socket.create_server(("::1", 0), family=socket.AF_INET6) as srv6:
+            assert any(x.port == srv6.getsockname()[1] and x.family == socket.AF_INET6 for x in diag.listeners())
+    finally:
+        diag.close()
+
+
+def test_sock_diag_of_a_missing_process_says_so() -> None:
+    with pytest.raises(sockwatch.SockDiagError, match="network namespace"):
+        sockwatch.NetnsDiag(2**22 + 12345)
