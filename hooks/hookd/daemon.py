@@ -93,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--store-registry", default=env.get("KYBERNATE_REGISTRY") or st.registry,
                    help="the store's SQLite index ($KYBERNATE_REGISTRY) [%(default)s]")
     p.add_argument("--containerd-address", default=st.containerd_address,
-                   help="containerd's socket, as containerd gives it to its shims [%(default)s]")
+                   help="containerd's socket, as containerd gives it to its shims: store checkpoints and "
+                        "standby's parks and wakes go through it [%(default)s]")
     p.add_argument("--store-max-parallel", type=int, default=st.max_parallel,
                    help="store checkpoints at once on the node [%(default)s]")
     p.add_argument("--store-keep", type=int, default=int(env.get("KYBERNATE_KEEP") or st.keep),
@@ -153,8 +154,6 @@ def add_standby_flags(p: argparse.ArgumentParser) -> None:
     s, d = standby_settings.StandbySettings(), standby_settings.Policy()
     g = p.add_argument_group("standby", "scale-to-zero and multiplexing (docs/standby.md)")
     g.add_argument("--standby", action="store_true", help="park idle workloads and wake them on demand")
-    g.add_argument("--containerd-address", default=s.containerd_address,
-                   help="containerd's socket: parks and wakes are its Pause and Resume [%(default)s]")
     g.add_argument("--standby-default", choices=("off", "on"), default="on" if d.enabled else "off",
                    help="park workloads without kybernate.io/standby when idle [%(default)s]")
     g.add_argument("--standby-idle", default=f"{d.idle_s:.0f}s",
