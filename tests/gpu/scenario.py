@@ -725,8 +725,7 @@ class Runner:
         before = read_status(out)
         self.steps.freeze(pid, rec)  # metrics before
         cmd = [sys.executable, "-c", "import sys; from kybernate.hooks.cli.checkpoint_archive import main; "
-               "sys.exit(main())", "checkpoint", cid, "--key", key, "--json", "--address", self.a.address,
-               "--namespace", self.a.namespace]
+               "sys.exit(main())", "checkpoint", cid, "--key", key, "--json", "--namespace", self.a.namespace]
         t = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=self.a.step_timeout)
         rec["kybernate_checkpoint_s"] = round(time.perf_counter() - t, 3)
