@@ -1242,7 +1242,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--store-sizes", default="2.6,16", help="store scenario: VRAM GiB of each container checkpointed")
     p.add_argument("--store-disk-floor-gib", type=float, default=4.0, help="store scenario: bytes of the disk floor")
     p.add_argument("--hookd-metrics", default="http://127.0.0.1:9464/metrics", help="kybernate-hookd's /metrics")
-    p.add_argument("--store", default="/var/lib/kybernate/store",
+    p.add_argument("--store", default=os.environ.get("KYBERNATE_STORE", "/var/lib/kybernate/store"),
                    help="resilience: the checkpoint store (hookd's and the shim's, $KYBERNATE_STORE)")
     p.add_argument("--stop-timeout", type=float, default=120, help="resilience: checkpoint-on-stop budget, seconds")
     p.add_argument("--serve-weights-mib", type=int, default=2048, help="resilience: the server's weights file size")
