@@ -511,6 +511,11 @@ def _build_venv(host: Host, venv: PurePosixPath, wheels: list[Wheel], python: Pu
     _write_atomic(host.path(RECORD), (json.dumps(record, indent=2) + "\n").encode(), 0o644)
 
 
+def _use_version(host: Host, venv: PurePosixPath, record: dict[str, Any]) -> None:
+    _point_current(host, venv)
+    _write_atomic(host.path(RECORD), (json.dumps(record, indent=2) + "\n").encode(), 0o644)
+
+
 def _point_current(host: Host, venv: PurePosixPath) -> None:
     """versions/<id> as `current`, replaced in one rename (a relative link: it reads the same in a pod)."""
     link = host.path(CURRENT)
@@ -1150,13 +1155,20 @@ def plan_install(plan: Plan, host: Host, args: argparse.Namespace, host_exec: Ho
     except (OSError, ValueError):
         current = {}
     link = host.path(venv / "bin" / "python3")
-    venv_ok = (current.get("payload_sha256") == digest and current.get("venv") == str(venv)
-               and host.path(venv / "pyvenv.cfg").is_file() and link.is_symlink() and os.readlink(link) == str(python))
-    if not venv_ok:
+    # A version directory only ever appears complete (built aside, renamed into place), and its name carries
+    # the payload's digest: one that is there is this payload's venv, possibly with shims still running from
+    # it (a rollback to a version that was kept): reused as it is, never rebuilt under them.
+    built = host.path(venv / "pyvenv.cfg").is_file() and link.is_symlink() and os.readlink(link) == str(python)
+    recorded = current.get("payload_sha256") == digest and current.get("venv") == str(venv)
+    if not built:
         verb = "rebuild" if host.path(venv).exists() else "create"
         plan.add(f"{verb} {venv} for {python} (Python {version[0]}.{version[1]}) from {len(wheels)} wheels: "
                  + ", ".join(w.path.name for w in wheels),
                  lambda: _build_venv(host, venv, wheels, python, version, record))
+        plan.hookd_changed = True
+    elif not recorded:
+        plan.add(f"switch back to {venv} (kept from an earlier install: reused as it is)",
+                 lambda: _use_version(host, venv, record))
         plan.hookd_changed = True
     self_text = Path(__file__).read_text()
     if not host.path(SELF_COPY).is_file() or host.path(SELF_COPY).read_text() != self_text:

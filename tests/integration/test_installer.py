@@ -966,3 +966,29 @@ def test_the_s3_extra_is_installed_by_default(make_node: Callable[..., Node], pa
     r2 = subprocess.run([str(venv_python), "-c", code], capture_output=True, text=True, timeout=60)
     assert r2.returncode == 0, r2.stderr
     assert r2.stdout.split()[0] == importlib.metadata.version("boto3")
+
+
+def test_a_rollback_reuses_the_kept_version_as_it_is(
+    make_node: Callable[..., Node], payload_v2: Path, stand_ins: tuple[dict[str, str], Path]
+) -> None:
+    """Back to the first version while its shim still runs: its directory is switched to, never rebuilt."""
+    env, _ = stand_ins
+    n = make_node("1.6")
+    assert _install_direct(n, env).returncode == 0
+    v1 = installed_venv(n)
+    v1_files = snapshot(n.path(v1))  # mtimes too: not one file rewritten
+    user = _stand_in(n, v1 + "/bin/python3")
+    try:
+        assert _install_direct(n, env, wheels=payload_v2).returncode == 0
+        v2 = str(json.loads(n.path("/opt/kybernate/installed.json").read_text())["venv"])
+        r = _install_direct(n, env)
+    finally:
+        user.kill()
+        user.wait()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"switch back to {v1} (kept from an earlier install: reused as it is)" in r.stdout
+    assert f"remove {v2} (an earlier version no process uses)" in r.stdout
+    assert installed_venv(n) == v1 and snapshot(n.path(v1)) == v1_files
+    for name in LAUNCHERS:
+        assert n.path(f"/usr/local/bin/{name}").read_text().startswith(f"#!{v1}/bin/python3\n")
+    assert os.readlink(n.path("/opt/kybernate/current")) == v1.removeprefix("/opt/kybernate/")
