@@ -884,12 +884,19 @@ def _stand_in(node: Node, argv0: str) -> subprocess.Popen[bytes]:
                              script])
     deadline = time.monotonic() + 5  # until the exec has happened
     def started() -> bool:
-        return any(Path(f"/proc/{p}/cmdline").read_bytes().startswith(argv0.encode()) for p in _descendants(proc.pid))
+        return any(_cmdline(p).startswith(argv0.encode()) for p in _descendants(proc.pid))
 
     while not started():
         assert time.monotonic() < deadline, "the stand-in did not start"
         time.sleep(0.01)
     return proc
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # exited meanwhile (the mount commands before the exec)
+        return b""
 
 
 def _descendants(pid: int) -> list[int]:
@@ -915,7 +922,7 @@ def test_an_upgrade_keeps_the_version_a_process_still_uses(
         assert r.returncode == 0, r.stdout + r.stderr
         v2 = str(json.loads(n.path("/opt/kybernate/installed.json").read_text())["venv"])
         assert v2.startswith("/opt/kybernate/versions/0.1.0+two-") and v2 != v1
-        (sleeper,) = [p for p in _descendants(user.pid) if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"/opt")]
+        (sleeper,) = [p for p in _descendants(user.pid) if _cmdline(p).startswith(b"/opt")]
         assert f"note: kept {v1}: still in use by pid(s) {sleeper}" in r.stdout
         assert contents(n.path(v1)) == v1_files  # untouched: its process keeps its own files
         for name in LAUNCHERS:
@@ -992,3 +999,23 @@ def test_a_rollback_reuses_the_kept_version_as_it_is(
     for name in LAUNCHERS:
         assert n.path(f"/usr/local/bin/{name}").read_text().startswith(f"#!{v1}/bin/python3\n")
     assert os.readlink(n.path("/opt/kybernate/current")) == v1.removeprefix("/opt/kybernate/")
+
+
+def test_a_shim_that_names_no_version_keeps_every_version(
+    make_node: Callable[..., Node], payload_v2: Path, stand_ins: tuple[dict[str, str], Path]
+) -> None:
+    """The node's shim runs through the installed launcher but its command line names no version directory
+    (a launcher of another kind): which version it uses is unknown, so none is removed."""
+    env, _ = stand_ins
+    n = make_node("2.1")
+    assert _install_direct(n, env).returncode == 0
+    v1 = installed_venv(n)
+    user = _stand_in(n, "/usr/local/bin/containerd-shim-kybernate-v1")
+    try:
+        r = _install_direct(n, env, wheels=payload_v2)
+    finally:
+        user.kill()
+        user.wait()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "note: kept every earlier version under /opt/kybernate/versions: kybernate shim(s) [" in r.stdout
+    assert n.path(v1).is_dir()
