@@ -35,8 +35,9 @@ stack:
 	packaging/stack/provision.sh "$(STACK_PREFIX)"
 
 # The node installer image (OCI tar for `ctr images import`), built without a container daemon:
-# packaging/image/build.py. Downloads are cached in /var/tmp/kyb-image-cache; unchanged inputs: no rebuild.
+# packaging/image/build.py (the Dockerfile runs the same script). Downloads are cached in /var/tmp/kyb-image-cache; unchanged inputs: no rebuild.
 image: venv
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r packaging/image/build-tools.txt
 	$(VENV)/bin/python packaging/image/build.py
 
 # Type checks (mypy --strict), ruff, and the import directions of docs/architecture.md. mypy does not read

@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Build the node installer image without a container daemon: an OCI image layout tar for `ctr images import`.
 
-The same contents as packaging/installer/Dockerfile, from other sources:
+packaging/installer/Dockerfile runs this same script (`--layer`) in its build stage and copies the root
+filesystem it writes into an empty image: one program, one set of pinned lists (debs.txt, constraints.txt,
+build-tools.txt), so both give the same contents by construction.
 
 - root filesystem: the pinned Debian 12 packages of packaging/image/debs.txt (python3.11, dash, coreutils,
   util-linux for nsenter), fetched with `apt-get download` and unpacked as `dpkg -x` would (maintainer
   scripts are not run; the merged-/usr links and /etc/passwd are added here), documentation left out;
 - /payload/wheels/cpXY/: the kybernate wheel built from this checkout plus its dependencies for CPython
-  3.11, 3.12 and 3.13 on this machine's architecture (`pip download`, versions pinned by
-  packaging/image/constraints.txt), the layout install.py --wheels expects;
+  3.11, 3.12 and 3.13 on this machine's architecture, with the extras of EXTRAS (`pip download`, every
+  version pinned by packaging/image/constraints.txt: an unpinned wheel fails the build), the layout
+  install.py --wheels expects;
 - /payload/packaging/installer/install.py, /payload/packaging/systemd/, /payload/containerd-config/;
 - entrypoint `python3 /payload/packaging/installer/install.py`, command `--help`.
 
@@ -17,6 +20,7 @@ the same inputs give the same image digest. Downloads are cached outside the rep
 default /var/tmp/kyb-image-cache); a build whose inputs did not change reuses its output.
 
 Usage: packaging/image/build.py [--out build/kybernate-node-installer.tar] [--version-label L] [--list]
+       packaging/image/build.py --layer rootfs.tar   (the uncompressed root filesystem only: the Dockerfile's)
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 DEBS_LIST = HERE / "debs.txt"
 CONSTRAINTS = HERE / "constraints.txt"
+BUILD_TOOLS = HERE / "build-tools.txt"
+# kybernate's extras the payload carries (install.py installs them by default): s3 = the store's S3 tier.
+EXTRAS = ("s3",)
 PYTHONS = ("3.11", "3.12", "3.13")
 IMAGE_REPO = "kybernate.local/node-installer"
 # What the kybernate wheel is built from (as in the Dockerfile's first stage).
@@ -193,11 +200,38 @@ def build_kybernate_wheel(cache: Path, label: str) -> Path:
         return out / wheels[0].name
 
 
+def read_pins(path: Path) -> dict[str, str]:
+    """name (normalized) -> version of a `name==version` list; anything else in it is an error."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)", line)
+            if not m:
+                raise BuildError(f"{path}: {line!r} is not name==version: every entry is pinned")
+            pins[_normalize(m.group(1))] = m.group(2)
+    return pins
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def check_build_tools() -> None:
+    """The kybernate wheel's bytes name the setuptools that built them: only the pinned one builds it."""
+    pins = read_pins(BUILD_TOOLS)
+    have = _run([sys.executable, "-c", "import setuptools; print(setuptools.__version__)"]).strip()
+    if have != pins["setuptools"]:
+        raise BuildError(f"{sys.executable} has setuptools {have}; the image is built with setuptools=="
+                         f"{pins['setuptools']} ({BUILD_TOOLS.name}): pip install -r {BUILD_TOOLS}")
+
+
 def download_dependencies(cache: Path, kyb_wheel: Path, python: str, machine: str) -> list[Path]:
-    """The dependency wheels of kybernate for one CPython, pinned by constraints.txt; cached per input."""
+    """The dependency wheels of kybernate and its EXTRAS for one CPython, pinned by constraints.txt; cached per
+    input."""
     tag = "cp" + python.replace(".", "")
     requires = [line for line in _wheel_metadata(kyb_wheel).splitlines() if line.startswith("Requires-Dist:")]
-    key = _sha256(("\n".join(requires) + CONSTRAINTS.read_text() + machine).encode())[:16]
+    key = _sha256(("\n".join(requires) + CONSTRAINTS.read_text() + machine + ",".join(EXTRAS)).encode())[:16]
     d = cache / "wheels" / f"{tag}-{machine}-{key}"
     stamp = d / ".complete"
     if not stamp.exists():
@@ -206,11 +240,18 @@ def download_dependencies(cache: Path, kyb_wheel: Path, python: str, machine: st
         _run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--only-binary=:all:",
               "--implementation", "cp", "--python-version", python,
               "--platform", f"manylinux2014_{machine}", "--platform", f"manylinux_2_28_{machine}",
-              "-c", str(CONSTRAINTS), "-d", str(d), str(kyb_wheel)], timeout=600)
+              "-c", str(CONSTRAINTS), "-d", str(d), f"{kyb_wheel}[{','.join(EXTRAS)}]"], timeout=600)
         for w in d.glob("kybernate-*.whl"):  # the checkout's wheel goes in separately
             w.unlink()
-        if not list(d.glob("grpcio-*.whl")):
-            raise BuildError(f"pip download left no grpcio wheel for CPython {python} in {d}")
+        pins = read_pins(CONSTRAINTS)
+        for w in d.glob("*.whl"):
+            name, version = w.name.split("-")[:2]
+            if pins.get(_normalize(name)) != version:
+                raise BuildError(f"pip download chose {w.name}, which {CONSTRAINTS.name} does not pin: add "
+                                 f"{name}=={version} there (after checking it)")
+        for needed in ("grpcio", "boto3"):
+            if not list(d.glob(f"{needed}-*.whl")):
+                raise BuildError(f"pip download left no {needed} wheel for CPython {python} in {d}")
         stamp.write_text("\n".join(sorted(w.name for w in d.glob("*.whl"))) + "\n")
     return sorted(d.glob("*.whl"))
 
@@ -270,9 +311,18 @@ def rootfs(debs: list[Path], payload: dict[str, bytes]) -> dict[str, Entry]:
         files.setdefault(d, Entry(d, tarfile.DIRTYPE, mode))
     for path, text in (("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"), ("etc/group", "root:x:0:\n")):
         files[path] = Entry(path, tarfile.REGTYPE, 0o644, data=text.encode())
-    for path, data in payload.items():
+    # A pure-Python wheel (boto3, botocore: most of the payload) is the same file for every CPython: the later
+    # copies are hard links to the first (in sorted order, as the layer lists them), stored once.
+    first: dict[bytes, str] = {}
+    for path in sorted(payload):
+        data = payload[path]
         mode = 0o755 if path.endswith("install.py") else 0o644
-        files[path] = Entry(path, tarfile.REGTYPE, mode, data=data)
+        digest = hashlib.sha256(data).digest()
+        if path.endswith(".whl") and digest in first:
+            files[path] = Entry(path, tarfile.LNKTYPE, mode, linkname=first[digest])
+        else:
+            first.setdefault(digest, path)
+            files[path] = Entry(path, tarfile.REGTYPE, mode, data=data)
     for path in list(files):  # every parent directory is an entry of its own
         parent = PurePosixPath(path).parent
         while str(parent) != ".":
@@ -348,7 +398,6 @@ def oci_tar(path: Path, name: str, layer: bytes, arch: str, version: str) -> tup
 def build(out: Path, *, label: str = "", cache: Path | None = None) -> Image:
     cache = cache or Path(os.environ.get("KYB_IMAGE_CACHE", "/var/tmp/kyb-image-cache"))
     arch, machine = deb_arch(), platform.machine()
-    debs = read_debs()
     version = re.search(r'(?m)^version = "([^"]+)"$', (ROOT / "pyproject.toml").read_text())
     if not version:
         raise BuildError("pyproject.toml: no version")
@@ -356,7 +405,8 @@ def build(out: Path, *, label: str = "", cache: Path | None = None) -> Image:
     name = f"{IMAGE_REPO}:{tag}"
     # Everything the output depends on; the same key means the same bytes, so the last output is reused.
     key = _sha256("\n".join([
-        name, arch, machine, DEBS_LIST.read_text(), CONSTRAINTS.read_text(), ",".join(PYTHONS), label,
+        name, arch, machine, DEBS_LIST.read_text(), CONSTRAINTS.read_text(), BUILD_TOOLS.read_text(),
+        ",".join(PYTHONS), ",".join(EXTRAS), label,
         source_digest([ROOT / s for s in WHEEL_SOURCES] + [ROOT / p for p in PAYLOAD_FILES], ROOT),
         Path(__file__).read_text()]).encode())
     stamp = out.with_name(out.name + ".json")
@@ -365,8 +415,19 @@ def build(out: Path, *, label: str = "", cache: Path | None = None) -> Image:
         if meta.get("key") == key:
             return Image(name, out, meta["manifest_digest"], out.stat().st_size, meta["layer_size"],
                          meta["layer_uncompressed"], reused=True)
+    layer = build_layer(cache, label)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    digest, layer_size = oci_tar(out, name, layer, arch, tag)
+    stamp.write_text(json.dumps({"key": key, "name": name, "manifest_digest": digest, "layer_size": layer_size,
+                                 "layer_uncompressed": len(layer)}, indent=2) + "\n")
+    return Image(name, out, digest, out.stat().st_size, layer_size, len(layer), reused=False)
 
-    deb_paths = fetch_debs(cache, debs, arch)
+
+def build_layer(cache: Path, label: str = "") -> bytes:
+    """The image's one layer, uncompressed: its root filesystem as a tar (the Dockerfile copies exactly this)."""
+    check_build_tools()
+    arch, machine = deb_arch(), platform.machine()
+    deb_paths = fetch_debs(cache, read_debs(), arch)
     kyb = build_kybernate_wheel(cache, label)
     payload: dict[str, bytes] = {}
     for py in PYTHONS:
@@ -378,12 +439,7 @@ def build(out: Path, *, label: str = "", cache: Path | None = None) -> Image:
         for f in sorted(src.rglob("*")) if src.is_dir() else [src]:
             if f.is_file() and "__pycache__" not in f.parts:
                 payload[f"payload/{f.relative_to(ROOT)}"] = f.read_bytes()
-    layer = layer_tar(rootfs(deb_paths, payload))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    digest, layer_size = oci_tar(out, name, layer, arch, tag)
-    stamp.write_text(json.dumps({"key": key, "name": name, "manifest_digest": digest, "layer_size": layer_size,
-                                 "layer_uncompressed": len(layer)}, indent=2) + "\n")
-    return Image(name, out, digest, out.stat().st_size, layer_size, len(layer), reused=False)
+    return layer_tar(rootfs(deb_paths, payload))
 
 
 def list_files(image: Path) -> list[str]:
@@ -404,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "build" / "kybernate-node-installer.tar")
     p.add_argument("--version-label", default="", help="build kybernate as <version>+LABEL (a second version)")
     p.add_argument("--list", action="store_true", help="print the image's file list instead of building")
+    p.add_argument("--layer", type=Path, help="write only the root filesystem (uncompressed layer tar) there")
     args = p.parse_args(argv)
     if args.version_label and not re.fullmatch(r"[a-z0-9]+", args.version_label):
         p.error("--version-label: lower-case letters and digits only")
@@ -411,6 +468,16 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(list_files(args.out)))
         return 0
     started = time.monotonic()
+    if args.layer:
+        try:
+            layer = build_layer(Path(os.environ.get("KYB_IMAGE_CACHE", "/var/tmp/kyb-image-cache")), args.version_label)
+        except (BuildError, subprocess.CalledProcessError) as e:
+            print(f"build.py: error: {e}", file=sys.stderr)
+            return 1
+        args.layer.write_bytes(layer)
+        print(f"{args.layer}: sha256:{_sha256(layer)} ({len(layer) / 1024 / 1024:.1f} MiB) in "
+              f"{time.monotonic() - started:.1f} s")
+        return 0
     try:
         img = build(args.out.resolve(), label=args.version_label)
     except (BuildError, subprocess.CalledProcessError) as e:

@@ -11,12 +11,19 @@ left behind on removal). Every path it prints is a path on the node.
 
 What an install changes (host paths; nothing else is touched):
 
-  /opt/kybernate/venv/                        a venv for the HOST's python3 (>= 3.11), built from the
-                                              wheels in --wheels by unpacking them (no pip, no chroot)
-  /opt/kybernate/installed.json               what was installed (payload digest, python)
+  /opt/kybernate/versions/<version>-<digest>/ a venv for the HOST's python3 (>= 3.11), built from the
+                                              wheels in --wheels by unpacking them (no pip, no chroot); one
+                                              per installed payload, so that an upgrade never changes the
+                                              files of shims still running from the previous one
+  /opt/kybernate/current                      a link to the newest versions/<...>/, for people (launchers
+                                              name the versioned directory, never this link)
+  /opt/kybernate/installed.json               what was installed (payload digest, python, version dir)
+  /opt/kybernate/manifest.json                what the installs created on the node (paths, the runtime.toml
+                                              they wrote, the config backups), so `--uninstall` removes
+                                              exactly that and keeps whatever was there before
   /opt/kybernate/install.py                   a copy of this script, for `--uninstall` later
-  /usr/local/bin/containerd-shim-kybernate-v1 launchers: run the venv's python on the console entry
-  /usr/local/bin/kybernate-hookd              points of the kybernate wheel
+  /usr/local/bin/containerd-shim-kybernate-v1 launchers: run the versioned venv's python on the console
+  /usr/local/bin/kybernate-hookd              entry points of the kybernate wheel
   /etc/kybernate/runtime.toml                 only if missing: never overwrites the operator's file
   /etc/systemd/system/kybernate-hookd.service the hookd unit, enabled for multi-user.target (a symlink
                                               in multi-user.target.wants, what `systemctl enable` makes)
@@ -29,6 +36,16 @@ What an install changes (host paths; nothing else is touched):
         operator's CRI settings; with the stock `containerd config default` file the CRI plugin then
         refuses to load at all (tests/integration/test_installer.py shows both on 1.6.20).
     Every edit of config.toml is preceded by a backup, config.toml.kybernate-backup-<UTC time>.
+
+An older version's directory stays while a process of the node (a pod's shim, the old hookd) still uses
+it: its command line or a file it maps names that directory. Each later run (install, re-run or
+uninstall) removes the versions no process uses any more; that needs a view of the node's processes (on
+the node, or a pod with hostPID), else old versions are kept and the run says so.
+
+Uninstall removes what the manifest lists: files and directories the installs created (a directory only
+once empty), runtime.toml only if it still holds the bytes the install wrote (an edited one is kept, and
+the run says so), and the config backups only when config.toml ends up byte for byte as it was before the
+first install (else they are kept: the operator changed it since).
 
 It restarts nothing unless asked: --restart-containerd restarts containerd (only when its config
 changed, or a change from an earlier run has not been loaded yet) and --start-hookd (re)starts
@@ -79,8 +96,11 @@ UNIT_SOURCE = "packaging/systemd/kybernate-hookd.service"
 
 DEFAULT_CONTAINERD_CONFIG = "/etc/containerd/config.toml"
 OPT = PurePosixPath("/opt/kybernate")
-VENV = OPT / "venv"
+VERSIONS = OPT / "versions"
+CURRENT = OPT / "current"
+LEGACY_VENV = OPT / "venv"  # the single venv of installers before versions/: removed like an old version
 RECORD = OPT / "installed.json"
+MANIFEST = OPT / "manifest.json"
 RESTART_PENDING = OPT / "containerd-restart-pending"
 SELF_COPY = OPT / "install.py"
 BIN_DIR = PurePosixPath("/usr/local/bin")
@@ -177,6 +197,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     containerd_config_changed: bool = False
     hookd_changed: bool = False
+    config_after: bytes | None = None  # config.toml as the planned edit leaves it
+    backups_made: list[str] = field(default_factory=list)  # the backups the planned edits make (node paths)
+    version: PurePosixPath | None = None  # install: the venv directory the launchers use
 
     def add(self, what: str, apply: Callable[[], None], diff: str = "") -> None:
         self.changes.append(Change(what, apply, diff))
@@ -336,8 +359,10 @@ def _marker_environment(version: tuple[int, int], arch: str) -> dict[str, str]:
             "extra": ""}
 
 
-def select_wheels(wheels_dir: Path, version: tuple[int, int], arch: str) -> list[Wheel]:
-    """kybernate's wheel and everything it needs, for this python; a clear error for anything missing."""
+def select_wheels(wheels_dir: Path, version: tuple[int, int], arch: str,
+                  extras: frozenset[str] = frozenset()) -> list[Wheel]:
+    """kybernate's wheel (with the given extras of it) and everything it needs, for this python; a clear error
+    for anything missing."""
     tag = f"cp{version[0]}{version[1]}"
     if not wheels_dir.is_dir():
         raise InstallError(f"--wheels {wheels_dir}: no such directory")
@@ -365,25 +390,36 @@ def select_wheels(wheels_dir: Path, version: tuple[int, int], arch: str) -> list
             raise InstallError(f"--wheels: several wheels of {name} fit ({', '.join(w.path.name for w in ws)}): "
                                "keep one")
     chosen: dict[str, Wheel] = {}
-    todo = [RUNTIME_NAME]
+    done: set[tuple[str, str]] = set()  # (distribution, extra) whose requirements were followed
+    todo: list[tuple[str, frozenset[str], str]] = [(RUNTIME_NAME, extras, "")]
     while todo:
-        name = todo.pop()
-        if name in chosen:
-            continue
+        name, wanted, needed_by = todo.pop()
         if name not in fitting:
             why = (f"only {', '.join(misfits[name])}, which does not fit CPython {version[0]}.{version[1]} on {arch}"
                    if name in misfits else "none at all")
-            raise InstallError(f"--wheels {wheels_dir}: no wheel of {name} for the host ({why})")
-        w = chosen[name] = fitting[name][0]
-        meta = _wheel_metadata(w)
-        if not _python_ok(meta.get("Requires-Python", ""), version, pk):
-            raise InstallError(f"{w.path.name} requires Python {meta['Requires-Python']}; the host has "
-                               f"{version[0]}.{version[1]}")
-        for line in meta.get_all("Requires-Dist") or []:
-            req = pk.requirements.Requirement(line)
-            # A marker decides for the node's interpreter (extras are never requested here).
-            if req.marker is None or req.marker.evaluate(environment):
-                todo.append(str(pk.utils.canonicalize_name(req.name)))
+            by = f" (needed by {needed_by})" if needed_by else ""
+            hint = "; or leave the extra out with --extras ''" if extras and needed_by.startswith(RUNTIME_NAME) else ""
+            raise InstallError(f"--wheels {wheels_dir}: no wheel of {name}{by} for the host ({why}){hint}")
+        w = chosen.setdefault(name, fitting[name][0])
+        # Follow the distribution itself once (extra ""), and each extra of it that something asks for once.
+        for extra in ("", *sorted(wanted)):
+            if (name, extra) in done:
+                continue
+            done.add((name, extra))
+            meta = _wheel_metadata(w)
+            if not extra and not _python_ok(meta.get("Requires-Python", ""), version, pk):
+                raise InstallError(f"{w.path.name} requires Python {meta['Requires-Python']}; the host has "
+                                   f"{version[0]}.{version[1]}")
+            provides = [str(pk.utils.canonicalize_name(e)) for e in meta.get_all("Provides-Extra") or []]
+            if extra and extra not in provides:
+                raise InstallError(f"{w.path.name} has no extra {extra!r} (it has: {', '.join(provides) or 'none'})")
+            for line in meta.get_all("Requires-Dist") or []:
+                req = pk.requirements.Requirement(line)
+                # A marker decides for the node's interpreter and the extra being followed.
+                if req.marker is None or req.marker.evaluate({**environment, "extra": extra}):
+                    dep = str(pk.utils.canonicalize_name(req.name))
+                    todo.append((dep, frozenset(str(pk.utils.canonicalize_name(e)) for e in req.extras),
+                                 f"{name}[{extra}]" if extra else name))
     return [chosen[n] for n in sorted(chosen)]
 
 
@@ -445,15 +481,16 @@ def _unpack_wheel(w: Wheel, venv: Path, site: Path, venv_python: str) -> None:
                 (site / PurePosixPath(n).parent / "INSTALLER").write_text(MARK + "\n")
 
 
-def _build_venv(host: Host, wheels: list[Wheel], python: PurePosixPath, version: tuple[int, int],
-                record: dict[str, Any]) -> None:
-    """A fresh venv beside the old one, then swapped in by rename, so a broken build leaves the old one."""
-    final = host.path(VENV)
+def _build_venv(host: Host, venv: PurePosixPath, wheels: list[Wheel], python: PurePosixPath,
+                version: tuple[int, int], record: dict[str, Any]) -> None:
+    """A fresh venv for one version, built beside its final name and renamed into place, so a broken build
+    leaves nothing half-made under versions/; then `current` and the record point at it."""
+    final = host.path(venv)
     new = final.with_name(final.name + ".new")
     old = final.with_name(final.name + ".old")
     for p in (new, old):
         _remove(p)
-    venv_python = str(VENV / "bin" / "python3")
+    venv_python = str(venv / "bin" / "python3")
     site = new / "lib" / f"python{version[0]}.{version[1]}" / "site-packages"
     site.mkdir(parents=True)
     (new / "bin").mkdir()
@@ -466,11 +503,26 @@ def _build_venv(host: Host, wheels: list[Wheel], python: PurePosixPath, version:
         f"# built by {MARK} from the wheels listed in {RECORD}\n")
     for w in wheels:
         _unpack_wheel(w, new, site, venv_python)
-    if final.exists():
+    if final.exists():  # the same version, rebuilt (its python changed): no shim can run from it then
         os.rename(final, old)
     os.rename(new, final)
     _remove(old)
+    _point_current(host, venv)
     _write_atomic(host.path(RECORD), (json.dumps(record, indent=2) + "\n").encode(), 0o644)
+
+
+def _use_version(host: Host, venv: PurePosixPath, record: dict[str, Any]) -> None:
+    _point_current(host, venv)
+    _write_atomic(host.path(RECORD), (json.dumps(record, indent=2) + "\n").encode(), 0o644)
+
+
+def _point_current(host: Host, venv: PurePosixPath) -> None:
+    """versions/<id> as `current`, replaced in one rename (a relative link: it reads the same in a pod)."""
+    link = host.path(CURRENT)
+    tmp = link.with_name(f".{link.name}.new")
+    _remove(tmp)
+    os.symlink(str(venv.relative_to(OPT)), tmp)
+    os.replace(tmp, link)
 
 
 # ---- the host's python ----------------------------------------------------------------------------
@@ -671,6 +723,8 @@ def _plan_config_edit(plan: Plan, host: Host, config: PurePosixPath, old: str, n
     plan.add(f"back up {config} to {backup}", back_up)
     plan.add(f"edit {config}: {why}", lambda: _write_atomic(local, new.encode()), _diff(old, new, str(config)))
     plan.containerd_config_changed = True
+    plan.config_after = new.encode()
+    plan.backups_made.append(str(backup))
 
 
 def plan_containerd(plan: Plan, host: Host, config: PurePosixPath, source: Path | None, uninstall: bool) -> None:
@@ -820,15 +874,251 @@ def _plan_containerd_uninstall(plan: Plan, host: Host, config: PurePosixPath, te
         _plan_config_edit(plan, host, config, text, new, ", ".join(whys))
 
 
+# ---- versions: one venv per payload, old ones removed once no process uses them ---------------------
+
+
+def version_dir(kybernate_version: str, payload_sha256: str) -> PurePosixPath:
+    """The venv of one payload: kybernate's version for people, the payload digest for exactness (the same
+    version with other dependency wheels or another python is another directory)."""
+    return VERSIONS / f"{kybernate_version}-{payload_sha256[:12]}"
+
+
+def _extras(args: argparse.Namespace) -> frozenset[str]:
+    return frozenset(e.strip().lower() for e in (args.extras or "").split(",") if e.strip())
+
+
+def _process_paths(pid: str) -> list[str]:
+    """The paths a process names: its command line's words and the files it maps (as the node sees them)."""
+    out: list[str] = []
+    try:
+        out += [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+        with open(f"/proc/{pid}/maps", errors="replace") as f:
+            for line in f:
+                fields = line.split(None, 5)
+                if len(fields) == 6:
+                    out.append(fields[5].rstrip("\n"))
+    except OSError:  # gone meanwhile, or a kernel thread
+        pass
+    return out
+
+
+def node_processes(host: Host) -> list[int]:
+    """The processes that run on this node's filesystem: those whose own /opt/kybernate (seen through
+    /proc/<pid>/root) is the node's. A pod's processes, or another node's on a shared machine, are not;
+    without the node's PID namespace (hostPID) there are none."""
+    try:
+        node = os.stat(host.path(OPT))
+    except OSError:
+        return []
+    me, pids = os.getpid(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            st = os.stat(f"/proc/{entry.name}/root{OPT}")
+        except OSError:  # gone, a kernel thread, no /opt/kybernate in its view, or not ours to look at
+            continue
+        if (st.st_dev, st.st_ino) == (node.st_dev, node.st_ino):
+            pids.append(int(entry.name))
+    return pids
+
+
+def processes_using(host: Host, dirs: list[PurePosixPath], pids: list[int]) -> dict[PurePosixPath, list[int]]:
+    """Per directory, which of pids have a command line word or a mapped file in it (a node path, as the
+    node's processes see it; or the path it has here, for a run on the node with another --host-root)."""
+    prefixes = {d: (str(d) + "/", str(host.path(d)) + "/") for d in dirs}
+    users: dict[PurePosixPath, list[int]] = {d: [] for d in dirs}
+    for pid in pids:
+        paths = _process_paths(str(pid))
+        for d, (node_prefix, local_prefix) in prefixes.items():
+            if any(p.startswith(node_prefix) or p.startswith(local_prefix) for p in paths):
+                users[d].append(pid)
+    return users
+
+
+def old_versions(host: Host, keep: PurePosixPath | None) -> list[PurePosixPath]:
+    """Every venv directory under versions/ but keep, and the single venv of older installers."""
+    found = [VERSIONS / p.name for p in sorted(host.path(VERSIONS).iterdir())] if host.path(VERSIONS).is_dir() else []
+    if os.path.lexists(host.path(LEGACY_VENV)):
+        found.append(LEGACY_VENV)
+    return [d for d in found if d != keep]
+
+
+def prune_versions(host: Host, keep: PurePosixPath | None, *, dry_run: bool) -> None:
+    """Remove the old versions no process of the node uses; keep (and say why) the rest.
+
+    A running kybernate shim of the node that names no version directory at all (an unusual launcher) could
+    be using any of them: then all are kept. Without a view of the node's processes all are kept too.
+    """
+    old = old_versions(host, keep)
+    if not old:
+        return
+    pids = node_processes(host)
+    if not pids:
+        print(f"note: kept {len(old)} earlier version(s) under {VERSIONS}: this run cannot see the node's "
+              "processes (run on the node, or in a pod with hostPID); a later such run removes those no "
+              "process uses")
+        return
+    users = processes_using(host, [*old, *([keep] if keep else [])], pids)
+    known = {pid for ps in users.values() for pid in ps}
+    launcher = str(BIN_DIR / LAUNCHERS[0])
+    shims = _kybernate_shims()
+    unknown = [pid for pid in pids if pid in shims and launcher in shims[pid][:2] and pid not in known]
+    if unknown:
+        print(f"note: kept every earlier version under {VERSIONS}: kybernate shim(s) {unknown} name no version "
+              "directory, so which one they use is unknown")
+        return
+    for d in old:
+        if users[d]:
+            print(f"note: kept {d}: still in use by pid(s) {', '.join(map(str, users[d]))} (the next run after "
+                  "they exit removes it)")
+        else:
+            print(f"{'would remove' if dry_run else 'remove'} {d} (an earlier version no process uses)")
+            if not dry_run:
+                _remove(host.path(d))
+    if not dry_run and host.path(VERSIONS).is_dir() and not any(host.path(VERSIONS).iterdir()):
+        host.path(VERSIONS).rmdir()
+
+
+# ---- the install manifest: what the installs created, so that the uninstall removes exactly that --------
+
+
+@dataclass
+class Manifest:
+    """Node paths the installs created (parents before children), the digest of each file an operator may
+    edit as the install wrote it, and the config backups they made (oldest first: the first holds
+    config.toml as it was before any install)."""
+
+    created: list[str] = field(default_factory=list)
+    written: dict[str, str] = field(default_factory=dict)
+    backups: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, host: Host) -> Manifest | None:
+        try:
+            data = json.loads(host.path(MANIFEST).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise InstallError(f"{MANIFEST} is unreadable ({e}): restore it or remove it (then the uninstall "
+                               "removes only the files marked as the installer's, and keeps runtime.toml, "
+                               "directories and backups)") from None
+        return cls(list(data.get("created", [])), dict(data.get("written", {})), list(data.get("backups", [])))
+
+    def save(self, host: Host) -> None:
+        data = {"installer": MARK, "created": self.created, "written": self.written, "backups": self.backups}
+        _write_atomic(host.path(MANIFEST), (json.dumps(data, indent=2) + "\n").encode(), 0o644)
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def created_candidates(config: PurePosixPath) -> list[PurePosixPath]:
+    """Every node path an install may create outside /opt/kybernate's contents, with their parents."""
+    paths = [config.parent / "conf.d" / f"{RUNTIME_NAME}.toml", *(BIN_DIR / n for n in LAUNCHERS), RUNTIME_TOML,
+             UNIT, UNIT_WANTS, OPT]
+    out: list[PurePosixPath] = []
+    for p in paths:
+        for q in [*reversed(p.parents[:-1]), p]:  # parents first, the root itself never
+            if q not in out:
+                out.append(q)
+    return out
+
+
+class CreationLog:
+    """What exists before an install's changes; afterwards, what they created goes into the manifest."""
+
+    def __init__(self, host: Host, config: PurePosixPath) -> None:
+        self.host, self.config = host, config
+        self.candidates = created_candidates(config)
+        self.existed = {p for p in self.candidates if os.path.lexists(host.path(p))}
+        self.backups_before = set(self._backups())
+
+    def _backups(self) -> list[str]:
+        pattern = str(self.host.path(self.config)) + ".kybernate-backup-*"
+        return sorted(str(self.config.parent / Path(p).name) for p in glob.glob(pattern))
+
+    def record(self) -> None:
+        """Add what this run created to the manifest (also after a failed run: what it made stays known)."""
+        created = [p for p in self.candidates if p not in self.existed and os.path.lexists(self.host.path(p))]
+        backups = [b for b in self._backups() if b not in self.backups_before]
+        if not created and not backups:
+            return
+        self.host.path(OPT).mkdir(parents=True, exist_ok=True)  # where the manifest lives, even after a failure
+        created = [p for p in self.candidates if p not in self.existed and os.path.lexists(self.host.path(p))]
+        manifest = Manifest.load(self.host) or Manifest()
+        for p in created:
+            if str(p) not in manifest.created:
+                manifest.created.append(str(p))
+            if p == RUNTIME_TOML:
+                manifest.written[str(p)] = _sha256_file(self.host.path(p))
+        manifest.backups += [b for b in backups if b not in manifest.backups]
+        manifest.save(self.host)
+
+
+def plan_uninstall_created(plan: Plan, host: Host, config: PurePosixPath, manifest: Manifest | None) -> None:
+    """runtime.toml, the config backups and the directories the installs created, per the manifest."""
+    runtime = host.path(RUNTIME_TOML)
+    if manifest is None:
+        if os.path.lexists(host.path(OPT)):
+            plan.notes.append(f"no {MANIFEST} (installed by an older installer): kept {RUNTIME_TOML}, any "
+                              f"{config}.kybernate-backup-* files and the directories the install made")
+        return
+    if os.path.lexists(runtime):
+        wrote = manifest.written.get(str(RUNTIME_TOML))
+        if str(RUNTIME_TOML) not in manifest.created or wrote is None:
+            plan.notes.append(f"kept {RUNTIME_TOML}: it was there before the install")
+        elif runtime.is_file() and _sha256_file(runtime) == wrote:
+            plan.add(f"remove {RUNTIME_TOML} (as the install wrote it)", runtime.unlink)
+        else:
+            plan.notes.append(f"kept {RUNTIME_TOML}: changed since the install wrote it (the operator's settings); "
+                              "remove it by hand if they are not needed any more")
+    if manifest.backups:
+        first = host.path(manifest.backups[0])
+        final = plan.config_after if plan.config_after is not None else _read_or_none(host.path(config))
+        names = [*manifest.backups, *plan.backups_made]
+        if final is not None and first.is_file() and first.read_bytes() == final:
+            def remove_backups() -> None:
+                for b in names:
+                    host.path(b).unlink(missing_ok=True)
+            plan.add(f"remove the config backups {', '.join(names)} ({config} is byte for byte as before the "
+                     "install)", remove_backups)
+        else:
+            plan.notes.append(f"kept the config backups {', '.join(manifest.backups)}: {config} differs from the one "
+                              "before the install (changed since), so they may still be needed")
+    dirs = [PurePosixPath(p) for p in manifest.created if PurePosixPath(p) != OPT and not p.startswith(str(OPT) + "/")]
+    dirs = sorted({d for d in dirs if host.path(d).is_dir() and not host.path(d).is_symlink()},
+                  key=lambda d: len(d.parts), reverse=True)
+    if dirs:
+        def remove_dirs() -> None:
+            for d in dirs:
+                local = host.path(d)
+                if local.is_dir() and not any(local.iterdir()):
+                    local.rmdir()
+                elif local.is_dir():
+                    print(f"  kept {d}: not empty ({', '.join(sorted(c.name for c in local.iterdir())[:5])})")
+        plan.add("remove the directories the install created, where empty: " + ", ".join(map(str, dirs)), remove_dirs)
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
 # ---- install / uninstall --------------------------------------------------------------------------
 
 
-def _launcher(name: str, call: str) -> str:
+def _launcher(name: str, call: str, venv: PurePosixPath) -> str:
+    """A console-script launcher on one version's python: a shim started by it imports that version's code
+    only, whatever is installed later (the interpreter's sys.prefix is the versioned directory)."""
     m = _LAUNCHER_CALL.match(call)
     if not m:
         raise InstallError(f"kybernate wheel: console script {name} = {call!r} is not module:function")
     module, attr = m.groups()
-    return (f"#!{VENV}/bin/python3\n"
+    return (f"#!{venv}/bin/python3\n"
             f"# {name}: written by {MARK}; `install.py --uninstall` removes it.\n"
             "import sys\n"
             f"from {module} import {attr.split('.')[0]}\n"
@@ -840,7 +1130,7 @@ def plan_install(plan: Plan, host: Host, args: argparse.Namespace, host_exec: Ho
     config = PurePosixPath(args.containerd_config)
     # Everything that can refuse comes first: nothing is planned to change before all checks passed.
     python, version = find_host_python(host, args.python, host_exec)
-    wheels = select_wheels(args.wheels, version, os.uname().machine)
+    wheels = select_wheels(args.wheels, version, os.uname().machine, extras=_extras(args))
     plan_containerd(plan, host, config, source, uninstall=False)
     unit_src = source / UNIT_SOURCE
     runtime_src = source / RUNTIME_TOML_SOURCE
@@ -852,31 +1142,40 @@ def plan_install(plan: Plan, host: Host, args: argparse.Namespace, host_exec: Ho
     missing = [n for n in LAUNCHERS if n not in scripts]
     if missing:
         raise InstallError(f"{kyb.path.name} has no console script {', '.join(missing)}: wrong wheel?")
-    launchers = {n: _launcher(n, scripts[n]) for n in LAUNCHERS}
 
-    # The venv: rebuilt when the payload or the python changed, else left alone.
+    # The venv of this payload: its own directory under versions/, built when missing (or its python changed).
     digest = _payload_digest(wheels, str(python))
+    venv = plan.version = version_dir(kyb.version, digest)
+    launchers = {n: _launcher(n, scripts[n], venv) for n in LAUNCHERS}
     record = {"payload_sha256": digest, "python": str(python), "python_version": f"{version[0]}.{version[1]}",
+              "version": kyb.version, "venv": str(venv), "extras": sorted(_extras(args)),
               "wheels": [w.path.name for w in wheels], "installer": MARK}
     try:
         current = json.loads(host.path(RECORD).read_text())
     except (OSError, ValueError):
         current = {}
-    link = host.path(VENV / "bin" / "python3")
-    venv_ok = (current.get("payload_sha256") == digest and host.path(VENV / "pyvenv.cfg").is_file()
-               and link.is_symlink() and os.readlink(link) == str(python))
-    if not venv_ok:
-        verb = "rebuild" if host.path(VENV).exists() else "create"
-        plan.add(f"{verb} {VENV} for {python} (Python {version[0]}.{version[1]}) from {len(wheels)} wheels: "
+    link = host.path(venv / "bin" / "python3")
+    # A version directory only ever appears complete (built aside, renamed into place), and its name carries
+    # the payload's digest: one that is there is this payload's venv, possibly with shims still running from
+    # it (a rollback to a version that was kept): reused as it is, never rebuilt under them.
+    built = host.path(venv / "pyvenv.cfg").is_file() and link.is_symlink() and os.readlink(link) == str(python)
+    recorded = current.get("payload_sha256") == digest and current.get("venv") == str(venv)
+    if not built:
+        verb = "rebuild" if host.path(venv).exists() else "create"
+        plan.add(f"{verb} {venv} for {python} (Python {version[0]}.{version[1]}) from {len(wheels)} wheels: "
                  + ", ".join(w.path.name for w in wheels),
-                 lambda: _build_venv(host, wheels, python, version, record))
+                 lambda: _build_venv(host, venv, wheels, python, version, record))
+        plan.hookd_changed = True
+    elif not recorded:
+        plan.add(f"switch back to {venv} (kept from an earlier install: reused as it is)",
+                 lambda: _use_version(host, venv, record))
         plan.hookd_changed = True
     self_text = Path(__file__).read_text()
     if not host.path(SELF_COPY).is_file() or host.path(SELF_COPY).read_text() != self_text:
         plan.add(f"write {SELF_COPY} (this installer, for --uninstall)",
                  lambda: _write_atomic(host.path(SELF_COPY), self_text.encode(), 0o755))
     for name, text in launchers.items():
-        if _plan_file(plan, host, BIN_DIR / name, text, 0o755, what=f"launcher for {VENV}") and name == LAUNCHERS[1]:
+        if _plan_file(plan, host, BIN_DIR / name, text, 0o755, what=f"launcher for {venv}") and name == LAUNCHERS[1]:
             plan.hookd_changed = True
 
     if os.path.lexists(host.path(RUNTIME_TOML)):
@@ -921,10 +1220,11 @@ def plan_uninstall(plan: Plan, host: Host, args: argparse.Namespace) -> None:
             plan.hookd_changed = True
         else:
             plan.notes.append(f"left {UNIT}: not written by this installer")
+    manifest = Manifest.load(host)
     opt = host.path(OPT)
     if opt.exists() and (any(opt.iterdir()) or not os.path.ismount(opt)):
-        plan.add(f"remove {OPT} (the venv, its record and the installer copy)", lambda: _remove_dir(opt))
-    plan.notes.append(f"kept {RUNTIME_TOML} and any {args.containerd_config}.kybernate-backup-* files")
+        plan.add(f"remove {OPT} (every version's venv, the records and the installer copy)", lambda: _remove_dir(opt))
+    plan_uninstall_created(plan, host, PurePosixPath(args.containerd_config), manifest)
 
 
 # ---- checks before changing anything -------------------------------------------------------------
@@ -953,8 +1253,9 @@ def _read_only(d: Path) -> bool:
         return False
 
 
-def running_kybernate_shims() -> list[int]:
-    pids = []
+def _kybernate_shims() -> dict[int, list[str]]:
+    """pid -> command line of every process that runs a containerd-shim-kybernate-v1 (any path)."""
+    shims = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -962,8 +1263,12 @@ def running_kybernate_shims() -> list[int]:
             except OSError:
                 continue
             if any(a.endswith(b"containerd-shim-kybernate-v1") for a in argv[:2]):
-                pids.append(int(entry.name))
-    return sorted(pids)
+                shims[int(entry.name)] = [a.decode(errors="replace") for a in argv if a]
+    return shims
+
+
+def running_kybernate_shims() -> list[int]:
+    return sorted(_kybernate_shims())
 
 
 # ---- main -----------------------------------------------------------------------------------------
@@ -985,7 +1290,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="containerd's config file (host path) [%(default)s]")
     p.add_argument("--source", type=Path, default=repo,
                    help="Kybernate checkout or payload holding containerd-config/ and packaging/systemd/ [%(default)s]")
-    p.add_argument("--uninstall", action="store_true", help="take Kybernate out again (keeps runtime.toml and backups)")
+    p.add_argument("--extras", default="s3",
+                   help="extras of kybernate to install, comma-separated; their wheels must be in --wheels "
+                        "(s3: the store's S3 tier, boto3) ['%(default)s'; '' for none]")
+    p.add_argument("--uninstall", action="store_true",
+                   help="take Kybernate out again: what the installs created (an edited runtime.toml stays)")
     p.add_argument("--dry-run", action="store_true", help="print every change and make none")
     p.add_argument("--restart-containerd", action="store_true",
                    help="restart containerd (systemctl) when its config changed; default: print the command")
@@ -1059,12 +1368,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {n}")
         for cmd in cmds:
             print(f"{'would run' if cmd.run else 'then run'}: {' '.join(cmd.argv)}  ({cmd.why})")
+        if not args.uninstall:
+            prune_versions(host, plan.version, dry_run=True)
         return 0
 
     failed = False
     for cmd in (c for c in cmds if c.before_changes):
         failed |= not _run_host_command(cmd, host, host_exec, config, args)
     done = 0
+    created = None if args.uninstall else CreationLog(host, config)
     try:
         for c in plan.changes:
             _show(c, "")
@@ -1073,6 +1385,9 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise InstallError(f"failed at `{plan.changes[done].what}`: {e}; the {done} change(s) before it were made, "
                            "none after it: fix the cause and run again") from None
+    finally:
+        if created is not None:
+            created.record()
     for n in plan.notes:
         print(f"note: {n}")
     if not args.uninstall and plan.containerd_config_changed:  # until a restart succeeds
@@ -1080,6 +1395,8 @@ def run(args: argparse.Namespace) -> int:
                       0o644)
     for cmd in (c for c in cmds if not c.before_changes):
         failed |= not _run_host_command(cmd, host, host_exec, config, args)
+    if not args.uninstall:  # after the hookd restart: the old hookd no longer holds its version
+        prune_versions(host, plan.version, dry_run=False)
     if not plan.changes:
         print("nothing to change: " + ("Kybernate is not installed here" if args.uninstall else
                                        "Kybernate is installed and registered with containerd"))

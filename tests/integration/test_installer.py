@@ -17,6 +17,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,8 @@ CONFIG_VERSION = {"1.6": 2, "2.1": 3}
 DROPIN = "/etc/containerd/conf.d/kybernate.toml"
 LAUNCHERS = ("containerd-shim-kybernate-v1", "kybernate-hookd")
 DEPENDENCIES = ("grpcio", "protobuf", "pyroute2", "nvidia-ml-py", "prometheus_client", "typing_extensions")
+# The `s3` extra (install.py installs it unless told --extras ''): boto3 and its dependencies.
+S3_DEPENDENCIES = ("boto3", "botocore", "s3transfer", "jmespath", "python-dateutil", "six", "urllib3")
 # The interpreter running the tests plays the node's python3: the dependency wheels were made for it.
 HOST_PYTHON = os.path.realpath(sys.executable)
 # An operator's own CRI setting that must survive the install (it is in the CRI runtime plugin's section).
@@ -90,7 +93,9 @@ def _repack_installed(dist_name: str, dest: Path) -> Path:
     """
     dist = importlib.metadata.distribution(dist_name)
     wheel_meta = dist.read_text("WHEEL") or ""
-    tag = next(line.split(":", 1)[1].strip() for line in wheel_meta.splitlines() if line.startswith("Tag:"))
+    tags = [line.split(":", 1)[1].strip().split("-") for line in wheel_meta.splitlines() if line.startswith("Tag:")]
+    # Several Tag lines (py2-none-any, py3-none-any) make one compressed tag set (py2.py3-none-any).
+    tag = "-".join(".".join(dict.fromkeys(t[i] for t in tags)) for i in range(3))
     name = re.sub(r"[-_.]+", "_", dist.metadata["Name"])
     path = dest / f"{name}-{dist.version}-{tag}.whl"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
@@ -122,6 +127,37 @@ def payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return wheels
 
 
+@pytest.fixture(scope="session")
+def payload_s3(payload: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The payload plus the wheels of the s3 extra (botocore alone unpacks to about 100 MB: only where needed)."""
+    d = tmp_path_factory.mktemp("payload-s3")
+    for w in payload.iterdir():
+        os.link(w, d / w.name)
+    for dep in S3_DEPENDENCIES:
+        _repack_installed(dep, d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def payload_v2(payload: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The payload with kybernate as 0.1.0+two: a second version to upgrade to."""
+    d = tmp_path_factory.mktemp("payload-v2")
+    src = d / "src"
+    shutil.copytree(payload.parent / "src", src)
+    pyproject = src / "pyproject.toml"
+    pyproject.write_text(re.sub(r'(?m)^version = "([^"]+)"$', r'version = "\1+two"', pyproject.read_text(), count=1))
+    wheels = d / "wheels"
+    wheels.mkdir()
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                        "--disable-pip-version-check", "-w", str(wheels), str(src)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"building the second kybernate wheel failed:\n{r.stdout}\n{r.stderr}"
+    for w in payload.iterdir():
+        if not w.name.startswith("kybernate-"):
+            os.link(w, wheels / w.name)
+    return wheels
+
+
 # ---- a temporary node ----------------------------------------------------------------------------------
 
 
@@ -140,12 +176,15 @@ class Node:
         return self.root / host_path.lstrip("/")
 
     def install(self, *args: str, python: str | None = HOST_PYTHON, wheels: Path | None = None,
-                check: bool = True) -> subprocess.CompletedProcess[str]:
+                check: bool = True, extras: str | None = "") -> subprocess.CompletedProcess[str]:
+        """install.py on this node; extras "" (no s3 extra: its wheels are large) unless given, None: its default."""
         argv = [sys.executable, str(INSTALLER), "--host-root", str(self.root)]
         if "--uninstall" not in args:
             argv += ["--wheels", str(wheels or self.payload)]
             if python:
                 argv += ["--python", python]
+            if extras is not None:
+                argv += ["--extras", extras]
         r = subprocess.run(argv + list(args), capture_output=True, text=True, timeout=60)
         if check:
             assert r.returncode == 0, f"install.py {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
@@ -213,8 +252,16 @@ def _dig(d: Any, *keys: str) -> Any:
 # ---- install, again, dry run, uninstall ----------------------------------------------------------------
 
 
+def installed_venv(node: Node) -> str:
+    """The version directory the launchers use (installed.json's venv), checked to be one under versions/."""
+    venv = str(json.loads(node.path("/opt/kybernate/installed.json").read_text())["venv"])
+    assert re.fullmatch(r"/opt/kybernate/versions/0\.1\.0-[0-9a-f]{12}", venv), venv
+    return venv
+
+
 def test_install_registers_the_runtime_and_a_second_run_changes_nothing(node: Node) -> None:
     r = node.install()
+    venv = installed_venv(node)
     cri = CRI[node.version]
     config = tomllib.loads(node.config.read_text())
     before = tomllib.loads(node.original)
@@ -242,9 +289,10 @@ def test_install_registers_the_runtime_and_a_second_run_changes_nothing(node: No
 
     for name in LAUNCHERS:
         launcher = node.path(f"/usr/local/bin/{name}")
-        assert launcher.read_text().startswith("#!/opt/kybernate/venv/bin/python3\n")
+        assert launcher.read_text().startswith(f"#!{venv}/bin/python3\n")
         assert launcher.stat().st_mode & 0o777 == 0o755
-    assert os.readlink(node.path("/opt/kybernate/venv/bin/python3")) == HOST_PYTHON
+    assert os.readlink(node.path(f"{venv}/bin/python3")) == HOST_PYTHON
+    assert os.readlink(node.path("/opt/kybernate/current")) == venv.removeprefix("/opt/kybernate/")
     assert node.path("/etc/kybernate/runtime.toml").read_text() == (ROOT / "containerd-config/runtime.toml").read_text()
     unit = node.path("/etc/systemd/system/kybernate-hookd.service").read_text()
     assert unit.endswith((ROOT / "packaging/systemd/kybernate-hookd.service").read_text())
@@ -268,8 +316,9 @@ def test_dry_run_prints_every_change_and_makes_none(node: Node) -> None:
     assert snapshot(node.root) == state
     out = r.stdout
     assert "dry run, nothing is changed" in out
-    for what in ("would create /opt/kybernate/venv", "would write /usr/local/bin/containerd-shim-kybernate-v1",
-                 "would write /usr/local/bin/kybernate-hookd", "would write /etc/kybernate/runtime.toml",
+    for what in ("would create /opt/kybernate/versions/0.1.0-",
+                 "would write /usr/local/bin/containerd-shim-kybernate-v1", "would write /usr/local/bin/kybernate-hookd",
+                 "would write /etc/kybernate/runtime.toml",
                  "would write /etc/systemd/system/kybernate-hookd.service",
                  "would enable kybernate-hookd", "would back up /etc/containerd/config.toml to",
                  "then run: systemctl restart containerd"):
@@ -288,19 +337,24 @@ def test_dry_run_prints_every_change_and_makes_none(node: Node) -> None:
     assert "would remove /usr/local/bin/kybernate-hookd" in r.stdout
 
 
-def test_uninstall_restores_the_config_and_keeps_runtime_toml_and_backups(node: Node) -> None:
+def contents(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Every path under root with its type, mode and bytes (or link target): what "the same tree" means."""
+    return {k: v[:2] + v[3:] if v[0] == "file" else v for k, v in snapshot(root).items()}
+
+
+def test_uninstall_gives_the_node_back_exactly(node: Node) -> None:
+    """Install, then uninstall: the node tree is the one before, path for path and byte for byte."""
+    before = contents(node.root)
     node.install()
-    node.path("/etc/kybernate/runtime.toml").write_text("# the operator's settings\n")
+    manifest = json.loads(node.path("/opt/kybernate/manifest.json").read_text())
+    assert manifest["backups"] == [str(b.relative_to(node.root)).join(("/", "")) for b in backups(node)]
+    assert "/etc/kybernate/runtime.toml" in manifest["created"] and "/etc/kybernate" in manifest["created"]
+    assert ("/etc/containerd/conf.d" in manifest["created"]) is (node.version == "2.1")
+    dry = node.install("--uninstall", "--dry-run")
+    assert "would remove /etc/kybernate/runtime.toml (as the install wrote it)" in dry.stdout
+    assert "would remove the config backups /etc/containerd/config.toml.kybernate-backup-" in dry.stdout
     r = node.install("--uninstall")
-    assert node.config.read_text() == node.original
-    assert not node.path(DROPIN).exists()
-    for gone in ("/usr/local/bin/containerd-shim-kybernate-v1", "/usr/local/bin/kybernate-hookd", "/opt/kybernate",
-                 "/etc/systemd/system/kybernate-hookd.service",
-                 "/etc/systemd/system/multi-user.target.wants/kybernate-hookd.service"):
-        assert not os.path.lexists(node.path(gone)), gone
-    assert node.path("/etc/kybernate/runtime.toml").read_text() == "# the operator's settings\n"
-    # One backup before the install's edit, one before the uninstall's.
-    assert len(backups(node)) == 2 and backups(node)[0].read_text() == node.original
+    assert contents(node.root) == before
     assert "to do: systemctl restart containerd" in r.stdout
     assert "to do: systemctl stop kybernate-hookd" in r.stdout
 
@@ -310,6 +364,32 @@ def test_uninstall_restores_the_config_and_keeps_runtime_toml_and_backups(node: 
     assert snapshot(node.root) == state
 
 
+def test_uninstall_keeps_an_edited_runtime_toml_and_says_so(node: Node) -> None:
+    before = contents(node.root)
+    node.install()
+    node.path("/etc/kybernate/runtime.toml").write_text("# the operator's settings\n")
+    r = node.install("--uninstall")
+    assert ("note: kept /etc/kybernate/runtime.toml: changed since the install wrote it (the operator's settings)"
+            in r.stdout)
+    assert "kept /etc/kybernate: not empty (runtime.toml)" in r.stdout
+    assert node.path("/etc/kybernate/runtime.toml").read_text() == "# the operator's settings\n"
+    after = contents(node.root)
+    assert set(after) - set(before) == {"etc/kybernate", "etc/kybernate/runtime.toml"}
+    assert {k: v for k, v in after.items() if k in before} == before  # config.toml byte for byte, no backups
+
+
+def test_uninstall_keeps_the_backups_when_the_operator_changed_the_config(make_node: Callable[..., Node]) -> None:
+    n = make_node("1.6")
+    n.install()
+    old, new = OPERATOR_SETTING[1], "max_container_log_line_size = 777"
+    n.config.write_text(n.config.read_text().replace(old, new))  # the operator's edit, after the install
+    made = backups(n)
+    r = n.install("--uninstall")
+    assert n.config.read_text() == n.original.replace(old, new)  # the edit stays, the block goes
+    assert set(made) < set(backups(n))  # the install's backup and the uninstall's own
+    assert "differs from the one before the install (changed since), so they may still be needed" in r.stdout
+
+
 def test_operators_runtime_toml_is_never_overwritten(make_node: Callable[..., Node]) -> None:
     n = make_node("2.1")
     n.path("/etc/kybernate").mkdir(parents=True)
@@ -317,6 +397,9 @@ def test_operators_runtime_toml_is_never_overwritten(make_node: Callable[..., No
     r = n.install()
     assert n.path("/etc/kybernate/runtime.toml").read_text() == "SystemdCgroup = true\n"
     assert "kept /etc/kybernate/runtime.toml" in r.stdout
+    r = n.install("--uninstall")  # nor removed: it was there before
+    assert "note: kept /etc/kybernate/runtime.toml: it was there before the install" in r.stdout
+    assert n.path("/etc/kybernate/runtime.toml").read_text() == "SystemdCgroup = true\n"
 
 
 # ---- refusals: each with a clear message and nothing changed ---------------------------------------------
@@ -375,7 +458,7 @@ def test_wheels_for_another_python_are_refused(make_node: Callable[..., Node], p
     state = snapshot(n.root)
     r = n.install(wheels=other, check=False)
     assert r.returncode == 1
-    assert "no wheel of grpcio for the host (only grpcio-" in r.stderr
+    assert "no wheel of grpcio (needed by kybernate) for the host (only grpcio-" in r.stderr
     assert f"which does not fit CPython 3.{sys.version_info[1]}" in r.stderr
     assert snapshot(n.root) == state
 
@@ -384,7 +467,7 @@ def test_an_unwritable_directory_is_refused_before_anything_changes(make_node: C
     n = make_node("2.1")
     state = snapshot(n.root)
     argv = [sys.executable, str(INSTALLER), "--host-root", str(n.root), "--wheels", str(n.payload),
-            "--python", HOST_PYTHON]
+            "--python", HOST_PYTHON, "--extras", ""]
     # A read-only bind mount in a private mount namespace of its own: nothing outside sees it.
     bin_dir = n.path("/usr/local/bin")
     script = f'mount --bind -o ro "{bin_dir}" "{bin_dir}" && exec "$@"'
@@ -514,13 +597,14 @@ def test_wheel_tags_that_run_on_the_node(tmp_path: Path) -> None:
 def test_the_venv_and_launchers_run_on_the_nodes_python(make_node: Callable[..., Node]) -> None:
     n = make_node("2.1")
     n.install()
-    venv_python = n.path("/opt/kybernate/venv/bin/python3")
+    venv = installed_venv(n)
+    venv_python = n.path(f"{venv}/bin/python3")
     code = ("import sys, grpc, google.protobuf, pyroute2, pynvml, kybernate.hooks.hookd.daemon, kybernate.shim.cli; "
             "print(sys.prefix, grpc.__version__)")
     r = subprocess.run([str(venv_python), "-c", code], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     prefix, grpc_version = r.stdout.split()
-    assert prefix == str(n.path("/opt/kybernate/venv")) and grpc_version == grpc.__version__
+    assert prefix == str(n.path(venv)) and grpc_version == grpc.__version__
     # The launchers' shebang names the node's path; run them with that interpreter here.
     shim = subprocess.run([str(venv_python), str(n.path("/usr/local/bin/containerd-shim-kybernate-v1")), "-v"],
                           capture_output=True, text=True, timeout=30)
@@ -706,10 +790,11 @@ def stand_ins(tmp_path: Path) -> tuple[dict[str, str], Path]:
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, log
 
 
-def _install_direct(node: Node, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def _install_direct(node: Node, env: dict[str, str], *args: str,
+                    wheels: Path | None = None) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, str(INSTALLER), "--host-root", str(node.root), "--host-exec", "direct"]
     if "--uninstall" not in args:
-        argv += ["--wheels", str(node.payload), "--python", HOST_PYTHON]
+        argv += ["--wheels", str(wheels or node.payload), "--python", HOST_PYTHON, "--extras", ""]
     return subprocess.run(argv + list(args), capture_output=True, text=True, timeout=60, env=env)
 
 
@@ -785,3 +870,152 @@ def test_v2_install_and_uninstall_keep_trailing_blank_lines(make_node: Callable[
     assert "nothing to change" in n.install().stdout and n.config.read_text() == installed
     n.install("--uninstall")
     assert n.config.read_text() == text
+
+
+# ---- versions: an upgrade installs beside the running version ---------------------------------------------
+
+
+def _stand_in(node: Node, argv0: str) -> subprocess.Popen[bytes]:
+    """A process of the node (a mount namespace of its own where the node's /opt/kybernate is at that path)
+    whose command line starts with argv0, as a shim started from that version's launcher."""
+    script = (f'mount -t tmpfs tmpfs /opt && mkdir /opt/kybernate && mount --bind "{node.path("/opt/kybernate")}" '
+              f"/opt/kybernate && exec -a {shlex.quote(argv0)} sleep 60")
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "--fork", "--kill-child", "bash", "-c",
+                             script])
+    deadline = time.monotonic() + 5  # until the exec has happened
+    def started() -> bool:
+        return any(_cmdline(p).startswith(argv0.encode()) for p in _descendants(proc.pid))
+
+    while not started():
+        assert time.monotonic() < deadline, "the stand-in did not start"
+        time.sleep(0.01)
+    return proc
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # exited meanwhile (the mount commands before the exec)
+        return b""
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def test_an_upgrade_keeps_the_version_a_process_still_uses(
+    make_node: Callable[..., Node], payload_v2: Path, stand_ins: tuple[dict[str, str], Path]
+) -> None:
+    env, _ = stand_ins
+    n = make_node("2.1")
+    assert _install_direct(n, env).returncode == 0
+    v1 = installed_venv(n)
+    v1_files = contents(n.path(v1))
+    # A process of the node running the first version (the installer finds it through /proc/<pid>/root).
+    user = _stand_in(n, v1 + "/bin/python3")
+    try:
+        r = _install_direct(n, env, wheels=payload_v2)
+        assert r.returncode == 0, r.stdout + r.stderr
+        v2 = str(json.loads(n.path("/opt/kybernate/installed.json").read_text())["venv"])
+        assert v2.startswith("/opt/kybernate/versions/0.1.0+two-") and v2 != v1
+        (sleeper,) = [p for p in _descendants(user.pid) if _cmdline(p).startswith(b"/opt")]
+        assert f"note: kept {v1}: still in use by pid(s) {sleeper}" in r.stdout
+        assert contents(n.path(v1)) == v1_files  # untouched: its process keeps its own files
+        for name in LAUNCHERS:
+            assert n.path(f"/usr/local/bin/{name}").read_text().startswith(f"#!{v2}/bin/python3\n")
+        assert os.readlink(n.path("/opt/kybernate/current")) == v2.removeprefix("/opt/kybernate/")
+    finally:
+        user.kill()
+        user.wait()
+    # The next run, with that process gone, removes the old version (and changes nothing else); the node's
+    # other processes (here one standing for its containerd) show that it sees the node's processes at all.
+    other = _stand_in(n, "/usr/local/bin/containerd")
+    try:
+        r = _install_direct(n, env, wheels=payload_v2)
+    finally:
+        other.kill()
+        other.wait()
+    assert r.returncode == 0 and "nothing to change" in r.stdout
+    assert f"remove {v1} (an earlier version no process uses)" in r.stdout
+    assert sorted(p.name for p in n.path("/opt/kybernate/versions").iterdir()) == [v2.rsplit("/", 1)[1]]
+
+
+def test_without_a_view_of_the_nodes_processes_old_versions_stay(
+    make_node: Callable[..., Node], payload_v2: Path
+) -> None:
+    n = make_node("1.6")
+    n.install()
+    v1 = installed_venv(n)
+    r = n.install(wheels=payload_v2)  # --host-root elsewhere, no --host-exec: the node's pids are not visible
+    assert "note: kept 1 earlier version(s) under /opt/kybernate/versions: this run cannot see" in r.stdout
+    assert n.path(v1).is_dir()
+    n.install("--uninstall")  # the uninstall takes every version
+    assert not n.path("/opt/kybernate").exists()
+
+
+def test_the_s3_extra_is_installed_by_default(make_node: Callable[..., Node], payload_s3: Path) -> None:
+    """The store's S3 tier imports boto3 from the node's venv; without its wheels the install names them."""
+    n = make_node("2.1")
+    r = n.install(check=False, extras=None)  # the plain payload lacks boto3
+    assert r.returncode == 1
+    assert "no wheel of boto3 (needed by kybernate[s3]) for the host (none at all); or leave the extra out" in r.stderr
+    n.install(wheels=payload_s3, extras=None)
+    record = json.loads(n.path("/opt/kybernate/installed.json").read_text())
+    assert record["extras"] == ["s3"]
+    names = {w.split("-")[0].lower() for w in record["wheels"]}
+    assert {"boto3", "botocore", "s3transfer", "jmespath", "python_dateutil", "six", "urllib3"} <= names
+    venv_python = n.path(f"{record['venv']}/bin/python3")
+    code = "import boto3, kybernate.hooks.api.store_s3 as s; print(boto3.__version__, s.__name__)"
+    r2 = subprocess.run([str(venv_python), "-c", code], capture_output=True, text=True, timeout=60)
+    assert r2.returncode == 0, r2.stderr
+    assert r2.stdout.split()[0] == importlib.metadata.version("boto3")
+
+
+def test_a_rollback_reuses_the_kept_version_as_it_is(
+    make_node: Callable[..., Node], payload_v2: Path, stand_ins: tuple[dict[str, str], Path]
+) -> None:
+    """Back to the first version while its shim still runs: its directory is switched to, never rebuilt."""
+    env, _ = stand_ins
+    n = make_node("1.6")
+    assert _install_direct(n, env).returncode == 0
+    v1 = installed_venv(n)
+    v1_files = snapshot(n.path(v1))  # mtimes too: not one file rewritten
+    user = _stand_in(n, v1 + "/bin/python3")
+    try:
+        assert _install_direct(n, env, wheels=payload_v2).returncode == 0
+        v2 = str(json.loads(n.path("/opt/kybernate/installed.json").read_text())["venv"])
+        r = _install_direct(n, env)
+    finally:
+        user.kill()
+        user.wait()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"switch back to {v1} (kept from an earlier install: reused as it is)" in r.stdout
+    assert f"remove {v2} (an earlier version no process uses)" in r.stdout
+    assert installed_venv(n) == v1 and snapshot(n.path(v1)) == v1_files
+    for name in LAUNCHERS:
+        assert n.path(f"/usr/local/bin/{name}").read_text().startswith(f"#!{v1}/bin/python3\n")
+    assert os.readlink(n.path("/opt/kybernate/current")) == v1.removeprefix("/opt/kybernate/")
+
+
+def test_a_shim_that_names_no_version_keeps_every_version(
+    make_node: Callable[..., Node], payload_v2: Path, stand_ins: tuple[dict[str, str], Path]
+) -> None:
+    """The node's shim runs through the installed launcher but its command line names no version directory
+    (a launcher of another kind): which version it uses is unknown, so none is removed."""
+    env, _ = stand_ins
+    n = make_node("2.1")
+    assert _install_direct(n, env).returncode == 0
+    v1 = installed_venv(n)
+    user = _stand_in(n, "/usr/local/bin/containerd-shim-kybernate-v1")
+    try:
+        r = _install_direct(n, env, wheels=payload_v2)
+    finally:
+        user.kill()
+        user.wait()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "note: kept every earlier version under /opt/kybernate/versions: kybernate shim(s) [" in r.stdout
+    assert n.path(v1).is_dir()

@@ -5,9 +5,11 @@ A node here is a directory tree (its /etc/containerd, /usr/local/bin, /opt/kyber
 sit at their real paths (its PID 1 stands for the node's init), and the node's own containerd (B, 1.6.20 or
 2.1.9) running in that mount namespace on the node's /etc/containerd/config.toml. The installer image runs
 as a privileged container under a second containerd (A, playing the kubelet's runtime) with exactly the
-DaemonSet's volumes (mounted from the node tree), environment, hostPID (the node's PID namespace) and
-command, minus the two flags that need systemd (this machine has none). What the installer then prints as
-"to do: systemctl ..." the test does as systemd would: restart B, start kybernate-hookd with the installed
+DaemonSet's volumes (mounted from the node tree), environment, hostPID (the PID namespace the node's
+containerd, its shims and hookd run in: this machine's, since only their mount and network namespaces are
+the node's) and command, minus the three flags that reach the node's systemd (this machine has none, and
+its PID 1 is a sandbox's init whose namespaces cannot be entered). What the installer
+then prints as "to do: systemctl ..." the test does as systemd would: restart B, start kybernate-hookd with the installed
 unit's ExecStart and Environment. The CUDA driver on this node is the named fake.
 """
 
@@ -22,6 +24,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +52,10 @@ DOCKERFILE = ROOT / "packaging" / "installer" / "Dockerfile"
 # (/usr/bin: the node's python) is this machine's own.
 NODE_DIRS = ("/etc/containerd", "/usr/local/bin", "/opt/kybernate", "/etc/kybernate", "/etc/systemd/system",
              "/run/systemd")
-# Flags of the DaemonSet's command that make the installer call the node's systemctl; there is no systemd
-# here, so the test leaves them out and runs the printed commands itself.
-SYSTEMD_FLAGS = ("--start-hookd", "--restart-containerd")
+# Flags of the DaemonSet's command that make the installer call the node's systemctl (through nsenter into
+# PID 1's mount namespace); there is no systemd here, and this machine's PID 1 cannot be entered, so the test
+# leaves them out and runs the printed commands itself.
+SYSTEMD_FLAGS = ("--start-hookd", "--restart-containerd", "--host-exec nsenter")
 UNIT = "/etc/systemd/system/kybernate-hookd.service"
 HOOKD_SOCKET = "/run/kybernate/hookd.sock"
 
@@ -88,39 +92,62 @@ def test_the_image_build_is_reproducible(installer_images: dict[str, Any], tmp_p
     assert installer_images["v2"].manifest_digest != first.manifest_digest
 
 
-def test_the_image_holds_what_the_dockerfile_puts_in_it(installer_images: dict[str, Any]) -> None:
-    """No Docker here: compare the file list and entrypoint the Dockerfile implies with the built image's."""
+def test_the_dockerfile_runs_the_image_builder_with_the_same_pins(installer_images: dict[str, Any]) -> None:
+    """No Docker here: the Dockerfile must build its root filesystem with build.py itself, from the same pinned
+    lists, and give the image build.py's entrypoint and environment; build.py's --layer (what its build stage
+    writes) must be exactly the layer of `make image`."""
     text = DOCKERFILE.read_text()
-    files = set(build.list_files(installer_images["v1"].path))
-    # Every COPY into /payload of the final stage, file or directory.
-    final = text.rsplit("\nFROM ", 1)[1]
-    copies = re.findall(r"(?m)^COPY (?!--from)(\S+) (\S+)$", final)
-    assert copies, "no COPY lines found in the Dockerfile's final stage"
-    for src, dst in copies:
-        if (ROOT / src).is_dir():
-            expected = {dst + "/" + str(f.relative_to(ROOT / src)) for f in (ROOT / src).rglob("*") if f.is_file()}
-        else:
-            expected = {dst}
-        assert expected <= files, f"the Dockerfile copies {src} to {dst}; the image lacks {sorted(expected - files)}"
-    # The wheels stage: one directory per CPython of ARG PYTHONS, each with kybernate and grpcio.
-    pythons = re.search(r'ARG PYTHONS="([^"]+)"', text)
-    assert pythons and tuple(pythons.group(1).split()) == build.PYTHONS
-    for v in build.PYTHONS:
-        d = "/payload/wheels/cp" + v.replace(".", "")
-        names = {Path(f).name.split("-")[0] for f in files if f.startswith(d + "/")}
-        assert {"kybernate", "grpcio", "protobuf", "pyroute2", "nvidia_ml_py"} <= names, (d, names)
-    entry = re.search(r"(?m)^ENTRYPOINT (.+)$", text)
-    cmd = re.search(r"(?m)^CMD (.+)$", text)
+    build_stage, final = text.split("\nFROM scratch\n")
+    # The build stage has everything build.py reads, at the same place relative to its working directory.
+    assert re.search(r"(?m)^WORKDIR /src$", build_stage)
+    copied: set[str] = set()
+    for srcs in re.findall(r"(?m)^COPY (?!--from)(.+) \S+$", build_stage):
+        copied |= set(srcs.split())
+    for dst_line in re.findall(r"(?m)^COPY (?!--from)(\S+) (\S+)$", build_stage):
+        assert dst_line[1] in (dst_line[0], "./"), f"COPY {dst_line[0]} {dst_line[1]}: not to the same path"
+    inputs = {*build.WHEEL_SOURCES, *build.PAYLOAD_FILES, "packaging/image"}
+    assert inputs <= copied, f"the Dockerfile's build stage lacks {sorted(inputs - copied)}"
+    pins = [build.DEBS_LIST, build.CONSTRAINTS, build.BUILD_TOOLS]
+    assert all(p.parent == ROOT / "packaging/image" for p in pins)  # ...so the COPY above carries every pin
+    run = re.search(r"(?ms)^RUN python3 -m venv /venv(.*?)(?=^\S|\Z)", build_stage)
+    assert run, "no build RUN in the Dockerfile's build stage"
+    assert "-r packaging/image/build-tools.txt" in run.group(1)  # the pinned setuptools, as `make image`
+    assert "packaging/image/build.py --layer /rootfs.tar" in run.group(1)
+    assert "tar -xf /rootfs.tar -C /rootfs" in run.group(1)
+    # The final stage: only that root filesystem, and build.py's config.
+    assert re.findall(r"(?m)^(COPY|RUN|ADD) .*$", final) == ["COPY"]
+    assert re.search(r"(?m)^COPY --from=build /rootfs/ /$", final)
+    entry = re.search(r"(?m)^ENTRYPOINT (.+)$", final)
+    cmd = re.search(r"(?m)^CMD (.+)$", final)
     assert entry and json.loads(entry.group(1)) == build.ENTRYPOINT
     assert cmd and json.loads(cmd.group(1)) == build.CMD
-    # Its final stage's Debian packages are among those the image is unpacked from; its ENV is the image's.
-    installed = re.search(r"apt-get install -y --no-install-recommends ([^\\&]+)", final)
-    assert installed, "no apt-get install line in the Dockerfile's final stage"
-    assert set(installed.group(1).split()) <= {name for name, _ in build.read_debs()}
     env = re.search(r"(?m)^ENV (.+)$", final)
-    assert env and set(env.group(1).split()) == {e for e in build.ENV if not e.startswith("PATH=")}
-    # `command -v nsenter` in the Dockerfile; the DaemonSet's /bin/sh -c and sleep.
-    assert {"/usr/bin/nsenter", "/usr/bin/python3", "/usr/bin/sh", "/usr/bin/sleep", "/bin"} <= files
+    assert env and set(env.group(1).split()) == set(build.ENV)
+    # What the build stage writes is byte for byte the layer of `make image` (its diff_id).
+    layer = build.build_layer(Path(os.environ.get("KYB_IMAGE_CACHE", "/var/tmp/kyb-image-cache")))
+    with tarfile.open(installer_images["v1"].path) as outer:
+        index = json.load(outer.extractfile("index.json"))  # type: ignore[arg-type]
+        manifest = json.load(outer.extractfile(f"blobs/sha256/{index['manifests'][0]['digest'][7:]}"))  # type: ignore[arg-type]
+        config = json.load(outer.extractfile(f"blobs/sha256/{manifest['config']['digest'][7:]}"))  # type: ignore[arg-type]
+    assert config["rootfs"]["diff_ids"] == ["sha256:" + hashlib.sha256(layer).hexdigest()]
+
+
+def test_every_wheel_in_the_image_is_pinned(installer_images: dict[str, Any]) -> None:
+    """kybernate with its s3 extra for each CPython; every other wheel at the version constraints.txt pins."""
+    pins = build.read_pins(build.CONSTRAINTS)
+    files = build.list_files(installer_images["v1"].path)
+    for v in build.PYTHONS:
+        d = "/payload/wheels/cp" + v.replace(".", "") + "/"
+        wheels = [Path(f).name for f in files if f.startswith(d) and f.endswith(".whl")]
+        names = {w.split("-")[0] for w in wheels}
+        assert {"kybernate", "grpcio", "protobuf", "pyroute2", "nvidia_ml_py", "prometheus_client", "boto3",
+                "botocore", "s3transfer"} <= names, (d, names)
+        for w in wheels:
+            name, version = w.split("-")[:2]
+            if name != "kybernate":
+                assert pins.get(build._normalize(name)) == version, f"{d}{w} is not the version constraints.txt pins"
+    # `command -v nsenter`; the DaemonSet's /bin/sh -c and sleep.
+    assert {"/usr/bin/nsenter", "/usr/bin/python3", "/usr/bin/sh", "/usr/bin/sleep", "/bin"} <= set(files)
 
 
 # ---- the DaemonSet, read from its manifest -------------------------------------------------------------
@@ -288,7 +315,10 @@ def run_installer(kubelet: Containerd, n: Node, image: Any, argv: list[str] | No
     assert pod.privileged and pod.host_pid
     name = f"installer-{next(_runs)}"
     log = n.root.parent / f"{name}.log"
-    args = ["run", "--privileged", "--with-ns", f"pid:/proc/{n.init}/ns/pid"]  # hostPID: the node's PIDs
+    # hostPID: the PID namespace of the node's processes (its containerd, shims and hookd), so the installer
+    # sees which version's files they use.
+    assert n.ctrd is not None and n.ctrd._proc is not None
+    args = ["run", "--privileged", "--with-ns", f"pid:/proc/{n.ctrd._proc.pid}/ns/pid"]
     for host_path, mount_path, ro in pod.mounts:
         src = n.path(host_path)
         assert src.is_dir(), f"hostPath {host_path} ({src}) is missing on the node"
@@ -408,6 +438,22 @@ def remove_pod(c: Containerd, p: CounterPod) -> None:
         cri.remove_pod(p.pod)
 
 
+def version_files(n: Node, pid: int) -> set[str]:
+    """The files under /opt/kybernate a process runs (its command line) or maps, as the node names them."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    # Read in the node's mount namespace, where the paths of its mounts are the node's.
+    maps = subprocess.run(n.nsenter(["cat", f"/proc/{pid}/maps"]), capture_output=True, text=True, timeout=30,
+                          check=True).stdout
+    mapped = [line.split(None, 5)[5] for line in maps.splitlines() if len(line.split(None, 5)) == 6]
+    return {f for f in [*argv, *mapped] if f.startswith("/opt/kybernate/")}
+
+
+def version_of(path: str) -> str:
+    m = re.match(r"/opt/kybernate/versions/[^/]+", path)
+    assert m, f"{path} is not in a version directory"
+    return m.group(0)
+
+
 # ---- the cycle ---------------------------------------------------------------------------------------------
 
 
@@ -433,15 +479,21 @@ def test_daemonset_install_pod_upgrade_uninstall(
     assert todo(out) == ["systemctl daemon-reload", "systemctl restart kybernate-hookd", "systemctl restart containerd"]
     record = json.loads(node.path("/opt/kybernate/installed.json").read_text())
     assert record["python"] == os.path.realpath("/usr/bin/python3")  # the node's python, found through /host/usr/bin
-    assert "kybernate-0.1.0-py3-none-any.whl" in record["wheels"]
+    assert "kybernate-0.1.0-py3-none-any.whl" in record["wheels"] and record["extras"] == ["s3"]
+    dir1 = record["venv"]
+    assert dir1.startswith("/opt/kybernate/versions/0.1.0-")
     assert node.path(UNIT).read_text().endswith((ROOT / "packaging/systemd/kybernate-hookd.service").read_text())
     assert os.readlink(node.path("/etc/systemd/system/multi-user.target.wants/kybernate-hookd.service")) == UNIT
     # ...and as the installer asks: the unit's daemon, then containerd on its new config.
     as_systemd_would(node, todo(out))
     exec_start = re.search(r"(?m)^ExecStart=(.+)$", node.path(UNIT).read_text())
     assert exec_start and shlex.split(exec_start.group(1))[0] == "/usr/local/bin/kybernate-hookd"
-    # The launcher's shebang runs it on the venv's python (the node's python3.11).
-    assert node.hookd_program() == ["/opt/kybernate/venv/bin/python3", *shlex.split(exec_start.group(1))]
+    # The launcher's shebang runs it on the version's venv python (the node's python3.11).
+    assert node.hookd_program() == [f"{dir1}/bin/python3", *shlex.split(exec_start.group(1))]
+    # The S3 tier's client is in that venv: hookd's store can use it.
+    s3 = subprocess.run(node.nsenter([f"{dir1}/bin/python3", "-c", "import boto3, kybernate.hooks.api.store_s3"]),
+                        capture_output=True, text=True, timeout=60)
+    assert s3.returncode == 0, s3.stderr
 
     # ---- a pod of runtime class kybernate ----------------------------------------------------------------------
     first = start_counter(b, "first")
@@ -451,24 +503,37 @@ def test_daemonset_install_pod_upgrade_uninstall(
     # ---- upgrade: a second image version, while the pod runs ---------------------------------------------------
     installed_config = config.read_bytes()
     out = run_installer(kubelet, node, v2)
-    assert "rebuild /opt/kybernate/venv" in out
+    record = json.loads(node.path("/opt/kybernate/installed.json").read_text())
+    dir2 = record["venv"]
+    assert dir2.startswith("/opt/kybernate/versions/0.1.0+upg-")
+    assert f"create {dir2} for" in out
+    # The first version stays: the old pod's shim (and the old hookd, until restarted) run from it.
+    assert re.search(rf"(?m)^note: kept {re.escape(dir1)}: still in use by pid\(s\) .*\b{old_shim}\b", out), out
     assert config.read_bytes() == installed_config  # containerd's config is the same...
     # ...but the installer cannot know that the restart it asked for happened (systemd would have told it).
     assert "to do: systemctl restart containerd  (load the config an earlier run changed" in out
     assert todo(out) == ["systemctl daemon-reload", "systemctl restart kybernate-hookd", "systemctl restart containerd"]
-    record = json.loads(node.path("/opt/kybernate/installed.json").read_text())
     assert "kybernate-0.1.0+upg-py3-none-any.whl" in record["wheels"]
     as_systemd_would(node, todo(out))  # new hookd; containerd restarted under the running pod
-    # The pod never stopped; the shim that started it still serves it, and it checkpoints.
+    assert node.hookd_program()[0] == f"{dir2}/bin/python3"
+    # The pod never stopped; the shim that started it still serves it: it pauses, resumes and checkpoints.
     seen = counts(b, first.container)[-1]
     wait_for("the first pod to go on counting", lambda: counts(b, first.container)[-1] > seen + 1)
     assert shim_pids(b, SHIM_BINARY) == [old_shim]
+    b.ctr("tasks", "pause", first.container, namespace=CRI_NAMESPACE, timeout=60)
+    assert "PAUSED" in b.ctr("tasks", "ls", namespace=CRI_NAMESPACE).stdout
+    b.ctr("tasks", "resume", first.container, namespace=CRI_NAMESPACE, timeout=60)
     checkpoint(b, first, "kyb.local/ckpt/first:2")
     wait_for("the first pod to count after the checkpoint", lambda: counts(b, first.container)[-1] > seen + 3)
+    # ...and after all that, every file of ours it runs or maps is the first version's: none of the second's.
+    old_files = version_files(node, old_shim)
+    assert any(f.endswith(".so") for f in old_files), old_files  # native modules it maps, not only its argv
+    assert {version_of(f) for f in old_files} == {dir1}
     # A new pod runs on the new version.
     second = start_counter(b, "second")
-    assert len(shim_pids(b, SHIM_BINARY)) == 2 and old_shim in shim_pids(b, SHIM_BINARY)
-    venv_version = subprocess.run(node.nsenter(["/opt/kybernate/venv/bin/python3", "-c",
+    (new_shim,) = set(shim_pids(b, SHIM_BINARY)) - {old_shim}
+    assert {version_of(f) for f in version_files(node, new_shim)} == {dir2}
+    venv_version = subprocess.run(node.nsenter(["/opt/kybernate/current/bin/python3", "-c",
                                                 "import importlib.metadata as m; print(m.version('kybernate'))"]),
                                   capture_output=True, text=True, timeout=30)
     assert venv_version.stdout.strip() == "0.1.0+upg", venv_version.stderr
@@ -477,6 +542,10 @@ def test_daemonset_install_pod_upgrade_uninstall(
     for p in (first, second):
         remove_pod(b, p)
     wait_for("the kybernate shims to exit", lambda: not shim_pids(b, SHIM_BINARY))
+    # The DaemonSet's pod, restarted: nothing to install, and the first version, now unused, goes.
+    out = run_installer(kubelet, node, v2)
+    assert f"remove {dir1} (an earlier version no process uses)" in out.splitlines()
+    assert not node.path(dir1).exists() and node.path(dir2).is_dir()
     out = run_installer(kubelet, node, v2, ["python3", "/payload/packaging/installer/install.py",
                                             "--host-root", "/host", "--uninstall"])
     assert "uninstalled" in out.splitlines()
@@ -484,16 +553,9 @@ def test_daemonset_install_pod_upgrade_uninstall(
     as_systemd_would(node, todo(out))
     assert node.hookd is None
     assert config.read_bytes() == original
-    after = snapshot(node.root)
-    # Exactly what the installer documents keeping: the operator's runtime.toml and its config backups; and on
-    # version 3 the (empty) conf.d directory it made for the drop-in (it cannot tell whether it made it).
-    kept = {k for k in after if k not in before}
-    backups = {k for k in kept if re.fullmatch(r"/etc/containerd/config\.toml\.kybernate-backup-\S+", k)}
-    conf_d = {"/etc/containerd/conf.d"} if version == "2.1" else set()
-    assert kept - backups == {"/etc/kybernate/runtime.toml"} | conf_d
-    assert all(not any(node.path(d).iterdir()) for d in conf_d)
-    assert len(backups) == 2  # one before the install's edit, one before the uninstall's
-    assert {k: v for k, v in after.items() if k in before} == before
+    # The node tree is the one before the install: every path, mode and byte (no backups, no runtime.toml the
+    # install wrote, no conf.d it made).
+    assert snapshot(node.root) == before
     with b.cri() as cri:  # the node's containerd runs on the restored config, without the runtime
         with pytest.raises(Exception, match="kybernate"):
             cri.run_pod(cri.pod_config("gone"), runtime_handler="kybernate")
