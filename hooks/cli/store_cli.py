@@ -93,6 +93,7 @@ def main(argv: list[str]) -> int:
     pf.add_argument("reference", metavar="KEY[@GENERATION]")
     _common(pf)
     pf.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    pf.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     ls = verbs.add_parser("ls", help="list the checkpoints the registry knows")
     _common(ls)
     ls.add_argument("--json", action="store_true", help="one JSON array on stdout")
@@ -181,7 +182,7 @@ def _checkpoint(args: argparse.Namespace) -> int:
     upload; this prints the phases as they stream in and the result."""
     from kybernate.hooks.api.client import HookdClient, HookdError, HookdUnavailable, StoreProgress
 
-    from .progress import CheckpointProgress
+    from .progress import PhaseProgress
 
     if args.key is not None:
         try:
@@ -189,7 +190,7 @@ def _checkpoint(args: argparse.Namespace) -> int:
         except StoreError as err:
             _stderr(f"kybernate checkpoint: error: {err}")
             return 1
-    show = CheckpointProgress.for_terminal(quiet=args.quiet)
+    show = PhaseProgress(quiet=args.quiet)
 
     def on_progress(p: StoreProgress) -> None:
         show.update(p.phase, p.bytes_done, p.bytes_total)
@@ -254,6 +255,8 @@ def _prefetch(args: argparse.Namespace) -> int:
     from kybernate.hooks.api.store_registry import UPLOADED, Registry
     from kybernate.hooks.api.store_s3 import S3Tier
 
+    from .progress import PhaseProgress
+
     key, number = store_layout.parse_reference(args.reference.removeprefix("store:"))
     tier = _s3()
     if tier is None:
@@ -261,13 +264,26 @@ def _prefetch(args: argparse.Namespace) -> int:
                 "see docs/store.md)")
         return 2
     assert isinstance(tier, S3Tier)
+    if number is None:  # the newest complete remote generation (download() says so when there is none)
+        have = tier.generations(key)
+        number = have[-1] if have else None
+    total = tier.manifest(key, number).size if number is not None and \
+        number not in store_layout.Store(args.store).generations(key) else 0
+    show = PhaseProgress(quiet=args.quiet)
     started = time.monotonic()
-    generation = tier.download(store_layout.Store(args.store), key, number)
+    try:
+        generation = tier.download(store_layout.Store(args.store), key, number,
+                                   progress=lambda n: show.add("download", n, total))
+    finally:
+        show.close()
     seconds = time.monotonic() - started
     try:
         Registry(args.registry).record_local(generation, remote=True, state=UPLOADED)
     except StoreError as err:
         _stderr(f"kybernate prefetch: warning: {err}")
+    if args.json:
+        print(json.dumps({"key": key, "generation": generation.number, "path": generation.path,
+                          "size": generation.manifest.size, "seconds": round(seconds, 4)}, sort_keys=True))
     if not args.quiet:
         _stderr(f"prefetched {key}@{generation.number} into {generation.path}: "
                 f"{store_layout.human(generation.manifest.size)} in {seconds:.2f}s")
