@@ -264,10 +264,11 @@ def _prefetch(args: argparse.Namespace) -> int:
                 "see docs/store.md)")
         return 2
     assert isinstance(tier, S3Tier)
-    if number is None:  # the newest complete remote generation (download() says so when there is none)
-        have = tier.generations(key)
-        number = have[-1] if have else None
-    total = tier.manifest(key, number).size if number is not None and \
+    # The size to show progress against; download() itself says when there is no such generation.
+    have = tier.generations(key)
+    if number is None and have:
+        number = have[-1]
+    total = tier.manifest(key, number).size if number in have and \
         number not in store_layout.Store(args.store).generations(key) else 0
     show = PhaseProgress(quiet=args.quiet)
     started = time.monotonic()
