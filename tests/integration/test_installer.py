@@ -47,7 +47,7 @@ CRI = {"1.6": "io.containerd.grpc.v1.cri", "2.1": "io.containerd.cri.v1.runtime"
 CONFIG_VERSION = {"1.6": 2, "2.1": 3}
 DROPIN = "/etc/containerd/conf.d/kybernate.toml"
 LAUNCHERS = ("containerd-shim-kybernate-v1", "kybernate-hookd")
-DEPENDENCIES = ("grpcio", "protobuf", "pyroute2", "nvidia-ml-py", "prometheus_client", "typing_extensions")
+DEPENDENCIES = ("grpcio", "protobuf", "pyroute2", "nvidia-ml-py", "prometheus_client", "typing_extensions", "tqdm")
 # The interpreter running the tests plays the node's python3: the dependency wheels were made for it.
 HOST_PYTHON = os.path.realpath(sys.executable)
 # An operator's own CRI setting that must survive the install (it is in the CRI runtime plugin's section).
