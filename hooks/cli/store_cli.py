@@ -1,11 +1,11 @@
-"""The store's `kybernate` verbs: `checkpoint <container> [--key K] [--leave-running]` into the store,
-`ls [--json]` (the registry), `store rebuild` (the registry from the manifests), `store gc` (retention and
-the local budget, also run after every checkpoint).
+"""The store's `kybernate` verbs: `checkpoint <container> --key K [--leave-running]` (a client of hookd's
+Store.Checkpoint), `ls [--json]` (the registry), `prefetch KEY[@GEN]` (from S3), `restore KEY[@GEN] --id NEW`
+(for ctr users), `store rebuild` (the registry from the manifests, local and in S3), `store export` (a
+CRI-style archive), `store gc` (retention and the local budget, which hookd also runs after every checkpoint).
 
 `kybernate checkpoint --output X.tar` (an archive, hooks/cli/checkpoint_archive.py) stays as it was; without
-`--output` the checkpoint goes into the store (hooks/cli/store_checkpoint.py). Progress goes to stderr, one
-line per phase; `--json` prints the result as one JSON object on stdout for scripts.
-"""
+`--output` the checkpoint goes into the store, run by kybernate-hookd (hooks/hookd/store/). Progress goes to
+stderr (hooks/cli/progress.py); `--json` prints the result as one JSON object on stdout for scripts."""
 
 from __future__ import annotations
 
