@@ -6,7 +6,7 @@ full disk never leaves anything that looks complete (temp dirs start with a dot 
 Generations are immutable once renamed. Readers verify size and sha256 of every listed file before
 anything is handed on (docs/store.md).
 
-Pure file operations, no containerd or RPC: the checkpoint path (store_checkpoint.py) and the shim's
+Pure file operations, no containerd or RPC: the checkpoint path (hooks/hookd/store/checkpoint.py) and the shim's
 restore (shim/restore_store.py) both build on it.
 """
 

@@ -108,9 +108,9 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=512, help="memory the container holds")
     parser.add_argument("--dir", default="/var/tmp", help="where the store and the raw dumps go (same disk)")
     parser.add_argument("--s3", action="store_true", help="measure the S3 tier and its clients instead")
-    parser.add_argument("--hookd-socket", default="",
-                        help="a running kybernate-hookd whose store is on --dir and whose --containerd-address is "
-                        "this run's containerd (GPU machine); default: one started here with the fake GPU driver")
+    parser.add_argument("--real-driver", action="store_true",
+                        help="start the run's kybernate-hookd on the node's CUDA driver (GPU machine); default: on "
+                        "the fake GPU driver (tests/fakes/fakegpu)")
     args = parser.parse_args()
     if args.s3:
         return s3_bench(args.runs, args.mib, Path(args.dir))
@@ -136,16 +136,18 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise RuntimeError("the benchmark container never filled its memory")
             time.sleep(0.5)
-        socket = args.hookd_socket
-        if not socket:
-            from harness.gpunode import GpuNode
+        # The run's own hookd owns the store on --dir and talks to this run's containerd.
+        from harness.gpunode import GpuNode
 
-            home = scratch / "hookd"
-            home.mkdir()
-            hookd = GpuNode(home, hookd_args=["--containerd-address", str(c.address), "--store-root",
-                                              str(scratch / "store"), "--store-registry",
-                                              str(scratch / "registry.db")])
-            socket = hookd.socket
+        home = scratch / "hookd"
+        home.mkdir()
+        flags = ["--containerd-address", str(c.address), "--store-root", str(scratch / "store"),
+                 "--store-registry", str(scratch / "registry.db")]
+        hookd = GpuNode(home, hookd_args=flags)
+        if args.real_driver:  # the same flags, the node's libcuda and NVML instead of the fake's
+            hookd.hookd_args = [*flags, "--libcuda", "libcuda.so.1", "--libnvml", ""]
+            hookd.restart_hookd()
+        socket = hookd.socket
         kybernate_checkpoint(c, socket)  # warm-up: page cache, CRIU binary, imports
         for i in range(args.runs):
             steps = ["kyb", "ctr", "raw"]

@@ -48,7 +48,7 @@ CRI = {"1.6": "io.containerd.grpc.v1.cri", "2.1": "io.containerd.cri.v1.runtime"
 CONFIG_VERSION = {"1.6": 2, "2.1": 3}
 DROPIN = "/etc/containerd/conf.d/kybernate.toml"
 LAUNCHERS = ("containerd-shim-kybernate-v1", "kybernate-hookd")
-DEPENDENCIES = ("grpcio", "protobuf", "pyroute2", "nvidia-ml-py", "prometheus_client", "typing_extensions")
+DEPENDENCIES = ("grpcio", "protobuf", "pyroute2", "nvidia-ml-py", "prometheus_client", "typing_extensions", "tqdm")
 # The `s3` extra (install.py installs it unless told --extras ''): boto3 and its dependencies.
 S3_DEPENDENCIES = ("boto3", "botocore", "s3transfer", "jmespath", "python-dateutil", "six", "urllib3")
 # The interpreter running the tests plays the node's python3: the dependency wheels were made for it.

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from harness.containerd import CRI_NAMESPACE, Containerd
 from harness.cri import pb
 from harness.gpunode import GpuNode
 from harness.images import BUSYBOX_IMAGE
-from harness.s3server import S3Server
+from harness.s3server import S3Server, free_port
 from harness.workload import COUNTER, wait_for
 
 pytestmark = pytest.mark.stack
@@ -133,7 +134,8 @@ def test_s3_unreachable_the_local_checkpoint_succeeds_and_ls_shows_the_failure(
     s3_server.stop()  # nothing listens on its port now
     node_env = {k: v for k, v in env.items() if k.startswith(("KYBERNATE_S3_", "AWS_"))}
     c = kyb_factory("1.6", env={"KYBERNATE_STORE": str(store), **node_env})
-    hookd = s3_hookd(store_hookd, c, store, s3_server, monkeypatch)
+    port = free_port()
+    hookd = s3_hookd(store_hookd, c, store, s3_server, monkeypatch, "--metrics-address", f"127.0.0.1:{port}")
     with c.cri() as cri:
         pod, cid = start_pod(cri, "a")
         cri.start_container(cid)
@@ -143,6 +145,10 @@ def test_s3_unreachable_the_local_checkpoint_succeeds_and_ls_shows_the_failure(
         cri.stop_pod(pod)
         cri.remove_pod(pod)
     wait_for("the upload to fail", lambda: row_state(store, env)[0] == "failed", 60)
+    text = metrics(port)
+    assert sample(text, "kybernate_hookd_store_upload_backlog") == 1
+    assert sample(text, "kybernate_hookd_store_failures_total", tier="s3", operation="upload") >= 1
+    assert sample(text, "kybernate_hookd_store_bytes_total", tier="local", operation="checkpoint") > 0
     [row] = ls(store, env)
     assert (row["state"], row["tiers"]) == ("failed", ["local"]), row
     assert f"127.0.0.1:{s3_server.port}" in str(row["error"]), row
@@ -153,6 +159,11 @@ def test_s3_unreachable_the_local_checkpoint_succeeds_and_ls_shows_the_failure(
     wait_for("the retried upload", lambda: row_state(store, env) == ("uploaded", ["local", "s3"]), 60)
     [row] = ls(store, env)
     assert row["attempts"] >= 1 and row["error"] == "", row
+    text = metrics(port)
+    assert sample(text, "kybernate_hookd_store_upload_backlog") == 0
+    assert sample(text, "kybernate_hookd_store_bytes_total", tier="s3", operation="upload") == row["size"]
+    assert sample(text, "kybernate_hookd_store_duration_seconds_count", tier="s3", operation="upload") == 1
+    assert sample(text, "kybernate_hookd_store_duration_seconds_count", tier="local", operation="pause") == 1
     names = {o["Key"] for o in s3_server.client().list_objects_v2(
         Bucket=s3_server.bucket, Prefix="cluster/web/1/")["Contents"]}
     assert "cluster/web/1/manifest.json" in names
@@ -163,6 +174,21 @@ def test_s3_unreachable_the_local_checkpoint_succeeds_and_ls_shows_the_failure(
         assert counts(cri, cid)[-1] > 3
         cri.stop_pod(pod)
         cri.remove_pod(pod)
+
+
+def metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one series of the Prometheus text format."""
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series == want:
+            return float(value)
+    raise AssertionError(f"no series {want} in the metrics")
 
 
 def connected_to(port: int) -> bool:
