@@ -153,9 +153,6 @@ def test_bad_input_is_refused_before_anything_is_touched(kyb: Containerd, tmp_pa
         assert done.returncode == 1 and says in done.stderr, done.stderr
     done = kybernate(kyb, hookd, "checkpoint", "nope", "--key", "k")
     assert done.returncode == 1 and "'nope' not found" in done.stderr and "[NOT_FOUND]" in done.stderr, done.stderr
-    done = kybernate(kyb, hookd, "checkpoint", "bad")  # no key: required for now
-    assert done.returncode == 1 and "a key is required" in done.stderr, done.stderr
-    assert "[INVALID_ARGUMENT]" in done.stderr, done.stderr
     assert not store.exists() or os.listdir(store) == []
     assert task_status(kyb, "bad") == "RUNNING"
     # hookd not running: the command says where it looked and what to start.
@@ -164,6 +161,21 @@ def test_bad_input_is_refused_before_anything_is_touched(kyb: Containerd, tmp_pa
     assert done.returncode == 1 and f"kybernate-hookd is not running at {hookd.socket}" in done.stderr, done.stderr
     assert "start kybernate-hookd" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert task_status(kyb, "bad") == "RUNNING"
+
+
+def test_without_a_key_the_checkpoint_goes_under_the_containers_own_key(kyb: Containerd, tmp_path: Path,
+                                                                      store_hookd) -> None:
+    """No --key: hookd takes the container's kybernate.io/checkpoint-key, else its default key, the one
+    checkpoint-on-stop and resume: latest use (hooks/api/checkpoint_key.py)."""
+    store = tmp_path / "store"
+    hookd = store_hookd(kyb, store)
+    start_counter(kyb, "own")
+    done = kybernate(kyb, hookd, "checkpoint", "own", "--leave-running", "--json")
+    assert done.returncode == 0, done.stderr
+    key = json.loads(done.stdout)["key"]
+    assert key == f"{kyb.namespace}_own"
+    assert store_layout.Store(str(store)).generations(key) == [1]
+    assert task_status(kyb, "own") == "RUNNING"
 
 
 @pytest.mark.parametrize("version", ["1.6", "2.1"])

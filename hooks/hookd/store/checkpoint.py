@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from kybernate.api import containerd_api_pb2 as pb
-from kybernate.hooks.api import procfs
+from kybernate.hooks.api import checkpoint_key, procfs
 from kybernate.hooks.api import store as store_layout
 from kybernate.hooks.api.checkpoint import CONFIG_DUMP, SPEC_DUMP
 from kybernate.hooks.api.errors import Code, FailedPrecondition, InvalidRequest, KybernateError
@@ -149,7 +149,7 @@ class StoreCheckpoint:
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = _Deadline(started + r.deadline_s)
-        key = validate(r)
+        key = validate(r)  # "" until the container's spec names it (checkpoint_key.key_for)
         address = self.containerd_address.removeprefix("unix://")
         client = ContainerdClient(address, r.namespace, timeout=max(1.0, r.deadline_s))
         # State reads and the resume run whatever the deadline says, each bounded on its own.
@@ -157,6 +157,7 @@ class StoreCheckpoint:
         try:
             container, self.pid = await self._blocking(self._inspect, client)
             spec = _spec(container)
+            key = key or _default_key(spec, r.namespace, self.cid)
             pending = await self._blocking(self.store.begin, key)
             try:
                 await self._freeze_and_dump(client, container, spec, pending, deadline)
@@ -367,8 +368,7 @@ def validate(request: CheckpointRequest) -> str:
     if not request.container_id:
         raise InvalidRequest("a container id is required")
     if not request.key:
-        # For now: the default key (annotation, <pod>.<container>) is to be computed here later.
-        raise InvalidRequest("a key is required")
+        return ""  # the container's own key, from its spec once it is read (_default_key)
     return store_layout.validate_key(request.key)
 
 
@@ -429,6 +429,15 @@ def _tree_size(path: str) -> int:
             except OSError:
                 continue  # written and removed while we walked (CRIU's temp files)
     return total
+
+
+def _default_key(spec: dict[str, Any], namespace: str, container_id: str) -> str:
+    """The workload's key when the request names none: its kybernate.io/checkpoint-key, else the default
+    (docs/resilience.md), exactly as the shim computes it for checkpoint-on-stop and resume: latest."""
+    try:
+        return checkpoint_key.key_for(spec_annotations(spec), namespace, container_id)
+    except store_layout.BadKey as err:
+        raise InvalidRequest(f"the container's {checkpoint_key.ANNOTATION} cannot be a store key: {err}") from None
 
 
 def _spec(container: pb.ContainerRecord) -> dict[str, Any]:
