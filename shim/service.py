@@ -178,6 +178,8 @@ class TaskService:
                 raise await self._criu_error(err, request.id, "dump", since) from err
             raise
         if _checkpoint_exits(request.options if request.HasField("options") else None):
+            if self._store_checkpoints is not None:
+                self._store_checkpoints.dumped(request.id)
             await self._gpu_step(Event.CHECKPOINT_EXIT, request.id, "record the checkpoint", call)
         else:
             await self._gpu_step(Event.CHECKPOINT_DONE, request.id, "restore GPU state after checkpoint", call)

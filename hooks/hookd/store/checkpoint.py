@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 from kybernate.api import containerd_api_pb2 as pb
 from kybernate.hooks.api import store as store_layout
 from kybernate.hooks.api.checkpoint import CONFIG_DUMP, SPEC_DUMP
+from kybernate.hooks.api.checkpoint_key import key_for
 from kybernate.hooks.api.errors import Code, FailedPrecondition, InvalidRequest, KybernateError
 from kybernate.hooks.api.model import StoreProgress
 from kybernate.hooks.api.store import Generation, Identity, Pending, Store
@@ -154,6 +155,8 @@ class StoreCheckpoint:
         try:
             container = await self._blocking(self._inspect, client)
             spec = _spec(container)
+            # No key given: the container's kybernate.io/checkpoint-key or its default, as the shim computes it.
+            key = key or key_for(spec_annotations(spec), r.namespace, self.cid)
             pending = await self._blocking(self.store.begin, key)
             try:
                 await self._freeze_and_dump(client, container, spec, pending, deadline)
@@ -360,8 +363,7 @@ def validate(request: CheckpointRequest) -> str:
     if not request.container_id:
         raise InvalidRequest("a container id is required")
     if not request.key:
-        # For now: the default key (annotation, <pod>.<container>) is to be computed here later.
-        raise InvalidRequest("a key is required")
+        return ""  # the container's own key (hooks/api/checkpoint_key.py), once its spec is read
     return store_layout.validate_key(request.key)
 
 
