@@ -35,6 +35,7 @@ from kybernate.hooks.api.model import StoreCheckpointResult
 
 from .runtime_options import KybernateOptions
 from .taskspec import Resilience, TaskSpec
+from .ttrpc.errors import TTRPCError
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ class StoreCheckpoints:
                 await asyncio.sleep(every)
                 if task.stopping:
                     return
-                if await self._status(cid) in STOPPED:
+                if await self._status_or_stopped(cid) in STOPPED:
                     log.info("periodic checkpoints end: the task has exited", extra={"fields": {"id": cid}})
                     return
                 if self._paused(cid):
@@ -240,6 +241,15 @@ class StoreCheckpoints:
             raise
         except Exception:  # a bug: say so, the task runs on without periodic checkpoints
             log.exception("periodic checkpoints stopped by an unexpected error", extra={"fields": {"id": cid}})
+
+    async def _status_or_stopped(self, container_id: str) -> int:
+        """The task's status; STOPPED when the runc shim no longer knows it (deleted behind our back)."""
+        try:
+            return await self._status(container_id)
+        except TTRPCError as err:
+            log.info("periodic checkpoints: the task's state cannot be read", extra={"fields": {
+                "id": container_id, "error": err.message}})
+            return task_pb2.STOPPED
 
     async def _periodic_once(self, task: _Task) -> None:
         cid, key = task.container_id, task.want.key

@@ -26,7 +26,7 @@ from harness.containerd import CRI_NAMESPACE
 from harness.cri import pb
 from harness.images import BUSYBOX_IMAGE
 from harness.s3server import S3Server
-from harness.workload import wait_for
+from harness.workload import read_counts, wait_for
 from test_gpu_steps import COUNTER, G0, GiB, GpuNode, gpu  # noqa: F401  (gpu: the fixture)
 
 from kybernate.hooks.api import store as store_layout
@@ -214,3 +214,45 @@ def test_a_checkpoint_on_stop_past_its_budget_lets_the_stop_complete_and_leaves_
     # Nothing incomplete is visible: no generation, and hookd's rollback removes its temp dir.
     wait_for("hookd's rollback", lambda: not in_flight(store, "slow"), 60)
     assert generations(store, "slow") == []
+
+
+@pytest.mark.parametrize("version", ["1.6", "2.1"])
+def test_ctr_kill_sigterm_checkpoints_on_stop_and_ctr_run_resumes(kyb_factory, gpu: GpuNode, tmp_path: Path,  # noqa: F811
+                                                                  version: str) -> None:
+    """The GPU machine's path (tests/gpu scenario resilience): `ctr run --annotation`, `ctr task kill -s SIGTERM`
+    through the shim, a new container resumed with `ctr run` and resume: latest."""
+    store, registry = tmp_path / "store", tmp_path / "registry.db"
+    c = kyb_factory(version, runtime_toml=gpu.runtime_toml(),
+                    env={"KYBERNATE_STORE": str(store), "KYBERNATE_REGISTRY": str(registry)})
+    gpu.restart_hookd(store_flags(c, store, registry))
+    notes = [arg for k, v in {KEY: "ctr-job", ON_STOP: "true", ON_STOP_TIMEOUT: "30s", RESUME: "latest"}.items()
+             for arg in ("--annotation", f"{k}={v}")]
+    runtime = "io.containerd.kybernate.v1"
+    c.ctr("run", "-d", "--runtime", runtime, *notes, *gpu.container_env("p-ctr"), BUSYBOX_IMAGE, "job-1",
+          "sh", "-c", COUNTER)
+    first = wait_for("the counter", lambda: (n := read_counts(c, "job-1")) and len(n) > 5 and n)
+    assert first[0] == 0
+    c.ctr("task", "kill", "--signal", "SIGTERM", "job-1")  # returns once the dump has ended the task
+    wait_for("the task to exit", lambda: task_status(c, "job-1") in ("STOPPED", None), 30)
+    wait_for("the generation", lambda: generations(store, "ctr-job") == [1] and not in_flight(store, "ctr-job"), 30)
+    held = stored_counts(store, "ctr-job", 1)
+    assert [e.op for e in gpu.events("p-ctr")] == ["lock", "checkpoint"]
+    c.ctr("task", "delete", "job-1")
+    c.ctr("container", "delete", "job-1")
+    c.ctr("run", "-d", "--runtime", runtime, *notes, *gpu.container_env("p-ctr"), BUSYBOX_IMAGE, "job-2",
+          "sh", "-c", COUNTER)
+    now = read_counts(c, "job-2")
+    assert now[:len(held)] == held  # resumed from the stop's checkpoint: nothing lost
+    assert [e.op for e in gpu.events("p-ctr")][-2:] == ["restore", "unlock"]
+    wait_for("the counter to go on", lambda: read_counts(c, "job-2")[-1] > now[-1] + 1)
+    c.ctr("task", "kill", "--signal", "SIGKILL", "job-2")
+    wait_for("job-2 to exit", lambda: task_status(c, "job-2") in ("STOPPED", None), 30)
+    assert generations(store, "ctr-job") == [1]  # SIGKILL: no checkpoint
+
+
+def task_status(c, name: str) -> str | None:  # type: ignore[no-untyped-def]
+    for line in c.ctr("task", "ls").stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == name:
+            return fields[2]
+    return None
