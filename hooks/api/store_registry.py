@@ -17,12 +17,12 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kybernate.hooks.api.store import Generation, Store, StoreError
+from kybernate.hooks.api.store import Generation, Manifest, Store, StoreError
 
 DEFAULT_REGISTRY = "/var/lib/kybernate/registry.db"
 REGISTRY_ENV = "KYBERNATE_REGISTRY"
@@ -110,16 +110,25 @@ class Registry:
     # ---- writes ----
 
     def record_local(self, generation: Generation, *, remote: bool = False, state: str = COMPLETE) -> None:
-        """A complete local generation (just written, or found by rebuild)."""
-        m = generation.manifest
+        """A complete local generation (just written, or found by rebuild); `remote`: S3 holds it too."""
+        self._record(generation.manifest, local=True, remote=remote, state=state)
+
+    def record_remote(self, manifest: Manifest) -> None:
+        """A complete generation the S3 tier holds (found by rebuild); a local copy, if any, is recorded apart."""
+        self._record(manifest, local=False, remote=True, state=UPLOADED)
+
+    def _record(self, m: Manifest, *, local: bool, remote: bool, state: str) -> None:
         with self._db() as db:
             db.execute(
                 "INSERT INTO generations (key, generation, state, local, remote, size, created, node, container,"
-                " gpu, last_used) VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (key, generation) DO UPDATE SET local = 1, remote = max(remote, excluded.remote),"
-                " size = excluded.size",
-                (m.key, m.generation, state, int(remote), m.size, m.created, m.node, m.identity.container_id,
-                 json.dumps(m.gpu, sort_keys=True), time.time()))
+                " gpu, last_used, uploaded_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (key, generation) DO UPDATE SET local = max(local, excluded.local),"
+                " remote = max(remote, excluded.remote), size = excluded.size,"
+                " uploaded_bytes = max(uploaded_bytes, excluded.uploaded_bytes),"
+                " state = CASE WHEN excluded.remote = 1 THEN 'uploaded' ELSE state END",
+                (m.key, m.generation, state, int(local), int(remote), m.size, m.created, m.node,
+                 m.identity.container_id, json.dumps(m.gpu, sort_keys=True), time.time(),
+                 m.size if remote else 0))
 
     def set_state(self, key: str, generation: int, state: str, *, error: str = "", uploaded_bytes: int | None = None,
                   remote: bool | None = None) -> None:
@@ -174,17 +183,25 @@ class Registry:
             db.execute("DELETE FROM generations WHERE key = ? AND generation = ? AND local = 0 AND remote = 0",
                        (key, generation))
 
-    def rebuild(self, store: Store) -> int:
-        """Forget everything and index every complete local generation from its manifest; returns the count.
+    def rebuild(self, store: Store, remote: Iterable[Manifest] = ()) -> int:
+        """Forget everything and index every complete generation from its manifest: the local store's, and
+        `remote`, the manifests the S3 tier holds (a node that never saw a key learns its generations).
+        Returns how many generations are indexed.
 
         Row order and content depend only on the manifests, so a wiped index rebuilds to the same listing
-        (only last_used, a cache hint, restarts)."""
+        (only last_used, a cache hint, restarts, and attempts, the failed uploads since one was queued).
+        A local generation that S3 does not hold is `complete`: a rebuild forgets a queued upload."""
         generations = [store.open(key, number) for key in store.keys() for number in store.generations(key)]
+        remote = list(remote)
         with self._db() as db:
             db.execute("DELETE FROM generations")
+        held = {(m.key, m.generation) for m in remote}
         for generation in generations:
-            self.record_local(generation)
-        return len(generations)
+            there = (generation.key, generation.number) in held
+            self.record_local(generation, remote=there, state=UPLOADED if there else COMPLETE)
+        for manifest in remote:
+            self.record_remote(manifest)
+        return len({(g.key, g.number) for g in generations} | held)
 
     # ---- reads ----
 

@@ -26,7 +26,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .store import MANIFEST, Corrupt, Generation, Manifest, NotFound, Store, StoreError, validate_key, verify_files
+from .store import (
+    MANIFEST,
+    BadKey,
+    Corrupt,
+    FileEntry,
+    Generation,
+    Manifest,
+    NotFound,
+    Store,
+    StoreError,
+    validate_key,
+    verify_files,
+)
 
 BUCKET_ENV = "KYBERNATE_S3_BUCKET"
 ENDPOINT_ENV = "KYBERNATE_S3_ENDPOINT"
@@ -101,26 +113,63 @@ class S3Tier:
 
     # ---- upload ----
 
-    def upload(self, generation: Generation, progress: Progress | None = None) -> int:
-        """Every file, then manifest.json last; returns the bytes sent. S3Error when anything fails (the
-        generation then has no remote manifest: invisible remotely, the local copy untouched)."""
+    def upload(self, generation: Generation, progress: Progress | None = None, *, resume: bool = False) -> int:
+        """Every file, then manifest.json last; returns the bytes the generation holds. S3Error when anything
+        fails (the generation then has no remote manifest: invisible remotely, the local copy untouched).
+
+        Every object carries the file's manifest sha256 as metadata (`x-amz-meta-sha256`). With `resume` (a
+        retry, or a restarted hookd) multipart uploads an earlier attempt left unfinished under the
+        generation's prefix are aborted (their parts are restarted), and a file whose object is already
+        there with the same size and sha256 metadata is not sent again (counted as done)."""
         m = generation.manifest
         done = progress or (lambda n: None)
+        if resume:
+            self._abort_unfinished(m.key, m.generation)
 
-        def one(entry_path: str, part_size: int) -> None:
-            name = self.config.object_key(m.key, m.generation, entry_path)
+        def one(entry: FileEntry) -> None:
+            name = self.config.object_key(m.key, m.generation, entry.path)
+            if resume and self._present(name, entry):
+                done(entry.size)
+                return
             try:
-                self.client.upload_file(os.path.join(generation.path, entry_path), self.config.bucket, name,
-                                        ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Callback=done,
-                                        Config=self._transfer_config(part_size))
+                self.client.upload_file(os.path.join(generation.path, entry.path), self.config.bucket, name,
+                                        ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": entry.sha256}},
+                                        Callback=done, Config=self._transfer_config(entry.part_size))
             except Exception as err:  # botocore's errors have no common public base worth naming here
                 raise self._fail(f"upload of {name} failed", err) from err
 
         with ThreadPoolExecutor(max_workers=FILE_CONCURRENCY) as pool:
-            for future in [pool.submit(one, f.path, f.part_size) for f in m.files]:
+            for future in [pool.submit(one, f) for f in m.files]:
                 future.result()
-        one(MANIFEST, m.files[0].part_size if m.files else 64 << 20)
+        name = self.config.object_key(m.key, m.generation, MANIFEST)
+        try:
+            self.client.upload_file(os.path.join(generation.path, MANIFEST), self.config.bucket, name,
+                                    ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Callback=done,
+                                    Config=self._transfer_config(m.files[0].part_size if m.files else 64 << 20))
+        except Exception as err:
+            raise self._fail(f"upload of {name} failed", err) from err
         return m.size
+
+    def _present(self, name: str, entry: FileEntry) -> bool:
+        """Whether the object is there already, complete: same size and the same sha256 metadata."""
+        try:
+            head = self.client.head_object(Bucket=self.config.bucket, Key=name)
+        except Exception:  # missing (404) or unreadable: upload it
+            return False
+        return bool(head.get("ContentLength") == entry.size and head.get("Metadata", {}).get("sha256") == entry.sha256)
+
+    def _abort_unfinished(self, key: str, generation: int) -> None:
+        """Abort multipart uploads left open under key/generation (their parts cost storage and are redone)."""
+        prefix = self.config.object_key(key, generation, "")
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.config.bucket,
+                                                                               Prefix=prefix)
+            for page in pages:
+                for upload in page.get("Uploads", ()):
+                    self.client.abort_multipart_upload(Bucket=self.config.bucket, Key=upload["Key"],
+                                                       UploadId=upload["UploadId"])
+        except Exception as err:
+            raise self._fail(f"cannot list or abort the unfinished uploads under {prefix}", err) from err
 
     # ---- listing ----
 
@@ -151,6 +200,17 @@ class S3Tier:
         except Exception as err:
             raise self._fail("cannot list keys", err) from err
         return sorted(found)
+
+    def manifests(self) -> list[Manifest]:
+        """The manifest of every complete remote generation of every key (what a registry rebuild indexes)."""
+        found = []
+        for key in self.keys():
+            try:
+                numbers = self.generations(key)
+            except BadKey:
+                continue  # not a key of ours (no store writes such a prefix)
+            found += [self.manifest(key, number) for number in numbers]
+        return found
 
     def manifest(self, key: str, generation: int) -> Manifest:
         return self._manifest(key, generation)[0]

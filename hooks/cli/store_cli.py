@@ -21,6 +21,8 @@ from kybernate.hooks.api import store as store_layout
 from kybernate.hooks.api.store import StoreError
 
 HOOKD_SOCKET_ENV = "KYBERNATE_HOOKD_SOCKET"
+KYBERNATE_RUNTIME = "io.containerd.kybernate.v1"
+RESTORE_ANNOTATION = "kybernate.io/restore-from"
 
 DEFAULT_STORE = "/var/lib/kybernate/store"
 STORE_ENV = "KYBERNATE_STORE"
@@ -32,7 +34,7 @@ def wants_store(argv: list[str]) -> bool:
         return False
     if argv[0] == "checkpoint":
         return not any(a in ("--output", "-o") or a.startswith("--output=") for a in argv[1:])
-    return argv[0] in ("ls", "store", "prefetch")
+    return argv[0] in ("ls", "store", "prefetch", "restore")
 
 
 KEEP_ENV = "KYBERNATE_KEEP"
@@ -94,6 +96,17 @@ def main(argv: list[str]) -> int:
     pf.add_argument("reference", metavar="KEY[@GENERATION]")
     _common(pf)
     pf.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    pf.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    rs = verbs.add_parser("restore", help="start a new container restored from the store (for ctr users; pods use "
+                          "the kybernate.io/restore-from annotation)")
+    rs.add_argument("reference", metavar="KEY[@GENERATION]")
+    rs.add_argument("--id", required=True, dest="new_id", help="the new container's id")
+    rs.add_argument("--image", help="its image (default: the checkpointed container's, from the manifest)")
+    rs.add_argument("--address", "-a", default="/run/containerd/containerd.sock", help="containerd socket")
+    rs.add_argument("--namespace", "-n", default="default", help="containerd namespace (ctr's: default)")
+    rs.add_argument("--runtime", default=KYBERNATE_RUNTIME, help=f"the runtime [{KYBERNATE_RUNTIME}]")
+    rs.add_argument("--ctr", default="ctr", help="the ctr binary that creates and starts it [ctr on PATH]")
+    _common(rs)
     ls = verbs.add_parser("ls", help="list the checkpoints the registry knows")
     _common(ls)
     ls.add_argument("--json", action="store_true", help="one JSON array on stdout")
@@ -102,6 +115,11 @@ def main(argv: list[str]) -> int:
     actions = store.add_subparsers(dest="action", required=True)
     rebuild = actions.add_parser("rebuild", help="rebuild the registry from the manifests in the store")
     _common(rebuild)
+    export = actions.add_parser("export", help="a generation as a CRI-style checkpoint archive (checkpointctl "
+                                "reads it; kybernate.io/restore-from: <archive> restores it)")
+    export.add_argument("reference", metavar="KEY[@GENERATION]")
+    export.add_argument("--output", "-o", required=True, help="the archive to write (.tar)")
+    _common(export)
     gc = actions.add_parser("gc", help="apply retention and the local budget now")
     _common(gc)
     _retention(gc)
@@ -113,8 +131,12 @@ def main(argv: list[str]) -> int:
             return _ls(args)
         if args.verb == "prefetch":
             return _prefetch(args)
+        if args.verb == "restore":
+            return _restore(args)
         if args.action == "rebuild":
             return _rebuild(args)
+        if args.action == "export":
+            return _export(args)
         return _gc(args)
     except StoreError as err:
         _stderr(f"kybernate {args.verb}: error: {err}")
@@ -135,7 +157,8 @@ def _ls(args: argparse.Namespace) -> int:
         state = r.state if r.state != "uploading" or not r.size else \
             f"uploading {100 * r.uploaded_bytes // max(1, r.size)}%"
         if r.error:
-            state += f" ({r.error})"
+            state += f" ({r.error}; {r.attempts} attempt{'s' if r.attempts != 1 else ''}, hookd retries)" \
+                if r.state == "failed" and r.attempts else f" ({r.error})"
         table.append((r.key, str(r.generation), state, r.tiers, store_layout.human(r.size), r.created[:19] + "Z",
                       r.node, gpu))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
@@ -146,9 +169,96 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _rebuild(args: argparse.Namespace) -> int:
     from kybernate.hooks.api.store_registry import Registry
+    from kybernate.hooks.api.store_s3 import S3Tier
 
-    count = Registry(args.registry).rebuild(store_layout.Store(args.store))
-    _stderr(f"kybernate store rebuild: {count} generations indexed from {args.store}")
+    tier = _s3()
+    remote = tier.manifests() if isinstance(tier, S3Tier) else []
+    count = Registry(args.registry).rebuild(store_layout.Store(args.store), remote)
+    where = args.store + (f" and {tier.config.where}" if isinstance(tier, S3Tier) else "")
+    _stderr(f"kybernate store rebuild: {count} generations indexed from {where}")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    """`ctr run` of the checkpointed image under our runtime, annotated `kybernate.io/restore-from:
+    store:KEY@GEN`, with the checkpointed process's argv, env and cwd (from spec.dump): our shim's Create
+    verifies and restores the generation (downloading it first when only S3 has it), as for a pod."""
+    import subprocess
+
+    from kybernate.hooks.api.store_s3 import S3Tier
+
+    key, number = store_layout.parse_reference(args.reference.removeprefix("store:"))
+    store = store_layout.Store(args.store)
+    try:
+        generation = store.open(key, number)
+    except store_layout.NotFound:
+        tier = _s3()
+        if not isinstance(tier, S3Tier):
+            raise
+        _stderr(f"{key}{'@' + str(number) if number else ''} is not in the local store: downloading it from "
+                f"{tier.config.where}")
+        generation = tier.download(store, key, number)
+    if number is None:  # the newest complete generation, local or remote, as the shim would pick
+        tier = _s3()
+        remote = tier.generations(key) if isinstance(tier, S3Tier) else []
+        if remote and remote[-1] > generation.number:
+            generation = tier.download(store, key, remote[-1]) if isinstance(tier, S3Tier) else generation
+    image = args.image or generation.manifest.identity.image
+    if not image:
+        _stderr(f"kybernate restore: error: {key}@{generation.number} names no image: pass --image")
+        return 2
+    try:
+        with open(os.path.join(generation.path, "spec.dump")) as f:
+            process = (json.load(f).get("process") or {})
+    except (OSError, ValueError) as err:
+        raise StoreError(f"cannot read the checkpointed spec of {key}@{generation.number}: {err}") from err
+    argv = [args.ctr, "--address", args.address, "--namespace", args.namespace, "run", "-d",
+            "--runtime", args.runtime,
+            "--annotation", f"{RESTORE_ANNOTATION}=store:{key}@{generation.number}",
+            *[f"--env={e}" for e in process.get("env") or []],
+            *(["--cwd", process["cwd"]] if process.get("cwd") else []),
+            image, args.new_id, *(process.get("args") or [])]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    except FileNotFoundError:
+        _stderr(f"kybernate restore: error: {args.ctr} not found: pass --ctr PATH")
+        return 2
+    if done.returncode != 0:
+        _stderr(f"kybernate restore: error: ctr run failed ({done.returncode}): {done.stderr.strip()}")
+        return 1
+    _stderr(f"restored {key}@{generation.number} as {args.new_id} ({image}) in namespace {args.namespace}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """The generation's files, verified against its manifest first, as a plain tar in the CRI checkpoint
+    archive's layout (checkpoint/, rootfs-diff.tar, deleted.files, spec.dump, config.dump; manifest.json
+    too). Written beside the target and renamed: an interrupted export leaves no archive."""
+    import tarfile
+    import tempfile
+
+    key, number = store_layout.parse_reference(args.reference.removeprefix("store:"))
+    store = store_layout.Store(args.store)
+    generation = store.open(key, number)
+    store.verify(generation)
+    target = os.path.abspath(args.output)
+    fd, temp = tempfile.mkstemp(prefix=".kybernate-export-", suffix=".tar", dir=os.path.dirname(target))
+    try:
+        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            names = [f.path for f in generation.manifest.files] + [store_layout.MANIFEST]
+            # Directories first, as entries of their own: readers (checkpointctl) look for `checkpoint/`.
+            dirs = sorted({"/".join(n.split("/")[:i]) for n in names for i in range(1, n.count("/") + 1)})
+            for name in dirs + names:
+                tar.add(os.path.join(generation.path, name), arcname=name, recursive=False)
+        os.chmod(temp, 0o600)
+        os.rename(temp, target)
+    except OSError as err:
+        os.unlink(temp)
+        raise StoreError(f"cannot write {target}: {err.strerror or err}") from err
+    except BaseException:
+        os.unlink(temp)
+        raise
+    _stderr(f"exported {key}@{generation.number} to {target} ({store_layout.human(os.path.getsize(target))})")
     return 0
 
 
@@ -177,7 +287,7 @@ def _checkpoint(args: argparse.Namespace) -> int:
     upload; this prints the phases as they stream in and the result."""
     from kybernate.hooks.api.client import HookdClient, HookdError, HookdUnavailable, StoreProgress
 
-    from .progress import CheckpointProgress
+    from .progress import PhaseProgress
 
     if args.key is not None:
         try:
@@ -185,7 +295,7 @@ def _checkpoint(args: argparse.Namespace) -> int:
         except StoreError as err:
             _stderr(f"kybernate checkpoint: error: {err}")
             return 1
-    show = CheckpointProgress.for_terminal(quiet=args.quiet)
+    show = PhaseProgress(quiet=args.quiet)
 
     def on_progress(p: StoreProgress) -> None:
         show.update(p.phase, p.bytes_done, p.bytes_total)
@@ -250,6 +360,8 @@ def _prefetch(args: argparse.Namespace) -> int:
     from kybernate.hooks.api.store_registry import UPLOADED, Registry
     from kybernate.hooks.api.store_s3 import S3Tier
 
+    from .progress import PhaseProgress
+
     key, number = store_layout.parse_reference(args.reference.removeprefix("store:"))
     tier = _s3()
     if tier is None:
@@ -257,13 +369,27 @@ def _prefetch(args: argparse.Namespace) -> int:
                 "see docs/store.md)")
         return 2
     assert isinstance(tier, S3Tier)
+    # The size to show progress against; download() itself says when there is no such generation.
+    have = tier.generations(key)
+    if number is None and have:
+        number = have[-1]
+    total = tier.manifest(key, number).size if number in have and \
+        number not in store_layout.Store(args.store).generations(key) else 0
+    show = PhaseProgress(quiet=args.quiet)
     started = time.monotonic()
-    generation = tier.download(store_layout.Store(args.store), key, number)
+    try:
+        generation = tier.download(store_layout.Store(args.store), key, number,
+                                   progress=lambda n: show.add("download", n, total))
+    finally:
+        show.close()
     seconds = time.monotonic() - started
     try:
         Registry(args.registry).record_local(generation, remote=True, state=UPLOADED)
     except StoreError as err:
         _stderr(f"kybernate prefetch: warning: {err}")
+    if args.json:
+        print(json.dumps({"key": key, "generation": generation.number, "path": generation.path,
+                          "size": generation.manifest.size, "seconds": round(seconds, 4)}, sort_keys=True))
     if not args.quiet:
         _stderr(f"prefetched {key}@{generation.number} into {generation.path}: "
                 f"{store_layout.human(generation.manifest.size)} in {seconds:.2f}s")

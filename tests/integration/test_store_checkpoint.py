@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import RUNTIME
-from harness.containerd import Containerd
+from harness.containerd import Containerd, CtrError
 from harness.gpunode import GpuNode
 from harness.images import BUSYBOX_IMAGE
 from harness.workload import COUNTER, read_counts, task_status, wait_for
@@ -40,9 +40,17 @@ def kybernate(c: Containerd, hookd: GpuNode, *args: str) -> subprocess.Completed
     )
 
 
+def counts_so_far(c: Containerd, name: str) -> list[int]:
+    """The counter's numbers, [] before it has written its first (`cat` of a file not there yet)."""
+    try:
+        return read_counts(c, name)
+    except CtrError:
+        return []
+
+
 def start_counter(c: Containerd, name: str) -> int:
     c.ctr("run", "-d", "--runtime", RUNTIME, BUSYBOX_IMAGE, name, "sh", "-c", COMMAND)
-    return wait_for("the counter", lambda: (n := read_counts(c, name)) and len(n) > 3 and n)[-1]
+    return wait_for("the counter", lambda: (n := counts_so_far(c, name)) and len(n) > 3 and n)[-1]
 
 
 def test_checkpoint_into_the_store_leaving_the_container_running(kyb: Containerd, tmp_path: Path,
@@ -156,3 +164,45 @@ def test_bad_input_is_refused_before_anything_is_touched(kyb: Containerd, tmp_pa
     assert done.returncode == 1 and f"kybernate-hookd is not running at {hookd.socket}" in done.stderr, done.stderr
     assert "start kybernate-hookd" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert task_status(kyb, "bad") == "RUNNING"
+
+
+@pytest.mark.parametrize("version", ["1.6", "2.1"])
+def test_ctr_users_restore_and_export_a_generation(kyb_factory, tmp_path: Path, store_hookd, stack,
+                                                   version: str) -> None:
+    store = tmp_path / "store"
+    c = kyb_factory(version, env={"KYBERNATE_STORE": str(store)})  # the shims restore from this store
+    hookd = store_hookd(c, store)
+    before = start_counter(c, "cnt")
+    done = kybernate(c, hookd, "checkpoint", "cnt", "--key", "web")  # the task exits after the dump
+    assert done.returncode == 0, done.stderr
+    wait_for("the checkpointed task to stop", lambda: task_status(c, "cnt") == "STOPPED")
+
+    # `kybernate restore` for ctr users: a new container under our runtime, restored by the shim's Create.
+    done = subprocess.run(
+        [sys.executable, "-m", "kybernate.hooks.cli.checkpoint_archive", "restore", "web", "--id", "cnt-r",
+         "--address", str(c.address), "--namespace", c.namespace, "--ctr", str(c.binaries.ctr),
+         "--store", str(store)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "restored web@1 as cnt-r" in done.stderr, done.stderr
+    assert task_status(c, "cnt-r") == "RUNNING"
+    now = read_counts(c, "cnt-r")
+    assert now[-1] >= before, now  # carried on from the checkpoint, not started afresh
+    wait_for("the restored counter to move on", lambda: read_counts(c, "cnt-r")[-1] > now[-1])
+    assert c.ctr("tasks", "exec", "--exec-id", "made", "cnt-r", "cat", "/made").stdout == "hi\n"
+    assert c.ctr("tasks", "exec", "--exec-id", "gone", "cnt-r", "ls", "/etc/group", check=False).returncode != 0
+    # A bad reference changes nothing.
+    done = subprocess.run(
+        [sys.executable, "-m", "kybernate.hooks.cli.checkpoint_archive", "restore", "web@9", "--id", "x",
+         "--address", str(c.address), "--namespace", c.namespace, "--store", str(store)],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+
+    # The generation as a CRI-style archive that checkpointctl reads.
+    archive = tmp_path / "web.tar"
+    done = subprocess.run([sys.executable, "-m", "kybernate.hooks.cli.checkpoint_archive", "store", "export", "web",
+                           "-o", str(archive), "--store", str(store)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    shown = subprocess.run([str(stack.checkpointctl), "show", str(archive)], capture_output=True, text=True,
+                           timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    for expected in ("cnt", BUSYBOX_IMAGE):
+        assert expected in shown.stdout, shown.stdout

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from harness.containerd import CRI_NAMESPACE, Containerd
 from harness.cri import pb
 from harness.gpunode import GpuNode
 from harness.images import BUSYBOX_IMAGE
-from harness.s3server import S3Server
+from harness.s3server import S3Server, free_port
 from harness.workload import COUNTER, wait_for
 
 pytestmark = pytest.mark.stack
@@ -93,6 +95,17 @@ def test_a_wiped_node_restores_through_s3_only(kyb_factory, tmp_path: Path, s3_s
     [row] = ls(store, env)
     assert (row["key"], row["generation"], row["state"], row["tiers"]) == ("web", 1, "uploaded", ["local", "s3"])
     assert row["uploaded_bytes"] == row["size"] and row["attempts"] == 0, row
+    # A wiped index rebuilds from the manifests, local and in S3, to the same `kybernate ls`.
+    listed, table = ls(store, env), kybernate("ls", "--store", str(store), env=env).stdout
+    os.unlink(tmp_path / "registry.db")
+    done = kybernate("store", "rebuild", "--store", str(store), env=env)
+    assert done.returncode == 0 and "1 generations indexed" in done.stderr and "s3://" in done.stderr, done.stderr
+
+    def stable(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+        return [{k: v for k, v in r.items() if k != "last_used"} for r in rows]
+
+    assert stable(ls(store, env)) == stable(listed)
+    assert kybernate("ls", "--store", str(store), env=env).stdout == table
     names = {o["Key"] for o in s3_server.client().list_objects_v2(
         Bucket=s3_server.bucket, Prefix="cluster/web/1/")["Contents"]}
     assert "cluster/web/1/manifest.json" in names and "cluster/web/1/checkpoint/inventory.img" in names
@@ -121,7 +134,8 @@ def test_s3_unreachable_the_local_checkpoint_succeeds_and_ls_shows_the_failure(
     s3_server.stop()  # nothing listens on its port now
     node_env = {k: v for k, v in env.items() if k.startswith(("KYBERNATE_S3_", "AWS_"))}
     c = kyb_factory("1.6", env={"KYBERNATE_STORE": str(store), **node_env})
-    hookd = s3_hookd(store_hookd, c, store, s3_server, monkeypatch)
+    port = free_port()
+    hookd = s3_hookd(store_hookd, c, store, s3_server, monkeypatch, "--metrics-address", f"127.0.0.1:{port}")
     with c.cri() as cri:
         pod, cid = start_pod(cri, "a")
         cri.start_container(cid)
@@ -131,6 +145,10 @@ def test_s3_unreachable_the_local_checkpoint_succeeds_and_ls_shows_the_failure(
         cri.stop_pod(pod)
         cri.remove_pod(pod)
     wait_for("the upload to fail", lambda: row_state(store, env)[0] == "failed", 60)
+    text = metrics(port)
+    assert sample(text, "kybernate_hookd_store_upload_backlog") == 1
+    assert sample(text, "kybernate_hookd_store_failures_total", tier="s3", operation="upload") >= 1
+    assert sample(text, "kybernate_hookd_store_bytes_total", tier="local", operation="checkpoint") > 0
     [row] = ls(store, env)
     assert (row["state"], row["tiers"]) == ("failed", ["local"]), row
     assert f"127.0.0.1:{s3_server.port}" in str(row["error"]), row
@@ -141,6 +159,11 @@ def test_s3_unreachable_the_local_checkpoint_succeeds_and_ls_shows_the_failure(
     wait_for("the retried upload", lambda: row_state(store, env) == ("uploaded", ["local", "s3"]), 60)
     [row] = ls(store, env)
     assert row["attempts"] >= 1 and row["error"] == "", row
+    text = metrics(port)
+    assert sample(text, "kybernate_hookd_store_upload_backlog") == 0
+    assert sample(text, "kybernate_hookd_store_bytes_total", tier="s3", operation="upload") == row["size"]
+    assert sample(text, "kybernate_hookd_store_duration_seconds_count", tier="s3", operation="upload") == 1
+    assert sample(text, "kybernate_hookd_store_duration_seconds_count", tier="local", operation="pause") == 1
     names = {o["Key"] for o in s3_server.client().list_objects_v2(
         Bucket=s3_server.bucket, Prefix="cluster/web/1/")["Contents"]}
     assert "cluster/web/1/manifest.json" in names
@@ -151,3 +174,63 @@ def test_s3_unreachable_the_local_checkpoint_succeeds_and_ls_shows_the_failure(
         assert counts(cri, cid)[-1] > 3
         cri.stop_pod(pod)
         cri.remove_pod(pod)
+
+
+def metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one series of the Prometheus text format."""
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series == want:
+            return float(value)
+    raise AssertionError(f"no series {want} in the metrics")
+
+
+def connected_to(port: int) -> bool:
+    """Whether any TCP connection to 127.0.0.1:`port` is established (from /proc/net/tcp)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote, state = fields[2], fields[3]
+        if state == "01" and remote.endswith(f":{port:04X}"):
+            return True
+    return False
+
+
+def test_hookd_killed_mid_upload_and_restarted_finishes_it(kyb_factory, tmp_path: Path, s3_server: S3Server,
+                                                           store_hookd, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "store"
+    monkeypatch.setenv("KYBERNATE_REGISTRY", str(tmp_path / "registry.db"))
+    env = {**os.environ, **s3_server.env("cluster")}
+    c = kyb_factory("2.1", env={"KYBERNATE_STORE": str(store)})
+    hookd = s3_hookd(store_hookd, c, store, s3_server, monkeypatch)
+    assert s3_server.proc is not None
+    os.kill(s3_server.proc.pid, signal.SIGSTOP)  # connections are accepted by the kernel, never answered
+    try:
+        with c.cri() as cri:
+            pod, cid = start_pod(cri, "a")
+            cri.start_container(cid)
+            wait_for("the counter", lambda: len(counts(cri, cid)) > 3)
+            done = checkpoint(hookd, cid, env)
+            assert done.returncode == 0 and "upload queued" in done.stderr, done.stderr
+            cri.stop_pod(pod)
+            cri.remove_pod(pod)
+        # The upload is in flight (queued in the registry, connected to the server) when hookd dies.
+        wait_for("the upload to be in flight", lambda: row_state(store, env)[0] == "uploading"
+                 and connected_to(s3_server.port), 30)
+        hookd.kill9()
+    finally:
+        os.kill(s3_server.proc.pid, signal.SIGCONT)
+    assert row_state(store, env) == ("uploading", ["local"])
+    hookd.start()  # a restarted hookd resumes what the registry says is queued
+    wait_for("the resumed upload", lambda: row_state(store, env) == ("uploaded", ["local", "s3"]), 60)
+    assert "uploads_resumed=1" in hookd.log.read_text()
+    # Complete remotely, manifest included: a fresh store downloads and verifies it.
+    done = kybernate("prefetch", "web", "--store", str(tmp_path / "fresh"), "--registry",
+                     str(tmp_path / "fresh.db"), env=env)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "fresh" / "web" / "1" / "manifest.json").is_file()

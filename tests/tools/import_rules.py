@@ -21,6 +21,8 @@ OURS = ("kybernate",)
 # Third-party packages that only hookd's metrics and the installer use: the shim's start path and the API
 # part never load them.
 DAEMON_AND_INSTALLER_ONLY = ("prometheus_client", "packaging", "tomlkit", "pynvml")
+# The `kybernate` command's terminal progress bars: nothing else loads them.
+CLI_ONLY = ("tqdm",)
 
 
 @dataclass(frozen=True)
@@ -32,24 +34,25 @@ class Rule:
 
 
 RULES = (
-    Rule("kybernate.shim.ttrpc", ("kybernate.shim.ttrpc", "kybernate.api"), DAEMON_AND_INSTALLER_ONLY,
+    Rule("kybernate.shim.ttrpc", ("kybernate.shim.ttrpc", "kybernate.api"), DAEMON_AND_INSTALLER_ONLY + CLI_ONLY,
          "ttrpc is a transport: it knows nothing of the shim above it"),
-    Rule("kybernate.shim", ("kybernate.shim", "kybernate.hooks.api", "kybernate.api"), DAEMON_AND_INSTALLER_ONLY,
+    Rule("kybernate.shim", ("kybernate.shim", "kybernate.hooks.api", "kybernate.api"),
+         DAEMON_AND_INSTALLER_ONLY + CLI_ONLY,
          "the shim depends only on hookd's API part"),
     # The one exception: status codes are the wire's (google.rpc.Code, shared by ttrpc and gRPC), defined once
     # in the transport as a standard-library enum; the API's errors carry them.
     Rule("kybernate.hooks.api", ("kybernate.hooks.api", "kybernate.api", "kybernate.shim.ttrpc.codes"),
-         DAEMON_AND_INSTALLER_ONLY,
+         DAEMON_AND_INSTALLER_ONLY + CLI_ONLY,
          "the API part is imported by the shim, hookd and the CLI: it imports nothing else of ours but the codes"),
-    Rule("kybernate.hooks.gpu", ("kybernate.hooks.gpu", "kybernate.hooks.api", "kybernate.api"), (),
+    Rule("kybernate.hooks.gpu", ("kybernate.hooks.gpu", "kybernate.hooks.api", "kybernate.api"), CLI_ONLY,
          "driver access serves the daemon and knows nothing of it"),
     # containerd's gRPC API, and our shim's ttrpc socket for a checkpoint straight into the store (the transport
     # and the shim's socket naming, shim.manager, nothing else of the shim): used by hookd and the CLI.
     Rule("kybernate.hooks.containerd", ("kybernate.hooks.containerd", "kybernate.hooks.api", "kybernate.api",
                                         "kybernate.shim.ttrpc", "kybernate.shim.manager"),
-         ("prometheus_client", "pynvml"), "a client of containerd and of our shim's socket, nothing more"),
+         ("prometheus_client", "pynvml", *CLI_ONLY), "a client of containerd and of our shim's socket, nothing more"),
     Rule("kybernate.hooks.hookd", ("kybernate.hooks.hookd", "kybernate.hooks.gpu", "kybernate.hooks.api",
-                                   "kybernate.hooks.containerd", "kybernate.api"), (),
+                                   "kybernate.hooks.containerd", "kybernate.api"), CLI_ONLY,
          "the daemon sits on top of driver access, the API and the containerd client"),
     # A store checkpoint is hookd's (its Store RPC): the CLI needs nothing of the shim.
     Rule("kybernate.hooks.cli", ("kybernate.hooks.cli", "kybernate.hooks.api", "kybernate.api",

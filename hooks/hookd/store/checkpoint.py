@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from kybernate.api import containerd_api_pb2 as pb
+from kybernate.hooks.api import procfs
 from kybernate.hooks.api import store as store_layout
 from kybernate.hooks.api.checkpoint import CONFIG_DUMP, SPEC_DUMP
 from kybernate.hooks.api.checkpoint_key import key_for
@@ -141,6 +142,8 @@ class StoreCheckpoint:
         self.emit = emit
         self.state = _State()
         self.cid = request.container_id
+        self.pid = 0
+        self.dump_estimate = 0
 
     async def run(self) -> Outcome:
         r = self.request
@@ -153,7 +156,7 @@ class StoreCheckpoint:
         # State reads and the resume run whatever the deadline says, each bounded on its own.
         self.quick = ContainerdClient(address, r.namespace, timeout=RESUME_TIMEOUT_S)
         try:
-            container = await self._blocking(self._inspect, client)
+            container, self.pid = await self._blocking(self._inspect, client)
             spec = _spec(container)
             # No key given: the container's kybernate.io/checkpoint-key or its default, as the shim computes it.
             key = key or key_for(spec_annotations(spec), r.namespace, self.cid)
@@ -188,7 +191,7 @@ class StoreCheckpoint:
 
     # ---- steps ----
 
-    def _inspect(self, client: ContainerdClient) -> pb.ContainerRecord:
+    def _inspect(self, client: ContainerdClient) -> tuple[pb.ContainerRecord, int]:
         cid = self.cid
         try:
             container = client.get_container(cid)
@@ -202,7 +205,7 @@ class StoreCheckpoint:
         if task.status != pb.STATUS_RUNNING:
             status = pb.Status.Name(task.status).removeprefix("STATUS_")
             raise FailedPrecondition(f"container {cid!r} is {status}: only running containers can be checkpointed")
-        return container
+        return container, int(task.pid)
 
     async def _freeze_and_dump(self, client: ContainerdClient, container: pb.ContainerRecord, spec: dict[str, Any],
                                pending: Pending, deadline: _Deadline) -> None:
@@ -217,6 +220,8 @@ class StoreCheckpoint:
             self.state.paused_at = loop.time()
             # The shim checkpoints the GPU before it freezes the task (its Pause), as for every pause.
             await self._timed("pause", self._blocking(client.pause, self.cid))
+            # Frozen, with the GPU state in host memory: what CRIU is about to write, for the dump's ETA.
+            self.dump_estimate = await self._blocking(estimate_dump_bytes, self.pid)
             self._check(deadline, "dump")
             step = "checkpoint (GPU + CRIU dump into the store)"
             await self._timed("dump", self._dump(client, spec, images, deadline))
@@ -269,11 +274,13 @@ class StoreCheckpoint:
             await asyncio.gather(reporter, return_exceptions=True)
             await self._blocking(hasher.__exit__, None, None, None)
         self.state.known_parts = hasher.known
-        self.emit(StoreProgress("dump", await self._blocking(_tree_size, images), 0))
+        written = await self._blocking(_tree_size, images)
+        self.emit(StoreProgress("dump", written, written))
 
     async def _report_dump(self, images: str) -> None:
         while True:
-            self.emit(StoreProgress("dump", await self._blocking(_tree_size, images), 0))
+            written = await self._blocking(_tree_size, images)
+            self.emit(StoreProgress("dump", written, max(written, self.dump_estimate)))
             await asyncio.sleep(DUMP_PROGRESS_S)
 
     async def _rootfs(self, client: ContainerdClient, container: pb.ContainerRecord, workdir: str,
@@ -391,6 +398,28 @@ def _write_dumps(container: pb.ContainerRecord, spec: dict[str, Any], workdir: s
         json.dump(config, f)
     with open(os.path.join(workdir, SPEC_DUMP), "w") as f:
         json.dump(spec, f)
+
+
+def estimate_dump_bytes(pid: int) -> int:
+    """Resident anonymous and shared memory of every process in `pid`'s cgroup: roughly the pages CRIU dumps
+    (a progress estimate only; 0 when it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+        path = next(line.split(":", 2)[2] for line in lines if line.startswith("0::"))
+        pids = procfs.pids_of_cgroup(path)
+    except (OSError, StopIteration, ValueError, KybernateError):
+        pids = [pid]
+    total = 0
+    for p in pids or [pid]:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith(("RssAnon:", "RssShmem:")):
+                        total += int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            continue
+    return total
 
 
 def _tree_size(path: str) -> int:

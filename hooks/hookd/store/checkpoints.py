@@ -42,6 +42,13 @@ class StoreCheckpoints:
         self.uploads = uploads
         self._slots = asyncio.Semaphore(settings.max_parallel)
         self._active: dict[tuple[str, str], float] = {}  # (namespace, container) -> loop time it began
+        self._running: dict[tuple[str, str], StoreCheckpoint] = {}
+
+    def must_finish(self, namespace: str, container_id: str) -> bool:
+        """Whether that checkpoint may no longer be cancelled: its dump without leave_running succeeded, so
+        the workload exists only in its temp dir until it is committed."""
+        running = self._running.get((namespace, container_id))
+        return running is not None and running.state.exited
 
     def busy(self) -> list[str]:
         loop = asyncio.get_running_loop()
@@ -68,14 +75,16 @@ class StoreCheckpoints:
                 waited = loop.time() - self._active[who]
                 shortened = CheckpointRequest(request.namespace, request.container_id, request.key,
                                               request.leave_running, request.deadline_s - waited, request.reason)
+                one = StoreCheckpoint(shortened, self.store, self.settings.containerd_address, self.executor, emit)
+                self._running[who] = one
                 try:
-                    outcome = await StoreCheckpoint(shortened, self.store, self.settings.containerd_address,
-                                                    self.executor, emit).run()
+                    outcome = await one.run()
                 except Exception:
                     if self.metrics is not None:
                         self.metrics.store_failure("local", "checkpoint")
                     raise
             finally:
+                self._running.pop(who, None)
                 self._slots.release()
         finally:
             del self._active[who]

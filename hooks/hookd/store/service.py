@@ -36,7 +36,7 @@ class StoreService(store_pb2_grpc.StoreServicer):
     def __init__(self, checkpoints: StoreCheckpoints, metrics: Metrics) -> None:
         self._checkpoints = checkpoints
         self._metrics = metrics
-        self._running: set[asyncio.Task[StoreCheckpointResult]] = set()
+        self._running: dict[asyncio.Task[StoreCheckpointResult], tuple[str, str]] = {}
 
     async def Checkpoint(self, request: spb.CheckpointRequest, context: Any) -> AsyncIterator[spb.CheckpointProgress]:  # noqa: N802
         default = self._checkpoints.settings.default_deadline_s
@@ -54,8 +54,8 @@ class StoreService(store_pb2_grpc.StoreServicer):
                 pass
 
         task = asyncio.create_task(self._checkpoints.checkpoint(req, emit), name=f"store-checkpoint {req.container_id}")
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        self._running[task] = (req.namespace, req.container_id)
+        task.add_done_callback(lambda t: self._running.pop(t, None))
         while not task.done():
             getter = asyncio.ensure_future(queue.get())
             await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
@@ -92,11 +92,17 @@ class StoreService(store_pb2_grpc.StoreServicer):
 
     async def wait_running(self, timeout_s: float) -> None:
         """Graceful stop: wait up to `timeout_s` for the checkpoints in flight, then cancel the rest (each rolls
-        back: the task resumed, the temp dir removed; one whose workload already exited is committed first)."""
+        back: the task resumed, the temp dir removed), except one whose workload already exited after its dump:
+        that one lives only in its temp dir, so it is waited for until it is committed."""
         if not self._running:
             return
         _, late = await asyncio.wait(set(self._running), timeout=timeout_s)
         for task in late:
+            who = self._running.get(task)
+            if who is not None and self._checkpoints.must_finish(*who):
+                log.warning("waiting for a store checkpoint to commit (its workload exited after the dump)",
+                            extra={"fields": {"container": "/".join(who)}})
+                continue
             log.warning("cancelling a store checkpoint at stop", extra={"fields": {"task": task.get_name()}})
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)

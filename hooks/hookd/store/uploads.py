@@ -106,7 +106,11 @@ class Uploader:
             return
         task = asyncio.create_task(self._upload(key, number), name=f"upload {key}@{number}")
         self._tasks[(key, number)] = task
-        task.add_done_callback(lambda _: self._tasks.pop((key, number), None))
+        task.add_done_callback(lambda _: self._done(key, number))
+        self._gauge()
+
+    def _done(self, key: str, number: int) -> None:
+        self._tasks.pop((key, number), None)
         self._gauge()
 
     def _gauge(self) -> None:
@@ -125,9 +129,11 @@ class Uploader:
                         started = loop.time()
                         sent = await loop.run_in_executor(self._executor, self._attempt, key, number)
                     seconds = loop.time() - started
-                    await loop.run_in_executor(self._executor, self.registry.upload_done, key, number, sent)
+                    # Metrics and the backlog first: whoever sees the registry say `uploaded` sees them too.
                     if self.metrics is not None:
                         self.metrics.store_transfer("s3", "upload", sent, seconds)
+                    self._done(key, number)
+                    await loop.run_in_executor(self._executor, self.registry.upload_done, key, number, sent)
                     log.info("uploaded", extra={"fields": {"key": key, "generation": number, "bytes": sent,
                                                            "seconds": round(seconds, 3)}})
                     return
@@ -148,8 +154,6 @@ class Uploader:
                     backoff = min(self.settings.upload_retry_max_s, backoff * 2)
         except UploadCancelled:
             return
-        finally:
-            self._gauge()
 
     def _failed(self, key: str, number: int, error: str) -> int:
         try:
@@ -179,7 +183,7 @@ class Uploader:
                 except StoreError:
                     pass
 
-        return int(tier.upload(generation, progress))
+        return int(tier.upload(generation, progress, resume=True))
 
     def _get_tier(self) -> Any:
         with self._tier_lock:

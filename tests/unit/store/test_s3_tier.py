@@ -138,3 +138,47 @@ def test_kybernate_prefetch_downloads_and_registers_both_tiers(tier: S3Tier, tmp
     assert store_cli.main(["prefetch", "web", *common]) == 2
     assert "S3 tier is not configured" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path / "b" / "web")) == ["1"]
+
+
+def test_a_resumed_upload_skips_complete_objects_and_restarts_unfinished_parts(tier: S3Tier, tmp_path: Path,
+                                                                              s3_server: S3Server) -> None:
+    gen = make_generation(tmp_path / "a")
+    assert tier.upload(gen) == gen.manifest.size
+    s3 = s3_server.client()
+    prefix = "cluster-a/web/1/"
+    # As an interrupted attempt leaves it: no manifest, one file missing, a multipart upload left open.
+    s3.delete_object(Bucket=s3_server.bucket, Key=prefix + "manifest.json")
+    s3.delete_object(Bucket=s3_server.bucket, Key=prefix + "spec.dump")
+    s3.create_multipart_upload(Bucket=s3_server.bucket, Key=prefix + "spec.dump")
+    assert tier.generations("web") == []  # invisible remotely
+    sent: list[str] = []
+    tier.client.meta.events.register("before-call.s3.*", lambda model, **_: sent.append(model.name))
+    counted: list[int] = []
+    assert tier.upload(gen, counted.append, resume=True) == gen.manifest.size
+    # Only the missing file and the manifest went up; the open multipart upload was aborted.
+    uploads = [n for n in sent if n in ("PutObject", "UploadPart", "CreateMultipartUpload")]
+    assert uploads == ["PutObject", "PutObject"], sent
+    assert "AbortMultipartUpload" in sent
+    assert s3.list_multipart_uploads(Bucket=s3_server.bucket, Prefix=prefix).get("Uploads", []) == []
+    assert sum(counted) == gen.manifest.size + len(gen.manifest.to_json())
+    assert tier.generations("web") == [1]
+    fresh = tier.download(store_layout.Store(str(tmp_path / "b")), "web")
+    assert fresh.manifest == gen.manifest
+
+
+def test_a_node_that_never_saw_a_key_rebuilds_its_index_from_s3(tier: S3Tier, tmp_path: Path,
+                                                                s3_server: S3Server) -> None:
+    from kybernate.hooks.api.store_registry import Registry
+
+    gen1 = make_generation(tmp_path / "a", size=100)
+    tier.upload(gen1)
+    s3 = s3_server.client()
+    s3.put_object(Bucket=s3_server.bucket, Key="cluster-a/not..ours/1/manifest.json", Body=b"{}")  # skipped
+    fresh = Registry(str(tmp_path / "fresh.db"))
+    assert fresh.rebuild(store_layout.Store(str(tmp_path / "fresh")), tier.manifests()) == 1
+    [row] = fresh.rows()
+    assert (row.key, row.generation, row.state, row.tiers, row.size, row.uploaded_bytes, row.node) == \
+        ("web", 1, "uploaded", "s3", gen1.manifest.size, gen1.manifest.size, "node-a")
+    # The newest complete generation there is what a prefetch (or a restore) takes.
+    got = tier.download(store_layout.Store(str(tmp_path / "fresh")), "web")
+    assert got.number == 1 and got.manifest == gen1.manifest
