@@ -110,7 +110,9 @@ def test_stopped_on_node_a_with_checkpoint_on_stop_the_replacement_on_node_b_con
         cri.stop_pod(pod)
         cri.remove_pod(pod)
     assert stop_s < 30, stop_s  # through the dump, not through the grace period's SIGKILL
-    assert generations(stores["a"], "trainer") == [1]
+    print(f"StopContainer with checkpoint-on-stop: {stop_s:.2f} s")
+    # The Kill was answered once the dump ended the task; hookd commits the generation right after.
+    wait_for("the generation", lambda: generations(stores["a"], "trainer") == [1], 30)
     assert stored_counts(stores["a"], "trainer", 1)[-1] >= last
     log = a.log_text()
     # The Kill is answered once the dump has ended the task (or once hookd's answer came, if first).
@@ -167,6 +169,7 @@ def test_kill_9_with_periodic_checkpoints_the_replacement_continues_from_the_las
     log = c.log_text()
     pauses = re.findall(r'periodic checkpoint stored.*?pause_s=([\d.]+)', log)
     assert len(pauses) >= 3 and all(float(p) > 0 for p in pauses), pauses
+    print(f"periodic checkpoints: pause_s {', '.join(pauses)}")  # the pause each cost (pytest -s shows it)
     with c.cri() as cri:
         pod, cid = start_pod(cri, "periodic-b", {**notes, EVERY: "1h"}, env)
         now = counts(cri, cid)
@@ -209,6 +212,7 @@ def test_a_checkpoint_on_stop_past_its_budget_lets_the_stop_complete_and_leaves_
     # The budget (2 s), then the grace period (5 s: sh as the container's init ignores SIGTERM, so the
     # kubelet's SIGKILL ends it), and no more: the slow checkpoint did not hold the stop up.
     assert stop_s < 2 + 5 + 3, stop_s
+    print(f"StopContainer past the checkpoint's budget (2 s) with grace 5 s: {stop_s:.2f} s")
     log = c.log_text()
     assert "checkpoint-on-stop did not finish within its budget; nothing of it is kept and the stop goes on" in log
     # Nothing incomplete is visible: no generation, and hookd's rollback removes its temp dir.
