@@ -209,8 +209,8 @@ def test_a_checkpoint_on_stop_past_its_budget_lets_the_stop_complete_and_leaves_
         assert cri.container_status(cid).state == pb.CONTAINER_EXITED
         cri.stop_pod(pod)
         cri.remove_pod(pod)
-    # The budget (2 s), then the grace period (5 s: sh as the container's init ignores SIGTERM, so the
-    # kubelet's SIGKILL ends it), and no more: the slow checkpoint did not hold the stop up.
+    # At most the budget (2 s), then the grace period (5 s) that the forwarded SIGTERM or, failing that, the
+    # kubelet's SIGKILL ends, and no more: the 8 s GPU checkpoint did not hold the stop up.
     assert stop_s < 2 + 5 + 3, stop_s
     print(f"StopContainer past the checkpoint's budget (2 s) with grace 5 s: {stop_s:.2f} s")
     log = c.log_text()
