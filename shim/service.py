@@ -186,9 +186,11 @@ class TaskService:
         return reply
 
     async def kill(self, call: Call) -> bytes:
-        request = _decode(task_pb2.KillRequest, call)
         store = self._store_checkpoints
-        if store is None or request.exec_id:  # the common case: forwarded as it came
+        if store is None:  # the common case (no task of this shim asked for store checkpoints): as it came
+            return await self.upstream.forward(call)
+        request = _decode(task_pb2.KillRequest, call)
+        if request.exec_id:  # an exec'd process: never held
             return await self.upstream.forward(call)
         if request.signal == SIGKILL:
             try:
