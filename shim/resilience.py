@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -36,6 +35,7 @@ from kybernate.hooks.api.model import StoreCheckpointResult
 
 from .runtime_options import KybernateOptions
 from .taskspec import Resilience, TaskSpec
+from .ttrpc.errors import TTRPCError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 MARGIN_SHARE = 0.1
 MARGIN_MAX_S = 1.0
 STOPPED = (task_pb2.STOPPED, task_pb2.UNKNOWN)
+DEADLINE_EXCEEDED = 4  # google.rpc.Code
+OUT_OF_BUDGET = "checkpoint-on-stop did not finish within its budget; nothing of it is kept and the stop goes on"
 
 
 class StoreClient(Protocol):
@@ -64,6 +66,7 @@ class _Task:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one store checkpoint of the task at a time
     stopping: bool = False  # a stop signal arrived: no periodic checkpoint starts any more
     stop: asyncio.Task[bool] | None = None  # the checkpoint-on-stop, once asked for
+    dumped: asyncio.Event = field(default_factory=asyncio.Event)  # the dump ended the task; hookd commits it
     periodic: asyncio.Task[None] | None = None
 
     @property
@@ -91,6 +94,7 @@ class StoreCheckpoints:
         self._retain = retain
         self._client_for = client_for
         self._tasks: dict[str, _Task] = {}
+        self._stops: set[asyncio.Task[bool]] = set()  # checkpoint-on-stop tasks: held until they end
 
     # ---- the task's life ----
 
@@ -107,12 +111,11 @@ class StoreCheckpoints:
             "id": container_id, "key": task.want.key, "every_s": task.want.every_s, "keep": task.want.keep}})
 
     def forget(self, container_id: str) -> None:
+        """The task was deleted: its periodic checkpoints end. A checkpoint-on-stop runs on to its end (bounded
+        by its budget): containerd deletes a task that exited through the dump while hookd still commits it."""
         task = self._tasks.pop(container_id, None)
-        if task is None:
-            return
-        for running in (task.periodic, task.stop):
-            if running is not None and not running.done():
-                running.cancel()
+        if task is not None and task.periodic is not None and not task.periodic.done():
+            task.periodic.cancel()
 
     # ---- stop ----
 
@@ -140,20 +143,41 @@ class StoreCheckpoints:
                 return False
             task.stop = asyncio.create_task(self._stop_checkpoint(task, budget),
                                             name=f"checkpoint-on-stop {container_id}")
+            self._stops.add(task.stop)
+            task.stop.add_done_callback(self._stops.discard)
         # A second stop signal waits for the same checkpoint. wait() (not shield) so that a checkpoint that a
         # SIGKILL cancelled is not mistaken for this handler being cancelled.
-        await asyncio.wait({task.stop})
+        dumped = asyncio.create_task(task.dumped.wait(), name=f"dumped {container_id}")
+        try:
+            await asyncio.wait({task.stop, dumped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            dumped.cancel()
         if task.stop.cancelled():
             return True  # a SIGKILL overtook it: the task is being killed, the stop signal is moot
+        if not task.stop.done():
+            # The dump ended the task: the stop is done. hookd commits the generation on its own (or rolls it
+            # back: nothing half-written is ever visible); the Kill is answered now, because containerd
+            # deletes an exited task and may close this shim's connection, the pending Kill's with it.
+            log.info("checkpoint-on-stop: the task exited through the dump; hookd commits the checkpoint",
+                     extra={"fields": {"id": container_id, "key": task.want.key}})
+            return True
         return task.stop.result()
 
+    def dumped(self, container_id: str) -> None:
+        """This shim's Checkpoint ended the task through the dump (hookd commits the generation next)."""
+        task = self._tasks.get(container_id)
+        if task is not None:
+            task.dumped.set()
+
     def killed(self, container_id: str) -> None:
-        """A SIGKILL was forwarded to the task: cancel its checkpoint-on-stop (hookd rolls it back)."""
+        """A SIGKILL was forwarded to the task: cancel its checkpoint-on-stop in flight. Once the dump has ended
+        the task there is nothing left to cancel (containerd kills what is left of an exited task's processes
+        with a SIGKILL of its own): the checkpoint is being committed and is waited for."""
         task = self._tasks.get(container_id)
         if task is None:
             return
         task.stopping = True
-        if task.stop is not None and not task.stop.done():
+        if task.stop is not None and not task.stop.done() and not task.dumped.is_set():
             log.warning("SIGKILL cancels the checkpoint-on-stop in flight; nothing of it is kept",
                         extra={"fields": {"id": container_id, "key": task.want.key}})
             task.stop.cancel()
@@ -173,10 +197,18 @@ class StoreCheckpoints:
                         task.spec.namespace, cid, key, leave_running=False,
                         deadline_s=max(0.001, left - min(MARGIN_MAX_S, left * MARGIN_SHARE)), reason="stop")
         except TimeoutError:
-            log.warning("checkpoint-on-stop did not finish within its budget; nothing of it is kept and the stop "
-                        "goes on", extra={"fields": {"id": cid, "key": key, "budget_s": round(budget, 3)}})
+            log.warning(OUT_OF_BUDGET, extra={"fields": {"id": cid, "key": key, "budget_s": round(budget, 3)}})
             return False
-        except (HookdError, HookdUnavailable) as err:
+        except HookdError as err:
+            if err.code == DEADLINE_EXCEEDED:  # hookd's deadline (the budget less a margin): it rolled back
+                log.warning(OUT_OF_BUDGET, extra={"fields": {"id": cid, "key": key, "budget_s": round(budget, 3),
+                                                             "error": str(err)}})
+            else:
+                log.warning("checkpoint-on-stop failed; nothing of it is kept and the stop goes on",
+                            extra={"fields": {"id": cid, "key": key, "error": str(err),
+                                              "after_s": round(loop.time() - began, 3)}})
+            return False
+        except HookdUnavailable as err:
             log.warning("checkpoint-on-stop failed; nothing of it is kept and the stop goes on",
                         extra={"fields": {"id": cid, "key": key, "error": str(err),
                                           "after_s": round(loop.time() - began, 3)}})
@@ -198,7 +230,7 @@ class StoreCheckpoints:
                 await asyncio.sleep(every)
                 if task.stopping:
                     return
-                if await self._status(cid) in STOPPED:
+                if await self._status_or_stopped(cid) in STOPPED:
                     log.info("periodic checkpoints end: the task has exited", extra={"fields": {"id": cid}})
                     return
                 if self._paused(cid):
@@ -209,6 +241,15 @@ class StoreCheckpoints:
             raise
         except Exception:  # a bug: say so, the task runs on without periodic checkpoints
             log.exception("periodic checkpoints stopped by an unexpected error", extra={"fields": {"id": cid}})
+
+    async def _status_or_stopped(self, container_id: str) -> int:
+        """The task's status; STOPPED when the runc shim no longer knows it (deleted behind our back)."""
+        try:
+            return await self._status(container_id)
+        except TTRPCError as err:
+            log.info("periodic checkpoints: the task's state cannot be read", extra={"fields": {
+                "id": container_id, "error": err.message}})
+            return task_pb2.STOPPED
 
     async def _periodic_once(self, task: _Task) -> None:
         cid, key = task.container_id, task.want.key
@@ -242,21 +283,14 @@ class StoreCheckpoints:
 
 
 def retain(generation_path: str, key: str, keep: int) -> list[int]:
-    """Blocking: of `key`, only the newest `keep` (>= 1) complete generations stay in the local store that holds
-    `generation_path` (the one just written); returns the numbers removed. Each is renamed to a dot-dir first,
-    so that a crash mid-delete never leaves a torn numbered generation."""
+    """Blocking: of `key`, only the newest `keep` complete generations stay in the local store that holds
+    `generation_path` (the one just written), through the store registry's retention ($KYBERNATE_REGISTRY in
+    containerd's environment, default /var/lib/kybernate/registry.db: hookd's default). Returns those removed."""
     from kybernate.hooks.api.store import Store
+    from kybernate.hooks.api.store_registry import Registry, default_registry, retain_key
 
     store = Store(os.path.dirname(os.path.dirname(generation_path)))
-    removed = []
-    for number in store.generations(key)[:-max(1, keep)]:
-        doomed = os.path.join(store.key_dir(key), f".tmp-retain-{number}-{os.getpid()}")
-        try:
-            os.rename(os.path.join(store.key_dir(key), str(number)), doomed)
-        except FileNotFoundError:
-            continue  # another node process removed it first
-        shutil.rmtree(doomed, ignore_errors=True)
-        removed.append(number)
+    removed = retain_key(store, Registry(default_registry()), key, max(1, keep))
     if removed:
         log.info("retention", extra={"fields": {"key": key, "keep": keep, "removed": removed}})
     return removed

@@ -180,15 +180,19 @@ class TaskService:
                 raise await self._criu_error(err, request.id, "dump", since) from err
             raise
         if _checkpoint_exits(request.options if request.HasField("options") else None):
+            if self._store_checkpoints is not None:
+                self._store_checkpoints.dumped(request.id)
             await self._gpu_step(Event.CHECKPOINT_EXIT, request.id, "record the checkpoint", call)
         else:
             await self._gpu_step(Event.CHECKPOINT_DONE, request.id, "restore GPU state after checkpoint", call)
         return reply
 
     async def kill(self, call: Call) -> bytes:
-        request = _decode(task_pb2.KillRequest, call)
         store = self._store_checkpoints
-        if store is None or request.exec_id:  # the common case: forwarded as it came
+        if store is None:  # the common case (no task of this shim asked for store checkpoints): as it came
+            return await self.upstream.forward(call)
+        request = _decode(task_pb2.KillRequest, call)
+        if request.exec_id:  # an exec'd process: never held
             return await self.upstream.forward(call)
         if request.signal == SIGKILL:
             try:

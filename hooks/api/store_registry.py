@@ -256,6 +256,17 @@ def collect(store: Store, registry: Registry, *, keep: int, budget_bytes: int | 
     return GcReport(tuple(removed), total, over)
 
 
+def retain_key(store: Store, registry: Registry, key: str, keep: int) -> list[int]:
+    """Retention for one key (a workload's own `kybernate.io/checkpoint-keep`, applied by its shim after each of
+    its checkpoints): only the newest `keep` (>= 1) complete local generations stay. Returns those removed."""
+    if keep < 1:
+        raise StoreError(f"keep must be at least 1 (got {keep}): the newest generation is never removed")
+    doomed = store.generations(key)[:-keep]
+    for number in doomed:
+        _remove_local(store, registry, key, number)
+    return doomed
+
+
 def _remove_local(store: Store, registry: Registry, key: str, number: int, *, keep_row: bool = False) -> None:
     path = os.path.join(store.key_dir(key), str(number))
     # Rename first, so that a crash mid-delete leaves a dot-dir, never a torn numbered generation.

@@ -81,8 +81,8 @@ def main(argv: list[str]) -> int:
     verbs = parser.add_subparsers(dest="verb", required=True)
     cp = verbs.add_parser("checkpoint", help="checkpoint a running container into the store")
     cp.add_argument("container_id", metavar="CONTAINER_ID")
-    cp.add_argument("--key", "-k", help="workload key (default: the container's kybernate.io/checkpoint-key, "
-                    "else its default key)")
+    cp.add_argument("--key", "-k", help="workload key (default: the container's kybernate.io/checkpoint-key, else "
+                    "<pod namespace>_<pod>_<container> for CRI containers, <namespace>_<id> otherwise)")
     cp.add_argument("--leave-running", action="store_true", help="the container runs on after the dump")
     cp.add_argument("--socket", default=os.environ.get(HOOKD_SOCKET_ENV) or DEFAULT_SOCKET,
                     help=f"kybernate-hookd's socket (${HOOKD_SOCKET_ENV}, default {DEFAULT_SOCKET}): hookd runs the "

@@ -230,9 +230,12 @@ SHIM
     chmod +x "$BASE/bin/containerd-shim-kybernate-v1"
     "$BASE/bin/containerd-shim-kybernate-v1" -v || return 3
     mkdir -p /run/kybernate
+    # hookd owns the checkpoint store (docs/store.md): it reaches our private containerd and writes $BASE/store,
+    # which the shims read too (KYBERNATE_STORE in containerd's environment below).
     PYTHONPATH=$BASE/site setsid "$PY" -m kybernate.hooks.hookd.daemon --socket /run/kybernate/hookd.sock \
         --libcuda "${KYB_LIBCUDA:-/usr/local/nvidia/lib64/libcuda.so.1}" --metrics-address 127.0.0.1:9464 --log-level info \
-        --containerd-address "$ADDR" ${KYB_HOOKD_ARGS:-} >"$BASE/hookd.log" 2>&1 </dev/null &
+        --containerd-address "$ADDR" --store-root "$KYBERNATE_STORE" --store-registry "$BASE/registry.db" \
+        ${KYB_HOOKD_ARGS:-} >"$BASE/hookd.log" 2>&1 </dev/null &
     echo $! >"$BASE/hookd.pid"
     for _ in $(seq 1 100); do
         [ -S /run/kybernate/hookd.sock ] && break
@@ -247,7 +250,8 @@ if [ "$RUNTIME" = kybernate ]; then
 fi
 
 say "starting containerd (root $BASE/root, state $BASE/state, socket $ADDR)"
-env -i PATH="$CTRD_PATH" HOME=/root XDG_RUNTIME_DIR="$BASE/tmp" TMPDIR="$BASE/tmp" KYBERNATE_STORE="$KYBERNATE_STORE" \
+env -i PATH="$CTRD_PATH" HOME=/root XDG_RUNTIME_DIR="$BASE/tmp" TMPDIR="$BASE/tmp" \
+    KYBERNATE_STORE="$KYBERNATE_STORE" KYBERNATE_REGISTRY="$BASE/registry.db" \
     "$BASE/bin/containerd" --config "$BASE/config.toml" >"$BASE/containerd.log" 2>&1 &
 echo $! >"$BASE/containerd.pid"
 CTR=("$BASE/bin/ctr" --address "$ADDR" --namespace "$NS")
@@ -300,7 +304,7 @@ if [ -n "$SCENARIOS" ]; then
         --ctr "$BASE/bin/ctr" --address "$ADDR" --namespace "$NS" --image "$IMAGE" --snapshotter "$SNAP" \
         --base "$BASE" --state "$BASE/state" --runtime "$RUNTIME" --scenario "$SCENARIOS" \
         --vram-gib "$VRAM" --cycles "$CYCLES" --step-timeout "${KYB_STEP_TIMEOUT:-180}" \
-        --results "$OUT/results.json" "${EXTRA[@]}" \
+        --results "$OUT/results.json" --store "$BASE/store" "${EXTRA[@]}" \
         2>&1 | tee "$BASE/scenario.log"
     RC=${PIPESTATUS[0]}
     sed -n '/^==== summary/,$p' "$BASE/scenario.log" >"$OUT/summary.txt"

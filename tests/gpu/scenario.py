@@ -905,7 +905,11 @@ class Runner:
         rec["kill_s"], _ = self.ctr.run("task", "kill", "--signal", "SIGTERM", cid, timeout=self.a.stop_timeout + 30)
         wait_for_status(self.ctr, cid, ("STOPPED", "ABSENT"), self.a.stop_timeout + 30)
         rec["stop_s"] = round(time.perf_counter() - t, 3)
-        after = store_generations(self.a.store, key)
+        # The Kill is answered once the dump ended the task; hookd then hashes, writes the manifest, renames.
+        deadline = time.monotonic() + self.a.stop_timeout
+        while not set(after := store_generations(self.a.store, key)) - set(before) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        rec["committed_s"] = round(time.perf_counter() - t, 3)
         rec["generations"] = after
         if not set(after) - set(before):
             raise StepError(f"no new generation of {key!r} in {self.a.store} after the stop (had {before}, "

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from harness.containerd import CRI_NAMESPACE, Containerd
+from harness.containerd import CRI_NAMESPACE
 from harness.cri import pb
 from harness.images import BUSYBOX_IMAGE
 from harness.s3server import S3Server
@@ -51,10 +51,16 @@ def s3_env(s3_server: S3Server, tmp_path: Path) -> tuple[dict[str, str], dict[st
     return env, {k: v for k, v in env.items() if k.startswith(("KYBERNATE_S3_", "AWS_"))}
 
 
-def checkpoint(c: Containerd, cid: str, key: str, store: Path, env: dict[str, str]) -> None:
-    done = kybernate("checkpoint", cid, "--key", key, "--store", str(store), "--address", str(c.address),
-                     "--namespace", CRI_NAMESPACE, env=env)
+def checkpoint(hookd, cid: str, key: str, env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    """`kybernate checkpoint`: kybernate-hookd's Store.Checkpoint (the container exits after the dump)."""
+    done = kybernate("checkpoint", cid, "--key", key, "--socket", hookd.socket, "--namespace", CRI_NAMESPACE,
+                     env=env)
     assert done.returncode == 0, done.stderr
+
+
+def object_puts(s3_server: S3Server, key: str) -> int:
+    pattern = re.compile(rf'PUT /{s3_server.bucket}/{re.escape(key)}[ ?]')
+    return sum(1 for line in s3_server.log_path.read_text(errors="replace").splitlines() if pattern.search(line))
 
 
 def object_gets(s3_server: S3Server, key: str) -> int:
@@ -65,10 +71,11 @@ def object_gets(s3_server: S3Server, key: str) -> int:
 
 @pytest.mark.parametrize("version", ["1.6", "2.1"])
 def test_resume_latest_starts_fresh_without_a_checkpoint_and_continues_with_one(
-        kyb_factory, tmp_path: Path, version: str) -> None:
+        kyb_factory, store_hookd, tmp_path: Path, version: str) -> None:
     store = tmp_path / "store"
     env = {**os.environ, "KYBERNATE_REGISTRY": str(tmp_path / "registry.db")}
     c = kyb_factory(version, env={"KYBERNATE_STORE": str(store)})
+    hookd = store_hookd(c, store, registry=tmp_path / "registry.db")
     notes = {KEY: "job-7", RESUME: "latest"}
     with c.cri() as cri:
         pod, cid = start_pod(cri, "first", notes)
@@ -76,7 +83,7 @@ def test_resume_latest_starts_fresh_without_a_checkpoint_and_continues_with_one(
         first = wait_for("the fresh counter", lambda: (n := counts(cri, cid)) and len(n) > 10 and n)
         assert first[0] == 0  # started fresh: the key had no checkpoint
         last = counts(cri, cid)[-1]  # the dump comes later: the restored count is at least this
-        checkpoint(c, cid, "job-7", store, env)
+        checkpoint(hookd, cid, "job-7", env)
         wait_for("the first container to exit", lambda: cri.container_status(cid).state == pb.CONTAINER_EXITED)
         cri.stop_pod(pod)
         cri.remove_pod(pod)
@@ -94,18 +101,24 @@ def test_resume_latest_starts_fresh_without_a_checkpoint_and_continues_with_one(
 
 @pytest.mark.parametrize("version", ["2.1"])
 def test_five_pods_restore_one_snapshot_at_once_with_one_download(
-        kyb_factory, tmp_path: Path, s3_server: S3Server, version: str) -> None:
+        kyb_factory, store_hookd, tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch,
+        version: str) -> None:
     env, node_env = s3_env(s3_server, tmp_path)
+    for name, value in node_env.items():
+        monkeypatch.setenv(name, value)  # hookd uploads with them
     store_a, store_b = tmp_path / "store-a", tmp_path / "store-b"
     a = kyb_factory(version, env={"KYBERNATE_STORE": str(store_a), **node_env})
+    hookd = store_hookd(a, store_a, registry=tmp_path / "registry.db")
     with a.cri() as cri:
         pod, cid = start_pod(cri, "origin", {})
         cri.start_container(cid)
         wait_for("the counter", lambda: len(counts(cri, cid)) > 10)
         last = counts(cri, cid)[-1]
-        checkpoint(a, cid, "web", store_a, env)  # uploaded to S3; the container exits after the dump
+        checkpoint(hookd, cid, "web", env)  # the container exits after the dump; hookd uploads it
+        wait_for("the container to exit", lambda: cri.container_status(cid).state == pb.CONTAINER_EXITED)
         cri.stop_pod(pod)
         cri.remove_pod(pod)
+    wait_for("the upload to S3", lambda: object_puts(s3_server, "cluster/web/1/manifest.json"), 60)
     a.stop()
     assert object_gets(s3_server, "cluster/web/1/checkpoint/inventory.img") == 0
 

@@ -154,6 +154,9 @@ def test_bad_input_is_refused_before_anything_is_touched(kyb: Containerd, tmp_pa
     done = kybernate(kyb, hookd, "checkpoint", "nope", "--key", "k")
     assert done.returncode == 1 and "'nope' not found" in done.stderr and "[NOT_FOUND]" in done.stderr, done.stderr
     assert not store.exists() or os.listdir(store) == []
+    # No key: the container's default key (hooks/api/checkpoint_key.py), <namespace>_<id> for a ctr container.
+    done = kybernate(kyb, hookd, "checkpoint", "bad", "--leave-running")
+    assert done.returncode == 0 and f"stored {kyb.namespace}_bad@1" in done.stderr, done.stderr
     assert task_status(kyb, "bad") == "RUNNING"
     # hookd not running: the command says where it looked and what to start.
     hookd.stop_hookd_gracefully()

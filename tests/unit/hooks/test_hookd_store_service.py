@@ -31,8 +31,7 @@ def test_bad_requests_are_refused_with_their_status_and_nothing_is_created(
 
     async def go() -> None:
         async with serving(s) as daemon, HookdClient(s.server.socket) as client:
-            for key, code, says in (("x" * 200, "INVALID_ARGUMENT", "at most 128"),
-                                    ("../x", "INVALID_ARGUMENT", "path separator"),
+            for key, code, says in (("../x", "INVALID_ARGUMENT", "path separator"),
                                     ("a\x01b", "INVALID_ARGUMENT", "control")):
                 with pytest.raises(HookdError) as info:
                     await client.store_checkpoint("k8s.io", "c1", key, deadline_s=10)
@@ -45,7 +44,7 @@ def test_bad_requests_are_refused_with_their_status_and_nothing_is_created(
             assert port
             text = await http_get(port, "/metrics")
             assert sample(text, "kybernate_hookd_requests_total", rpc="Store.Checkpoint",
-                          outcome="INVALID_ARGUMENT") == 3
+                          outcome="INVALID_ARGUMENT") == 2
             assert sample(text, "kybernate_hookd_store_failures_total", tier="local", operation="checkpoint") == 1
             assert sample(text, "kybernate_hookd_store_upload_backlog") == 0
             assert sample(text, "kybernate_hookd_store_bytes_total", tier="s3", operation="upload") == 0

@@ -210,6 +210,24 @@ def test_sigkill_cancels_the_checkpoint_in_flight() -> None:
     run(go())
 
 
+def test_a_sigkill_after_the_dump_ended_the_task_waits_for_the_commit() -> None:
+    async def go() -> None:
+        h = Harness(FakeHookd(block=True))
+        store = h.make()
+        store.created(spec())
+        stopping = asyncio.create_task(store.on_stop_signal("c1", SIGTERM, None))
+        call = await h.hookd.next_call(1)
+        store.dumped("c1")  # the shim's Checkpoint ended the task through the dump
+        assert await stopping is True  # answered at once: containerd deletes the exited task next
+        store.killed("c1")  # containerd kills what is left of the exited task
+        store.forget("c1")  # and deletes it
+        assert not call.cancelled
+        call.release.set()
+        await asyncio.gather(*store._stops)  # the commit is still waited for, then retention
+        assert h.retained == [(1, 3)]
+    run(go())
+
+
 def test_a_second_stop_signal_waits_for_the_same_checkpoint() -> None:
     async def go() -> None:
         h = Harness(FakeHookd(block=True))
@@ -329,14 +347,20 @@ def _generation(store: Store, key: str) -> str:
     return pending.commit(Identity(container_id="c")).path
 
 
-def test_retain_keeps_the_newest_generations_of_the_key(tmp_path: Any) -> None:
-    store = Store(str(tmp_path))
+def test_retain_keeps_the_newest_generations_of_the_key(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kybernate.hooks.api.store_registry import Registry
+
+    monkeypatch.setenv("KYBERNATE_REGISTRY", str(tmp_path / "registry.db"))
+    store = Store(str(tmp_path / "store"))
     paths = [_generation(store, "k") for _ in range(5)]
     _generation(store, "other")
+    registry = Registry(str(tmp_path / "registry.db"))
+    registry.rebuild(store)
     assert retain(paths[-1], "k", 2) == [1, 2, 3]
     assert store.generations("k") == [4, 5]
     assert store.generations("other") == [1]
     assert not [n for n in os.listdir(store.key_dir("k")) if n.startswith(".tmp-")]
+    assert [(r.key, r.generation) for r in registry.rows()] == [("k", 4), ("k", 5), ("other", 1)]
     assert retain(paths[-1], "k", 0) == [4]  # never below one: the newest stays
 
 
