@@ -17,9 +17,15 @@ What an install changes (host paths; nothing else is touched):
   /opt/kybernate/install.py                   a copy of this script, for `--uninstall` later
   /usr/local/bin/containerd-shim-kybernate-v1 launchers: run the venv's python on the console entry
   /usr/local/bin/kybernate-hookd              points of the kybernate wheel
+  /usr/local/bin/kybernate-shimd
+  /usr/local/bin/containerd-shim-kybernate-v1 where the node has a C compiler and the installer can run it
+                                              (--host-exec): the native shim client built from the wheel's
+                                              shim/native/shim_client.c, with the Python launcher beside it
+                                              as containerd-shim-kybernate-v1.py (its fallback)
   /etc/kybernate/runtime.toml                 only if missing: never overwrites the operator's file
   /etc/systemd/system/kybernate-hookd.service the hookd unit, enabled for multi-user.target (a symlink
                                               in multi-user.target.wants, what `systemctl enable` makes)
+  /etc/systemd/system/kybernate-shimd.service the unit of the resident shim starter, enabled the same way
   containerd's config (--containerd-config, /etc/containerd/config.toml):
     version = 3 (containerd 2.x): drop-in <config dir>/conf.d/kybernate.toml, and its path added to the
         top-level `imports` unless an existing import already covers it;
@@ -32,7 +38,7 @@ What an install changes (host paths; nothing else is touched):
 
 It restarts nothing unless asked: --restart-containerd restarts containerd (only when its config
 changed, or a change from an earlier run has not been loaded yet) and --start-hookd (re)starts
-kybernate-hookd, both through the host's systemctl. Without them it prints the commands to run.
+kybernate-hookd and kybernate-shimd, both through the host's systemctl. Without them it prints the commands to run.
 A second run with the same payload changes nothing and says so; --dry-run prints every change
 (with diffs) and makes none. Exit status: 0 done (or nothing to do), 1 refused or failed, 2 usage.
 """
@@ -76,6 +82,9 @@ CRI_RUNTIME_PLUGIN = {2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.r
 SNIPPETS = {2: "containerd-config/config-v2-kybernate.toml", 3: "containerd-config/config-v3-kybernate.toml"}
 RUNTIME_TOML_SOURCE = "containerd-config/runtime.toml"
 UNIT_SOURCE = "packaging/systemd/kybernate-hookd.service"
+SHIMD_UNIT_SOURCE = "packaging/systemd/kybernate-shimd.service"
+# The native shim client's source inside the kybernate wheel; built with the node's C compiler when it has one.
+NATIVE_SOURCE = "kybernate/shim/native/shim_client.c"
 
 DEFAULT_CONTAINERD_CONFIG = "/etc/containerd/config.toml"
 OPT = PurePosixPath("/opt/kybernate")
@@ -84,10 +93,14 @@ RECORD = OPT / "installed.json"
 RESTART_PENDING = OPT / "containerd-restart-pending"
 SELF_COPY = OPT / "install.py"
 BIN_DIR = PurePosixPath("/usr/local/bin")
-LAUNCHERS = ("containerd-shim-kybernate-v1", "kybernate-hookd")
+LAUNCHERS = ("containerd-shim-kybernate-v1", "kybernate-hookd", "kybernate-shimd")
+# With the native shim client, the Python launcher of the shim sits beside it under this name (its fallback).
+SHIM_PY = PurePosixPath("/usr/local/bin/containerd-shim-kybernate-v1.py")
 RUNTIME_TOML = PurePosixPath("/etc/kybernate/runtime.toml")
 UNIT = PurePosixPath("/etc/systemd/system/kybernate-hookd.service")
 UNIT_WANTS = PurePosixPath("/etc/systemd/system/multi-user.target.wants/kybernate-hookd.service")
+SHIMD_UNIT = PurePosixPath("/etc/systemd/system/kybernate-shimd.service")
+SHIMD_UNIT_WANTS = PurePosixPath("/etc/systemd/system/multi-user.target.wants/kybernate-shimd.service")
 HOST_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
 
 # Every file this script writes carries this mark; it only ever replaces or removes files that do.
@@ -177,6 +190,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     containerd_config_changed: bool = False
     hookd_changed: bool = False
+    shimd_changed: bool = False
 
     def add(self, what: str, apply: Callable[[], None], diff: str = "") -> None:
         self.changes.append(Change(what, apply, diff))
@@ -228,6 +242,9 @@ def _remove_dir(path: Path) -> None:
 
 def _has_mark(path: Path, lines: int = 3) -> bool:
     try:
+        with path.open("rb") as f:
+            if f.read(4) == b"\x7fELF":  # the native shim client: the mark is compiled in (KYB_BUILD_ID)
+                return MARK.encode() in f.read(4 << 20)
         with path.open("r", errors="replace") as f:
             head = [f.readline() for _ in range(lines)]
     except (FileNotFoundError, IsADirectoryError):
@@ -844,7 +861,7 @@ def plan_install(plan: Plan, host: Host, args: argparse.Namespace, host_exec: Ho
     plan_containerd(plan, host, config, source, uninstall=False)
     unit_src = source / UNIT_SOURCE
     runtime_src = source / RUNTIME_TOML_SOURCE
-    for p in (unit_src, runtime_src):
+    for p in (unit_src, runtime_src, source / SHIMD_UNIT_SOURCE):
         if not p.is_file():
             raise InstallError(f"{p} not found: run the installer from a Kybernate checkout or payload (--source)")
     kyb = next(w for w in wheels if w.name == RUNTIME_NAME)
@@ -870,14 +887,17 @@ def plan_install(plan: Plan, host: Host, args: argparse.Namespace, host_exec: Ho
         plan.add(f"{verb} {VENV} for {python} (Python {version[0]}.{version[1]}) from {len(wheels)} wheels: "
                  + ", ".join(w.path.name for w in wheels),
                  lambda: _build_venv(host, wheels, python, version, record))
-        plan.hookd_changed = True
+        plan.hookd_changed = plan.shimd_changed = True
     self_text = Path(__file__).read_text()
     if not host.path(SELF_COPY).is_file() or host.path(SELF_COPY).read_text() != self_text:
         plan.add(f"write {SELF_COPY} (this installer, for --uninstall)",
                  lambda: _write_atomic(host.path(SELF_COPY), self_text.encode(), 0o755))
+    native = _plan_native_client(plan, host, host_exec, kyb, launchers[LAUNCHERS[0]])
     for name, text in launchers.items():
-        if _plan_file(plan, host, BIN_DIR / name, text, 0o755, what=f"launcher for {VENV}") and name == LAUNCHERS[1]:
-            plan.hookd_changed = True
+        path = SHIM_PY if native and name == LAUNCHERS[0] else BIN_DIR / name
+        if _plan_file(plan, host, path, text, 0o755, what=f"launcher for {VENV}") and name != LAUNCHERS[0]:
+            plan.hookd_changed |= name == LAUNCHERS[1]
+            plan.shimd_changed |= name == LAUNCHERS[2]
 
     if os.path.lexists(host.path(RUNTIME_TOML)):
         plan.notes.append(f"kept {RUNTIME_TOML} (exists; never overwritten)")
@@ -900,17 +920,103 @@ def plan_install(plan: Plan, host: Host, args: argparse.Namespace, host_exec: Ho
             wants.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(str(UNIT), wants)
         plan.add(f"enable kybernate-hookd: link {UNIT_WANTS} -> {UNIT}", enable)
+    _plan_shimd_unit(plan, host, source)
+
+
+def _plan_shimd_unit(plan: Plan, host: Host, source: Path) -> None:
+    """kybernate-shimd's unit, enabled: pods start through it (shim/resident.py); it is optional to them."""
+    text = (f"# Installed by {MARK} from {SHIMD_UNIT_SOURCE}; the installer replaces this file.\n"
+            "# Customise with a drop-in (`systemctl edit kybernate-shimd`), not here.\n"
+            + (source / SHIMD_UNIT_SOURCE).read_text())
+    if _plan_file(plan, host, SHIMD_UNIT, text, 0o644, what="systemd unit of kybernate-shimd"):
+        plan.shimd_changed = True
+    wants = host.path(SHIMD_UNIT_WANTS)
+    if not (wants.is_symlink() and os.readlink(wants) == str(SHIMD_UNIT)):
+        if os.path.lexists(wants):
+            raise InstallError(f"{SHIMD_UNIT_WANTS} exists but is not a link to {SHIMD_UNIT}: remove it and run again")
+
+        def enable() -> None:
+            wants.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(str(SHIMD_UNIT), wants)
+        plan.add(f"enable kybernate-shimd: link {SHIMD_UNIT_WANTS} -> {SHIMD_UNIT}", enable)
+
+
+def _host_cc(host: Host, host_exec: HostExec) -> str | None:
+    """The node's C compiler as the installer can run it, or None."""
+    if host_exec.mode == "direct":
+        return shutil.which("cc")
+    if host_exec.mode == "nsenter":
+        return next((c for c in ("/usr/bin/cc", "/usr/local/bin/cc") if os.path.exists(host.path(c))), None)
+    return None  # no way to run a program on the node
+
+
+def _plan_native_client(plan: Plan, host: Host, host_exec: HostExec, kyb: Wheel, launcher: str) -> bool:
+    """Build the native shim client (shim/native/shim_client.c) with the node's cc; False: keep the launcher.
+
+    Built on the node because the payload carries no binaries (one wheel for every node). Unchanged source
+    and a binary built from it: nothing to do (the source digest is compiled into the binary with MARK).
+    """
+    with zipfile.ZipFile(kyb.path) as z:
+        try:
+            source = z.read(NATIVE_SOURCE)
+        except KeyError:
+            return False  # a wheel from before the native client
+    binary = BIN_DIR / LAUNCHERS[0]
+    build_id = f"{MARK} native client {hashlib.sha256(source).hexdigest()[:16]}"
+    local = host.path(binary)
+    try:
+        with local.open("rb") as f:
+            if f.read(4) == b"\x7fELF" and build_id.encode() in f.read(4 << 20):
+                return True
+    except FileNotFoundError:
+        pass
+    cc = _host_cc(host, host_exec)
+    if cc is None:
+        plan.notes.append("no C compiler the installer can run on the node: containerd-shim-kybernate-v1 is the "
+                          "Python launcher (pods start slower: docs/benchmarks.md)")
+        return False
+    if local.exists() and not _has_mark(local):
+        raise InstallError(f"{binary} exists and was not written by this installer: move it away "
+                           "(or remove it) and run again")
+    src_host = OPT / "native" / "shim_client.c"
+    new_host = BIN_DIR / f".{LAUNCHERS[0]}.new"
+
+    def build() -> None:
+        _write_atomic(host.path(src_host), source, 0o644)
+        # nsenter runs cc in the node's mount namespace (host paths); direct runs it here (paths under the root).
+        out, src = (new_host, src_host) if host_exec.mode == "nsenter" else (host.path(new_host), host.path(src_host))
+        argv = [cc, "-O2", f'-DKYB_BUILD_ID="{build_id}"', "-o", str(out), str(src)]
+        r = host_exec.run(argv, timeout=120)
+        if r.returncode != 0:
+            host.path(new_host).unlink(missing_ok=True)
+            # The Python launcher takes the binary's place: slower pod starts, nothing broken.
+            _write_atomic(local, launcher.encode(), 0o755)
+            print(f"note: building the native shim client failed ({r.stderr.strip()[-400:]}); "
+                  f"{binary} is the Python launcher")
+            return
+        os.chmod(host.path(new_host), 0o755)
+        os.replace(host.path(new_host), local)
+    plan.add(f"build {binary} (the native shim client) with the node's {cc}", build)
+    return True
 
 
 def plan_uninstall(plan: Plan, host: Host, args: argparse.Namespace) -> None:
     plan_containerd(plan, host, PurePosixPath(args.containerd_config), None, uninstall=True)
-    for name in LAUNCHERS:
-        p = host.path(BIN_DIR / name)
+    for path in [*(BIN_DIR / n for n in LAUNCHERS), SHIM_PY]:
+        p = host.path(path)
         if os.path.lexists(p):
             if _has_mark(p):
-                plan.add(f"remove {BIN_DIR / name}", p.unlink)
+                plan.add(f"remove {path}", p.unlink)
+                plan.shimd_changed |= path.name == LAUNCHERS[2]
             else:
-                plan.notes.append(f"left {BIN_DIR / name}: not written by this installer")
+                plan.notes.append(f"left {path}: not written by this installer")
+    shimd_wants = host.path(SHIMD_UNIT_WANTS)
+    if shimd_wants.is_symlink() and os.readlink(shimd_wants) == str(SHIMD_UNIT):
+        plan.add(f"disable kybernate-shimd: remove {SHIMD_UNIT_WANTS}", shimd_wants.unlink)
+    shimd_unit = host.path(SHIMD_UNIT)
+    if shimd_unit.exists() and _has_mark(shimd_unit):
+        plan.add(f"remove {SHIMD_UNIT}", shimd_unit.unlink)
+        plan.shimd_changed = True
     wants = host.path(UNIT_WANTS)
     if wants.is_symlink() and os.readlink(wants) == str(UNIT):
         plan.add(f"disable kybernate-hookd: remove {UNIT_WANTS}", wants.unlink)
@@ -990,10 +1096,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--restart-containerd", action="store_true",
                    help="restart containerd (systemctl) when its config changed; default: print the command")
     p.add_argument("--start-hookd", action="store_true",
-                   help="install: daemon-reload and (re)start kybernate-hookd now (systemctl)")
-    p.add_argument("--stop-hookd", action="store_true", help="uninstall: stop kybernate-hookd first (systemctl)")
+                   help="install: daemon-reload and (re)start kybernate-hookd and kybernate-shimd now (systemctl)")
+    p.add_argument("--stop-hookd", action="store_true",
+                   help="uninstall: stop kybernate-hookd and kybernate-shimd first (systemctl)")
     p.add_argument("--host-exec", choices=("auto", "direct", "nsenter", "none"), default="auto",
-                   help="how to run systemctl on the node: auto = directly when --host-root is /, else not at all; "
+                   help="how to run systemctl (and cc) on the node: auto = directly when --host-root is /, else not "
+                        "at all; "
                         "nsenter = through PID 1's mount namespace (a pod with hostPID) [%(default)s]")
     p.add_argument("--force", action="store_true", help="uninstall even while kybernate shims still run")
     args = p.parse_args(argv)
@@ -1044,7 +1152,7 @@ def run(args: argparse.Namespace) -> int:
         plan_install(plan, host, args, host_exec)
     config = PurePosixPath(args.containerd_config)
     check_writable(host, plan, [config.parent, config.parent / "conf.d", OPT, BIN_DIR, RUNTIME_TOML.parent,
-                                UNIT.parent, UNIT_WANTS.parent])
+                                UNIT.parent, UNIT_WANTS.parent, SHIMD_UNIT.parent])
 
     pending = not args.uninstall and host.path(RESTART_PENDING).exists()
     cmds = _host_commands(plan, args, restart=plan.containerd_config_changed or pending)
@@ -1110,12 +1218,27 @@ def _host_commands(plan: Plan, args: argparse.Namespace, restart: bool) -> list[
             cmds.append(HostCommand("stop the node daemon", ["systemctl", "stop", "kybernate-hookd"],
                                     args.stop_hookd, before_changes=True))
             cmds.append(HostCommand("forget the removed unit", ["systemctl", "daemon-reload"], args.stop_hookd))
-    elif plan.hookd_changed:
-        cmds.append(HostCommand("load the new unit", ["systemctl", "daemon-reload"], args.start_hookd))
-        cmds.append(HostCommand("start the node daemon on the new files", ["systemctl", "restart", "kybernate-hookd"],
-                                args.start_hookd))
-    elif args.start_hookd:
-        cmds.append(HostCommand("make sure the node daemon runs", ["systemctl", "start", "kybernate-hookd"], True))
+        if plan.shimd_changed:
+            # KillMode=process: stopping it never touches the pods' shim daemons forked from it.
+            cmds.append(HostCommand("stop the resident shim starter", ["systemctl", "stop", "kybernate-shimd"],
+                                    args.stop_hookd, before_changes=True))
+            if not plan.hookd_changed:
+                cmds.append(HostCommand("forget the removed unit", ["systemctl", "daemon-reload"], args.stop_hookd))
+    else:
+        if plan.hookd_changed or plan.shimd_changed:
+            cmds.append(HostCommand("load the new unit", ["systemctl", "daemon-reload"], args.start_hookd))
+        if plan.hookd_changed:
+            cmds.append(HostCommand("start the node daemon on the new files",
+                                    ["systemctl", "restart", "kybernate-hookd"], args.start_hookd))
+        elif args.start_hookd:
+            cmds.append(HostCommand("make sure the node daemon runs", ["systemctl", "start", "kybernate-hookd"], True))
+        # Running pods keep their shim daemons across this restart (they do not depend on it).
+        if plan.shimd_changed:
+            cmds.append(HostCommand("start the resident shim starter on the new files",
+                                    ["systemctl", "restart", "kybernate-shimd"], args.start_hookd))
+        elif args.start_hookd:
+            cmds.append(HostCommand("make sure the resident shim starter runs",
+                                    ["systemctl", "start", "kybernate-shimd"], True))
     if restart:
         why = "load the changed config" if plan.containerd_config_changed else "load the config an earlier run changed"
         cmds.append(HostCommand(why + "; running containers keep running", ["systemctl", "restart", "containerd"],

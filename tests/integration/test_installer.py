@@ -724,14 +724,35 @@ def test_restart_and_start_run_in_order_and_only_on_a_change(
     assert log.read_text().splitlines() == [
         "systemctl daemon-reload",
         "systemctl restart kybernate-hookd",
+        "systemctl restart kybernate-shimd",
         "containerd --config /etc/containerd/config.toml config dump",
         "systemctl restart containerd",
     ]
     assert not n.path("/opt/kybernate/containerd-restart-pending").exists()
+    # The resident shim starter's unit, enabled; with a C compiler at hand the shim binary is the native
+    # client built from the wheel's source (the installer's mark compiled in), its Python launcher beside it.
+    unit = n.path("/etc/systemd/system/kybernate-shimd.service").read_text()
+    assert unit.endswith((ROOT / "packaging/systemd/kybernate-shimd.service").read_text())
+    assert os.readlink(n.path("/etc/systemd/system/multi-user.target.wants/kybernate-shimd.service")) == \
+        "/etc/systemd/system/kybernate-shimd.service"
+    binary = n.path("/usr/local/bin/containerd-shim-kybernate-v1").read_bytes()
+    assert binary.startswith(b"\x7fELF") and b"kybernate install.py native client" in binary
+    assert n.path("/usr/local/bin/containerd-shim-kybernate-v1.py").read_text().startswith(
+        "#!/opt/kybernate/venv/bin/python3\n")
+    assert n.path("/usr/local/bin/kybernate-shimd").read_text().startswith("#!/opt/kybernate/venv/bin/python3\n")
     log.write_text("")
     r = _install_direct(n, env, "--start-hookd", "--restart-containerd")
     assert r.returncode == 0 and "nothing to change" in r.stdout
-    assert log.read_text().splitlines() == ["systemctl start kybernate-hookd"]
+    assert log.read_text().splitlines() == ["systemctl start kybernate-hookd", "systemctl start kybernate-shimd"]
+    log.write_text("")
+    r = _install_direct(n, env, "--uninstall", "--stop-hookd", "--force")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert log.read_text().splitlines() == [
+        "systemctl stop kybernate-hookd", "systemctl stop kybernate-shimd", "systemctl daemon-reload"]
+    for gone in ("/usr/local/bin/containerd-shim-kybernate-v1", "/usr/local/bin/containerd-shim-kybernate-v1.py",
+                 "/usr/local/bin/kybernate-shimd", "/etc/systemd/system/kybernate-shimd.service",
+                 "/etc/systemd/system/multi-user.target.wants/kybernate-shimd.service"):
+        assert not os.path.lexists(n.path(gone)), gone
 
 
 def test_no_restart_into_a_config_containerd_rejects(
