@@ -588,6 +588,50 @@ static int find_runc_shim(char out[PATH_MAX]) {
     return -1;  /* the Python path says how to fix it */
 }
 
+static size_t put_varint(unsigned char *out, uint64_t v) {
+    size_t n = 0;
+    do {
+        out[n] = (unsigned char)(v & 0x7f);
+        v >>= 7;
+        if (v) out[n] |= 0x80;
+        n++;
+    } while (v);
+    return n;
+}
+
+/* The runc shim's answer to `delete` for a task that is gone: task.DeleteResponse {pid = 1 (its init pid,
+ * from init.pid), exit_status = 2 (128 + SIGKILL), exited_at = 3 (now)}, protobuf on stdout. containerd
+ * publishes no events from it for a task it deleted already; it only needs a well-formed answer. */
+static int write_delete_response(const char *bundle) {
+    char path[PATH_MAX], text[32] = {0};
+    unsigned char ts[24], msg[64];
+    uint64_t pid = 0;
+    snprintf(path, sizeof path, "%s/init.pid", bundle);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        if (read(fd, text, sizeof text - 1) > 0) pid = strtoull(text, NULL, 10);
+        close(fd);
+    }
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    size_t t = 0, n = 0;
+    ts[t++] = 0x08;
+    t += put_varint(ts + t, (uint64_t)now.tv_sec);
+    ts[t++] = 0x10;
+    t += put_varint(ts + t, (uint64_t)now.tv_nsec);
+    if (pid) {
+        msg[n++] = 0x08;
+        n += put_varint(msg + n, pid);
+    }
+    msg[n++] = 0x10;
+    n += put_varint(msg + n, 128 + 9);
+    msg[n++] = 0x1a;
+    msg[n++] = (unsigned char)t;
+    memcpy(msg + n, ts, t);
+    n += t;
+    return write_all(1, (const char *)msg, n) ? 1 : 0;
+}
+
 static int delete_direct(const struct args *a, const char *bundle) {
     char path[PATH_MAX], hex[65], runc[PATH_MAX], state[PATH_MAX], marks[64];
     struct stat st;
@@ -622,6 +666,16 @@ static int delete_direct(const struct args *a, const char *bundle) {
         } else if (errno != ENOENT) {
             return handed_on = "group_state", HANDLED_NOT;
         }
+    }
+    /* The runc shim already deleted this task through our daemon (runc delete, rootfs unmounted: the
+     * daemon marked the bundle, shim/service.py DELETED_MARK), so its `delete` would only repeat that
+     * cleanup. Answer as it does, from the same files, without running it. */
+    char mark[PATH_MAX];
+    snprintf(mark, sizeof mark, "%s/.kybernate-task-deleted", bundle);
+    if (lstat(mark, &st) == 0) {
+        snprintf(marks, sizeof marks, "daemon=%s runc_delete=skipped", daemon);
+        emit_phases(bundle, "delete", a->id, marks);
+        return write_delete_response(bundle);
     }
     /* The flags in the order manager's ShimArgs.child_flags writes them. */
     const char *child[16];

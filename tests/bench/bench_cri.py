@@ -101,9 +101,10 @@ def phase_summary(log: str) -> list[str]:
         group = groups.setdefault(kind, {})
         for name, value in marks.items():
             try:
-                group.setdefault(name, []).append(float(value))
+                number = float(value)
             except ValueError:
-                pass
+                continue  # a word (daemon=answers): not a time
+            group.setdefault(name, []).append(number)
     out = ["| shim command | n | phases (median ms since it began) |", "| --- | --- | --- |"]
     for kind in sorted(groups):
         marks = groups[kind]
@@ -125,6 +126,7 @@ def main() -> int:
     parser.add_argument("--containerd", default="2.1", choices=["1.6", "2.1"])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--resident", action="store_true", help="start kybernate-shimd for the instance first")
+    parser.add_argument("--keep-log", type=Path, help="copy containerd's log (info level) here")
     args = parser.parse_args()
 
     stack = load_stack()
@@ -162,6 +164,8 @@ def main() -> int:
                     for step, seconds in pod_lifecycle(cri, handler, f"b{i}-{handler[0]}").items():
                         results[handler][step].append(seconds)
         log = c.log_text()
+        if args.keep_log:
+            args.keep_log.write_text(log)
     finally:
         c.stop()
         if resident is not None:

@@ -272,3 +272,25 @@ def test_delete_after_the_runc_shim_removed_our_socket_skips_python_only_if_its_
     gone = run(native, [*flags(containerd), "delete"], bundle, **env)
     assert gone.returncode == 3 and gone.stdout.startswith("cwd=")
     assert manager.GroupState.load(address) is None  # removed, as stop_orphaned_child would
+
+
+def test_delete_of_a_task_the_daemon_deleted_answers_like_the_runc_shim_without_running_it(
+    native: Path, tmp_path: Path, listening: list[socket.socket]
+) -> None:
+    from kybernate.api import task_pb2
+    from kybernate.shim.service import DELETED_MARK
+
+    containerd = f"/run/test-{secrets.token_hex(4)}/containerd.sock"
+    bundle = bundle_with(tmp_path, json.dumps({"annotations": {"io.kubernetes.cri.sandbox-id": SANDBOX}}))
+    (bundle / "init.pid").write_text("4242")
+    (bundle / DELETED_MARK).touch()
+    listen_at(manager.socket_address(containerd, "k8s.io", SANDBOX), listening)
+    answer_one_ping(listening[-1], answer=True)
+    before = time.time()
+    done = subprocess.run([str(native), *flags(containerd), "delete"], cwd=bundle, capture_output=True, timeout=30,
+                          env={**os.environ, client.SOCKET_ENV: "off",
+                               "KYBERNATE_RUNC_SHIM": str(fake_runc_shim(tmp_path))})
+    assert done.returncode == 0, done.stderr
+    reply = task_pb2.DeleteResponse.FromString(done.stdout)  # not the fake runc shim's text: it did not run
+    assert (reply.pid, reply.exit_status) == (4242, 137)
+    assert before - 1 <= reply.exited_at.seconds + reply.exited_at.nanos / 1e9 <= time.time() + 1
