@@ -12,8 +12,8 @@ import os
 import secrets
 import shutil
 import socket
-import subprocess
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -85,8 +85,10 @@ SANDBOX = "a" * 64
 SPECS: list[tuple[str, str]] = [
     # (name, config.json text); Python's group_id decides the expected group
     ("sandbox-id", json.dumps({"ociVersion": "1.2", "annotations": {"io.kubernetes.cri.sandbox-id": SANDBOX}})),
-    ("runc-group-first", json.dumps({"annotations": {"io.kubernetes.cri.sandbox-id": "s", "io.containerd.runc.v2.group": "g"}})),
-    ("empty-group-label", json.dumps({"annotations": {"io.containerd.runc.v2.group": "", "io.kubernetes.cri.sandbox-id": "s"}})),
+    ("runc-group-first",
+     json.dumps({"annotations": {"io.kubernetes.cri.sandbox-id": "s", "io.containerd.runc.v2.group": "g"}})),
+    ("empty-group-label",
+     json.dumps({"annotations": {"io.containerd.runc.v2.group": "", "io.kubernetes.cri.sandbox-id": "s"}})),
     ("no-annotations", json.dumps({"process": {"args": ["sh", "-c", "echo \"}{\""]}, "root": {"path": "rootfs"}})),
     ("annotations-null", '{"annotations": null}'),
     ("annotations-list", '{"annotations": ["io.kubernetes.cri.sandbox-id"]}'),
@@ -94,7 +96,8 @@ SPECS: list[tuple[str, str]] = [
     ("duplicate-label", '{"annotations": {"io.kubernetes.cri.sandbox-id": "x", "io.kubernetes.cri.sandbox-id": "y"}}'),
     ("escapes", '{"annotations": {"io.kubernetes.cri.sandbox-id": "p\\u00e9\\ud83d\\ude00\\n\\"q\\u003c"}}'),
     ("escaped-key", '{"annot\\u0061tions": {"io.kubernetes.cri\\u002esandbox-id": "k"}}'),
-    ("utf8-elsewhere", json.dumps({"env": ["X=é€"], "annotations": {"io.kubernetes.cri.sandbox-id": "u"}}, ensure_ascii=False)),
+    ("utf8-elsewhere",
+     json.dumps({"env": ["X=é€"], "annotations": {"io.kubernetes.cri.sandbox-id": "u"}}, ensure_ascii=False)),
     ("nested-deep", json.dumps({"linux": {"a": [[[{"b": [1.5e3, -0, True, False, None]}]]]},
                                 "annotations": {"other": {"x": 1}, "io.kubernetes.cri.sandbox-id": "n"}})),
     ("long-other-key", json.dumps({"annotations": {"k" * 200: "v", "io.kubernetes.cri.sandbox-id": "l"}})),
@@ -191,7 +194,7 @@ def test_delete_with_the_daemon_answering_runs_the_runc_shims_delete_with_python
     bundle = bundle_with(tmp_path, json.dumps({"annotations": {"io.kubernetes.cri.sandbox-id": SANDBOX}}))
     listen_at(manager.socket_address(containerd, "k8s.io", SANDBOX), listening)
     answer_one_ping(listening[-1], answer=True)
-    fake = fake_runc_shim(tmp_path)
+    fake_runc_shim(tmp_path)  # found on PATH below
     args = ["-namespace", "k8s.io", "-address", containerd, "-publish-binary", "/bin/containerd", "-debug",
             "-id", "c1", "-bundle", str(bundle), "delete"]
     done = run(native, args, tmp_path, PATH=f"{tmp_path}:/usr/bin:/bin")
