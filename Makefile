@@ -12,12 +12,24 @@ export STACK_PREFIX
 all: venv
 
 # A venv with the package installed in editable mode plus the build/test tools.
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed $(VENV)/.native
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]'
-	# The shim binary without site-packages: the minimal client of kybernate-shimd (shim/client.py).
-	$(VENV)/bin/python -m kybernate.shim.client --write-launcher $(VENV)/bin/containerd-shim-kybernate-v1
+	touch $@
+
+# The shim binary: the native client (shim/native/shim_client.c) answers a pod's later `start`s and most
+# `delete`s itself and hands the rest to kybernate-shimd, else to the Python launcher beside it (`<binary>.py`,
+# shim/client.py run without site-packages). Without a C compiler the Python launcher is the binary itself.
+CC ?= cc
+SHIM_BIN := $(VENV)/bin/containerd-shim-kybernate-v1
+$(VENV)/.native: $(VENV)/.installed shim/native/shim_client.c shim/client.py
+	$(VENV)/bin/python -m kybernate.shim.client --write-launcher $(SHIM_BIN).py
+	if command -v $(CC) >/dev/null; then \
+		$(CC) -O2 -Wall -Wextra -Werror -o $(SHIM_BIN).tmp shim/native/shim_client.c && mv -f $(SHIM_BIN).tmp $(SHIM_BIN); \
+	else \
+		echo "no C compiler ($(CC)): the shim binary stays the Python launcher"; cp -f $(SHIM_BIN).py $(SHIM_BIN); \
+	fi
 	touch $@
 
 # Regenerate the Python code for every .proto under proto/ (committed; `make proto-check` verifies it).

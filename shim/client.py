@@ -1,8 +1,11 @@
-"""The shim binary's first step: hand the command to the resident kybernate-shimd, or run it here.
+"""The shim binary's Python client: hand the command to the resident kybernate-shimd, or run it here.
 
 containerd runs `containerd-shim-kybernate-v1` for every `start`, `delete` and `-info`. Starting Python and
 importing the shim costs far more than the work itself, so a resident process (shim/resident.py) keeps
-everything imported and forks a worker per command. This client is all that runs per command: it passes
+everything imported and forks a worker per command. Where a C compiler was at hand, the binary is the
+native client (shim/native/shim_client.c), which speaks the same protocol, answers a pod's later `start`s
+and most `delete`s itself, and runs this file (installed beside it as `<binary>.py`) only when no resident
+listens. Without the native client, this file is the binary. Either way this client passes
 its own stdin, stdout and stderr (SCM_RIGHTS), its argv, cwd and environment over the resident's socket
 and exits with the status the worker sends back. The worker writes the answer straight into containerd's
 pipes, so nothing is copied.
@@ -139,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         site.main()
         from kybernate.shim import title
 
-        title.set_title(args)
+        # Run by the native client as `<binary>.py`: show the binary's name, which is how shims are found.
+        title.set_title([args[0].removesuffix(".py"), *args[1:]])
     from kybernate.shim.cli import main as run_here
 
     return run_here(args[1:])

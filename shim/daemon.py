@@ -92,6 +92,11 @@ async def serve(config: DaemonConfig, listener: socket.socket, began: float | No
     reason = "runc shim exited" if child_gone in done else "signal" if stopped in done else "server stopped"
     log.info("shutting down", extra={"fields": {"reason": reason}})
     if child_gone in done:
+        # The child is gone, so nothing is left for `delete` to clean up: say so at once, so that
+        # containerd's `delete` (it may run already) takes the native client's short path instead of
+        # searching for an orphaned runc shim (shim/native/shim_client.c). The group state goes first: a
+        # `delete` that finds neither it nor a listening socket knows there is no orphan.
+        _forget_group(config)
         await server.drain(DRAIN_TIMEOUT_S)
     server.close()
     await server.wait_closed()
@@ -104,5 +109,14 @@ async def serve(config: DaemonConfig, listener: socket.socket, began: float | No
 def _cleanup(config: DaemonConfig) -> None:
     from .manager import GroupState, remove_socket
 
+    # Socket first: a daemon killed in between leaves its group state, by which `delete` finds the child.
     remove_socket(config.address)
     GroupState.remove(config.address)
+
+
+def _forget_group(config: DaemonConfig) -> None:
+    """The child exited: its record first (no orphan to find), then the socket."""
+    from .manager import GroupState, remove_socket
+
+    GroupState.remove(config.address)
+    remove_socket(config.address)

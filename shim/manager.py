@@ -270,7 +270,19 @@ def start(args: ShimArgs, stdin: bytes) -> str:
         debug=args.debug,
         runtime=runtime_config,
     )
-    pid = os.fork()
+    # Recorded before the fork: afterwards the new daemon competes with this process for the CPU, and
+    # containerd waits for this process to answer.
+    state = GroupState(args.namespace, group, address, child_shim.address, child_shim.task_api)
+    try:
+        state.save()
+        write_address(bundle, address)
+        pid = os.fork()
+    except OSError as err:
+        listener.close()
+        remove_socket(address)
+        stop_child_shim(child_shim.address)
+        GroupState.remove(address)
+        raise StartError(f"cannot start the shim daemon: {err}") from err
     if pid == 0:  # the daemon
         code = 1
         try:
@@ -280,8 +292,6 @@ def start(args: ShimArgs, stdin: bytes) -> str:
             os._exit(code)
     listener.close()
     phases.mark("forked")
-    GroupState(args.namespace, group, address, child_shim.address, child_shim.task_api).save()
-    write_address(bundle, address)
     return address
 
 

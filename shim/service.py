@@ -205,11 +205,14 @@ class TaskService:
 
     async def delete(self, call: Call) -> bytes:
         request = _decode(task_pb2.DeleteRequest, call)
+        task = self.gpu.tasks.get(request.id) if not request.exec_id else None
         reply = await self.upstream.forward(call)
         if not request.exec_id:
             await self.gpu.forget(request.id)
             if self._store_checkpoints is not None:
                 self._store_checkpoints.forget(request.id)
+        if task is not None:
+            _mark_deleted(task.spec.bundle)
         return reply
 
     async def connect(self, call: Call) -> bytes:
@@ -438,6 +441,19 @@ def _decode(kind: type[Any], call: Call) -> Any:
         return kind.FromString(call.payload)
     except Exception as err:  # protobuf's DecodeError
         raise InvalidArgument(f"{call.method}: request is not a valid {kind.__name__}") from err
+
+
+# In a task's bundle once the runc shim deleted the task (runc delete, rootfs unmounted): containerd's
+# `delete` command that follows has nothing left to clean up, and the native client answers it without
+# running the runc shim's own `delete` (shim/native/shim_client.c). containerd removes the bundle after.
+DELETED_MARK = ".kybernate-task-deleted"
+
+
+def _mark_deleted(bundle: str) -> None:
+    try:
+        os.close(os.open(os.path.join(bundle, DELETED_MARK), os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+    except OSError:
+        pass  # no mark: `delete` runs the runc shim's cleanup, as it would anyway
 
 
 def _checkpoint_exits(options: any_pb2.Any | None) -> bool:

@@ -55,7 +55,8 @@ IMAGE_REPO = "kybernate.local/node-installer"
 # What the kybernate wheel is built from (as in the Dockerfile's first stage).
 WHEEL_SOURCES = ("pyproject.toml", "README.md", "shim", "hooks", "proto")
 # What /payload holds besides the wheels (as the Dockerfile's COPY lines).
-PAYLOAD_FILES = ("packaging/installer/install.py", "packaging/systemd/kybernate-hookd.service", "containerd-config")
+PAYLOAD_FILES = ("packaging/installer/install.py", "packaging/systemd/kybernate-hookd.service",
+                 "packaging/systemd/kybernate-shimd.service", "containerd-config")
 # Left out of the root filesystem, as slim images do: nothing here reads them.
 EXCLUDE = ("usr/share/doc/", "usr/share/man/", "usr/share/info/", "usr/share/locale/", "usr/share/lintian/",
            "usr/share/bug/", "usr/share/doc-base/", "usr/share/bash-completion/")

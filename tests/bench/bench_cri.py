@@ -9,12 +9,16 @@ per-pair differences).
 
 Usage: python tests/bench/bench_cri.py [--containerd 1.6|2.1] [--runs 30] [--resident]
 With --resident a resident Kybernate process (kybernate-shimd) is started for the instance first.
+Then, from containerd's log, the shim's own phases per command (`msg=phases` lines of the native client,
+shim/native/shim_client.c, and of the Python path, shim/phases.py) and the pod daemons' `ready_ms`:
+medians in ms since the command began.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -75,6 +79,41 @@ def pod_lifecycle(cri: CriClient, handler: str, name: str) -> dict[str, float]:
     return took
 
 
+_FIELD = re.compile(r'(\w+)=("[^"]*"|\S+)')
+
+
+def phase_summary(log: str) -> list[str]:
+    """Medians of every phase mark per kind of shim command, from containerd's log."""
+    groups: dict[str, dict[str, list[float]]] = {}
+    for line in log.splitlines():
+        if "msg=phases" not in line and "ready_ms=" not in line:
+            continue
+        fields = dict(_FIELD.findall(line))
+        if "ready_ms" in fields:
+            kind, marks = "pod daemon: fork to serving", {"ready_ms": fields["ready_ms"]}
+        else:
+            native = fields.get("client") == "native"
+            how = (f"native, handed on ({fields['handed_on']})" if "handed_on" in fields
+                   else "native, joined" if "joined" in fields else "native" if native else "Python (worker)")
+            kind = f"{fields.get('action', '?')}: {how}"
+            skip = {"time", "level", "logger", "msg", "runtime", "action", "id", "client", "handed_on", "boot"}
+            marks = {k: v for k, v in fields.items() if k not in skip}
+        group = groups.setdefault(kind, {})
+        for name, value in marks.items():
+            try:
+                number = float(value)
+            except ValueError:
+                continue  # a word (daemon=answers): not a time
+            group.setdefault(name, []).append(number)
+    out = ["| shim command | n | phases (median ms since it began) |", "| --- | --- | --- |"]
+    for kind in sorted(groups):
+        marks = groups[kind]
+        n = max(len(v) for v in marks.values()) if marks else 0
+        text = ", ".join(f"{name} {statistics.median(v):.1f}" for name, v in marks.items())
+        out.append(f"| {kind} | {n} | {text} |")
+    return out
+
+
 def quartiles(values: list[float]) -> tuple[float, float]:
     if len(values) < 4:
         return min(values), max(values)
@@ -87,6 +126,7 @@ def main() -> int:
     parser.add_argument("--containerd", default="2.1", choices=["1.6", "2.1"])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--resident", action="store_true", help="start kybernate-shimd for the instance first")
+    parser.add_argument("--keep-log", type=Path, help="copy containerd's log (info level) here")
     args = parser.parse_args()
 
     stack = load_stack()
@@ -111,6 +151,7 @@ def main() -> int:
     c = Containerd(stack, args.containerd, extra_path=[Path(sys.executable).parent],
                    extra_config=snippet(args.containerd, runtime_toml), env=env, log_level="info")
     results: dict[str, dict[str, list[float]]] = {h: {s: [] for s in STEPS} for h in HANDLERS}
+    log = ""
     try:
         c.start()
         images.import_image(c, images.busybox_image(work, stack.busybox), namespace=CRI_NAMESPACE)
@@ -122,6 +163,9 @@ def main() -> int:
                 for handler in HANDLERS if i % 2 == 0 else reversed(HANDLERS):
                     for step, seconds in pod_lifecycle(cri, handler, f"b{i}-{handler[0]}").items():
                         results[handler][step].append(seconds)
+        log = c.log_text()
+        if args.keep_log:
+            args.keep_log.write_text(log)
     finally:
         c.stop()
         if resident is not None:
@@ -140,6 +184,8 @@ def main() -> int:
         lo, hi = quartiles(diffs)
         mb, mo = statistics.median(base) * 1000, statistics.median(ours) * 1000
         print(f"| {step} | {mb:.1f} | {mo:.1f} | {mo - mb:+.1f} | {lo:+.1f} .. {hi:+.1f} |")
+    print()
+    print("\n".join(phase_summary(log)))
     return 0
 
 

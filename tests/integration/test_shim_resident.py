@@ -133,6 +133,14 @@ def test_pods_start_through_the_resident_survive_its_kill_fall_back_and_use_the_
     assert mounts_under(str(c.state)) == []
     assert c.log_text().count(FALLBACK_NOTE) == 1
     assert c.running()
+    # The native client answered each pod's container `start` itself (joined its pod's daemon, resident or
+    # not), and ran every `delete` straight through the runc shim's: it read every spec containerd wrote.
+    phases = [line for line in c.log_text().splitlines() if "msg=phases" in line and "client=native" in line]
+    joined = [line for line in phases if "action=start" in line and " joined=" in line]
+    deletes = [line for line in phases if "action=delete" in line and "handed_on" not in line]
+    assert len(joined) == len(pods), "\n".join(phases)
+    assert len(deletes) == 2 * len(pods), "\n".join(phases)
+    assert not [line for line in phases if "handed_on=spec" in line]
 
 
 @pytest.mark.parametrize("version", ["1.6", "2.1"])
