@@ -35,7 +35,6 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -46,12 +45,11 @@ from kybernate.hooks.api.checkpoint import (
     CHECKPOINT_DIR,
     CONFIG_DUMP,
     DELETED_FILES,
-    OPAQUE_WHITEOUT,
     ROOTFS_DIFF,
     SPEC_DUMP,
-    WHITEOUT_PREFIX,
 )
 from kybernate.hooks.api.store import human
+from kybernate.hooks.containerd import rootfs
 from kybernate.hooks.containerd.client import ContainerdClient, ContainerdError, container_spec, criu_checkpoint
 
 # CRI annotations on the spec that name a container the way CRI's container names are made.
@@ -81,30 +79,6 @@ class Progress:
     def __call__(self, message: str) -> None:
         if not self.quiet:
             print(f"[{self.elapsed():7.2f}s] {message}", file=self.out, flush=True)
-
-
-class _ChunkReader(io.RawIOBase):
-    """A read-only file over an iterator of byte chunks (a Content.Read stream), for tarfile's stream mode."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._buffer = b""
-        self.total = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, target: Any) -> int:
-        while not self._buffer:
-            try:
-                self._buffer = next(self._chunks)
-            except StopIteration:
-                return 0
-        n = min(len(target), len(self._buffer))
-        target[:n] = self._buffer[:n]
-        self._buffer = self._buffer[n:]
-        self.total += n
-        return n
 
 
 def _rfc3339(ts: timestamp_pb2.Timestamp | None) -> str:
@@ -253,7 +227,7 @@ class Checkpointer:
     def _unpack_criu(self, criu: pb.Descriptor, target: str) -> None:
         t0 = self.progress.elapsed()
         os.makedirs(target, mode=0o700)
-        reader = _ChunkReader(self.client.read_content(criu.digest))
+        reader = rootfs.ChunkReader(self.client.read_content(criu.digest))
         try:
             with tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|") as tar:
                 tar.extractall(target, filter="data")
@@ -267,25 +241,7 @@ class Checkpointer:
 
     def _diff_blob(self, container: pb.ContainerRecord, lease: str) -> pb.Descriptor | None:
         """Diff.Diff of the container's snapshot against a view of its parent (the image), into the store."""
-        if not container.snapshot_key:
-            return None
-        snapshotter = container.snapshotter
-        info = self.client.stat_snapshot(snapshotter, container.snapshot_key)
-        view_key = f"kybernate-checkpoint-view-{secrets.token_hex(6)}"
-        left: list[pb.Mount] = []
-        viewed = False
-        try:
-            if info.parent:
-                left = self.client.view_snapshot(snapshotter, view_key, info.parent, lease=lease)
-                viewed = True
-            right = self.client.snapshot_mounts(snapshotter, container.snapshot_key)
-            return self.client.diff(left, right, lease=lease)
-        finally:
-            if viewed:
-                try:
-                    self.client.remove_snapshot(snapshotter, view_key)
-                except ContainerdError as err:
-                    self.progress(f"warning: could not remove view {view_key}: {err}")
+        return rootfs.diff_blob(self.client, container, lease, self._warn)
 
     def _write_rootfs_diff(self, descriptor: pb.Descriptor, workdir: str) -> None:
         t0 = self.progress.elapsed()
@@ -299,26 +255,13 @@ class Checkpointer:
 
     def _copy_diff(self, descriptor: pb.Descriptor, target: str) -> list[str]:
         """Copy the diff blob into `target` minus its whiteouts, which become the returned deleted paths."""
-        deleted: list[str] = []
-        reader = _ChunkReader(self.client.read_content(descriptor.digest))
         try:
-            with tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|") as src, \
-                    tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as dst:
-                for member in src:
-                    directory, base = os.path.split(member.name.lstrip("./").rstrip("/"))
-                    if base == OPAQUE_WHITEOUT:
-                        # The directory was replaced as a whole; its new content follows in the diff.
-                        self.progress(f"warning: /{directory} was replaced; files of the image's version of it "
-                                      "that the container removed are kept on restore")
-                        continue
-                    if base.startswith(WHITEOUT_PREFIX):
-                        deleted.append("/" + os.path.join(directory, base[len(WHITEOUT_PREFIX):]))
-                        continue
-                    dst.addfile(member, src.extractfile(member) if member.isreg() else None)
-        except (tarfile.TarError, OSError) as err:
-            raise CheckpointError(f"cannot read the rootfs diff {descriptor.digest}: {err}") from None
-        return deleted
+            return rootfs.copy_diff(self.client, descriptor, target, self._warn)
+        except rootfs.RootfsError as err:
+            raise CheckpointError(str(err)) from None
 
+    def _warn(self, message: str) -> None:
+        self.progress(f"warning: {message}")
     def _dumps(self, container: pb.ContainerRecord, spec: dict[str, Any], checkpointed_at: datetime,
                workdir: str) -> None:
         config = {
