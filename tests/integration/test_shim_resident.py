@@ -134,12 +134,16 @@ def test_pods_start_through_the_resident_survive_its_kill_fall_back_and_use_the_
     assert c.log_text().count(FALLBACK_NOTE) == 1
     assert c.running()
     # The native client answered each pod's container `start` itself (joined its pod's daemon, resident or
-    # not), and ran every `delete` straight through the runc shim's: it read every spec containerd wrote.
+    # not), and ran the `delete`s itself: it read every spec containerd wrote. A pod daemon whose socket is
+    # already gone when containerd runs `delete` is an orphan to it, handed to the Python path (how often
+    # depends on timing under load); the clean end asserted above holds either way.
     phases = [line for line in c.log_text().splitlines() if "msg=phases" in line and "client=native" in line]
     joined = [line for line in phases if "action=start" in line and " joined=" in line]
     deletes = [line for line in phases if "action=delete" in line and "handed_on" not in line]
+    orphans = [line for line in phases if "action=delete" in line and "handed_on=orphan" in line]
     assert len(joined) == len(pods), "\n".join(phases)
-    assert len(deletes) == 2 * len(pods), "\n".join(phases)
+    assert len(deletes) + len(orphans) == 2 * len(pods), "\n".join(phases)
+    assert len(deletes) >= len(pods), "\n".join(phases)
     assert not [line for line in phases if "handed_on=spec" in line]
 
 
