@@ -86,18 +86,23 @@ Progress = Callable[[int], None]  # bytes just transferred
 
 
 class S3Tier:
-    def __init__(self, config: S3Config) -> None:
+    def __init__(self, config: S3Config, *, file_concurrency: int = FILE_CONCURRENCY,
+                 part_concurrency: int = PART_CONCURRENCY) -> None:
         import boto3
         from botocore.config import Config
 
+        if file_concurrency < 1 or part_concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1 (files {file_concurrency}, parts {part_concurrency})")
         self.config = config
+        self.file_concurrency = file_concurrency
+        self.part_concurrency = part_concurrency
         # Checksums only where asked (per part, SHA256 below): some S3-compatible servers refuse the
         # client's default trailing CRC32.
         self.client: Any = boto3.session.Session().client(
             "s3", endpoint_url=config.endpoint or None, region_name=config.region,
             config=Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
                           retries={"max_attempts": RETRIES, "mode": "standard"},
-                          max_pool_connections=FILE_CONCURRENCY * PART_CONCURRENCY + 4,
+                          max_pool_connections=file_concurrency * part_concurrency + 4,
                           request_checksum_calculation="when_required",
                           response_checksum_validation="when_required",
                           s3={"addressing_style": "path"}))
@@ -106,7 +111,7 @@ class S3Tier:
         from boto3.s3.transfer import TransferConfig
 
         return TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size,
-                              max_concurrency=PART_CONCURRENCY, use_threads=True)
+                              max_concurrency=self.part_concurrency, use_threads=True)
 
     def _fail(self, what: str, err: Exception) -> S3Error:
         return S3Error(f"{what} ({self.config.where}): {err}")
@@ -138,7 +143,7 @@ class S3Tier:
             except Exception as err:  # botocore's errors have no common public base worth naming here
                 raise self._fail(f"upload of {name} failed", err) from err
 
-        with ThreadPoolExecutor(max_workers=FILE_CONCURRENCY) as pool:
+        with ThreadPoolExecutor(max_workers=self.file_concurrency) as pool:
             for future in [pool.submit(one, f) for f in m.files]:
                 future.result()
         name = self.config.object_key(m.key, m.generation, MANIFEST)
@@ -264,7 +269,7 @@ class S3Tier:
                 except Exception as err:
                     raise self._fail(f"download of {name} failed", err) from err
 
-            with ThreadPoolExecutor(max_workers=FILE_CONCURRENCY) as pool:
+            with ThreadPoolExecutor(max_workers=self.file_concurrency) as pool:
                 for future in [pool.submit(one, f.path, f.part_size) for f in manifest.files]:
                     future.result()
             try:

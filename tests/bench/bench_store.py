@@ -33,13 +33,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from harness import images  # noqa: E402
-from harness.containerd import Containerd  # noqa: E402
-from harness.stack import load_stack  # noqa: E402
+if TYPE_CHECKING:
+    from harness.containerd import Containerd
 
 KYBERNATE = "io.containerd.kybernate.v1"
 NAME = "bench"
@@ -111,9 +111,21 @@ def main() -> int:
     parser.add_argument("--real-driver", action="store_true",
                         help="start the run's kybernate-hookd on the node's CUDA driver (GPU machine); default: on "
                         "the fake GPU driver (tests/fakes/fakegpu)")
+    parser.add_argument("--s3-server", default="moto", choices=["moto", "rclone"],
+                        help="with --s3: the server (tests/harness/s3server.py; rclone for GB sizes)")
+    parser.add_argument("--s3-part-concurrency", default="",
+                        help="with --s3: more store rows, one per value (parts in flight per file), e.g. 16,32")
+    parser.add_argument("--json", dest="json_out", default="", help="with --s3: also write every number to this file")
     args = parser.parse_args()
     if args.s3:
-        return s3_bench(args.runs, args.mib, Path(args.dir))
+        sweep = [int(n) for n in args.s3_part_concurrency.split(",") if n]
+        return s3_bench(args.runs, args.mib, Path(args.dir), args.s3_server, args.json_out, sweep)
+
+    # The containerd benchmark's harness (grpc, the stack) is imported only here: --s3 runs where only
+    # boto3 and the server are installed (tests/gpu/on_gpu.sh --scenario s3).
+    from harness import images
+    from harness.containerd import Containerd
+    from harness.stack import load_stack
 
     stack = load_stack()
     runc = str(stack.runc)
@@ -191,17 +203,24 @@ def main() -> int:
     return 0
 
 
-def s3_bench(runs: int, mib: int, where: Path) -> int:
+def s3_bench(runs: int, mib: int, where: Path, kind: str, json_out: str, sweep: list[int]) -> int:
     import os
 
     from harness.s3server import S3Server
-    from minio import Minio
 
     from kybernate.hooks.api import store as store_layout
     from kybernate.hooks.api.store_s3 import S3Config, S3Tier
 
+    try:  # the second client measured; optional (the GPU machine's carry holds boto3 only)
+        from minio import Minio
+    except ImportError:
+        Minio = None  # noqa: N806
+
     scratch = Path(tempfile.mkdtemp(prefix="kyb-s3bench-", dir=where))
-    server = S3Server(scratch).start()
+    server = S3Server(scratch, kind=kind).start()
+    results: dict[str, list[float]] = {}
+    steps: list[tuple[str, Callable[[], object]]] = []
+    size = 0
     try:
         os.environ.update(server.env("bench"))
         config = S3Config.from_env()
@@ -211,50 +230,94 @@ def s3_bench(runs: int, mib: int, where: Path) -> int:
         pending = store.begin("bench")
         os.makedirs(os.path.join(pending.temp, "checkpoint"))
         with open(os.path.join(pending.temp, "checkpoint", "pages-1.img"), "wb") as f:
-            for _ in range(mib):
-                f.write(os.urandom(1 << 20))
+            for i in range(0, mib, 64):  # incompressible, no two parts equal
+                f.write(os.urandom(min(64, mib - i) << 20))
         generation = pending.commit(store_layout.Identity("bench"))
         pages = os.path.join(generation.path, "checkpoint", "pages-1.img")
         size = generation.manifest.size
+        print(f"{mib} MiB generation written; {kind} serving on 127.0.0.1:{server.port}", file=sys.stderr, flush=True)
         plain = server.client()
-        other = Minio(f"127.0.0.1:{server.port}", access_key=server.access_key, secret_key=server.secret_key,
-                      secure=False, region="us-east-1")
-        results: dict[str, list[float]] = {}
 
         def timed(label: str, step: Callable[[], object]) -> None:
             started = time.perf_counter()
             step()
-            results.setdefault(label, []).append(time.perf_counter() - started)
+            took = time.perf_counter() - started
+            results.setdefault(label, []).append(took)
+            print(f"  {label}: {took:.3f} s, {size / took / 1e6:.0f} MB/s", file=sys.stderr, flush=True)
 
-        def store_download() -> None:
+        def store_download(tier: S3Tier = tier) -> None:
             fresh = store_layout.Store(str(scratch / "fresh"))
             tier.download(fresh, "bench")
             shutil.rmtree(scratch / "fresh")
 
-        steps: list[tuple[str, Callable[[], object]]] = [
+        def plain_download() -> None:
+            plain.download_file(server.bucket, "plain/pages", str(scratch / "p"))
+            os.unlink(scratch / "p")
+
+        steps = [
             ("store upload (S3Tier.upload)", lambda: tier.upload(generation)),
             ("store download + verify (S3Tier.download)", store_download),
             ("boto3 plain upload_file", lambda: plain.upload_file(pages, server.bucket, "plain/pages")),
-            ("boto3 plain download_file", lambda: plain.download_file(server.bucket, "plain/pages",
-                                                                       str(scratch / "p"))),
-            ("minio fput_object", lambda: other.fput_object(server.bucket, "minio/pages", pages,
-                                                            part_size=64 << 20, num_parallel_uploads=8)),
-            ("minio fget_object", lambda: other.fget_object(server.bucket, "minio/pages", str(scratch / "m"))),
+            ("boto3 plain download_file", plain_download),
         ]
+        for n in sweep:  # the same transfers with more (or fewer) parts in flight per file
+            tuned = S3Tier(config, part_concurrency=n)
+            steps += [(f"store upload, {n} parts in flight", lambda t=tuned: t.upload(generation)),
+                      (f"store download + verify, {n} parts in flight", lambda t=tuned: store_download(t))]
+        if Minio is not None:
+            other = Minio(f"127.0.0.1:{server.port}", access_key=server.access_key, secret_key=server.secret_key,
+                          secure=False, region="us-east-1")
+
+            def minio_get() -> None:
+                other.fget_object(server.bucket, "minio/pages", str(scratch / "m"))
+                os.unlink(scratch / "m")
+
+            steps += [
+                ("minio fput_object", lambda: other.fput_object(server.bucket, "minio/pages", pages,
+                                                                part_size=64 << 20, num_parallel_uploads=8)),
+                ("minio fget_object", minio_get),
+            ]
         timed("warm-up", lambda: tier.upload(generation))
-        for _ in range(runs):
-            for label, step in steps:
+        for i in range(runs):  # rotate the order so drift (page cache, server state) hits every step alike
+            for label, step in steps[i % len(steps):] + steps[:i % len(steps)]:
                 timed(label, step)
+            s3_report(results, [label for label, _ in steps], size, runs, where, kind, json_out, final=False)
     finally:
         server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
-    print(f"S3 tier: {size / (1 << 20):.0f} MiB generation, {runs} rounds, medians, one server "
-          f"(moto_server on 127.0.0.1), scratch on {where}, {os.cpu_count()} CPUs\n")
+    return s3_report(results, [label for label, _ in steps], size, runs, where, kind, json_out, final=True)
+
+
+def s3_report(results: dict[str, list[float]], labels: list[str], size: int, runs: int, where: Path, kind: str,
+              json_out: str, final: bool) -> int:
+    """The table (final) and the JSON (after every round too, so a run cut short keeps what it measured)."""
+    import os
+
+    from kybernate.hooks.api import store as store_layout
+    from kybernate.hooks.api import store_s3
+
+    done = [label for label in labels if results.get(label)]
+    med = {label: statistics.median(results[label]) for label in done}
+    settings = (f"store: {store_s3.FILE_CONCURRENCY} files x {store_s3.PART_CONCURRENCY} parts in flight, "
+                f"{store_layout.PART_SIZE >> 20} MiB parts")
+    pairs = {"upload": ("boto3 plain upload_file", "store upload (S3Tier.upload)"),
+             "download": ("boto3 plain download_file", "store download + verify (S3Tier.download)")}
+    ratios = {k: med[plain] / med[ours] for k, (plain, ours) in pairs.items() if plain in med and ours in med}
+    if json_out:
+        Path(json_out).write_text(json.dumps({
+            "server": kind, "bytes": size, "runs": runs, "rounds_done": min((len(results[x]) for x in done), default=0),
+            "cpus": os.cpu_count(), "scratch": str(where), "settings": settings, "seconds": results,
+            "median_s": med, "mb_s": {k: size / v / 1e6 for k, v in med.items()}, "store_vs_plain": ratios}, indent=1))
+    if not final:
+        return 0
+    print(f"\nS3 tier: {size / (1 << 20):.0f} MiB generation, {runs} rounds, medians, one server "
+          f"({kind} on 127.0.0.1), scratch on {where}, {os.cpu_count()} CPUs; {settings}\n")
     print("| step | seconds | MB/s |")
     print("| --- | --- | --- |")
-    for label, _ in steps:
-        m = statistics.median(results[label])
-        print(f"| {label} | {m:.3f} | {size / m / 1e6:.0f} |")
+    for label in done:
+        print(f"| {label} | {med[label]:.3f} | {size / med[label] / 1e6:.0f} |")
+    print("\nstore / plain boto3 throughput: " + ", ".join(
+        f"{k} {v:.0%} ({'met' if v >= 0.8 else 'MISSED'}: target 80 %)" for k, v in ratios.items()))
     return 0
 
 

