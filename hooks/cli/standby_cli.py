@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
-from google.protobuf.json_format import MessageToDict
-
-from kybernate.api import standby_pb2 as pb
-from kybernate.api import standby_pb2_grpc
 from kybernate.hooks.api import DEFAULT_SOCKET
+
+if TYPE_CHECKING:
+    from kybernate.api import standby_pb2 as pb
 
 VERBS = ("park", "wake", "status")
 
@@ -43,6 +41,12 @@ def main(argv: list[str]) -> int:
         p.add_argument("--socket", default=DEFAULT_SOCKET, help="kybernate-hookd's socket [%(default)s]")
         p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for hookd [%(default)s]")
     args = parser.parse_args(argv)
+    # gRPC and the messages only now: `kybernate` imports this module for every verb (hooks/cli/checkpoint_archive.py).
+    import grpc
+
+    from kybernate.api import standby_pb2 as pb
+    from kybernate.api import standby_pb2_grpc
+
     try:
         with grpc.insecure_channel(f"unix:{args.socket}") as channel:
             stub = standby_pb2_grpc.StandbyStub(channel)  # type: ignore[no-untyped-call]  # generated
@@ -62,6 +66,8 @@ def main(argv: list[str]) -> int:
 
 
 def render_json(found: list[pb.WorkloadStatus]) -> str:
+    from google.protobuf.json_format import MessageToDict
+
     rows = [MessageToDict(w, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
             for w in found]
     return "\n".join(json.dumps(row, sort_keys=True) for row in rows)
