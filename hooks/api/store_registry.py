@@ -17,12 +17,12 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from kybernate.hooks.api.store import Generation, Manifest, Store, StoreError
+from kybernate.hooks.api.store import LOCK_WAIT_S, Generation, Manifest, Store, StoreError, validate_key
 
 DEFAULT_REGISTRY = "/var/lib/kybernate/registry.db"
 REGISTRY_ENV = "KYBERNATE_REGISTRY"
@@ -183,23 +183,34 @@ class Registry:
             db.execute("DELETE FROM generations WHERE key = ? AND generation = ? AND local = 0 AND remote = 0",
                        (key, generation))
 
-    def rebuild(self, store: Store, remote: Iterable[Manifest] = ()) -> int:
+    def forget_remote(self, key: str, generation: int) -> None:
+        """The S3 copy is gone (retention): a local copy stays `complete`; without one the row goes."""
+        with self._db() as db:
+            db.execute("UPDATE generations SET remote = 0, state = CASE WHEN state = 'uploaded' THEN 'complete'"
+                       " ELSE state END WHERE key = ? AND generation = ?", (key, generation))
+            db.execute("DELETE FROM generations WHERE key = ? AND generation = ? AND local = 0 AND remote = 0",
+                       (key, generation))
+
+    def rebuild(self, store: Store, remote: Iterable[Manifest] | None = None) -> int:
         """Forget everything and index every complete generation from its manifest: the local store's, and
-        `remote`, the manifests the S3 tier holds (a node that never saw a key learns its generations).
-        Returns how many generations are indexed.
+        `remote`, the manifests the S3 tier holds (a node that never saw a key learns its generations; None:
+        no S3 tier is configured). Returns how many generations are indexed.
 
         Row order and content depend only on the manifests, so a wiped index rebuilds to the same listing
         (only last_used, a cache hint, restarts, and attempts, the failed uploads since one was queued).
-        A local generation that S3 does not hold is `complete`: a rebuild forgets a queued upload."""
+        With an S3 tier, a local generation that S3 does not hold is queued for upload (`uploading`, as hookd
+        queues a new one): hookd uploads it (at its start, or on its next look at the queue). Without one it
+        is `complete`."""
         generations = [store.open(key, number) for key in store.keys() for number in store.generations(key)]
-        remote = list(remote)
+        manifests = list(remote or ())
         with self._db() as db:
             db.execute("DELETE FROM generations")
-        held = {(m.key, m.generation) for m in remote}
+        held = {(m.key, m.generation) for m in manifests}
         for generation in generations:
             there = (generation.key, generation.number) in held
-            self.record_local(generation, remote=there, state=UPLOADED if there else COMPLETE)
-        for manifest in remote:
+            state = UPLOADED if there else UPLOADING if remote is not None else COMPLETE
+            self.record_local(generation, remote=there, state=state)
+        for manifest in manifests:
             self.record_remote(manifest)
         return len({(g.key, g.number) for g in generations} | held)
 
@@ -225,13 +236,23 @@ class GcReport:
     over_budget_by: int  # > 0 when nothing more could be evicted
 
 
-def collect(store: Store, registry: Registry, *, keep: int, budget_bytes: int | None) -> GcReport:
+class RemoteTier(Protocol):
+    """What retention needs of the S3 tier (hooks/api/store_s3.py S3Tier; boto3 stays out of this module)."""
+
+    def keys(self) -> list[str]: ...
+
+    def retain(self, key: str, keep: int, busy: Collection[int] = ()) -> list[int]: ...
+
+
+def collect(store: Store, registry: Registry, *, keep: int, budget_bytes: int | None,
+            remote: RemoteTier | None = None) -> GcReport:
     """Retention, then the local budget.
 
-    Retention: of each key, only the newest `keep` (>= 1) complete generations stay, on every tier this
-    node manages. Budget: while the local copies exceed `budget_bytes`, the least recently used local copy
-    that another tier also holds is removed locally; a copy that is the only complete one is never removed
-    (the report then says by how much the budget is exceeded).
+    Retention: of each key, only the newest `keep` (>= 1) complete generations stay, on each tier: locally,
+    and in S3 when `remote` is given (retain_remote: every key S3 holds). Budget: while the local copies
+    exceed `budget_bytes`, the least recently used local copy that another tier also holds is removed
+    locally; a copy that is the only complete one is never removed (the report then says by how much the
+    budget is exceeded).
     """
     if keep < 1:
         raise StoreError(f"keep must be at least 1 (got {keep}): the newest generation is never removed")
@@ -241,6 +262,14 @@ def collect(store: Store, registry: Registry, *, keep: int, budget_bytes: int | 
         for number in numbers[:-keep]:
             _remove_local(store, registry, key, number)
             removed.append(f"{key}@{number} (retention: keep {keep})")
+    if remote is not None:
+        for key in remote.keys():
+            try:
+                validate_key(key)
+            except StoreError:
+                continue  # not a key of ours (no store writes such a prefix)
+            for number in retain_remote(remote, store, registry, key, keep):
+                removed.append(f"{key}@{number} (retention: keep {keep}, s3)")
     local = [r for r in registry.rows() if r.local]
     total = sum(r.size for r in local)
     if budget_bytes is not None and total > budget_bytes:
@@ -265,6 +294,20 @@ def retain_key(store: Store, registry: Registry, key: str, keep: int) -> list[in
     for number in doomed:
         _remove_local(store, registry, key, number)
     return doomed
+
+
+def retain_remote(remote: RemoteTier, store: Store, registry: Registry, key: str, keep: int,
+                  busy: Collection[int] = (), lock_wait_s: float = LOCK_WAIT_S) -> list[int]:
+    """Retention of one key on the S3 tier (RemoteTier.retain: only the newest `keep` complete generations S3
+    holds stay; manifest first). Never touched: a generation this node has queued for upload (its registry row
+    `uploading` or `failed`) or names in `busy`, and none while this node downloads the key (a restore or a
+    prefetch holds the key's lock: this waits for it). Returns the generations deleted."""
+    queued = {r.generation for r in registry.rows(key) if r.local and r.state in (UPLOADING, FAILED)}
+    with store.lock(key, lock_wait_s):
+        deleted = remote.retain(key, keep, queued | set(busy))
+    for number in deleted:
+        registry.forget_remote(key, number)
+    return deleted
 
 
 def _remove_local(store: Store, registry: Registry, key: str, number: int, *, keep_row: bool = False) -> None:

@@ -21,7 +21,7 @@ whose generation is not local); chosen by measurement (docs/benchmarks.md, tests
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +50,8 @@ PART_CONCURRENCY = 8
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0
 RETRIES = 3
+# The object that marks a remote generation as being deleted (written before its manifest is removed).
+DELETING = ".deleting"
 
 
 class S3Error(StoreError):
@@ -180,19 +182,59 @@ class S3Tier:
 
     def generations(self, key: str) -> list[int]:
         """Remote generations of `key` that have a manifest (complete), oldest first."""
+        return sorted(number for number, names in self._listing(key).items() if MANIFEST in names)
+
+    def _listing(self, key: str) -> dict[int, set[str]]:
+        """Every numbered generation of `key` that has any object, with the names of its objects."""
         prefix = f"{self.config.prefix}{validate_key(key)}/"
-        found = []
+        found: dict[int, set[str]] = {}
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.config.bucket, Prefix=prefix)
             for page in pages:
                 for obj in page.get("Contents", ()):
-                    rest = obj["Key"][len(prefix):]
-                    number, _, name = rest.partition("/")
-                    if name == MANIFEST and number.isdigit() and number.isascii():
-                        found.append(int(number))
+                    number, _, name = obj["Key"][len(prefix):].partition("/")
+                    if name and number.isdigit() and number.isascii():
+                        found.setdefault(int(number), set()).add(name)
         except Exception as err:
             raise self._fail(f"cannot list {prefix}", err) from err
-        return sorted(found)
+        return found
+
+    # ---- retention ----
+
+    def retain(self, key: str, keep: int, busy: Collection[int] = ()) -> list[int]:
+        """Retention on the S3 tier: of the generations S3 holds complete, only the newest `keep` (>= 1) stay.
+        An older one goes only because S3 itself holds `keep` newer complete ones (a generation that exists
+        only on a node's disk never pushes S3's last complete copies out). `busy` (being uploaded or restored
+        by this node) are never touched. A deletion an earlier call left unfinished (its DELETING marker is
+        there) is finished. Returns the generations deleted, oldest first."""
+        if keep < 1:
+            raise StoreError(f"keep must be at least 1 (got {keep}): the newest generation is never removed")
+        listing = self._listing(key)
+        complete = sorted(n for n, names in listing.items() if MANIFEST in names)
+        unfinished = {n for n, names in listing.items() if DELETING in names}
+        doomed = sorted((set(complete[:-keep]) | unfinished) - set(busy))
+        for number in doomed:
+            self.delete(key, number)
+        return doomed
+
+    def delete(self, key: str, generation: int) -> int:
+        """Remove a remote generation; returns the objects removed. Its DELETING marker goes up first and its
+        manifest is deleted next, so from then on no reader takes it for complete whatever happens after; then
+        every other object under `<key>/<generation>/`, the marker last. A call cut short leaves the marker,
+        and the next retain() finishes the deletion. S3Error names the object that could not be removed."""
+        prefix = self.config.object_key(key, generation, "")
+        present = self._listing(key).get(generation, set())
+        try:
+            self.client.put_object(Bucket=self.config.bucket, Key=prefix + DELETING, Body=b"")
+        except Exception as err:
+            raise self._fail(f"cannot mark {prefix} for deletion", err) from err
+        files = sorted(present - {MANIFEST, DELETING})
+        for name in [MANIFEST, *files, DELETING]:  # deleting an absent object succeeds: a retry is harmless
+            try:
+                self.client.delete_object(Bucket=self.config.bucket, Key=prefix + name)
+            except Exception as err:
+                raise self._fail(f"cannot delete {prefix + name}", err) from err
+        return len(present - {DELETING})
 
     def keys(self) -> list[str]:
         found = []

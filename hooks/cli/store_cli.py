@@ -58,10 +58,10 @@ def _size(text: str) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from kybernate.hooks.api.store_registry import default_registry
-
     p.add_argument("--store", default=default_store(), help=f"store root (default ${STORE_ENV} or {DEFAULT_STORE})")
-    p.add_argument("--registry", default=default_registry(), help="the SQLite index (default $KYBERNATE_REGISTRY "
+    # The default is resolved after parsing (main), by the verbs that use it: `kybernate checkpoint` builds this
+    # parser too and should not import the registry (sqlite3) at its start.
+    p.add_argument("--registry", default=None, help="the SQLite index (default $KYBERNATE_REGISTRY "
                    "or /var/lib/kybernate/registry.db)")
 
 
@@ -120,10 +120,14 @@ def main(argv: list[str]) -> int:
     export.add_argument("reference", metavar="KEY[@GENERATION]")
     export.add_argument("--output", "-o", required=True, help="the archive to write (.tar)")
     _common(export)
-    gc = actions.add_parser("gc", help="apply retention and the local budget now")
+    gc = actions.add_parser("gc", help="apply retention (locally, and in S3 when configured) and the local budget now")
     _common(gc)
     _retention(gc)
     args = parser.parse_args(argv)
+    if getattr(args, "registry", "") is None:
+        from kybernate.hooks.api.store_registry import default_registry
+
+        args.registry = default_registry()
     try:
         if args.verb == "checkpoint":
             return _checkpoint(args)
@@ -172,10 +176,14 @@ def _rebuild(args: argparse.Namespace) -> int:
     from kybernate.hooks.api.store_s3 import S3Tier
 
     tier = _s3()
-    remote = tier.manifests() if isinstance(tier, S3Tier) else []
-    count = Registry(args.registry).rebuild(store_layout.Store(args.store), remote)
+    remote = tier.manifests() if isinstance(tier, S3Tier) else None
+    registry = Registry(args.registry)
+    count = registry.rebuild(store_layout.Store(args.store), remote)
     where = args.store + (f" and {tier.config.where}" if isinstance(tier, S3Tier) else "")
-    _stderr(f"kybernate store rebuild: {count} generations indexed from {where}")
+    queued = len(registry.pending_uploads())
+    _stderr(f"kybernate store rebuild: {count} generations indexed from {where}"
+            + (f"; {queued} local ones S3 lacks are queued for upload (kybernate-hookd uploads them)"
+               if queued else ""))
     return 0
 
 
@@ -264,9 +272,11 @@ def _export(args: argparse.Namespace) -> int:
 
 def _gc(args: argparse.Namespace) -> int:
     from kybernate.hooks.api.store_registry import Registry, collect
+    from kybernate.hooks.api.store_s3 import S3Tier
 
+    tier = _s3()  # retention reaches S3 too when the tier is configured ($KYBERNATE_S3_BUCKET, ...)
     report = collect(store_layout.Store(args.store), Registry(args.registry), keep=args.keep,
-                     budget_bytes=args.budget)
+                     budget_bytes=args.budget, remote=tier if isinstance(tier, S3Tier) else None)
     _report_gc(report)
     return 0
 

@@ -111,12 +111,15 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    help="generations uploaded at once [%(default)s]")
     p.add_argument("--upload-retry-max-s", type=float, default=st.upload_retry_max_s,
                    help="longest wait between attempts of a failed upload, seconds [%(default)s]")
+    p.add_argument("--upload-rescan-s", type=float, default=st.upload_rescan_s,
+                   help="how often the upload queue is looked at for uploads queued while hookd runs (a `kybernate "
+                   "store rebuild`), seconds; 0: only at start [%(default)s]")
     add_standby_flags(p)
     a = p.parse_args(argv)
     if min(a.store_max_parallel, a.store_keep, a.upload_max_parallel) < 1:
         p.error("--store-max-parallel, --store-keep and --upload-max-parallel must be at least 1")
-    if a.store_budget < 0 or a.upload_retry_max_s <= 0:
-        p.error("--store-budget must be at least 0 and --upload-retry-max-s above 0")
+    if a.store_budget < 0 or a.upload_retry_max_s <= 0 or a.upload_rescan_s < 0:
+        p.error("--store-budget and --upload-rescan-s must be at least 0 and --upload-retry-max-s above 0")
     try:
         standby = standby_from_flags(a)
     except standby_settings.PolicyError as err:
@@ -144,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                       max_parallel=a.store_max_parallel, keep=a.store_keep, budget_bytes=a.store_budget,
                       s3_bucket=a.s3_bucket, s3_endpoint=a.s3_endpoint, s3_prefix=a.s3_prefix, s3_region=a.s3_region,
                       max_parallel_uploads=a.upload_max_parallel,
-                      upload_retry_max_s=a.upload_retry_max_s,
+                      upload_retry_max_s=a.upload_retry_max_s, upload_rescan_s=a.upload_rescan_s,
                       upload_retry_first_s=min(st.upload_retry_first_s, a.upload_retry_max_s)),
         standby=standby,
     )

@@ -98,6 +98,9 @@ class StoreSettings:
     # Backoff between attempts of a failed upload, seconds: doubling from the first to the cap, forever.
     upload_retry_first_s: float = 1.0
     upload_retry_max_s: float = 300.0
+    # How often the upload queue (the registry) is looked at for rows queued behind hookd's back (a `kybernate
+    # store rebuild`), seconds; 0: only at start.
+    upload_rescan_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -234,3 +234,68 @@ def test_hookd_killed_mid_upload_and_restarted_finishes_it(kyb_factory, tmp_path
                      str(tmp_path / "fresh.db"), env=env)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "fresh" / "web" / "1" / "manifest.json").is_file()
+
+
+def test_retention_reaches_s3_after_hookd_uploads_a_newer_generation(
+        kyb_factory, tmp_path: Path, s3_server: S3Server, store_hookd, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "store"
+    monkeypatch.setenv("KYBERNATE_REGISTRY", str(tmp_path / "registry.db"))
+    env = {**os.environ, **s3_server.env("cluster")}
+    c = kyb_factory("2.1", env={"KYBERNATE_STORE": str(store)})
+    hookd = s3_hookd(store_hookd, c, store, s3_server, monkeypatch, "--store-keep", "1")
+    tier = s3_tier(s3_server)
+    with c.cri() as cri:
+        pod, cid = start_pod(cri, "a")
+        cri.start_container(cid)
+        wait_for("the counter", lambda: len(counts(cri, cid)) > 3)
+        for number in (1, 2):
+            done = kybernate("checkpoint", cid, "--key", "web", "--leave-running", "--socket", hookd.socket,
+                             "--namespace", CRI_NAMESPACE, env=env)
+            assert done.returncode == 0, done.stderr
+            wait_for(f"web@{number} in S3", lambda n=number: n in tier.generations("web"), 60)  # type: ignore[misc]
+        cri.stop_pod(pod)
+        cri.remove_pod(pod)
+    # Once web@2 is complete in S3, hookd's retention (keep 1) deletes web@1 there too: no object is left.
+    wait_for("web@1 gone from S3", lambda: not s3_server.client().list_objects_v2(
+        Bucket=s3_server.bucket, Prefix="cluster/web/1/").get("Contents"), 60)
+    assert tier.generations("web") == [2] and os.listdir(store / "web") == ["2"]
+    rows = ls(store, env)
+    assert [(r["generation"], r["state"], r["tiers"]) for r in rows] == [(2, "uploaded", ["local", "s3"])], rows
+    assert "web@1 (retention: keep 1, s3)" in hookd.log.read_text()
+
+
+def s3_tier(s3_server: S3Server):  # type: ignore[no-untyped-def]
+    from kybernate.hooks.api.store_s3 import S3Config, S3Tier
+
+    config = S3Config.from_env(s3_server.env("cluster"))
+    assert config is not None
+    return S3Tier(config)
+
+
+def test_a_rebuild_queues_what_s3_lacks_and_the_running_hookd_uploads_it(
+        kyb_factory, tmp_path: Path, s3_server: S3Server, store_hookd, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "store"
+    monkeypatch.setenv("KYBERNATE_REGISTRY", str(tmp_path / "registry.db"))
+    env = {**os.environ, **s3_server.env("cluster")}
+    c = kyb_factory("1.6", env={"KYBERNATE_STORE": str(store)})
+    local_only = store_hookd(c, store)  # no S3 tier yet: the checkpoint is `complete`, nothing queued
+    with c.cri() as cri:
+        pod, cid = start_pod(cri, "a")
+        cri.start_container(cid)
+        wait_for("the counter", lambda: len(counts(cri, cid)) > 3)
+        done = kybernate("checkpoint", cid, "--key", "web", "--leave-running", "--socket", local_only.socket,
+                         "--namespace", CRI_NAMESPACE, env=env)
+        assert done.returncode == 0 and "upload queued" not in done.stderr, done.stderr
+        cri.stop_pod(pod)
+        cri.remove_pod(pod)
+    local_only.stop()
+    assert row_state(store, env) == ("complete", ["local"])
+    # hookd now with the S3 tier: nothing is queued at its start. The index is lost and rebuilt with the S3 tier
+    # configured: web@1, which S3 lacks, is queued again, and the running hookd picks it up and uploads it.
+    s3_hookd(store_hookd, c, store, s3_server, monkeypatch, "--upload-rescan-s", "0.2")
+    os.unlink(tmp_path / "registry.db")
+    done = kybernate("store", "rebuild", "--store", str(store), env=env)
+    assert done.returncode == 0 and "1 local ones S3 lacks are queued for upload" in done.stderr, done.stderr
+    assert row_state(store, env)[0] in ("uploading", "uploaded")
+    wait_for("the queued upload", lambda: row_state(store, env) == ("uploaded", ["local", "s3"]), 60)
+    assert s3_tier(s3_server).generations("web") == [1]

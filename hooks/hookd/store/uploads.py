@@ -2,7 +2,9 @@
 
 Durable: a generation is queued by marking its registry row `uploading` before anything is sent, and a
 restarted hookd resumes every row that is `uploading` or `failed` with a local copy and no remote one
-(resume()). A failed attempt marks the row `failed` with the attempt count and the reason (what
+(resume()); rows queued while hookd runs (by `kybernate store rebuild`) are picked up by a periodic look at
+the queue. Once a generation is complete in S3, retention runs there for its key (store_registry.retain_remote).
+A failed attempt marks the row `failed` with the attempt count and the reason (what
 `kybernate ls` shows) and is retried with a doubling backoff up to a cap, for as long as the local copy
 exists. Remotely a generation appears only with its manifest, uploaded last (hooks/api/store_s3.py); files
 already uploaded by an interrupted attempt (same size and sha256) are not sent again.
@@ -22,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kybernate.hooks.api.store import Generation, NotFound, Store, StoreError
-from kybernate.hooks.api.store_registry import Registry
+from kybernate.hooks.api.store_registry import Registry, retain_remote
 
 from ..metrics import Metrics
 from ..settings import StoreSettings
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 # How often an upload's progress (bytes sent) is written to the registry, seconds.
 PROGRESS_EVERY_S = 1.0
+# How long retention in S3 waits for a download of the same key on this node before it leaves it for later.
+RETAIN_LOCK_WAIT_S = 60.0
 
 
 class UploadCancelled(Exception):
@@ -56,6 +60,7 @@ class Uploader:
         self._stopping = threading.Event()
         self._tier: Any = None
         self._tier_lock = threading.Lock()
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -78,23 +83,43 @@ class Uploader:
         return True
 
     async def resume(self) -> int:
-        """At start: every upload a previous hookd left queued or failed; returns how many were resumed."""
+        """At start: every upload a previous hookd left queued or failed; returns how many were resumed. Then
+        the queue is looked at again every `upload_rescan_s`: rows queued behind hookd's back (`kybernate store
+        rebuild` queues every local generation S3 lacks) are picked up while hookd runs."""
         if self.config is None:
             return 0
+        started = await self._pick_up()
+        if started:
+            log.info("uploads resumed", extra={"fields": {"count": started}})
+        if self._watch is None and self.settings.upload_rescan_s > 0:
+            self._watch = asyncio.create_task(self._rescan(), name="upload queue rescan")
+        return started
+
+    async def _pick_up(self) -> int:
+        """Start the upload of every queued row that has none running; how many were started."""
         loop = asyncio.get_running_loop()
         try:
             rows = await loop.run_in_executor(self._executor, self.registry.pending_uploads)
         except StoreError as err:
             log.warning("cannot read the upload queue", extra={"fields": {"error": str(err)}})
             return 0
-        for row in rows:
+        new = [r for r in rows if (r.key, r.generation) not in self._tasks]
+        for row in new:
             self._start(row.key, row.generation)
-        if rows:
-            log.info("uploads resumed", extra={"fields": {"count": len(rows)}})
-        return len(rows)
+        return len(new)
+
+    async def _rescan(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.upload_rescan_s)
+            started = await self._pick_up()
+            if started:
+                log.info("queued uploads picked up", extra={"fields": {"count": started}})
 
     async def stop(self) -> None:
         self._stopping.set()
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -136,6 +161,7 @@ class Uploader:
                     await loop.run_in_executor(self._executor, self.registry.upload_done, key, number, sent)
                     log.info("uploaded", extra={"fields": {"key": key, "generation": number, "bytes": sent,
                                                            "seconds": round(seconds, 3)}})
+                    await self._retain(key)
                     return
                 except NotFound:
                     log.info("upload dropped: the local copy is gone", extra={"fields": {
@@ -154,6 +180,27 @@ class Uploader:
                     backoff = min(self.settings.upload_retry_max_s, backoff * 2)
         except UploadCancelled:
             return
+
+    async def _retain(self, key: str) -> None:
+        """Retention on the S3 tier once a new generation of `key` is complete there (docs/store.md): the
+        generations this hookd is still uploading are left alone, and a download of the key on this node is
+        waited for (at most RETAIN_LOCK_WAIT_S; then the next upload or `kybernate store gc` does it)."""
+        from kybernate.hooks.api.store_s3 import S3Error
+
+        busy = {n for k, n in self._tasks if k == key}
+        loop = asyncio.get_running_loop()
+        try:
+            deleted = await loop.run_in_executor(self._executor, self._retain_blocking, key, busy)
+        except (S3Error, StoreError, OSError) as err:
+            log.warning("retention in s3 not done", extra={"fields": {"key": key, "error": str(err)}})
+            return
+        for number in deleted:
+            log.info("store generation removed", extra={"fields": {
+                "what": f"{key}@{number} (retention: keep {self.settings.keep}, s3)"}})
+
+    def _retain_blocking(self, key: str, busy: set[int]) -> list[int]:
+        return retain_remote(self._get_tier(), self.store, self.registry, key, self.settings.keep, busy,
+                             lock_wait_s=RETAIN_LOCK_WAIT_S)
 
     def _failed(self, key: str, number: int, error: str) -> int:
         try:

@@ -1,17 +1,20 @@
 """The store's S3 tier against a real S3-compatible server (tests/harness/s3server.py): upload with the
 manifest last, verified download into a fresh store, a damaged object refused naming the file, a
-generation without its manifest invisible remotely."""
+generation without its manifest invisible remotely; retention in S3 (manifest first, only what S3 holds,
+queued uploads and downloads spared, a deletion cut short finished later)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 from harness.s3server import S3Server
 
 from kybernate.hooks.api import store as store_layout
+from kybernate.hooks.api import store_registry as sr
 from kybernate.hooks.api.store_s3 import S3Config, S3Error, S3Tier
 
 PART = 5 << 20  # the smallest part S3 takes: a few parts make a real multipart upload
@@ -182,3 +185,130 @@ def test_a_node_that_never_saw_a_key_rebuilds_its_index_from_s3(tier: S3Tier, tm
     # The newest complete generation there is what a prefetch (or a restore) takes.
     got = tier.download(store_layout.Store(str(tmp_path / "fresh")), "web")
     assert got.number == 1 and got.manifest == gen1.manifest
+
+
+# ---- retention in S3 (docs/store.md "Retention and space") ----
+
+def uploaded(tier: S3Tier, store: store_layout.Store, registry: sr.Registry, key: str = "web",
+             count: int = 1) -> list[store_layout.Generation]:
+    """`count` new local generations of `key`, each uploaded and registered as hookd does."""
+    made = []
+    for _ in range(count):
+        pending = store.begin(key)
+        os.makedirs(os.path.join(pending.temp, "checkpoint"))
+        with open(os.path.join(pending.temp, "checkpoint", "pages-1.img"), "wb") as f:
+            f.write(os.urandom(4096))
+        with open(os.path.join(pending.temp, "spec.dump"), "w") as f:
+            f.write("{}")
+        gen = pending.commit(store_layout.Identity("c1"))
+        registry.record_local(gen)
+        tier.upload(gen)
+        registry.upload_done(key, gen.number, gen.manifest.size)
+        made.append(gen)
+    return made
+
+
+def remote_objects(s3_server: S3Server, prefix: str) -> set[str]:
+    listed = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix=prefix)
+    return {o["Key"][len(prefix):] for o in listed.get("Contents", ())}
+
+
+def delete_requests(s3_server: S3Server, prefix: str) -> list[str]:
+    """The DELETE requests the server logged under `prefix`, in order (its access log, one line a request)."""
+    pattern = re.compile(rf'DELETE /{s3_server.bucket}/{re.escape(prefix)}(\S*?)[ ?]')  # (a colour-coded line)
+    return [m.group(1) for line in s3_server.log_path.read_text(errors="replace").splitlines()
+            if (m := pattern.search(line))]
+
+
+def test_retention_deletes_older_generations_in_s3_manifest_first(tier: S3Tier, tmp_path: Path,
+                                                                   s3_server: S3Server) -> None:
+    store = store_layout.Store(str(tmp_path / "store"))
+    registry = sr.Registry(str(tmp_path / "registry.db"))
+    uploaded(tier, store, registry, count=4)
+    uploaded(tier, store, registry, key="job")
+    report = sr.collect(store, registry, keep=2, budget_bytes=None, remote=tier)
+    assert report.removed == ("web@1 (retention: keep 2)", "web@2 (retention: keep 2)",
+                              "web@1 (retention: keep 2, s3)", "web@2 (retention: keep 2, s3)")
+    assert tier.generations("web") == [3, 4] and tier.generations("job") == [1]
+    assert remote_objects(s3_server, "cluster-a/web/1/") == set() == remote_objects(s3_server, "cluster-a/web/2/")
+    assert remote_objects(s3_server, "cluster-a/web/3/") == {"manifest.json", "checkpoint/pages-1.img", "spec.dump"}
+    # Manifest first (no reader takes a half-deleted generation for complete), after the marker; marker last.
+    for number in (1, 2):
+        order = delete_requests(s3_server, f"cluster-a/web/{number}/")
+        assert order[0] == "manifest.json" and order[-1] == ".deleting", order
+        assert sorted(order[1:-1]) == ["checkpoint/pages-1.img", "spec.dump"], order
+    assert [(r.key, r.generation, r.tiers) for r in registry.rows()] == [
+        ("job", 1, "local,s3"), ("web", 3, "local,s3"), ("web", 4, "local,s3")]
+
+
+def test_retention_in_s3_counts_only_what_s3_holds_and_spares_queued_uploads(tier: S3Tier, tmp_path: Path,
+                                                                              s3_server: S3Server) -> None:
+    store = store_layout.Store(str(tmp_path / "store"))
+    registry = sr.Registry(str(tmp_path / "registry.db"))
+    uploaded(tier, store, registry, count=2)  # web@1, web@2 in S3
+    # Two newer generations only on this node's disk (their uploads not done): S3's two are its only
+    # complete copies of the key, so keep 2 deletes nothing there.
+    for _ in range(2):
+        pending = store.begin("web")
+        os.makedirs(os.path.join(pending.temp, "checkpoint"))
+        with open(os.path.join(pending.temp, "checkpoint", "pages-1.img"), "wb") as f:
+            f.write(b"new")
+        registry.record_local(gen := pending.commit(store_layout.Identity("c1")))
+        registry.queue_upload("web", gen.number)
+    assert sr.retain_remote(tier, store, registry, "web", keep=2) == []
+    assert tier.generations("web") == [1, 2]
+    # web@3 uploaded (hookd's row still says `uploading`: it is being uploaded): S3 holds 1, 2, 3, but 3 is
+    # spared as queued, and `busy` spares 1 as well (a restore of it on this node, say).
+    tier.upload(store.open("web", 3))
+    assert sr.retain_remote(tier, store, registry, "web", keep=1, busy={1}) == [2]
+    assert tier.generations("web") == [1, 3]
+    registry.upload_done("web", 3, 1)
+    assert sr.retain_remote(tier, store, registry, "web", keep=1) == [1]
+    assert tier.generations("web") == [3]
+    with pytest.raises(store_layout.StoreError, match="keep must be at least 1"):
+        tier.retain("web", 0)
+
+
+def test_a_deletion_cut_short_is_invisible_and_finished_by_the_next_retention(tier: S3Tier, tmp_path: Path,
+                                                                              s3_server: S3Server) -> None:
+    store = store_layout.Store(str(tmp_path / "store"))
+    registry = sr.Registry(str(tmp_path / "registry.db"))
+    uploaded(tier, store, registry, count=2)
+    # As if a deletion of web@1 died after its marker and the manifest went: readers no longer see web@1.
+    client = s3_server.client()
+    client.put_object(Bucket=s3_server.bucket, Key="cluster-a/web/1/.deleting", Body=b"")
+    client.delete_object(Bucket=s3_server.bucket, Key="cluster-a/web/1/manifest.json")
+    assert tier.generations("web") == [2] and [m.generation for m in tier.manifests()] == [2]
+    with pytest.raises(store_layout.NotFound):
+        tier.download(store_layout.Store(str(tmp_path / "b")), "web", 1)
+    assert tier.retain("web", keep=5) == [1]  # keep 5 would keep it: the marker says it was already doomed
+    assert remote_objects(s3_server, "cluster-a/web/1/") == set()
+    assert tier.generations("web") == [2]
+
+
+def test_retention_in_s3_waits_for_a_download_of_the_key_on_this_node(tier: S3Tier, tmp_path: Path,
+                                                                      s3_server: S3Server) -> None:
+    store = store_layout.Store(str(tmp_path / "store"))
+    registry = sr.Registry(str(tmp_path / "registry.db"))
+    uploaded(tier, store, registry, count=2)
+    with store.lock("web"):  # what a restore's or a prefetch's download of the key holds
+        with pytest.raises(store_layout.StoreError, match="another process on this node has held its lock"):
+            sr.retain_remote(tier, store, registry, "web", keep=1, lock_wait_s=0.2)
+    assert tier.generations("web") == [1, 2]
+    assert sr.retain_remote(tier, store, registry, "web", keep=1) == [1]
+
+
+def test_kybernate_store_gc_applies_retention_in_s3(tier: S3Tier, tmp_path: Path, s3_server: S3Server,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from kybernate.hooks.cli import store_cli
+
+    store = store_layout.Store(str(tmp_path / "store"))
+    registry = sr.Registry(str(tmp_path / "registry.db"))
+    uploaded(tier, store, registry, count=3)
+    for name, value in s3_server.env("cluster-a").items():
+        monkeypatch.setenv(name, value)
+    assert store_cli.main(["store", "gc", "--keep", "1", "--store", store.root, "--registry", registry.path]) == 0
+    err = capsys.readouterr().err
+    assert "removed web@1 (retention: keep 1, s3)" in err and "removed web@2 (retention: keep 1, s3)" in err
+    assert tier.generations("web") == [3] and store.generations("web") == [3]
