@@ -115,7 +115,10 @@ class S3Tier:
                           max_pool_connections=file_concurrency * part_concurrency + 4,
                           request_checksum_calculation="when_required",
                           response_checksum_validation="when_required",
-                          s3={"addressing_style": "path"}))
+                          # Every body we send carries its SHA256 checksum (the manifest's, in a signed
+                          # header): signing the payload too would hash every byte once more (botocore does
+                          # it over plain HTTP, and over HTTPS for bodies whose checksum it did not compute).
+                          s3={"addressing_style": "path", "payload_signing_enabled": False}))
 
     def _transfer_config(self, part_size: int) -> Any:
         from boto3.s3.transfer import TransferConfig
