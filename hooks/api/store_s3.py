@@ -3,8 +3,9 @@
 Upload: every file of a complete local generation, in multipart parts of the manifest's `part_size`
 (64 MiB), several files and several parts in parallel, each part sent with the manifest's own SHA256 of it as
 its checksum (a server that checks checksums refuses bytes that differ from what was checkpointed, and the
-object's composite SHA256 is the manifest's sha256 of the file); then `manifest.json`, LAST. A generation exists remotely only once its manifest does: readers list and open
-manifests only, so an interrupted upload is never mistaken for a checkpoint.
+object's composite SHA256 is the manifest's sha256 of the file); then `manifest.json`, LAST. A generation
+exists remotely only once its manifest does: readers list and open manifests only, so an interrupted upload
+is never mistaken for a checkpoint. Retention (retain, delete): a marker, then the manifest, then the rest.
 
 Download: into a temp dir of the local store (hooks/api/store.py), every file checked for size and
 sha256 against the manifest before the generation is renamed into place under its own number; a
@@ -198,10 +199,10 @@ class S3Tier:
             with ThreadPoolExecutor(max_workers=self.part_concurrency) as pool:
                 futures = [pool.submit(part, i) for i in range(len(entry.parts))]
                 try:
-                    parts = [f.result() for f in futures]
+                    parts = [future.result() for future in futures]
                 except BaseException:
-                    for f in futures:
-                        f.cancel()  # the parts not started yet; those in flight end within one part
+                    for future in futures:
+                        future.cancel()  # the parts not started yet; those in flight end within one part
                     raise
             self.client.complete_multipart_upload(Bucket=bucket, Key=name, UploadId=upload_id,
                                                   MultipartUpload={"Parts": parts})
