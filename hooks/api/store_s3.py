@@ -1,9 +1,11 @@
 """The store's S3 tier: `s3://<bucket>/<prefix><key>/<generation>/<path>`, the same layout as on disk.
 
 Upload: every file of a complete local generation, in multipart parts of the manifest's `part_size`
-(64 MiB), several files and several parts in parallel, each part sent with its own checksum; then
-`manifest.json`, LAST. A generation exists remotely only once its manifest does: readers list and open
-manifests only, so an interrupted upload is never mistaken for a checkpoint.
+(64 MiB), several files and several parts in parallel, each part sent with the manifest's own SHA256 of it as
+its checksum (a server that checks checksums refuses bytes that differ from what was checkpointed, and the
+object's composite SHA256 is the manifest's sha256 of the file); then `manifest.json`, LAST. A generation
+exists remotely only once its manifest does: readers list and open manifests only, so an interrupted upload
+is never mistaken for a checkpoint. Retention (retain, delete): a marker, then the manifest, then the rest.
 
 Download: into a temp dir of the local store (hooks/api/store.py), every file checked for size and
 sha256 against the manifest before the generation is renamed into place under its own number; a
@@ -20,6 +22,8 @@ whose generation is not local); chosen by measurement (docs/benchmarks.md, tests
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +56,11 @@ READ_TIMEOUT_S = 60.0
 RETRIES = 3
 # The object that marks a remote generation as being deleted (written before its manifest is removed).
 DELETING = ".deleting"
+
+
+def _b64(hex_digest: str) -> str:
+    """A manifest's hex sha256 as S3's checksum header wants it (base64 of the raw digest)."""
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode()
 
 
 class S3Error(StoreError):
@@ -107,7 +116,10 @@ class S3Tier:
                           max_pool_connections=file_concurrency * part_concurrency + 4,
                           request_checksum_calculation="when_required",
                           response_checksum_validation="when_required",
-                          s3={"addressing_style": "path"}))
+                          # Every body we send carries its SHA256 checksum (the manifest's, in a signed
+                          # header): signing the payload too would hash every byte once more (botocore does
+                          # it over plain HTTP, and over HTTPS for bodies whose checksum it did not compute).
+                          s3={"addressing_style": "path", "payload_signing_enabled": False}))
 
     def _transfer_config(self, part_size: int) -> Any:
         from boto3.s3.transfer import TransferConfig
@@ -139,9 +151,9 @@ class S3Tier:
                 done(entry.size)
                 return
             try:
-                self.client.upload_file(os.path.join(generation.path, entry.path), self.config.bucket, name,
-                                        ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": entry.sha256}},
-                                        Callback=done, Config=self._transfer_config(entry.part_size))
+                self._upload_file(os.path.join(generation.path, entry.path), name, entry, done)
+            except S3Error:
+                raise
             except Exception as err:  # botocore's errors have no common public base worth naming here
                 raise self._fail(f"upload of {name} failed", err) from err
 
@@ -150,12 +162,56 @@ class S3Tier:
                 future.result()
         name = self.config.object_key(m.key, m.generation, MANIFEST)
         try:
-            self.client.upload_file(os.path.join(generation.path, MANIFEST), self.config.bucket, name,
-                                    ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Callback=done,
-                                    Config=self._transfer_config(m.files[0].part_size if m.files else 64 << 20))
+            with open(os.path.join(generation.path, MANIFEST), "rb") as f:
+                text = f.read()
+            self.client.put_object(Bucket=self.config.bucket, Key=name, Body=text,
+                                   ChecksumSHA256=base64.b64encode(hashlib.sha256(text).digest()).decode())
+            done(len(text))
         except Exception as err:
             raise self._fail(f"upload of {name} failed", err) from err
         return m.size
+
+    def _upload_file(self, path: str, name: str, entry: FileEntry, done: Progress) -> None:
+        """One file, with the manifest's own SHA256 of each part as the part's checksum: the server checks the
+        bytes it receives against the digests taken when the checkpoint was written (end to end, and the
+        client hashes nothing again). A file of one part is one PUT; a larger one a multipart upload of
+        `part_concurrency` parts at a time, aborted when anything fails."""
+        bucket, meta = self.config.bucket, {"sha256": entry.sha256}
+        if not entry.parts:
+            with open(path, "rb") as f:
+                self.client.put_object(Bucket=bucket, Key=name, Body=f, ChecksumSHA256=_b64(entry.sha256),
+                                       Metadata=meta)
+            done(entry.size)
+            return
+        upload_id = self.client.create_multipart_upload(Bucket=bucket, Key=name, ChecksumAlgorithm="SHA256",
+                                                        Metadata=meta)["UploadId"]
+        try:
+            def part(index: int) -> dict[str, Any]:
+                with open(path, "rb") as f:
+                    f.seek(index * entry.part_size)
+                    body = f.read(entry.part_size)
+                checksum = _b64(entry.parts[index])
+                sent = self.client.upload_part(Bucket=bucket, Key=name, UploadId=upload_id, PartNumber=index + 1,
+                                               Body=body, ChecksumSHA256=checksum)
+                done(len(body))
+                return {"PartNumber": index + 1, "ETag": sent["ETag"], "ChecksumSHA256": checksum}
+
+            with ThreadPoolExecutor(max_workers=self.part_concurrency) as pool:
+                futures = [pool.submit(part, i) for i in range(len(entry.parts))]
+                try:
+                    parts = [future.result() for future in futures]
+                except BaseException:
+                    for future in futures:
+                        future.cancel()  # the parts not started yet; those in flight end within one part
+                    raise
+            self.client.complete_multipart_upload(Bucket=bucket, Key=name, UploadId=upload_id,
+                                                  MultipartUpload={"Parts": parts})
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=bucket, Key=name, UploadId=upload_id)
+            except Exception:  # noqa: S110 - the next attempt aborts what is left open under the generation
+                pass
+            raise
 
     def _present(self, name: str, entry: FileEntry) -> bool:
         """Whether the object is there already, complete: same size and the same sha256 metadata."""

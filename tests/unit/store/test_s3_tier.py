@@ -5,6 +5,7 @@ queued uploads and downloads spared, a deletion cut short finished later)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -65,6 +66,9 @@ def test_upload_then_a_fresh_store_downloads_the_same_verified_generation(tier: 
                                           ChecksumMode="ENABLED")
     assert head["ContentLength"] == 3 * PART + 12345 and head["ETag"].strip("\"").endswith("-4"), head
     assert head.get("ChecksumSHA256"), head  # the parts went with SHA256 checksums, and the server kept them
+    # ... the manifest's own part digests: the server's checksum of the checksums is the manifest's sha256.
+    [entry] = [f for f in gen.manifest.files if f.path == "checkpoint/pages-1.img"]
+    assert head["ChecksumSHA256"].split("-")[0] == base64.b64encode(bytes.fromhex(entry.sha256)).decode(), head
     fresh = store_layout.Store(str(tmp_path / "b"))
     got = tier.download(fresh, "web")
     assert got.number == 1 and got.manifest.files == gen.manifest.files
@@ -312,3 +316,4 @@ def test_kybernate_store_gc_applies_retention_in_s3(tier: S3Tier, tmp_path: Path
     err = capsys.readouterr().err
     assert "removed web@1 (retention: keep 1, s3)" in err and "removed web@2 (retention: keep 1, s3)" in err
     assert tier.generations("web") == [3] and store.generations("web") == [3]
+
