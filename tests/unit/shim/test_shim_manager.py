@@ -43,3 +43,31 @@ def test_bad_spec_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(StartError, match="not valid JSON"):
         manager.read_spec(tmp_path)
+
+
+def test_the_daemon_is_handed_the_runc_shim_through_a_pipe():
+    import asyncio
+    import os
+
+    from kybernate.shim import daemon
+
+    readable, writable = os.pipe()
+    manager.hand_over(writable, manager.ChildShim("unix:///run/containerd/s/abc", 3))
+    os.close(writable)
+    assert asyncio.run(daemon._handed_over(readable)) == ("unix:///run/containerd/s/abc", 3)
+
+
+@pytest.mark.parametrize("message", [b"", b"2", b"x unix:///a", b"2 /not/an/address"])
+def test_a_daemon_not_handed_a_runc_shim_exits_without_touching_anything(message):
+    # EOF (the start failed, or the process that forked it died) or garbage: NotHandedOver, which
+    # run_handed_over answers by exiting without removing the socket or group state `start` owns.
+    import asyncio
+    import os
+
+    from kybernate.shim import daemon
+
+    readable, writable = os.pipe()
+    os.write(writable, message)
+    os.close(writable)
+    with pytest.raises(daemon.NotHandedOver):
+        asyncio.run(daemon._handed_over(readable))
