@@ -123,12 +123,12 @@ async def serve(
     config: DaemonConfig, listener: socket.socket, began: float | None = None, handoff: int | None = None
 ) -> None:
     began = time.perf_counter() if began is None else began
-    waited_ms = 0.0
+    waited: dict[str, str] = {}
     if handoff is not None:
         child_address, child_task_api = await _handed_over(handoff)
         config = replace(config, child_address=child_address, child_task_api=child_task_api)
         handed = time.perf_counter()
-        waited_ms, began = (handed - began) * 1000, handed
+        waited, began = {"waited_ms": f"{(handed - began) * 1000:.1f}"}, handed
     upstream = await Upstream.connect(config.child_address, config.child_task_api)
     service = TaskService(upstream, config.namespace, config.runtime, hookd_driver)
     server = Server(service.handle)
@@ -142,8 +142,7 @@ async def serve(
                           "task_api": config.child_task_api, "pid": os.getpid(),
                           # From the fork (or from being handed the runc shim, after waiting waited_ms for it)
                           # to serving: the part of a pod's start containerd waits on last.
-                          "ready_ms": f"{(time.perf_counter() - began) * 1000:.1f}",
-                          "waited_ms": f"{waited_ms:.1f}"}},
+                          "ready_ms": f"{(time.perf_counter() - began) * 1000:.1f}", **waited}},
     )
     serving = asyncio.create_task(server.serve_socket(listener), name="ttrpc-server")
     child_gone = asyncio.create_task(upstream.wait_closed(), name="upstream-closed")

@@ -23,6 +23,7 @@ from .cli import ShimArgs
 from .ttrpc.address import socket_path
 
 if TYPE_CHECKING:
+    from .daemon import DaemonConfig
     from .runtime_options import RuntimeConfig
 
 # This module is on every container's start and delete path: it avoids dataclasses, pathlib and
@@ -35,6 +36,10 @@ SOCKET_DIR = "/run/containerd/s"
 GROUP_STATE_DIR = os.environ.get("KYBERNATE_SHIM_STATE_DIR", "/run/kybernate/shims")
 GROUP_LABELS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
 CHILD_START_TIMEOUT_S = 30.0
+# Set by kybernate-shimd's workers (shim/resident.py): a new pod's daemon is the worker process itself, which
+# carries on as it after answering (run_pending_daemon) instead of forking one on the pod's start path.
+DAEMON_IN_THIS_PROCESS = False
+_pending_daemon: list[tuple[DaemonConfig, socket.socket]] = []
 
 
 class StartError(RuntimeError):
@@ -242,6 +247,8 @@ def start(args: ShimArgs, stdin: bytes) -> str:
     # the backlog), so the child can be given its address, and the daemon that will serve it is forked now:
     # its interpreter state, event loop and log come up while the runc shim starts, instead of after it.
     listener = bind_socket(address)
+    if DAEMON_IN_THIS_PROCESS:
+        return start_for_this_process(args, group, address, bundle, runc_shim, runtime_config, listener)
     handoff = fork_daemon(args, group, address, bundle, runtime_config, listener)
     phases.mark("daemon_forked")
     try:
@@ -266,6 +273,51 @@ def start(args: ShimArgs, stdin: bytes) -> str:
     write_address(bundle, address)
     phases.mark("handed_over")
     return address
+
+
+def start_for_this_process(
+    args: ShimArgs, group: str, address: str, bundle: str, runc_shim: str, runtime_config: RuntimeConfig,
+    listener: socket.socket,
+) -> str:
+    """`start` in a kybernate-shimd worker: the runc shim, then this process becomes the daemon once it has
+    answered (run_pending_daemon). No fork, and the daemon's modules are imported already."""
+    from . import daemon
+
+    try:
+        child_shim = start_child(runc_shim, args, bundle, runtime_config)
+    except BaseException:
+        listener.close()
+        remove_socket(address)
+        raise
+    phases.mark("runc_start")
+    state = GroupState(args.namespace, group, address, child_shim.address, child_shim.task_api)
+    try:
+        state.save()
+        write_address(bundle, address)
+    except OSError as err:
+        listener.close()
+        remove_socket(address)
+        stop_child_shim(child_shim.address)  # nothing would ever talk to it
+        GroupState.remove(address)
+        raise StartError(f"cannot record the shim daemon's state: {err}") from err
+    config = daemon.DaemonConfig(
+        namespace=args.namespace, group=group, address=address, bundle=str(bundle),
+        child_address=child_shim.address, child_task_api=child_shim.task_api, debug=args.debug,
+        runtime=runtime_config,
+    )
+    _pending_daemon.append((config, listener))
+    return address
+
+
+def run_pending_daemon() -> int:
+    """After a worker's answer is out: serve as the pod's daemon if its `start` left one to run, else 0."""
+    if not _pending_daemon:
+        return 0
+    config, listener = _pending_daemon.pop()
+    detach_from_caller()
+    from . import daemon
+
+    return daemon.run(config, listener)
 
 
 def start_child(runc_shim: str, args: ShimArgs, bundle: str, runtime_config: RuntimeConfig) -> ChildShim:
