@@ -291,6 +291,7 @@ def work(conn: socket.socket, control: socket.socket | None = None) -> int:
     except (OSError, ValueError) as err:
         log.warning("bad request", extra={"fields": {"error": str(err)}})
         return 1
+    phases.mark("request")
     # From here stdout and stderr are the client's: nothing of ours may be written there.
     logging.getLogger().handlers.clear()
     for target, fd in zip((0, 1, 2), fds, strict=True):  # exactly three: checked when the request was read
@@ -306,6 +307,7 @@ def work(conn: socket.socket, control: socket.socket | None = None) -> int:
         # Read at import time in the resident; the client's (containerd's) environment decides here.
         manager.GROUP_STATE_DIR = env.get("KYBERNATE_SHIM_STATE_DIR", _STATE_DIR_AT_IMPORT)
         title.set_title(argv)
+        phases.mark("worker")
         code = cli.main(argv[1:])
     except Exception as err:  # noqa: BLE001 - cli.main answers its own errors; this is what comes before it
         sys.stderr.write(f"containerd-shim-kybernate-v1 (kybernate-shimd worker): {err}\n")
