@@ -1,14 +1,18 @@
 """kybernate-shimd: a resident, pre-imported process that runs the shim's commands in forked workers.
 
-Every `containerd-shim-kybernate-v1 start|delete|-info` (shim/client.py) connects here and passes its argv,
-cwd, environment and its stdin/stdout/stderr. The resident forks a worker per command: the worker takes
-over those fds, environment and cwd and runs the command exactly as shim/cli.py would in a fresh process,
-but with every module already imported, so a pod's shim daemon is a fork of a warm process. The resident
-itself only accepts and forks; it never runs a command, so a crash in one command costs one worker.
+Every `containerd-shim-kybernate-v1 start|delete|-info` (shim/client.py, shim/native/shim_client.c) connects
+here and passes its argv, cwd, environment and its stdin/stdout/stderr. A worker takes over those fds,
+environment and cwd and runs the command exactly as shim/cli.py would in a fresh process, but with every
+module already imported. Workers are forked ahead (spares, each waiting on a control socket of its own): the
+resident accepts, passes the connection's fd to a spare and goes back to waiting, so no command waits for a
+fork; spares are forked again when the resident is quiet. The resident itself never runs a command, so a
+crash in one command costs one worker.
 
-After the fork each pod has its own daemon process (forked by the worker, as `start` always did): it does
-not depend on the resident, so pods keep running when the resident dies, is restarted or is upgraded.
-Without the resident the client runs the command itself (the slow path) and logs that once.
+A new pod's `start` carries on in its worker as that pod's shim daemon once it has answered (no second fork;
+shim/manager.py start_for_this_process): one process per pod, which does not depend on the resident, so pods
+keep running when the resident dies, is restarted or is upgraded (it reaps them while it lives). Spares hold
+nothing of the resident but their control socket: when the resident goes, they read EOF and exit. Without
+the resident the client runs the command itself (the slow path) and logs that once.
 
 The resident must stay single-threaded (it forks) and runs no event loop of its own.
 """
