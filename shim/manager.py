@@ -404,7 +404,7 @@ def bind_socket(address: str) -> socket.socket:
         listener.listen(128)
     except OSError as err:
         listener.close()
-        raise StartError(f"cannot listen on {path}: {err.strerror}") from err
+        raise StartError(f"cannot listen on {path}: {err.strerror or err}") from err
     return listener
 
 
