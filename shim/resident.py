@@ -306,8 +306,12 @@ def work(conn: socket.socket, control: socket.socket | None = None) -> int:
     manager.DAEMON_IN_THIS_PROCESS = True
     try:
         os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(env)
+        # Only what differs: each unsetenv/putenv walks the whole environment, and most of it is the same.
+        for key in [k for k in os.environ if k not in env]:
+            del os.environ[key]
+        for key, value in env.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
         # Read at import time in the resident; the client's (containerd's) environment decides here.
         manager.GROUP_STATE_DIR = env.get("KYBERNATE_SHIM_STATE_DIR", _STATE_DIR_AT_IMPORT)
         title.set_title(argv)
@@ -377,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     log.info("ready", extra={"fields": {"socket": args.socket, "pid": os.getpid(), "title_room": title.room(),
                                         **{f"{k}_kib": v for k, v in memory_kib().items()}}})
+    title.remember_area()
     # Everything imported so far lives as long as the process: keep the collector off those pages, so
     # that workers and pod daemons share them copy-on-write instead of copying them on the first GC.
     gc.freeze()

@@ -62,6 +62,22 @@ def test_set_title_changes_what_proc_cmdline_shows() -> None:
     assert second == "False"  # too long for the room: left alone
 
 
+def test_a_forked_child_sets_its_title_from_the_remembered_area() -> None:
+    # kybernate-shimd remembers where argv lives before forking; its workers set their titles without /proc.
+    code = (
+        "import os, sys; from kybernate.shim import title\n"
+        "title.remember_area()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    title.set_title(['containerd-shim-kybernate-v1', 'delete'])\n"
+        "    sys.stdout.write(repr(open('/proc/self/cmdline','rb').read().rstrip(b'\\0').split(b'\\0')))\n"
+        "    sys.stdout.flush(); os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *[""] * 100], capture_output=True, text=True, check=True).stdout
+    assert out == "[b'containerd-shim-kybernate-v1', b'delete']"
+
+
 def resident_listens(sock: Path) -> bool:
     import socket
 
