@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import os
 
-
 # Set by remember_area() in a process that forks many title-setters (kybernate-shimd): a fork keeps the
 # addresses, so its children need not read /proc for them (a fraction of a ms on every command).
 _area: tuple[int, int] | None = None
