@@ -244,8 +244,9 @@ def start(args: ShimArgs, stdin: bytes) -> str:
     runtime_config = convert_options(stdin)
     phases.mark("options")
     # Our socket is bound and listening before the runc shim starts (a connection that comes early waits in
-    # the backlog), so the child can be given its address, and the daemon that will serve it is forked now:
-    # its interpreter state, event loop and log come up while the runc shim starts, instead of after it.
+    # the backlog), so the child can be given its address. In a kybernate-shimd worker, this process becomes
+    # the daemon after answering; otherwise the daemon is forked now and its imports, event loop and log
+    # come up while the runc shim starts, instead of after it.
     listener = bind_socket(address)
     if DAEMON_IN_THIS_PROCESS:
         return start_for_this_process(args, group, address, bundle, runc_shim, runtime_config, listener)
