@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Imported at module level on purpose: `start` imports this module while the runc shim starts, so
 # these imports overlap that instead of delaying the first call after the fork.
@@ -42,16 +42,68 @@ class DaemonConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
+# How long a daemon forked before its runc shim started waits to be handed it: the start's own bound, and some.
+HANDOFF_TIMEOUT_S = 40.0
+
+
+class NotHandedOver(Exception):
+    """`start` gave up before it had a runc shim for this daemon (it removes what it made itself)."""
+
+
 def run(config: DaemonConfig, listener: socket.socket) -> int:
+    return run_handed_over(config, listener, None)
+
+
+def run_handed_over(config: DaemonConfig, listener: socket.socket, handoff: int | None) -> int:
+    """Serve on `listener`; with `handoff`, first wait there for the runc shim `start` is starting meanwhile
+    (shim/manager.py hand_over). Without one, it exits and leaves the socket to `start`, which owns it."""
+    began = time.perf_counter()
     logs.setup(config.bundle, config.debug)
     try:
-        asyncio.run(serve(config, listener, time.perf_counter()))
-        return 0
+        asyncio.run(serve(config, listener, began, handoff))
+        code = 0
+    except NotHandedOver as err:
+        log.debug("exiting unused", extra={"fields": {"why": str(err)}})
+        return 1
     except Exception:
         log.exception("shim daemon failed")
-        return 1
+        code = 1
+    _cleanup(config)
+    return code
+
+
+async def _handed_over(handoff: int) -> tuple[str, int]:
+    """The runc shim's address and task API from `start`, read from the pipe up to its EOF."""
+    from .manager import HANDOFF_MAX, parse_handoff
+
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bytes] = loop.create_future()
+    data = bytearray()
+
+    def readable() -> None:
+        try:
+            chunk = os.read(handoff, HANDOFF_MAX)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        data.extend(chunk)
+        if (not chunk or len(data) > HANDOFF_MAX) and not done.done():
+            done.set_result(bytes(data))
+
+    os.set_blocking(handoff, False)
+    loop.add_reader(handoff, readable)
+    try:
+        message = await asyncio.wait_for(done, HANDOFF_TIMEOUT_S)
+    except TimeoutError:
+        raise NotHandedOver(f"no runc shim within {HANDOFF_TIMEOUT_S:.0f}s") from None
     finally:
-        _cleanup(config)
+        loop.remove_reader(handoff)
+        os.close(handoff)
+    child = parse_handoff(message)
+    if child is None:
+        raise NotHandedOver("start failed" if not message else f"unreadable handoff {message[:80]!r}")
+    return child.address, child.task_api
 
 
 _drivers: dict[tuple[str, float], GpuDriver] = {}
@@ -67,8 +119,16 @@ def hookd_driver(options: KybernateOptions) -> GpuDriver:
     return _drivers[key]
 
 
-async def serve(config: DaemonConfig, listener: socket.socket, began: float | None = None) -> None:
+async def serve(
+    config: DaemonConfig, listener: socket.socket, began: float | None = None, handoff: int | None = None
+) -> None:
     began = time.perf_counter() if began is None else began
+    waited: dict[str, str] = {}
+    if handoff is not None:
+        child_address, child_task_api = await _handed_over(handoff)
+        config = replace(config, child_address=child_address, child_task_api=child_task_api)
+        handed = time.perf_counter()
+        waited, began = {"waited_ms": f"{(handed - began) * 1000:.1f}"}, handed
     upstream = await Upstream.connect(config.child_address, config.child_task_api)
     service = TaskService(upstream, config.namespace, config.runtime, hookd_driver)
     server = Server(service.handle)
@@ -80,8 +140,9 @@ async def serve(config: DaemonConfig, listener: socket.socket, began: float | No
         "serving",
         extra={"fields": {"ns": config.namespace, "group": config.group, "child": config.child_address,
                           "task_api": config.child_task_api, "pid": os.getpid(),
-                          # From the fork to serving: the part of a pod's start containerd waits on last.
-                          "ready_ms": f"{(time.perf_counter() - began) * 1000:.1f}"}},
+                          # From the fork (or from being handed the runc shim, after waiting waited_ms for it)
+                          # to serving: the part of a pod's start containerd waits on last.
+                          "ready_ms": f"{(time.perf_counter() - began) * 1000:.1f}", **waited}},
     )
     serving = asyncio.create_task(server.serve_socket(listener), name="ttrpc-server")
     child_gone = asyncio.create_task(upstream.wait_closed(), name="upstream-closed")

@@ -1,8 +1,9 @@
 """The shim binary's own lifecycle: `start`, `delete` and `-info`. Nothing here serves RPCs.
 
-`start` runs the stock runc shim's own `start` (which forks the runc shim daemon, our child), binds our
-socket, forks our daemon (no re-exec: the interpreter and imports are already paid for), rewrites
-`bundle/address` to ours and prints our address. `delete` cleans up after a dead shim the way the runc
+`start` binds our socket, forks our daemon on it (no re-exec: the interpreter and imports are already paid
+for), runs the stock runc shim's own `start` (which forks the runc shim daemon, our child) while that
+daemon comes up, hands it the child's address through a pipe, rewrites `bundle/address` to ours and prints
+our address. `delete` cleans up after a dead shim the way the runc
 shim does, and also stops a runc shim left behind when our daemon was killed.
 """
 
@@ -22,6 +23,7 @@ from .cli import ShimArgs
 from .ttrpc.address import socket_path
 
 if TYPE_CHECKING:
+    from .daemon import DaemonConfig
     from .runtime_options import RuntimeConfig
 
 # This module is on every container's start and delete path: it avoids dataclasses, pathlib and
@@ -34,6 +36,10 @@ SOCKET_DIR = "/run/containerd/s"
 GROUP_STATE_DIR = os.environ.get("KYBERNATE_SHIM_STATE_DIR", "/run/kybernate/shims")
 GROUP_LABELS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
 CHILD_START_TIMEOUT_S = 30.0
+# Set by kybernate-shimd's workers (shim/resident.py): a new pod's daemon is the worker process itself, which
+# carries on as it after answering (run_pending_daemon) instead of forking one on the pod's start path.
+DAEMON_IN_THIS_PROCESS = False
+_pending_daemon: list[tuple[DaemonConfig, socket.socket]] = []
 
 
 class StartError(RuntimeError):
@@ -237,62 +243,156 @@ def start(args: ShimArgs, stdin: bytes) -> str:
     # Bad options must fail before anything is started.
     runtime_config = convert_options(stdin)
     phases.mark("options")
-    child_cmd = [runc_shim, *args.child_flags(), "start"]
-    child = subprocess.Popen(
-        child_cmd, cwd=bundle, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    # Our daemon's imports overlap the runc shim's start instead of adding to it.
+    # Our socket is bound and listening before the runc shim starts (a connection that comes early waits in
+    # the backlog), so the child can be given its address. In a kybernate-shimd worker, this process becomes
+    # the daemon after answering; otherwise the daemon is forked now and its imports, event loop and log
+    # come up while the runc shim starts, instead of after it.
+    listener = bind_socket(address)
+    if DAEMON_IN_THIS_PROCESS:
+        return start_for_this_process(args, group, address, bundle, runc_shim, runtime_config, listener)
+    handoff = fork_daemon(args, group, address, bundle, runtime_config, listener)
+    phases.mark("daemon_forked")
+    try:
+        child_shim = start_child(runc_shim, args, bundle, runtime_config)
+    except BaseException:
+        os.close(handoff)  # the daemon sees EOF and exits without touching anything
+        remove_socket(address)
+        raise
+    phases.mark("runc_start")
+    # Recorded before the daemon is told: once it has the child, `delete` may need this to find it.
+    state = GroupState(args.namespace, group, address, child_shim.address, child_shim.task_api)
+    try:
+        state.save()
+        hand_over(handoff, child_shim)
+    except OSError as err:
+        remove_socket(address)
+        stop_child_shim(child_shim.address)  # nothing would ever talk to it
+        GroupState.remove(address)
+        raise StartError(f"cannot hand the runc shim to our shim daemon: {err}") from err
+    finally:
+        os.close(handoff)
+    write_address(bundle, address)
+    phases.mark("handed_over")
+    return address
+
+
+def start_for_this_process(
+    args: ShimArgs, group: str, address: str, bundle: str, runc_shim: str, runtime_config: RuntimeConfig,
+    listener: socket.socket,
+) -> str:
+    """`start` in a kybernate-shimd worker: the runc shim, then this process becomes the daemon once it has
+    answered (run_pending_daemon). No fork, and the daemon's modules are imported already."""
     from . import daemon
 
-    phases.mark("daemon_import")
     try:
-        out, err = child.communicate(runtime_config.runc_any_bytes(), timeout=CHILD_START_TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:
-        child.kill()
-        raise StartError(f"{runc_shim} start did not finish within {CHILD_START_TIMEOUT_S:.0f}s") from exc
-    if child.returncode != 0:
-        detail = (err or out).decode("utf-8", errors="replace").strip()
-        raise StartError(f"{runc_shim} start failed (exit {child.returncode}): {detail}")
-    child_shim = parse_child_start_output(out)
-    phases.mark("runc_start")
-    try:
-        listener = bind_socket(address)
-    except StartError:
-        stop_child_shim(child_shim.address)  # nothing would ever talk to it
+        child_shim = start_child(runc_shim, args, bundle, runtime_config)
+    except BaseException:
+        listener.close()
+        remove_socket(address)
         raise
-    config = daemon.DaemonConfig(
-        namespace=args.namespace,
-        group=group,
-        address=address,
-        bundle=str(bundle),
-        child_address=child_shim.address,
-        child_task_api=child_shim.task_api,
-        debug=args.debug,
-        runtime=runtime_config,
-    )
-    # Recorded before the fork: afterwards the new daemon competes with this process for the CPU, and
-    # containerd waits for this process to answer.
+    phases.mark("runc_start")
     state = GroupState(args.namespace, group, address, child_shim.address, child_shim.task_api)
     try:
         state.save()
         write_address(bundle, address)
-        pid = os.fork()
     except OSError as err:
         listener.close()
         remove_socket(address)
-        stop_child_shim(child_shim.address)
+        stop_child_shim(child_shim.address)  # nothing would ever talk to it
         GroupState.remove(address)
+        raise StartError(f"cannot record the shim daemon's state: {err}") from err
+    config = daemon.DaemonConfig(
+        namespace=args.namespace, group=group, address=address, bundle=str(bundle),
+        child_address=child_shim.address, child_task_api=child_shim.task_api, debug=args.debug,
+        runtime=runtime_config,
+    )
+    _pending_daemon.append((config, listener))
+    return address
+
+
+def run_pending_daemon() -> int:
+    """After a worker's answer is out: serve as the pod's daemon if its `start` left one to run, else 0."""
+    if not _pending_daemon:
+        return 0
+    config, listener = _pending_daemon.pop()
+    detach_from_caller()
+    from . import daemon
+
+    return daemon.run(config, listener)
+
+
+def start_child(runc_shim: str, args: ShimArgs, bundle: str, runtime_config: RuntimeConfig) -> ChildShim:
+    """Run the runc shim's own `start` (it forks the runc shim daemon, our child) and read its address."""
+    child = subprocess.Popen(
+        [runc_shim, *args.child_flags(), "start"],
+        cwd=bundle, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        out, err = child.communicate(runtime_config.runc_any_bytes(), timeout=CHILD_START_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        child.kill()
+        child.wait()
+        raise StartError(f"{runc_shim} start did not finish within {CHILD_START_TIMEOUT_S:.0f}s") from exc
+    if child.returncode != 0:
+        detail = (err or out).decode("utf-8", errors="replace").strip()
+        raise StartError(f"{runc_shim} start failed (exit {child.returncode}): {detail}")
+    return parse_child_start_output(out)
+
+
+def fork_daemon(
+    args: ShimArgs, group: str, address: str, bundle: str, runtime_config: RuntimeConfig, listener: socket.socket
+) -> int:
+    """Fork our shim daemon on `listener`; the returned pipe hands it the runc shim (hand_over) or, closed
+    without a word, tells it to exit: the listener is always closed here."""
+    try:
+        readable, handoff = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(readable)
+            os.close(handoff)
+            raise
+    except OSError as err:
+        listener.close()
+        remove_socket(address)
         raise StartError(f"cannot start the shim daemon: {err}") from err
     if pid == 0:  # the daemon
         code = 1
         try:
+            os.close(handoff)
             detach_from_caller()
-            code = daemon.run(config, listener)
+            # Imported here, not before the fork: without kybernate-shimd, this import (asyncio, the task
+            # service, protobuf) runs in the daemon while its parent starts the runc shim.
+            from . import daemon
+
+            config = daemon.DaemonConfig(
+                namespace=args.namespace, group=group, address=address, bundle=str(bundle),
+                child_address="", child_task_api=0, debug=args.debug, runtime=runtime_config,
+            )
+            code = daemon.run_handed_over(config, listener, readable)
         finally:
             os._exit(code)
+    os.close(readable)
     listener.close()
-    phases.mark("forked")
-    return address
+    return handoff
+
+
+# What hand_over writes: `<task api> <address>` (a few hundred bytes at most, one write: atomic on a pipe).
+HANDOFF_MAX = 4096
+
+
+def hand_over(handoff: int, child: ChildShim) -> None:
+    data = f"{child.task_api} {child.address}".encode()
+    if len(data) > HANDOFF_MAX or os.write(handoff, data) != len(data):
+        raise OSError(f"runc shim address of {len(data)} bytes cannot be handed over")
+
+
+def parse_handoff(data: bytes) -> ChildShim | None:
+    """hand_over's message; None for anything else (EOF: the start failed and the daemon must go)."""
+    api, _, address = data.decode("utf-8", errors="replace").partition(" ")
+    if not api.isdigit() or not address.startswith("unix://"):
+        return None
+    return ChildShim(address=address, task_api=int(api))
 
 
 def bind_socket(address: str) -> socket.socket:
@@ -305,7 +405,7 @@ def bind_socket(address: str) -> socket.socket:
         listener.listen(128)
     except OSError as err:
         listener.close()
-        raise StartError(f"cannot listen on {path}: {err.strerror}") from err
+        raise StartError(f"cannot listen on {path}: {err.strerror or err}") from err
     return listener
 
 

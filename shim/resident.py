@@ -1,14 +1,18 @@
 """kybernate-shimd: a resident, pre-imported process that runs the shim's commands in forked workers.
 
-Every `containerd-shim-kybernate-v1 start|delete|-info` (shim/client.py) connects here and passes its argv,
-cwd, environment and its stdin/stdout/stderr. The resident forks a worker per command: the worker takes
-over those fds, environment and cwd and runs the command exactly as shim/cli.py would in a fresh process,
-but with every module already imported, so a pod's shim daemon is a fork of a warm process. The resident
-itself only accepts and forks; it never runs a command, so a crash in one command costs one worker.
+Every `containerd-shim-kybernate-v1 start|delete|-info` (shim/client.py, shim/native/shim_client.c) connects
+here and passes its argv, cwd, environment and its stdin/stdout/stderr. A worker takes over those fds,
+environment and cwd and runs the command exactly as shim/cli.py would in a fresh process, but with every
+module already imported. Workers are forked ahead (spares, each waiting on a control socket of its own): the
+resident accepts, passes the connection's fd to a spare and goes back to waiting, so no command waits for a
+fork; spares are forked again when the resident is quiet. The resident itself never runs a command, so a
+crash in one command costs one worker.
 
-After the fork each pod has its own daemon process (forked by the worker, as `start` always did): it does
-not depend on the resident, so pods keep running when the resident dies, is restarted or is upgraded.
-Without the resident the client runs the command itself (the slow path) and logs that once.
+A new pod's `start` carries on in its worker as that pod's shim daemon once it has answered (no second fork;
+shim/manager.py start_for_this_process): one process per pod, which does not depend on the resident, so pods
+keep running when the resident dies, is restarted or is upgraded (it reaps them while it lives). Spares hold
+nothing of the resident but their control socket: when the resident goes, they read EOF and exit. Without
+the resident the client runs the command itself (the slow path) and logs that once.
 
 The resident must stay single-threaded (it forks) and runs no event loop of its own.
 """
@@ -19,6 +23,7 @@ import argparse
 import gc
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -90,46 +95,154 @@ def memory_kib() -> dict[str, int]:
     return found
 
 
-def serve(listener: socket.socket, max_workers: int = MAX_WORKERS) -> None:
-    stopping: list[int] = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
-    signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
-    listener.settimeout(ACCEPT_POLL_S)
-    workers: set[int] = set()
-    while not stopping:
-        _reap(workers, block=len(workers) >= max_workers)
-        try:
-            conn, _ = listener.accept()
-        except (TimeoutError, InterruptedError):
-            continue
+class Pool:
+    """The resident's workers: spares (forked ahead, idle, each on its own control socket) and busy ones.
+
+    A connection goes to a spare (its fd passed over the control socket: no fork on the command's path);
+    only when none is left is a worker forked for it. A worker says `D` (or closes its control socket)
+    once it has answered; a new pod's `start` then carries on in that same process as the pod's daemon
+    (shim/manager.py, daemon_in_this_process), which the resident reaps when the pod ends. Spares are
+    forked again only when the resident has been quiet for QUIET_S, never while a command waits on it.
+    """
+
+    def __init__(self, listener: socket.socket, max_workers: int, spares: int) -> None:
+        self.listener = listener
+        self.max_workers = max_workers
+        self.spares_wanted = min(spares, max_workers)
+        self.spares: dict[int, socket.socket] = {}  # pid -> the resident's end of its control socket
+        self.busy: dict[int, socket.socket] = {}
+
+    def in_flight(self) -> int:
+        return len(self.spares) + len(self.busy)
+
+    def fork(self) -> None:
+        """One more spare: an idle worker waiting on its control socket."""
         for stream in (sys.stdout, sys.stderr):
             stream.flush()  # or the worker would write our buffered lines into containerd's pipe
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                listener.close()
-                code = work(conn)
-            except BaseException:  # noqa: BLE001 - a worker never returns into the accept loop
+                # Nothing of the resident's may stay open here: a spare must see EOF when the resident goes,
+                # and a pod daemon must not keep the resident's socket alive.
+                self.listener.close()
+                for other in [*self.spares.values(), *self.busy.values(), ours]:
+                    other.close()
+                code = spare(theirs)
+            except BaseException:  # noqa: BLE001 - a worker never returns into the resident's loop
                 log.exception("worker failed")
             finally:
                 os._exit(code)
-        conn.close()
-        workers.add(pid)
-    log.info("stopping", extra={"fields": {"signal": stopping[0], "workers_in_flight": len(workers)}})
+        theirs.close()
+        self.spares[pid] = ours
+
+    def hand(self, conn: socket.socket) -> None:
+        """Give `conn` to a spare; when none is left, fork one for it (what every command cost before)."""
+        while True:
+            if not self.spares:
+                self.fork()
+            pid, control = self.spares.popitem()
+            try:
+                socket.send_fds(control, [b"C"], [conn.fileno()])
+            except OSError:
+                control.close()  # that spare died: the next one, or a fork
+                continue
+            conn.close()
+            self.busy[pid] = control
+            return
+
+    def heard(self, control: socket.socket) -> None:
+        """A busy worker answered (`D`) or went (EOF), or a spare died: it no longer counts."""
+        for group in (self.busy, self.spares):
+            pid = next((p for p, c in group.items() if c is control), None)
+            if pid is not None:
+                del group[pid]
+        control.close()
+
+    def reap(self) -> None:
+        """Collect exited workers and pod daemons (a worker that carried on as one is still our child)."""
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            spare_control = self.spares.pop(pid, None)
+            if spare_control is not None:
+                spare_control.close()
+
+    def close(self) -> None:
+        for control in self.spares.values():
+            control.close()  # each spare sees EOF and exits
+        self.spares.clear()
 
 
-def _reap(workers: set[int], block: bool) -> None:
-    while workers:
+# With nothing to do for this long, the resident forks its missing spares.
+QUIET_S = 0.1
+SPARES = 2
+
+
+def serve(listener: socket.socket, max_workers: int = MAX_WORKERS, spares: int = SPARES) -> None:
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
+    listener.setblocking(False)
+    pool = Pool(listener, max_workers, spares)
+    poller = select.poll()
+    poller.register(listener, select.POLLIN)
+    watched: dict[int, socket.socket] = {}
+    while not stopping:
+        pool.reap()
+        for fd in [fd for fd, c in watched.items() if c.fileno() < 0]:
+            poller.unregister(fd)
+            del watched[fd]
+        for control in [*pool.spares.values(), *pool.busy.values()]:
+            if control.fileno() not in watched:
+                watched[control.fileno()] = control
+                poller.register(control, select.POLLIN)
+        full = pool.in_flight() >= max_workers
+        if full:
+            poller.modify(listener, 0)
         try:
-            pid, _ = os.waitpid(-1, 0 if block else os.WNOHANG)
-        except ChildProcessError:
-            workers.clear()
-            return
-        if pid == 0:
-            return
-        workers.discard(pid)
-        block = False
+            events = poller.poll((QUIET_S if len(pool.spares) < pool.spares_wanted else ACCEPT_POLL_S) * 1000)
+        except InterruptedError:
+            events = []
+        if full:
+            poller.modify(listener, select.POLLIN)
+        if not events:
+            if len(pool.spares) < pool.spares_wanted and pool.in_flight() < max_workers:
+                pool.fork()
+            continue
+        for fd, _ in events:
+            if fd == listener.fileno():
+                try:
+                    conn, _ = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                conn.setblocking(True)
+                pool.hand(conn)
+            elif fd in watched:
+                control = watched.pop(fd)
+                poller.unregister(fd)
+                if control.fileno() >= 0:
+                    pool.heard(control)
+    log.info("stopping", extra={"fields": {"signal": stopping[0], "workers_in_flight": len(pool.busy)}})
+    pool.close()
+
+
+def spare(control: socket.socket) -> int:
+    """A worker forked ahead: wait for the resident to hand it a connection, then serve it like any worker."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
+    try:
+        _, fds, _, _ = socket.recv_fds(control, 16, 1)
+    except OSError:
+        return 0
+    if not fds:
+        return 0  # the resident stopped or died
+    return work(socket.socket(fileno=fds[0]), control)
 
 
 # ---- one worker -----------------------------------------------------------------------------------
@@ -164,8 +277,9 @@ def receive(conn: socket.socket) -> tuple[list[int], list[str], str, dict[str, s
     return fds, argv, cwd, env
 
 
-def work(conn: socket.socket) -> int:
-    """Run one command as the client's process would have, then send its exit status."""
+def work(conn: socket.socket, control: socket.socket | None = None) -> int:
+    """Run one command as the client's process would have, then send its exit status; a new pod's `start`
+    then carries on here as that pod's daemon. `control`: tell the resident when the answer is out."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     phases.reset()
@@ -181,20 +295,27 @@ def work(conn: socket.socket) -> int:
     except (OSError, ValueError) as err:
         log.warning("bad request", extra={"fields": {"error": str(err)}})
         return 1
+    phases.mark("request")
     # From here stdout and stderr are the client's: nothing of ours may be written there.
     logging.getLogger().handlers.clear()
     for target, fd in zip((0, 1, 2), fds, strict=True):  # exactly three: checked when the request was read
         os.dup2(fd, target)
         os.close(fd)
-    # The pod daemon `start` forks must not keep the client's connection open.
+    # A pod daemon `start` forks must not keep the client's connection open (one without the resident).
     os.register_at_fork(after_in_child=conn.close)
+    manager.DAEMON_IN_THIS_PROCESS = True
     try:
         os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(env)
+        # Only what differs: each unsetenv/putenv walks the whole environment, and most of it is the same.
+        for key in [k for k in os.environ if k not in env]:
+            del os.environ[key]
+        for key, value in env.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
         # Read at import time in the resident; the client's (containerd's) environment decides here.
         manager.GROUP_STATE_DIR = env.get("KYBERNATE_SHIM_STATE_DIR", _STATE_DIR_AT_IMPORT)
         title.set_title(argv)
+        phases.mark("worker")
         code = cli.main(argv[1:])
     except Exception as err:  # noqa: BLE001 - cli.main answers its own errors; this is what comes before it
         sys.stderr.write(f"containerd-shim-kybernate-v1 (kybernate-shimd worker): {err}\n")
@@ -205,12 +326,26 @@ def work(conn: socket.socket) -> int:
                 stream.flush()
             except OSError:
                 pass
+        # containerd reads the command's stdout and stderr to EOF: let go of them before the client is told
+        # (it exits at once), not whenever this process next gets a CPU.
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for target in (0, 1, 2):
+            os.dup2(devnull, target)
+        os.close(devnull)
     conn.settimeout(REQUEST_TIMEOUT_S)
     try:
         conn.sendall(b"%d\n" % code)
     except OSError:
         pass  # the client is gone: containerd gave up on this command
-    return 0
+    conn.close()
+    if control is not None:
+        try:
+            control.send(b"D")
+        except OSError:
+            pass  # the resident is gone: nothing to tell
+        control.close()
+    # A new pod's start: its daemon is this process from here (no fork on the pod's start path).
+    return manager.run_pending_daemon()
 
 
 # ---- command line ---------------------------------------------------------------------------------
@@ -222,10 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", default=client.resident_socket(),
                         help=f"default: ${client.SOCKET_ENV} or {client.DEFAULT_SOCKET}")
     parser.add_argument("--max-workers", type=int, default=MAX_WORKERS)
+    parser.add_argument("--spares", type=int, default=SPARES,
+                        help="idle workers forked ahead, so that a command does not wait for a fork [%(default)s]")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(args_in)
     if args.max_workers < 1:
         parser.error("--max-workers must be at least 1")
+    if args.spares < 0:
+        parser.error("--spares must be 0 or more")
     if argv is None:
         ensure_title_room(args_in)
     from kybernate.hooks.api.logs import setup as setup_logs
@@ -242,11 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         pass
     log.info("ready", extra={"fields": {"socket": args.socket, "pid": os.getpid(), "title_room": title.room(),
                                         **{f"{k}_kib": v for k, v in memory_kib().items()}}})
+    title.remember_area()
     # Everything imported so far lives as long as the process: keep the collector off those pages, so
     # that workers and pod daemons share them copy-on-write instead of copying them on the first GC.
     gc.freeze()
     try:
-        serve(listener, args.max_workers)
+        serve(listener, args.max_workers, args.spares)
     finally:
         listener.close()
         try:

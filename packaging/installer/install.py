@@ -24,9 +24,16 @@ What an install changes (host paths; nothing else is touched):
   /opt/kybernate/install.py                   a copy of this script, for `--uninstall` later
   /usr/local/bin/containerd-shim-kybernate-v1 launchers: run the versioned venv's python on the console
   /usr/local/bin/kybernate-hookd              entry points of the kybernate wheel
+  /usr/local/bin/kybernate-shimd
+  /usr/local/bin/containerd-shim-kybernate-v1 where the installer can run the node's C compiler (--host-exec):
+                                              the native shim client, built from the version's
+                                              shim/native/shim_client.c (as `make venv` does), with the Python
+                                              launcher beside it as containerd-shim-kybernate-v1.py (its fallback)
   /etc/kybernate/runtime.toml                 only if missing: never overwrites the operator's file
   /etc/systemd/system/kybernate-hookd.service the hookd unit, enabled for multi-user.target (a symlink
                                               in multi-user.target.wants, what `systemctl enable` makes)
+  /etc/systemd/system/kybernate-shimd.service the unit of the resident shim starter, enabled the same way
+                                              (KillMode=process: pods' shim daemons outlive its restarts)
   containerd's config (--containerd-config, /etc/containerd/config.toml):
     version = 3 (containerd 2.x): drop-in <config dir>/conf.d/kybernate.toml, and its path added to the
         top-level `imports` unless an existing import already covers it;
@@ -49,7 +56,7 @@ first install (else they are kept: the operator changed it since).
 
 It restarts nothing unless asked: --restart-containerd restarts containerd (only when its config
 changed, or a change from an earlier run has not been loaded yet) and --start-hookd (re)starts
-kybernate-hookd, both through the host's systemctl. Without them it prints the commands to run.
+kybernate-hookd and kybernate-shimd, both through the host's systemctl. Without them it prints the commands to run.
 A second run with the same payload changes nothing and says so; --dry-run prints every change
 (with diffs) and makes none. Exit status: 0 done (or nothing to do), 1 refused or failed, 2 usage.
 """
@@ -93,6 +100,9 @@ CRI_RUNTIME_PLUGIN = {2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.r
 SNIPPETS = {2: "containerd-config/config-v2-kybernate.toml", 3: "containerd-config/config-v3-kybernate.toml"}
 RUNTIME_TOML_SOURCE = "containerd-config/runtime.toml"
 UNIT_SOURCE = "packaging/systemd/kybernate-hookd.service"
+SHIMD_UNIT_SOURCE = "packaging/systemd/kybernate-shimd.service"
+# The native shim client's source, in the kybernate wheel and so in each version's site-packages.
+NATIVE_SOURCE = "kybernate/shim/native/shim_client.c"
 
 DEFAULT_CONTAINERD_CONFIG = "/etc/containerd/config.toml"
 OPT = PurePosixPath("/opt/kybernate")
@@ -104,10 +114,14 @@ MANIFEST = OPT / "manifest.json"
 RESTART_PENDING = OPT / "containerd-restart-pending"
 SELF_COPY = OPT / "install.py"
 BIN_DIR = PurePosixPath("/usr/local/bin")
-LAUNCHERS = ("containerd-shim-kybernate-v1", "kybernate-hookd")
+LAUNCHERS = ("containerd-shim-kybernate-v1", "kybernate-hookd", "kybernate-shimd")
+# With the native shim client, the shim's Python launcher sits beside it under this name (its fallback).
+SHIM_PY = BIN_DIR / "containerd-shim-kybernate-v1.py"
 RUNTIME_TOML = PurePosixPath("/etc/kybernate/runtime.toml")
 UNIT = PurePosixPath("/etc/systemd/system/kybernate-hookd.service")
 UNIT_WANTS = PurePosixPath("/etc/systemd/system/multi-user.target.wants/kybernate-hookd.service")
+SHIMD_UNIT = PurePosixPath("/etc/systemd/system/kybernate-shimd.service")
+SHIMD_UNIT_WANTS = PurePosixPath("/etc/systemd/system/multi-user.target.wants/kybernate-shimd.service")
 HOST_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
 
 # Every file this script writes carries this mark; it only ever replaces or removes files that do.
@@ -197,6 +211,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     containerd_config_changed: bool = False
     hookd_changed: bool = False
+    shimd_changed: bool = False
     config_after: bytes | None = None  # config.toml as the planned edit leaves it
     backups_made: list[str] = field(default_factory=list)  # the backups the planned edits make (node paths)
     version: PurePosixPath | None = None  # install: the venv directory the launchers use
@@ -251,6 +266,9 @@ def _remove_dir(path: Path) -> None:
 
 def _has_mark(path: Path, lines: int = 3) -> bool:
     try:
+        with path.open("rb") as b:
+            if b.read(4) == b"\x7fELF":  # the native shim client: the mark is compiled in (KYB_BUILD_ID)
+                return MARK.encode() in b.read(4 << 20)
         with path.open("r", errors="replace") as f:
             head = [f.readline() for _ in range(lines)]
     except (FileNotFoundError, IsADirectoryError):
@@ -1016,8 +1034,8 @@ def _sha256_file(path: Path) -> str:
 
 def created_candidates(config: PurePosixPath) -> list[PurePosixPath]:
     """Every node path an install may create outside /opt/kybernate's contents, with their parents."""
-    paths = [config.parent / "conf.d" / f"{RUNTIME_NAME}.toml", *(BIN_DIR / n for n in LAUNCHERS), RUNTIME_TOML,
-             UNIT, UNIT_WANTS, OPT]
+    paths = [config.parent / "conf.d" / f"{RUNTIME_NAME}.toml", *(BIN_DIR / n for n in LAUNCHERS), SHIM_PY,
+             RUNTIME_TOML, UNIT, UNIT_WANTS, SHIMD_UNIT, SHIMD_UNIT_WANTS, OPT]
     out: list[PurePosixPath] = []
     for p in paths:
         for q in [*reversed(p.parents[:-1]), p]:  # parents first, the root itself never
@@ -1134,7 +1152,7 @@ def plan_install(plan: Plan, host: Host, args: argparse.Namespace, host_exec: Ho
     plan_containerd(plan, host, config, source, uninstall=False)
     unit_src = source / UNIT_SOURCE
     runtime_src = source / RUNTIME_TOML_SOURCE
-    for p in (unit_src, runtime_src):
+    for p in (unit_src, runtime_src, source / SHIMD_UNIT_SOURCE):
         if not p.is_file():
             raise InstallError(f"{p} not found: run the installer from a Kybernate checkout or payload (--source)")
     kyb = next(w for w in wheels if w.name == RUNTIME_NAME)
@@ -1165,18 +1183,23 @@ def plan_install(plan: Plan, host: Host, args: argparse.Namespace, host_exec: Ho
         plan.add(f"{verb} {venv} for {python} (Python {version[0]}.{version[1]}) from {len(wheels)} wheels: "
                  + ", ".join(w.path.name for w in wheels),
                  lambda: _build_venv(host, venv, wheels, python, version, record))
-        plan.hookd_changed = True
+        plan.hookd_changed = plan.shimd_changed = True
     elif not recorded:
         plan.add(f"switch back to {venv} (kept from an earlier install: reused as it is)",
                  lambda: _use_version(host, venv, record))
-        plan.hookd_changed = True
+        plan.hookd_changed = plan.shimd_changed = True
     self_text = Path(__file__).read_text()
     if not host.path(SELF_COPY).is_file() or host.path(SELF_COPY).read_text() != self_text:
         plan.add(f"write {SELF_COPY} (this installer, for --uninstall)",
                  lambda: _write_atomic(host.path(SELF_COPY), self_text.encode(), 0o755))
+    # The shim's Python launcher first: the native client falls back to it, so it is there before the client.
+    _plan_file(plan, host, SHIM_PY, launchers[LAUNCHERS[0]], 0o755, what=f"the shim's Python launcher for {venv}")
     for name, text in launchers.items():
-        if _plan_file(plan, host, BIN_DIR / name, text, 0o755, what=f"launcher for {venv}") and name == LAUNCHERS[1]:
-            plan.hookd_changed = True
+        if name == LAUNCHERS[0]:
+            _plan_shim_binary(plan, host, host_exec, venv, version, kyb, text)
+        elif _plan_file(plan, host, BIN_DIR / name, text, 0o755, what=f"launcher for {venv}"):
+            plan.hookd_changed |= name == LAUNCHERS[1]
+            plan.shimd_changed |= name == LAUNCHERS[2]
 
     if os.path.lexists(host.path(RUNTIME_TOML)):
         plan.notes.append(f"kept {RUNTIME_TOML} (exists; never overwritten)")
@@ -1199,17 +1222,109 @@ def plan_install(plan: Plan, host: Host, args: argparse.Namespace, host_exec: Ho
             wants.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(str(UNIT), wants)
         plan.add(f"enable kybernate-hookd: link {UNIT_WANTS} -> {UNIT}", enable)
+    _plan_shimd_unit(plan, host, source)
+
+
+def _plan_shimd_unit(plan: Plan, host: Host, source: Path) -> None:
+    """kybernate-shimd's unit, enabled: new pods start through it (shim/resident.py); running pods never need it."""
+    text = (f"# Installed by {MARK} from {SHIMD_UNIT_SOURCE}; the installer replaces this file.\n"
+            "# Customise with a drop-in (`systemctl edit kybernate-shimd`), not here.\n"
+            + (source / SHIMD_UNIT_SOURCE).read_text())
+    if not re.search(r"(?m)^KillMode=process\s*$", text):
+        # Without it, stopping or restarting the service would kill every pod's shim daemon forked from it.
+        raise InstallError(f"{source / SHIMD_UNIT_SOURCE} lacks KillMode=process: a broken payload, use another")
+    if _plan_file(plan, host, SHIMD_UNIT, text, 0o644, what="systemd unit of kybernate-shimd"):
+        plan.shimd_changed = True
+    wants = host.path(SHIMD_UNIT_WANTS)
+    if not (wants.is_symlink() and os.readlink(wants) == str(SHIMD_UNIT)):
+        if os.path.lexists(wants):
+            raise InstallError(f"{SHIMD_UNIT_WANTS} exists but is not a link to {SHIMD_UNIT}: remove it and run again")
+
+        def enable() -> None:
+            wants.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(str(SHIMD_UNIT), wants)
+        plan.add(f"enable kybernate-shimd: link {SHIMD_UNIT_WANTS} -> {SHIMD_UNIT}", enable)
+
+
+def _host_cc(host: Host, host_exec: HostExec) -> str | None:
+    """The node's C compiler as the installer can run it, or None (as `make venv`: `command -v cc`)."""
+    if host_exec.mode == "direct":
+        return shutil.which("cc")
+    if host_exec.mode == "nsenter":
+        return next((c for c in ("/usr/bin/cc", "/usr/local/bin/cc") if os.path.exists(host.path(c))), None)
+    return None  # no way to run a program on the node
+
+
+def _native_build_id(source: bytes) -> str:
+    return f"{MARK} native client {hashlib.sha256(source).hexdigest()[:16]}"
+
+
+def _plan_shim_binary(plan: Plan, host: Host, host_exec: HostExec, venv: PurePosixPath, version: tuple[int, int],
+                      kyb: Wheel, launcher: str) -> None:
+    """containerd-shim-kybernate-v1: the native client built with the node's cc where there is one (from this
+    version's source; the source's digest is compiled in beside MARK, so an unchanged one is not rebuilt), else
+    the Python launcher, as `make venv` decides. A failed build leaves the Python launcher there."""
+    binary = BIN_DIR / LAUNCHERS[0]
+    local = host.path(binary)
+    with zipfile.ZipFile(kyb.path) as z:
+        try:
+            source: bytes | None = z.read(NATIVE_SOURCE)
+        except KeyError:
+            source = None  # a wheel from before the native client
+    if source is not None and os.path.exists(local) and _has_mark(local):
+        with local.open("rb") as f:
+            if f.read(4) == b"\x7fELF" and _native_build_id(source).encode() in f.read(4 << 20):
+                return  # built from this very source: nothing to do
+    cc = _host_cc(host, host_exec) if source is not None else None
+    if cc is None or source is None:
+        if source is not None:
+            plan.notes.append(f"no C compiler the installer can run on the node (cc, --host-exec): {binary} is the "
+                              "Python launcher (pods start slower: docs/benchmarks.md)")
+        if _plan_file(plan, host, binary, launcher, 0o755, what=f"launcher for {venv}"):
+            plan.shimd_changed = True
+        return
+    if os.path.lexists(local) and not _has_mark(local):
+        raise InstallError(f"{binary} exists and was not written by this installer: move it away (or remove it) "
+                           "and run again")
+    src = venv / "lib" / f"python{version[0]}.{version[1]}" / "site-packages" / NATIVE_SOURCE
+    new = BIN_DIR / f".{LAUNCHERS[0]}.new"
+    build_id = _native_build_id(source)
+
+    def build() -> None:
+        # nsenter runs cc in the node's mount namespace (host paths); direct runs it here (paths under the root).
+        out, src_arg = (new, src) if host_exec.mode == "nsenter" else (host.path(new), host.path(src))
+        r = host_exec.run([cc, "-O2", f'-DKYB_BUILD_ID="{build_id}"', "-o", str(out), str(src_arg)], timeout=120)
+        if r.returncode != 0:
+            host.path(new).unlink(missing_ok=True)
+            _write_atomic(local, launcher.encode(), 0o755)  # slower pod starts, nothing broken
+            print(f"note: building the native shim client failed ({r.stderr.strip()[-400:]}); {binary} is the "
+                  "Python launcher")
+            return
+        os.chmod(host.path(new), 0o755)
+        os.replace(host.path(new), local)
+    plan.add(f"build {binary} (the native shim client) from {src} with the node's {cc}", build)
+    plan.shimd_changed = True
 
 
 def plan_uninstall(plan: Plan, host: Host, args: argparse.Namespace) -> None:
     plan_containerd(plan, host, PurePosixPath(args.containerd_config), None, uninstall=True)
-    for name in LAUNCHERS:
-        p = host.path(BIN_DIR / name)
+    for path in [*(BIN_DIR / n for n in LAUNCHERS), SHIM_PY]:
+        p = host.path(path)
         if os.path.lexists(p):
             if _has_mark(p):
-                plan.add(f"remove {BIN_DIR / name}", p.unlink)
+                plan.add(f"remove {path}", p.unlink)
             else:
-                plan.notes.append(f"left {BIN_DIR / name}: not written by this installer")
+                plan.notes.append(f"left {path}: not written by this installer")
+    shimd_wants = host.path(SHIMD_UNIT_WANTS)
+    if shimd_wants.is_symlink() and os.readlink(shimd_wants) == str(SHIMD_UNIT):
+        plan.add(f"disable kybernate-shimd: remove {SHIMD_UNIT_WANTS}", shimd_wants.unlink)
+    shimd_unit = host.path(SHIMD_UNIT)
+    if shimd_unit.exists():
+        if _has_mark(shimd_unit):
+            plan.add(f"remove {SHIMD_UNIT}", shimd_unit.unlink)
+            plan.shimd_changed = True
+        else:
+            plan.notes.append(f"left {SHIMD_UNIT}: not written by this installer")
     wants = host.path(UNIT_WANTS)
     if wants.is_symlink() and os.readlink(wants) == str(UNIT):
         plan.add(f"disable kybernate-hookd: remove {UNIT_WANTS}", wants.unlink)
@@ -1299,10 +1414,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--restart-containerd", action="store_true",
                    help="restart containerd (systemctl) when its config changed; default: print the command")
     p.add_argument("--start-hookd", action="store_true",
-                   help="install: daemon-reload and (re)start kybernate-hookd now (systemctl)")
-    p.add_argument("--stop-hookd", action="store_true", help="uninstall: stop kybernate-hookd first (systemctl)")
+                   help="install: daemon-reload and (re)start kybernate-hookd and kybernate-shimd now (systemctl)")
+    p.add_argument("--stop-hookd", action="store_true",
+                   help="uninstall: stop kybernate-hookd and kybernate-shimd first (systemctl)")
     p.add_argument("--host-exec", choices=("auto", "direct", "nsenter", "none"), default="auto",
-                   help="how to run systemctl on the node: auto = directly when --host-root is /, else not at all; "
+                   help="how to run systemctl (and cc, for the native shim client) on the node: auto = directly "
+                        "when --host-root is /, else not at all; "
                         "nsenter = through PID 1's mount namespace (a pod with hostPID) [%(default)s]")
     p.add_argument("--force", action="store_true", help="uninstall even while kybernate shims still run")
     args = p.parse_args(argv)
@@ -1353,7 +1470,7 @@ def run(args: argparse.Namespace) -> int:
         plan_install(plan, host, args, host_exec)
     config = PurePosixPath(args.containerd_config)
     check_writable(host, plan, [config.parent, config.parent / "conf.d", OPT, BIN_DIR, RUNTIME_TOML.parent,
-                                UNIT.parent, UNIT_WANTS.parent])
+                                UNIT.parent, UNIT_WANTS.parent, SHIMD_UNIT.parent])
 
     pending = not args.uninstall and host.path(RESTART_PENDING).exists()
     cmds = _host_commands(plan, args, restart=plan.containerd_config_changed or pending)
@@ -1426,13 +1543,27 @@ def _host_commands(plan: Plan, args: argparse.Namespace, restart: bool) -> list[
         if plan.hookd_changed:
             cmds.append(HostCommand("stop the node daemon", ["systemctl", "stop", "kybernate-hookd"],
                                     args.stop_hookd, before_changes=True))
-            cmds.append(HostCommand("forget the removed unit", ["systemctl", "daemon-reload"], args.stop_hookd))
-    elif plan.hookd_changed:
-        cmds.append(HostCommand("load the new unit", ["systemctl", "daemon-reload"], args.start_hookd))
-        cmds.append(HostCommand("start the node daemon on the new files", ["systemctl", "restart", "kybernate-hookd"],
-                                args.start_hookd))
-    elif args.start_hookd:
-        cmds.append(HostCommand("make sure the node daemon runs", ["systemctl", "start", "kybernate-hookd"], True))
+        if plan.shimd_changed:
+            # KillMode=process: stopping it never touches the pods' shim daemons it forked.
+            cmds.append(HostCommand("stop the resident shim starter", ["systemctl", "stop", "kybernate-shimd"],
+                                    args.stop_hookd, before_changes=True))
+        if plan.hookd_changed or plan.shimd_changed:
+            cmds.append(HostCommand("forget the removed units", ["systemctl", "daemon-reload"], args.stop_hookd))
+    else:
+        if plan.hookd_changed or plan.shimd_changed:
+            cmds.append(HostCommand("load the new units", ["systemctl", "daemon-reload"], args.start_hookd))
+        if plan.hookd_changed:
+            cmds.append(HostCommand("start the node daemon on the new files",
+                                    ["systemctl", "restart", "kybernate-hookd"], args.start_hookd))
+        elif args.start_hookd:
+            cmds.append(HostCommand("make sure the node daemon runs", ["systemctl", "start", "kybernate-hookd"], True))
+        # Running pods keep their shim daemons across this restart: they never depend on it.
+        if plan.shimd_changed:
+            cmds.append(HostCommand("start the resident shim starter on the new files",
+                                    ["systemctl", "restart", "kybernate-shimd"], args.start_hookd))
+        elif args.start_hookd:
+            cmds.append(HostCommand("make sure the resident shim starter runs",
+                                    ["systemctl", "start", "kybernate-shimd"], True))
     if restart:
         why = "load the changed config" if plan.containerd_config_changed else "load the config an earlier run changed"
         cmds.append(HostCommand(why + "; running containers keep running", ["systemctl", "restart", "containerd"],

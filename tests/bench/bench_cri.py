@@ -90,7 +90,11 @@ def phase_summary(log: str) -> list[str]:
             continue
         fields = dict(_FIELD.findall(line))
         if "ready_ms" in fields:
-            kind, marks = "pod daemon: fork to serving", {"ready_ms": fields["ready_ms"]}
+            # waited_ms: forked before the runc shim started, how long the daemon waited to be handed it;
+            # ready_ms: from then (or from its fork, without waited_ms) to serving.
+            kind = "pod daemon: handed the runc shim, then serving" if "waited_ms" in fields else \
+                "pod daemon: fork to serving"
+            marks = {k: fields[k] for k in ("waited_ms", "ready_ms") if k in fields}
         else:
             native = fields.get("client") == "native"
             how = (f"native, handed on ({fields['handed_on']})" if "handed_on" in fields

@@ -47,7 +47,9 @@ OPTIONS = {"1.6": {"ConfigPath": "/etc/kybernate/runtime.toml"}, "2.1": {"System
 CRI = {"1.6": "io.containerd.grpc.v1.cri", "2.1": "io.containerd.cri.v1.runtime"}
 CONFIG_VERSION = {"1.6": 2, "2.1": 3}
 DROPIN = "/etc/containerd/conf.d/kybernate.toml"
-LAUNCHERS = ("containerd-shim-kybernate-v1", "kybernate-hookd")
+LAUNCHERS = ("containerd-shim-kybernate-v1", "kybernate-hookd", "kybernate-shimd", "containerd-shim-kybernate-v1.py")
+SHIMD_UNIT = "/etc/systemd/system/kybernate-shimd.service"
+SHIMD_WANTS = "/etc/systemd/system/multi-user.target.wants/kybernate-shimd.service"
 DEPENDENCIES = ("grpcio", "protobuf", "pyroute2", "nvidia-ml-py", "prometheus_client", "typing_extensions", "tqdm")
 # The `s3` extra (install.py installs it unless told --extras ''): boto3 and its dependencies.
 S3_DEPENDENCIES = ("boto3", "botocore", "s3transfer", "jmespath", "python-dateutil", "six", "urllib3")
@@ -298,6 +300,15 @@ def test_install_registers_the_runtime_and_a_second_run_changes_nothing(node: No
     assert unit.endswith((ROOT / "packaging/systemd/kybernate-hookd.service").read_text())
     wants = node.path("/etc/systemd/system/multi-user.target.wants/kybernate-hookd.service")
     assert os.readlink(wants) == "/etc/systemd/system/kybernate-hookd.service"
+    # The resident shim starter: its unit (KillMode=process, so pods' shim daemons outlive it), enabled. This run
+    # cannot run the node's cc (no --host-exec): the shim binary is the Python launcher, and it says so.
+    shimd_unit = node.path(SHIMD_UNIT).read_text()
+    assert shimd_unit.endswith((ROOT / "packaging/systemd/kybernate-shimd.service").read_text())
+    assert "\nKillMode=process\n" in shimd_unit and "ExecStart=/usr/local/bin/kybernate-shimd " in shimd_unit
+    assert os.readlink(node.path(SHIMD_WANTS)) == SHIMD_UNIT
+    assert "no C compiler the installer can run on the node" in r.stdout
+    assert node.path("/usr/local/bin/containerd-shim-kybernate-v1").read_text() == \
+        node.path("/usr/local/bin/containerd-shim-kybernate-v1.py").read_text()
     # Nothing was restarted: the commands are printed, and the pending restart is remembered.
     assert "to do: systemctl restart containerd" in r.stdout
     assert node.path("/opt/kybernate/containerd-restart-pending").exists()
@@ -321,6 +332,8 @@ def test_dry_run_prints_every_change_and_makes_none(node: Node) -> None:
                  "would write /etc/kybernate/runtime.toml",
                  "would write /etc/systemd/system/kybernate-hookd.service",
                  "would enable kybernate-hookd", "would back up /etc/containerd/config.toml to",
+                 "would write /usr/local/bin/kybernate-shimd", f"would write {SHIMD_UNIT}",
+                 "would enable kybernate-shimd", "would write /usr/local/bin/containerd-shim-kybernate-v1.py",
                  "then run: systemctl restart containerd"):
         assert what in out, f"{what!r} missing from:\n{out}"
     if node.version == "2.1":
@@ -809,14 +822,60 @@ def test_restart_and_start_run_in_order_and_only_on_a_change(
     assert log.read_text().splitlines() == [
         "systemctl daemon-reload",
         "systemctl restart kybernate-hookd",
+        "systemctl restart kybernate-shimd",
         "containerd --config /etc/containerd/config.toml config dump",
         "systemctl restart containerd",
     ]
     assert not n.path("/opt/kybernate/containerd-restart-pending").exists()
+    # With a C compiler the installer can run (--host-exec direct, this machine's cc), the shim binary is the
+    # native client built from the version's source (the mark and the source's digest compiled in), with the
+    # Python launcher of that version beside it as its fallback; kybernate-shimd's launcher names that version.
+    venv = installed_venv(n)
+    binary = n.path("/usr/local/bin/containerd-shim-kybernate-v1").read_bytes()
+    source = (ROOT / "shim/native/shim_client.c").read_bytes()
+    build_id = f"kybernate install.py native client {hashlib.sha256(source).hexdigest()[:16]}".encode()
+    assert binary.startswith(b"\x7fELF") and build_id in binary
+    for launcher in ("containerd-shim-kybernate-v1.py", "kybernate-shimd"):
+        assert n.path(f"/usr/local/bin/{launcher}").read_text().startswith(f"#!{venv}/bin/python3\n")
+    assert os.readlink(n.path(SHIMD_WANTS)) == SHIMD_UNIT
+    # Built once: a second run leaves the binary as it is and only makes sure both daemons run.
+    state = snapshot(n.root)
     log.write_text("")
     r = _install_direct(n, env, "--start-hookd", "--restart-containerd")
     assert r.returncode == 0 and "nothing to change" in r.stdout
-    assert log.read_text().splitlines() == ["systemctl start kybernate-hookd"]
+    assert log.read_text().splitlines() == ["systemctl start kybernate-hookd", "systemctl start kybernate-shimd"]
+    assert snapshot(n.root) == state
+    # The uninstall stops both (the resident with KillMode=process: running pods keep their shims) and removes
+    # the native client, its fallback, the resident's launcher and its unit with the rest.
+    log.write_text("")
+    r = _install_direct(n, env, "--uninstall", "--stop-hookd", "--force")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert log.read_text().splitlines()[:3] == [
+        "systemctl stop kybernate-hookd", "systemctl stop kybernate-shimd", "systemctl daemon-reload"]
+    for gone in [*(f"/usr/local/bin/{n}" for n in LAUNCHERS), SHIMD_UNIT, SHIMD_WANTS]:
+        assert not os.path.lexists(n.path(gone)), gone
+
+
+def test_a_native_client_that_does_not_build_leaves_the_python_launcher(
+    make_node: Callable[..., Node], stand_ins: tuple[dict[str, str], Path], tmp_path: Path
+) -> None:
+    env, _ = stand_ins
+    broken = tmp_path / "broken-cc"
+    broken.mkdir()
+    (broken / "cc").write_text("#!/bin/sh\necho 'cc: internal compiler error' >&2\nexit 1\n")
+    (broken / "cc").chmod(0o755)
+    n = make_node("1.6")
+    r = _install_direct(n, {**env, "PATH": f"{broken}:{env['PATH']}"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "note: building the native shim client failed (cc: internal compiler error)" in r.stdout
+    launcher = n.path("/usr/local/bin/containerd-shim-kybernate-v1").read_text()
+    assert launcher == n.path("/usr/local/bin/containerd-shim-kybernate-v1.py").read_text()
+    assert launcher.startswith(f"#!{installed_venv(n)}/bin/python3\n")
+    assert not n.path("/usr/local/bin/.containerd-shim-kybernate-v1.new").exists()
+    # A later run with a working compiler builds it (what it failed to do is not remembered as done).
+    r = _install_direct(n, env)
+    assert r.returncode == 0 and "build /usr/local/bin/containerd-shim-kybernate-v1 (the native shim client)" in r.stdout
+    assert n.path("/usr/local/bin/containerd-shim-kybernate-v1").read_bytes().startswith(b"\x7fELF")
 
 
 def test_no_restart_into_a_config_containerd_rejects(
@@ -925,8 +984,12 @@ def test_an_upgrade_keeps_the_version_a_process_still_uses(
         (sleeper,) = [p for p in _descendants(user.pid) if _cmdline(p).startswith(b"/opt")]
         assert f"note: kept {v1}: still in use by pid(s) {sleeper}" in r.stdout
         assert contents(n.path(v1)) == v1_files  # untouched: its process keeps its own files
-        for name in LAUNCHERS:
+        # The launchers name the new version; the native client (--host-exec direct: built with this machine's
+        # cc) names none and falls back to the launcher beside it: the same source is not rebuilt.
+        for name in LAUNCHERS[1:]:
             assert n.path(f"/usr/local/bin/{name}").read_text().startswith(f"#!{v2}/bin/python3\n")
+        assert n.path("/usr/local/bin/containerd-shim-kybernate-v1").read_bytes().startswith(b"\x7fELF")
+        assert "build /usr/local/bin/containerd-shim-kybernate-v1" not in r.stdout
         assert os.readlink(n.path("/opt/kybernate/current")) == v2.removeprefix("/opt/kybernate/")
     finally:
         user.kill()
@@ -996,7 +1059,7 @@ def test_a_rollback_reuses_the_kept_version_as_it_is(
     assert f"switch back to {v1} (kept from an earlier install: reused as it is)" in r.stdout
     assert f"remove {v2} (an earlier version no process uses)" in r.stdout
     assert installed_venv(n) == v1 and snapshot(n.path(v1)) == v1_files
-    for name in LAUNCHERS:
+    for name in LAUNCHERS[1:]:  # the first: the native client (this machine's cc), which names no version
         assert n.path(f"/usr/local/bin/{name}").read_text().startswith(f"#!{v1}/bin/python3\n")
     assert os.readlink(n.path("/opt/kybernate/current")) == v1.removeprefix("/opt/kybernate/")
 

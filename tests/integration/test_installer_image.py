@@ -57,6 +57,7 @@ NODE_DIRS = ("/etc/containerd", "/usr/local/bin", "/opt/kybernate", "/etc/kybern
 # leaves them out and runs the printed commands itself.
 SYSTEMD_FLAGS = ("--start-hookd", "--restart-containerd", "--host-exec nsenter")
 UNIT = "/etc/systemd/system/kybernate-hookd.service"
+SHIMD_UNIT = "/etc/systemd/system/kybernate-shimd.service"
 HOOKD_SOCKET = "/run/kybernate/hookd.sock"
 
 
@@ -186,6 +187,7 @@ class Node:
     holder: subprocess.Popen[bytes]
     ctrd: Containerd | None = None
     hookd: subprocess.Popen[bytes] | None = None
+    shimd: subprocess.Popen[bytes] | None = None
     gpu: fakegpu.Built | None = None
     gpu_state: Path | None = None
     logs: list[Path] = field(default_factory=list)
@@ -234,6 +236,30 @@ class Node:
             self.hookd.wait(timeout=120)
         self.hookd = None
 
+    def start_shimd(self) -> None:
+        """`systemctl start kybernate-shimd` with the installed unit: its ExecStart and Environment, in the node's
+        namespaces (its RuntimeDirectory, /run/kybernate-shimd, is the node's own tmpfs)."""
+        unit = self.path(SHIMD_UNIT).read_text()
+        exec_start = re.search(r"(?m)^ExecStart=(.+)$", unit)
+        assert exec_start and re.search(r"(?m)^KillMode=process$", unit), unit
+        env = dict(e.split("=", 1) for e in re.findall(r"(?m)^Environment=(\S+)$", unit))
+        env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        log = self.root.parent / f"shimd-{len(self.logs)}.log"
+        self.logs.append(log)
+        with open(log, "wb") as f:
+            self.shimd = subprocess.Popen(self.nsenter(shlex.split(exec_start.group(1))), env=env, stdout=f,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for("kybernate-shimd to be ready", lambda: "msg=ready" in log.read_text() or self.shimd.poll() is not None,
+                 60)
+        assert self.shimd.poll() is None, log.read_text()
+
+    def stop_shimd(self) -> None:
+        """`systemctl stop kybernate-shimd`: SIGTERM to the resident alone (KillMode=process), then wait."""
+        if self.shimd is not None and self.shimd.poll() is None:
+            self.shimd.send_signal(signal.SIGTERM)
+            self.shimd.wait(timeout=60)
+        self.shimd = None
+
     def hookd_program(self) -> list[str]:
         assert self.hookd is not None
         return Path(f"/proc/{self.hookd.pid}/cmdline").read_bytes().decode().rstrip("\0").split("\0")
@@ -244,11 +270,12 @@ set -eu
 # /etc and /opt: writable overlays private to this node, so /etc/kybernate and /opt/kybernate can exist here.
 mount -t overlay overlay -o "lowerdir=/etc,upperdir=$S/etc.up,workdir=$S/etc.work" /etc
 mount -t tmpfs -o mode=755 tmpfs /opt
-mkdir -p /etc/containerd /etc/kybernate /etc/systemd/system /opt/kybernate /run/kybernate
+mkdir -p /etc/containerd /etc/kybernate /etc/systemd/system /opt/kybernate /run/kybernate /run/kybernate-shimd
 for d in /etc/containerd /etc/kybernate /etc/systemd/system /opt/kybernate /usr/local/bin; do
     mount --bind "$N$d" "$d"
 done
 mount -t tmpfs -o mode=755 tmpfs /run/kybernate
+mount -t tmpfs -o mode=700 tmpfs /run/kybernate-shimd
 ip link set lo up
 touch "$S/ready"
 exec sleep 2147483647
@@ -280,6 +307,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
         if n.ctrd is not None:
             n.ctrd.stop()
         n.stop_hookd()
+        n.stop_shimd()
         holder.kill()
         holder.wait(timeout=10)
 
@@ -368,6 +396,11 @@ def as_systemd_would(n: Node, commands: list[str]) -> None:
             n.start_hookd()
         elif cmd == "systemctl stop kybernate-hookd":
             n.stop_hookd()
+        elif cmd == "systemctl restart kybernate-shimd":
+            n.stop_shimd()
+            n.start_shimd()
+        elif cmd == "systemctl stop kybernate-shimd":
+            n.stop_shimd()
         elif cmd == "systemctl restart containerd":
             n.ctrd.restart()
             wait_for("CRI to serve again after the restart", lambda: _cri_ready(n.ctrd), 30)
@@ -448,6 +481,10 @@ def version_files(n: Node, pid: int) -> set[str]:
     return {f for f in [*argv, *mapped] if f.startswith("/opt/kybernate/")}
 
 
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def version_of(path: str) -> str:
     m = re.match(r"/opt/kybernate/versions/[^/]+", path)
     assert m, f"{path} is not in a version directory"
@@ -476,7 +513,8 @@ def test_daemonset_install_pod_upgrade_uninstall(
     # ---- install: the DaemonSet's pod does its work, then sleeps --------------------------------------------
     out = run_installer(kubelet, node, v1)
     assert "installed" in out.splitlines()
-    assert todo(out) == ["systemctl daemon-reload", "systemctl restart kybernate-hookd", "systemctl restart containerd"]
+    assert todo(out) == ["systemctl daemon-reload", "systemctl restart kybernate-hookd", "systemctl restart kybernate-shimd",
+                         "systemctl restart containerd"]
     record = json.loads(node.path("/opt/kybernate/installed.json").read_text())
     assert record["python"] == os.path.realpath("/usr/bin/python3")  # the node's python, found through /host/usr/bin
     assert "kybernate-0.1.0-py3-none-any.whl" in record["wheels"] and record["extras"] == ["s3"]
@@ -494,10 +532,20 @@ def test_daemonset_install_pod_upgrade_uninstall(
     s3 = subprocess.run(node.nsenter([f"{dir1}/bin/python3", "-c", "import boto3, kybernate.hooks.api.store_s3"]),
                         capture_output=True, text=True, timeout=60)
     assert s3.returncode == 0, s3.stderr
+    # kybernate-shimd, started from its installed unit, runs on the same version's python (it re-executes
+    # itself once with room for its workers' command lines). No C compiler in the image: the shim binary is
+    # the Python launcher, which hands every command to it.
+    assert node.path(SHIMD_UNIT).read_text().endswith((ROOT / "packaging/systemd/kybernate-shimd.service").read_text())
+    assert os.readlink(node.path("/etc/systemd/system/multi-user.target.wants/kybernate-shimd.service")) == SHIMD_UNIT
+    assert node.shimd is not None
+    shimd_argv = Path(f"/proc/{node.shimd.pid}/cmdline").read_bytes().split(b"\0")
+    assert shimd_argv[0].decode() == f"{dir1}/bin/python3" and b"kybernate.shim.resident" in shimd_argv
+    assert "no C compiler the installer can run on the node" in out
 
     # ---- a pod of runtime class kybernate ----------------------------------------------------------------------
     first = start_counter(b, "first")
     (old_shim,) = shim_pids(b, SHIM_BINARY)  # one kybernate shim daemon per pod
+    assert parent_of(old_shim) == node.shimd.pid  # the pod's start went through kybernate-shimd
     checkpoint(b, first, "kyb.local/ckpt/first:1")
 
     # ---- upgrade: a second image version, while the pod runs ---------------------------------------------------
@@ -512,10 +560,13 @@ def test_daemonset_install_pod_upgrade_uninstall(
     assert config.read_bytes() == installed_config  # containerd's config is the same...
     # ...but the installer cannot know that the restart it asked for happened (systemd would have told it).
     assert "to do: systemctl restart containerd  (load the config an earlier run changed" in out
-    assert todo(out) == ["systemctl daemon-reload", "systemctl restart kybernate-hookd", "systemctl restart containerd"]
+    assert todo(out) == ["systemctl daemon-reload", "systemctl restart kybernate-hookd", "systemctl restart kybernate-shimd",
+                         "systemctl restart containerd"]
     assert "kybernate-0.1.0+upg-py3-none-any.whl" in record["wheels"]
     as_systemd_would(node, todo(out))  # new hookd; containerd restarted under the running pod
     assert node.hookd_program()[0] == f"{dir2}/bin/python3"
+    # kybernate-shimd was restarted on the new version; the pod it started before does not depend on it.
+    assert Path(f"/proc/{node.shimd.pid}/cmdline").read_bytes().split(b"\0")[0].decode() == f"{dir2}/bin/python3"
     # The pod never stopped; the shim that started it still serves it: it pauses, resumes and checkpoints.
     seen = counts(b, first.container)[-1]
     wait_for("the first pod to go on counting", lambda: counts(b, first.container)[-1] > seen + 1)
@@ -532,6 +583,7 @@ def test_daemonset_install_pod_upgrade_uninstall(
     # A new pod runs on the new version.
     second = start_counter(b, "second")
     (new_shim,) = set(shim_pids(b, SHIM_BINARY)) - {old_shim}
+    assert parent_of(new_shim) == node.shimd.pid  # started through the new kybernate-shimd
     assert {version_of(f) for f in version_files(node, new_shim)} == {dir2}
     venv_version = subprocess.run(node.nsenter(["/opt/kybernate/current/bin/python3", "-c",
                                                 "import importlib.metadata as m; print(m.version('kybernate'))"]),
@@ -549,9 +601,10 @@ def test_daemonset_install_pod_upgrade_uninstall(
     out = run_installer(kubelet, node, v2, ["python3", "/payload/packaging/installer/install.py",
                                             "--host-root", "/host", "--uninstall"])
     assert "uninstalled" in out.splitlines()
-    assert todo(out) == ["systemctl stop kybernate-hookd", "systemctl daemon-reload", "systemctl restart containerd"]
+    assert todo(out) == ["systemctl stop kybernate-hookd", "systemctl stop kybernate-shimd", "systemctl daemon-reload",
+                         "systemctl restart containerd"]
     as_systemd_would(node, todo(out))
-    assert node.hookd is None
+    assert node.hookd is None and node.shimd is None
     assert config.read_bytes() == original
     # The node tree is the one before the install: every path, mode and byte (no backups, no runtime.toml the
     # install wrote, no conf.d it made).

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from kybernate.shim import manager
@@ -43,3 +45,74 @@ def test_bad_spec_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(StartError, match="not valid JSON"):
         manager.read_spec(tmp_path)
+
+
+def test_the_daemon_is_handed_the_runc_shim_through_a_pipe():
+    import asyncio
+    import os
+
+    from kybernate.shim import daemon
+
+    readable, writable = os.pipe()
+    manager.hand_over(writable, manager.ChildShim("unix:///run/containerd/s/abc", 3))
+    os.close(writable)
+    assert asyncio.run(daemon._handed_over(readable)) == ("unix:///run/containerd/s/abc", 3)
+
+
+@pytest.mark.parametrize("message", [b"", b"2", b"x unix:///a", b"2 /not/an/address"])
+def test_a_daemon_not_handed_a_runc_shim_exits_without_touching_anything(message):
+    # EOF (the start failed, or the process that forked it died) or garbage: NotHandedOver, which
+    # run_handed_over answers by exiting without removing the socket or group state `start` owns.
+    import asyncio
+    import os
+
+    from kybernate.shim import daemon
+
+    readable, writable = os.pipe()
+    os.write(writable, message)
+    os.close(writable)
+    with pytest.raises(daemon.NotHandedOver):
+        asyncio.run(daemon._handed_over(readable))
+
+
+@pytest.mark.parametrize("in_worker", [False, True], ids=["forked-daemon", "kybernate-shimd-worker"])
+def test_a_failed_runc_shim_start_leaves_nothing_behind(tmp_path, monkeypatch, in_worker):
+    """Our socket is bound (and, without kybernate-shimd, the daemon forked) before the runc shim starts: when
+    that start fails, `start` says why and removes its socket, no group state is left, the forked daemon exits
+    without a word, and a worker has no daemon to carry on as."""
+    import os
+    import time
+
+    from kybernate.shim.cli import ShimArgs
+
+    fake = tmp_path / "containerd-shim-runc-v2"
+    fake.write_text("#!/bin/sh\ncat >/dev/null\necho 'boom: no runc here' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("KYBERNATE_RUNC_SHIM", str(fake))
+    monkeypatch.setenv("KYBERNATE_CONFIG", str(tmp_path / "no-runtime.toml"))
+    import tempfile
+
+    sockets = Path(tempfile.mkdtemp(prefix="kyb-", dir="/tmp"))  # a socket path must fit in 108 bytes
+    monkeypatch.setattr(manager, "SOCKET_DIR", str(sockets))
+    monkeypatch.setattr(manager, "GROUP_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(manager, "DAEMON_IN_THIS_PROCESS", in_worker)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text("{}")
+    args = ShimArgs(namespace="ns", address="/run/containerd/containerd.sock.ttrpc", id="c1", bundle=str(bundle))
+    with pytest.raises(StartError, match=r"start failed \(exit 3\): boom: no runc here"):
+        manager.start(args, b"")
+    assert list(sockets.iterdir()) == []
+    sockets.rmdir()
+    assert not (tmp_path / "state").exists() or list((tmp_path / "state").iterdir()) == []
+    assert not (bundle / "address").exists()
+    assert manager.run_pending_daemon() == 0  # nothing to carry on as
+    if not in_worker:
+        deadline = time.monotonic() + 30
+        while True:  # the daemon forked for it: it read EOF and exited (status 1), touching nothing
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid:
+                assert os.waitstatus_to_exitcode(status) == 1
+                break
+            assert time.monotonic() < deadline, "the forked daemon did not exit"
+            time.sleep(0.01)

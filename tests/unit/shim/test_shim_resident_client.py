@@ -62,6 +62,22 @@ def test_set_title_changes_what_proc_cmdline_shows() -> None:
     assert second == "False"  # too long for the room: left alone
 
 
+def test_a_forked_child_sets_its_title_from_the_remembered_area() -> None:
+    # kybernate-shimd remembers where argv lives before forking; its workers set their titles without /proc.
+    code = (
+        "import os, sys; from kybernate.shim import title\n"
+        "title.remember_area()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    title.set_title(['containerd-shim-kybernate-v1', 'delete'])\n"
+        "    sys.stdout.write(repr(open('/proc/self/cmdline','rb').read().rstrip(b'\\0').split(b'\\0')))\n"
+        "    sys.stdout.flush(); os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *[""] * 100], capture_output=True, text=True, check=True).stdout
+    assert out == "[b'containerd-shim-kybernate-v1', b'delete']"
+
+
 def resident_listens(sock: Path) -> bool:
     import socket
 
@@ -141,3 +157,60 @@ def test_a_client_of_garbage_costs_one_worker_and_nothing_else(shimd) -> None:
     done = subprocess.run([sys.executable, "-m", "kybernate.shim.client", "-v"], env=env, capture_output=True,
                           text=True, timeout=30)
     assert done.returncode == 0 and proc.poll() is None
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def wait_until(what: str, condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_spares_wait_ahead_serve_commands_and_go_with_the_resident(shimd) -> None:
+    # Two idle workers are forked ahead; a command is handed to one (no fork on its path), the spare is
+    # replaced once the resident is quiet, and when the resident dies its spares see EOF and exit: they
+    # hold nothing of it (its socket refuses connections once it is gone).
+    sock, env, proc = shimd
+    wait_until("two spares", lambda: len(children_of(proc.pid)) == resident.SPARES)
+    before = children_of(proc.pid)
+    done = subprocess.run([sys.executable, "-m", "kybernate.shim.client", "-v"], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0 and "Version" in done.stdout
+    wait_until("the used spare replaced", lambda: len(children_of(proc.pid)) == resident.SPARES
+               and children_of(proc.pid) != before)
+    spares = children_of(proc.pid)
+    proc.kill()
+    proc.wait(10)
+    wait_until("spares gone with the resident", lambda: not any(Path(f"/proc/{p}").exists() for p in spares))
+    assert not resident_listens(sock)
+
+
+def test_without_spares_each_command_forks_its_worker(tmp_path: Path) -> None:
+    sock = tmp_path / "shimd.sock"
+    env = {**os.environ, client.SOCKET_ENV: str(sock)}
+    proc = subprocess.Popen([sys.executable, "-m", "kybernate.shim.resident", "--spares", "0", "--max-workers", "1"],
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until("kybernate-shimd to listen", lambda: resident_listens(sock) or proc.poll() is not None)
+        for _ in range(3):  # one at a time (max-workers 1), each in a worker forked for it
+            done = subprocess.run([sys.executable, "-m", "kybernate.shim.client", "-v"], env=env,
+                                  capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0 and "Version" in done.stdout
+        wait_until("no worker left", lambda: not children_of(proc.pid))  # none forked ahead, all reaped
+        assert not Path(str(sock) + client.FALLBACK_MARK_SUFFIX).exists()
+    finally:
+        proc.terminate()
+        proc.wait(10)
