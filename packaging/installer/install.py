@@ -468,7 +468,8 @@ def _console_scripts(w: Wheel) -> dict[str, str]:
 
 
 def _unpack_wheel(w: Wheel, venv: Path, site: Path, venv_python: str) -> None:
-    """What pip does for a wheel, minus what a venv of ours does not need (no RECORD rewrite, no bytecode)."""
+    """What pip does for a wheel, minus what a venv of ours does not need (no RECORD rewrite; bytecode is compiled
+    for the whole venv afterwards, _compile_bytecode)."""
     with zipfile.ZipFile(w.path) as z:
         for info in z.infolist():
             if info.is_dir():
@@ -499,8 +500,31 @@ def _unpack_wheel(w: Wheel, venv: Path, site: Path, venv_python: str) -> None:
                 (site / PurePosixPath(n).parent / "INSTALLER").write_text(MARK + "\n")
 
 
+def _compile_bytecode(host: Host, host_exec: HostExec, python: PurePosixPath, version: tuple[int, int],
+                      new: PurePosixPath, final: PurePosixPath) -> None:
+    """Compile the venv's modules once, with the node's own interpreter, so that no shim, hookd or CLI start
+    compiles grpc's and protobuf's modules again (a node with PYTHONDONTWRITEBYTECODE would at every start;
+    the GPU machine measured ~170 ms of a CLI start, docs/benchmarks.md). The code objects name the final
+    directory, not the one being built. A failure costs speed, never the install: it is reported and passed."""
+    if host_exec.mode == "none" and sys.version_info[:2] != version:
+        print(f"note: bytecode not compiled: the node's Python {version[0]}.{version[1]} cannot be run from here "
+              "(--host-exec); each module is compiled on its first import instead")
+        return
+    target = new if host_exec.mode == "nsenter" else host.path(new)
+    interpreter = str(python) if host_exec.mode != "none" else sys.executable
+    argv = [interpreter, "-m", "compileall", "-q", "-j", "0", "-s", str(target), "-p", str(final), str(target)]
+    try:
+        r = host_exec.run(argv, timeout=300) if host_exec.mode != "none" else subprocess.run(
+            argv, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"note: bytecode not compiled ({e}); each module is compiled on its first import instead")
+        return
+    if r.returncode != 0:  # a wheel's file that does not compile (e.g. a test of another Python version)
+        print(f"note: compileall reported failures (exit {r.returncode}): {(r.stdout + r.stderr).strip()[-300:]}")
+
+
 def _build_venv(host: Host, venv: PurePosixPath, wheels: list[Wheel], python: PurePosixPath,
-                version: tuple[int, int], record: dict[str, Any]) -> None:
+                version: tuple[int, int], record: dict[str, Any], host_exec: HostExec) -> None:
     """A fresh venv for one version, built beside its final name and renamed into place, so a broken build
     leaves nothing half-made under versions/; then `current` and the record point at it."""
     final = host.path(venv)
@@ -521,6 +545,7 @@ def _build_venv(host: Host, venv: PurePosixPath, wheels: list[Wheel], python: Pu
         f"# built by {MARK} from the wheels listed in {RECORD}\n")
     for w in wheels:
         _unpack_wheel(w, new, site, venv_python)
+    _compile_bytecode(host, host_exec, python, version, venv.with_name(new.name), venv)
     if final.exists():  # the same version, rebuilt (its python changed): no shim can run from it then
         os.rename(final, old)
     os.rename(new, final)
@@ -1182,7 +1207,7 @@ def plan_install(plan: Plan, host: Host, args: argparse.Namespace, host_exec: Ho
         verb = "rebuild" if host.path(venv).exists() else "create"
         plan.add(f"{verb} {venv} for {python} (Python {version[0]}.{version[1]}) from {len(wheels)} wheels: "
                  + ", ".join(w.path.name for w in wheels),
-                 lambda: _build_venv(host, venv, wheels, python, version, record))
+                 lambda: _build_venv(host, venv, wheels, python, version, record, host_exec))
         plan.hookd_changed = plan.shimd_changed = True
     elif not recorded:
         plan.add(f"switch back to {venv} (kept from an earlier install: reused as it is)",

@@ -627,6 +627,24 @@ def test_the_venv_and_launchers_run_on_the_nodes_python(make_node: Callable[...,
     assert hookd.returncode == 0 and "--socket" in hookd.stdout, hookd.stderr
 
 
+def test_the_venv_is_compiled_once_with_code_that_names_its_final_directory(make_node: Callable[..., Node]) -> None:
+    """No shim, hookd or CLI start compiles modules again (a node with PYTHONDONTWRITEBYTECODE would every time)."""
+    import marshal
+
+    n = make_node("2.1")
+    n.install()
+    venv = installed_venv(n)
+    site_in_venv = f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
+    site = n.path(f"{venv}/{site_in_venv}")
+    source = site / "kybernate" / "shim" / "manager.py"
+    cached = Path(importlib.util.cache_from_source(str(source)))
+    assert cached.is_file(), f"no bytecode for {source}"
+    code = marshal.loads(cached.read_bytes()[16:])
+    # The code names the directory the venv was renamed to, never the one it was built in.
+    assert code.co_filename == f"{venv}/{site_in_venv}/kybernate/shim/manager.py"
+    assert (site / "grpc" / "__pycache__").is_dir()
+
+
 # ---- the strongest check: the real containerd loads what the installer wrote ------------------------------
 
 
