@@ -34,6 +34,8 @@ SOCKET_DIR = "/run/containerd/s"
 GROUP_STATE_DIR = os.environ.get("KYBERNATE_SHIM_STATE_DIR", "/run/kybernate/shims")
 GROUP_LABELS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
 CHILD_START_TIMEOUT_S = 30.0
+# Where containerd's shims publish their events (containerd's ttrpc socket); the child gets ours.
+TTRPC_ADDRESS_ENV = "TTRPC_ADDRESS"
 
 
 class StartError(RuntimeError):
@@ -239,7 +241,8 @@ def start(args: ShimArgs, stdin: bytes) -> str:
     phases.mark("options")
     child_cmd = [runc_shim, *args.child_flags(), "start"]
     child = subprocess.Popen(
-        child_cmd, cwd=bundle, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        child_cmd, cwd=bundle, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=child_env(address),
     )
     # Our daemon's imports overlap the runc shim's start instead of adding to it.
     from . import daemon
@@ -269,6 +272,7 @@ def start(args: ShimArgs, stdin: bytes) -> str:
         child_task_api=child_shim.task_api,
         debug=args.debug,
         runtime=runtime_config,
+        events_address=os.environ.get(TTRPC_ADDRESS_ENV, ""),
     )
     # Recorded before the fork: afterwards the new daemon competes with this process for the CPU, and
     # containerd waits for this process to answer.
@@ -293,6 +297,15 @@ def start(args: ShimArgs, stdin: bytes) -> str:
     listener.close()
     phases.mark("forked")
     return address
+
+
+def child_env(address: str) -> dict[str, str]:
+    """The runc child publishes its events to our daemon, which forwards them to containerd (shim/events.py):
+    so a hibernated task's exit never reaches containerd. The child's publisher dials lazily and retries, so
+    our socket, bound after the child's start, is there before its first event (TaskCreate, after Create)."""
+    env = dict(os.environ)
+    env[TTRPC_ADDRESS_ENV] = socket_path(address)  # a bare path, as containerd gives its own
+    return env
 
 
 def bind_socket(address: str) -> socket.socket:
