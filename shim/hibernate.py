@@ -207,6 +207,9 @@ class Hibernation:
             raise InvalidArgument(f"{container_id}: the image path {image!r} is not a directory")
         entry.stage = Stage.WAKING
         entry.settled.clear()
+        # The child opens the output fifos for writing at the restore, which blocks until they have a reader:
+        # containerd's may be gone (`ctr run -d` exits). Ours stands in until the child has its own.
+        readers = await asyncio.to_thread(_open_readers, entry.stdout, entry.stderr)
         try:
             if entry.child_has_task:
                 await self._delete_in_child(entry)
@@ -220,11 +223,13 @@ class Hibernation:
                 await self._undo_wake(entry)
                 raise
         except BaseException as err:
+            _release(readers)
             entry.stage = Stage.HIBERNATED
             entry.settled.set()
             log.error("wake failed; the task stays hibernated and Wake can be retried",
                       extra={"fields": {"id": container_id, "image": image, "error": str(err) or repr(err)}})
             raise
+        _release(readers)
         pid = task_pb2.StartResponse.FromString(reply).pid
         self._late_start.add(container_id)
         self._drop_entry(entry)
@@ -482,6 +487,20 @@ def _hold_stdio(stdin: str, stdout: str, stderr: str) -> list[int]:
         except OSError as err:
             log.info("stdio fifo not held", extra={"fields": {"path": path, "error": err.strerror}})
     return held
+
+
+def _open_readers(*paths: str) -> list[int]:
+    """Read ends of the output fifos (a non-blocking open needs no writer), held while the child opens them."""
+    fds: list[int] = []
+    for path in paths:
+        if not path or "://" in path:
+            continue
+        try:
+            if stat.S_ISFIFO(os.stat(path).st_mode):
+                fds.append(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+        except OSError as err:
+            log.info("stdio fifo not opened for the wake", extra={"fields": {"path": path, "error": err.strerror}})
+    return fds
 
 
 def _release(fds: list[int]) -> None:

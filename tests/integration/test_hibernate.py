@@ -85,7 +85,7 @@ def hibernate(c: Containerd, namespace: str, container_id: str, image: Path) -> 
 
 def wake(c: Containerd, namespace: str, container_id: str, image: Path) -> int:
     reply = asyncio.run(shim_wake(addresses(c, namespace, container_id), namespace, container_id, str(image),
-                                  timeout=120))
+                                  timeout=60))
     return reply.pid
 
 
@@ -236,3 +236,15 @@ def test_hibernate_and_wake_a_cri_pod(kyb: Containerd, ctr_events: Lines, tmp_pa
         cri.stop_pod(pod)
         cri.remove_pod(pod)
         assert len(seen(ctr_events, "/tasks/exit", cid)) == 1
+
+
+def test_hibernate_and_wake_a_detached_container(kyb: Containerd, tmp_path: Path) -> None:
+    """`ctr run -d`: the stdio fifos have no reader once ctr has gone; the wake must not wait for one."""
+    name = "hibd"
+    kyb.ctr("run", "-d", "--runtime", RUNTIME, BUSYBOX_IMAGE, name, "sh", "-c", TALKER)
+    before = wait_for("the counter", lambda: (n := counts(kyb, name)) and len(n) > 3 and n)[-1]
+    hibernate(kyb, kyb.namespace, name, tmp_path / "img")
+    wake(kyb, kyb.namespace, name, tmp_path / "img")
+    after = wait_for("the restored counter to move on", lambda: (n := counts(kyb, name)) and n[-1] > before + 3 and n)
+    assert after == list(range(len(after)))
+    kyb.ctr("tasks", "kill", "-s", "SIGKILL", name)
