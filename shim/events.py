@@ -135,6 +135,33 @@ def first_string_field(payload: bytes) -> str:
     return found.decode(errors="replace") if found is not None else ""
 
 
+def field_bytes(data: bytes, number: int) -> bytes | None:
+    """The first length-delimited field `number` of a protobuf message (ValueError/IndexError if malformed)."""
+    return _field(data, number)
+
+
+def varint_field(data: bytes, number: int) -> int | None:
+    """The first varint field `number` of a protobuf message (ValueError/IndexError if malformed)."""
+    i, end = 0, len(data)
+    while i < end:
+        key, i = _varint(data, i)
+        found, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(data, i)
+            if found == number:
+                return value
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            size, i = _varint(data, i)
+            i += size
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+    return None
+
+
 def _field(data: bytes, number: int) -> bytes | None:
     """The first length-delimited field `number` of a protobuf message, skipping the others."""
     i, end = 0, len(data)

@@ -33,7 +33,6 @@ restore`, `kybernate.io/restore-from`), and `<bundle>/.kybernate-hibernated.json
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import enum
 import json
@@ -46,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf import any_pb2, timestamp_pb2
 
-from kybernate.api import hibernate_pb2, runc_options_pb2, task_pb2
+from kybernate.api import runc_options_pb2, task_pb2
 from kybernate.hooks.api.checkpoint import CHECKPOINT_OPTIONS_TYPE
 
 from . import events
@@ -55,6 +54,8 @@ from .ttrpc.errors import Code, TTRPCError
 from .ttrpc.server import Call
 
 if TYPE_CHECKING:
+    from kybernate.api import hibernate_pb2  # loaded on the first Hibernate call: the start path never pays
+
     from .service import TaskService
     from .taskspec import TaskSpec
 
@@ -132,6 +133,8 @@ class Hibernation:
     # --- the Hibernate service -------------------------------------------------------------------------
 
     async def serve(self, call: Call) -> bytes:
+        from kybernate.api import hibernate_pb2
+
         if call.method == "Hibernate":
             request = _decode(hibernate_pb2.HibernateRequest, call)
             return (await self.hibernate(request.id, request.image_path, call.deadline)).SerializeToString()
@@ -141,6 +144,8 @@ class Hibernation:
         raise TTRPCError(Code.UNIMPLEMENTED, f"{HIBERNATE_SERVICE}/{call.method} does not exist")
 
     async def hibernate(self, container_id: str, image: str, deadline: float | None) -> hibernate_pb2.HibernateResponse:
+        from kybernate.api import hibernate_pb2
+
         began = time.monotonic()
         if container_id in self.entries:
             raise FailedPrecondition(f"{container_id}: already {self.entries[container_id].stage.value}")
@@ -187,16 +192,20 @@ class Hibernation:
                       extra={"fields": {"id": container_id, "error": str(err)}})
         await self.service.gpu.forget(container_id)
         await asyncio.to_thread(_write_record, entry)
+        runc_dump_s = self.service.child_seconds.get((container_id, "dump"), 0.0)
         entry.stage = Stage.HIBERNATED
         entry.settled.set()
         total_s = time.monotonic() - began
         log.info("hibernated", extra={"fields": {"id": container_id, "image": image, "pid": entry.pid,
                                                  "was_paused": entry.was_paused, "dump_s": f"{dump_s:.3f}",
+                                                 "runc_dump_s": f"{runc_dump_s:.3f}",
                                                  "total_s": f"{total_s:.3f}"}})
         return hibernate_pb2.HibernateResponse(pid=entry.pid, was_paused=entry.was_paused, dump_s=dump_s,
-                                               total_s=total_s)
+                                               total_s=total_s, runc_dump_s=runc_dump_s)
 
     async def wake(self, container_id: str, image: str, deadline: float | None) -> hibernate_pb2.WakeResponse:
+        from kybernate.api import hibernate_pb2
+
         began = time.monotonic()
         entry = self.entries.get(container_id)
         if entry is None:
@@ -235,15 +244,23 @@ class Hibernation:
         self._drop_entry(entry)
         await asyncio.to_thread(_remove_record, entry.bundle)
         total_s = time.monotonic() - began
+        runc_restore_s = self.service.child_seconds.get((container_id, "restore"), 0.0)
+        # CRIU writes its restore stats into runc's work dir, containerd's per-task state dir (the bundle).
+        criu_restore_s = await asyncio.to_thread(criu_stats_s, os.path.join(entry.bundle, "work", "stats-restore"),
+                                                 2, 4)
         log.info("woken", extra={"fields": {"id": container_id, "image": image, "pid": pid, "pid_before": entry.pid,
                                             "hibernated_s": f"{time.time() - entry.since:.1f}",
-                                            "total_s": f"{total_s:.3f}"}})
-        return hibernate_pb2.WakeResponse(pid=pid, total_s=total_s)
+                                            "runc_restore_s": f"{runc_restore_s:.3f}",
+                                            "criu_restore_s": f"{criu_restore_s:.3f}", "total_s": f"{total_s:.3f}"}})
+        return hibernate_pb2.WakeResponse(pid=pid, total_s=total_s, runc_restore_s=runc_restore_s,
+                                          criu_restore_s=criu_restore_s)
 
     # --- containerd's calls for a hibernated task ------------------------------------------------------
 
     async def answer(self, call: Call) -> bytes | None:
         """The answer for a task call about a hibernated task; None when the call goes the usual way."""
+        from kybernate.api import hibernate_pb2
+
         entry = self.entries.get(events.first_string_field(call.payload))
         if entry is None or call.method in ("Wait", "Connect", "Shutdown"):
             return None  # Wait: wait(); Connect and Shutdown are the shim's, not one task's
@@ -306,6 +323,8 @@ class Hibernation:
         return reply.SerializeToString()
 
     async def _kill(self, entry: Hibernated, request: Any) -> bytes:
+        from kybernate.api import hibernate_pb2
+
         if request.exec_id:
             raise NotFound(f"{entry.container_id}: exec {request.exec_id} does not exist: the task is hibernated")
         if request.signal == 0 or entry.stage is Stage.EXITED:
@@ -326,6 +345,8 @@ class Hibernation:
         return task_pb2.Empty().SerializeToString()
 
     async def _delete(self, entry: Hibernated, request: Any) -> bytes:
+        from kybernate.api import hibernate_pb2
+
         if request.exec_id:
             raise NotFound(f"{entry.container_id}: exec {request.exec_id} does not exist: the task is hibernated")
         if entry.stage is not Stage.EXITED:
@@ -393,6 +414,8 @@ class Hibernation:
 
     async def _stats_type(self, container_id: str) -> str:
         """The metrics type the child answers Stats with (cgroup v1 or v2), to answer zeros of that type."""
+        from kybernate.api import hibernate_pb2
+
         try:
             reply = await self._child(task_pb2.StateRequest(id=container_id), "Stats", hibernate_pb2.StatsResponse)
         except (TTRPCError, TimeoutError):
@@ -438,6 +461,22 @@ class Hibernation:
                 self._late_start.discard(container_id)
                 self._update_rule()
         return False
+
+
+def criu_stats_s(path: str, entry: int, field: int) -> float:
+    """One time (microseconds in the file) of CRIU's stats image, in seconds; 0.0 when it cannot be read.
+
+    The image: two u32 magics, a u32 size, then a StatsEntry (dump = 1, restore = 2); in the dump entry
+    frozen_time is field 2, in the restore entry restore_time is field 4 (CRIU's stats.proto)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(4096)
+        size = int.from_bytes(data[8:12], "little")
+        inner = events.field_bytes(data[12:12 + size], entry)
+        micros = events.varint_field(inner, field) if inner is not None else None
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return (micros or 0) / 1e6
 
 
 def _decode(kind: type[Any], call: Call) -> Any:
@@ -511,6 +550,8 @@ def _release(fds: list[int]) -> None:
 
 def _write_record(entry: Hibernated) -> None:
     """`<bundle>/.kybernate-hibernated.json`: where the task's image is, for whoever finds it after this daemon."""
+    import base64
+
     record = {"id": entry.container_id, "namespace": entry.namespace, "image": entry.image, "pid": entry.pid,
               "was_paused": entry.was_paused, "since": entry.since,
               "create_request": base64.b64encode(entry.create_request).decode()}

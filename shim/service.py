@@ -62,6 +62,8 @@ class TaskService:
             driver_for=driver_for,
         )
         self._background: set[asyncio.Task[None]] = set()
+        # Seconds the child took for a task's last dump and restore (runc + CRIU, no GPU step): hibernate's floors.
+        self.child_seconds: dict[tuple[str, str], float] = {}
         self._store_checkpoints: StoreCheckpoints | None = None
         self.hibernation = Hibernation(self, events)  # standby's disk tier (shim/hibernate.py)
         self._intercepted: dict[str, Callable[[Call], Awaitable[bytes]]] = {
@@ -155,6 +157,8 @@ class TaskService:
         since = time.time()
         try:
             reply = await self.upstream.forward(call)
+            if not request.exec_id:
+                self.child_seconds[(request.id, "restore")] = time.time() - since
         except TTRPCError as err:
             if request.exec_id:
                 raise
@@ -209,7 +213,9 @@ class TaskService:
         try:
             if task is not None and task.phase is Phase.DUMPING and task.manifest is not None and request.path:
                 await asyncio.to_thread(gpu_steps.write_manifest, request.path, task.manifest)
+            forwarded = time.time()
             reply = await self.upstream.forward(call)
+            self.child_seconds[(request.id, "dump")] = time.time() - forwarded
         except Exception as err:
             # The manifest could not be written (disk full) or the dump failed: the GPU comes back either way.
             await self._match_freezer_to_runc(request.id)
@@ -249,6 +255,8 @@ class TaskService:
         if not request.exec_id:
             await self.gpu.forget(request.id)
             self.hibernation.deleted(request.id)
+            self.child_seconds.pop((request.id, "dump"), None)
+            self.child_seconds.pop((request.id, "restore"), None)
             if self._store_checkpoints is not None:
                 self._store_checkpoints.forget(request.id)
         if task is not None:

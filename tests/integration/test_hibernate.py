@@ -243,8 +243,14 @@ def test_hibernate_and_wake_a_detached_container(kyb: Containerd, tmp_path: Path
     name = "hibd"
     kyb.ctr("run", "-d", "--runtime", RUNTIME, BUSYBOX_IMAGE, name, "sh", "-c", TALKER)
     before = wait_for("the counter", lambda: (n := counts(kyb, name)) and len(n) > 3 and n)[-1]
-    hibernate(kyb, kyb.namespace, name, tmp_path / "img")
-    wake(kyb, kyb.namespace, name, tmp_path / "img")
+    image = tmp_path / "img"
+    image.mkdir()
+    slept = asyncio.run(shim_hibernate(addresses(kyb, kyb.namespace, name), kyb.namespace, name, str(image),
+                                       timeout=120))
+    woke = asyncio.run(shim_wake(addresses(kyb, kyb.namespace, name), kyb.namespace, name, str(image), timeout=60))
+    # runc's (CRIU's) own part of the dump and of the restore: the floors of a hibernate and a wake.
+    assert 0 < slept.runc_dump_s <= slept.dump_s <= slept.total_s
+    assert 0 < woke.criu_restore_s <= woke.runc_restore_s <= woke.total_s
     after = wait_for("the restored counter to move on", lambda: (n := counts(kyb, name)) and n[-1] > before + 3 and n)
     assert after == list(range(len(after)))
     kyb.ctr("tasks", "kill", "-s", "SIGKILL", name)

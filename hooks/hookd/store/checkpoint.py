@@ -296,6 +296,10 @@ class StoreCheckpoint:
             await self._blocking(hasher.__exit__, None, None, None)
         self.state.exited = True
         self.state.pause_s = reply.dump_s
+        self.state.phases["runc_dump"] = reply.runc_dump_s
+        log.info("hibernated", extra={"fields": {"container": self.cid, "dump_s": round(reply.dump_s, 3),
+                                                 "runc_dump_s": round(reply.runc_dump_s, 3),
+                                                 "shim_s": round(reply.total_s, 3), "was_paused": reply.was_paused}})
         self.state.known_parts = hasher.known
         written = await self._blocking(_tree_size, images)
         self.emit(StoreProgress("dump", written, written))

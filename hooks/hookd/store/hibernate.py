@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import logging
 import os
 import secrets
 import shutil
@@ -27,6 +28,8 @@ from typing import Any
 from kybernate.hooks.api import store as store_layout
 from kybernate.hooks.api.errors import Code, KybernateError
 from kybernate.hooks.containerd.shim import ShimCallFailed, ShimUnreachable, shim_addresses, shim_wake
+
+log = logging.getLogger(__name__)
 
 LINK_DIRS = ".restore"  # the same place the shim's store restores link into (shim/restore_store.py)
 
@@ -46,8 +49,10 @@ class WakeRefused(KybernateError):
 @dataclass(frozen=True, slots=True)
 class Woken:
     pid: int
-    verify_s: float
+    verify_s: float  # the generation's sha256 check and the links
     wake_s: float  # the shim's Wake: runc's restore (CRIU) and the GPU restore
+    runc_restore_s: float  # runc's restore alone (CRIU and runc), as the shim timed it
+    criu_restore_s: float  # CRIU's own account of its restore (0: unknown)
     total_s: float
 
 
@@ -71,7 +76,14 @@ async def wake_from_store(store: store_layout.Store, executor: Executor, contain
     finally:
         await loop.run_in_executor(executor, functools.partial(shutil.rmtree, workdir, True))
     done = time.monotonic()
-    return Woken(pid=reply.pid, verify_s=verified - began, wake_s=done - verified, total_s=done - began)
+    woken = Woken(pid=reply.pid, verify_s=verified - began, wake_s=done - verified, runc_restore_s=reply.runc_restore_s,
+                  criu_restore_s=reply.criu_restore_s, total_s=done - began)
+    log.info("woken from the store", extra={"fields": {
+        "container": container_id, "generation": f"{key}@{generation}", "pid": woken.pid,
+        "verify_s": round(woken.verify_s, 3), "wake_s": round(woken.wake_s, 3),
+        "runc_restore_s": round(woken.runc_restore_s, 3), "criu_restore_s": round(woken.criu_restore_s, 3),
+        "total_s": round(woken.total_s, 3)}})
+    return woken
 
 
 def _verified_links(store: store_layout.Store, key: str, number: int, container_id: str) -> str:

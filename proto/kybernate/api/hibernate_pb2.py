@@ -26,7 +26,7 @@ from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dkybernate/api/hibernate.proto\x12\x16kybernate.hibernate.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"2\n\x10HibernateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nimage_path\x18\x02 \x01(\t\"U\n\x11HibernateResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x12\n\nwas_paused\x18\x02 \x01(\x08\x12\x0e\n\x06\x64ump_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\"-\n\x0bWakeRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nimage_path\x18\x02 \x01(\t\",\n\x0cWakeResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0f\n\x07total_s\x18\x02 \x01(\x01\"\x80\x01\n\x08\x45nvelope\x12-\n\ttimestamp\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\r\n\x05topic\x18\x03 \x01(\t\x12#\n\x05\x65vent\x18\x04 \x01(\x0b\x32\x14.google.protobuf.Any\"D\n\x0e\x46orwardRequest\x12\x32\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32 .kybernate.hibernate.v1.Envelope\"}\n\x08TaskExit\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x13\n\x0b\x65xit_status\x18\x04 \x01(\r\x12-\n\texited_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x7f\n\nTaskDelete\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x13\n\x0b\x65xit_status\x18\x03 \x01(\r\x12-\n\texited_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\n\n\x02id\x18\x05 \x01(\t\"4\n\rStatsResponse\x12#\n\x05stats\x18\x01 \x01(\x0b\x32\x14.google.protobuf.Any2\xc0\x01\n\tHibernate\x12`\n\tHibernate\x12(.kybernate.hibernate.v1.HibernateRequest\x1a).kybernate.hibernate.v1.HibernateResponse\x12Q\n\x04Wake\x12#.kybernate.hibernate.v1.WakeRequest\x1a$.kybernate.hibernate.v1.WakeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dkybernate/api/hibernate.proto\x12\x16kybernate.hibernate.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"2\n\x10HibernateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nimage_path\x18\x02 \x01(\t\"j\n\x11HibernateResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x12\n\nwas_paused\x18\x02 \x01(\x08\x12\x0e\n\x06\x64ump_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\x12\x13\n\x0brunc_dump_s\x18\x05 \x01(\x01\"-\n\x0bWakeRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nimage_path\x18\x02 \x01(\t\"\\\n\x0cWakeResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0f\n\x07total_s\x18\x02 \x01(\x01\x12\x16\n\x0erunc_restore_s\x18\x03 \x01(\x01\x12\x16\n\x0e\x63riu_restore_s\x18\x04 \x01(\x01\"\x80\x01\n\x08\x45nvelope\x12-\n\ttimestamp\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\r\n\x05topic\x18\x03 \x01(\t\x12#\n\x05\x65vent\x18\x04 \x01(\x0b\x32\x14.google.protobuf.Any\"D\n\x0e\x46orwardRequest\x12\x32\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32 .kybernate.hibernate.v1.Envelope\"}\n\x08TaskExit\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x13\n\x0b\x65xit_status\x18\x04 \x01(\r\x12-\n\texited_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x7f\n\nTaskDelete\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x13\n\x0b\x65xit_status\x18\x03 \x01(\r\x12-\n\texited_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\n\n\x02id\x18\x05 \x01(\t\"4\n\rStatsResponse\x12#\n\x05stats\x18\x01 \x01(\x0b\x32\x14.google.protobuf.Any2\xc0\x01\n\tHibernate\x12`\n\tHibernate\x12(.kybernate.hibernate.v1.HibernateRequest\x1a).kybernate.hibernate.v1.HibernateResponse\x12Q\n\x04Wake\x12#.kybernate.hibernate.v1.WakeRequest\x1a$.kybernate.hibernate.v1.WakeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,21 +36,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HIBERNATEREQUEST']._serialized_start=117
   _globals['_HIBERNATEREQUEST']._serialized_end=167
   _globals['_HIBERNATERESPONSE']._serialized_start=169
-  _globals['_HIBERNATERESPONSE']._serialized_end=254
-  _globals['_WAKEREQUEST']._serialized_start=256
-  _globals['_WAKEREQUEST']._serialized_end=301
-  _globals['_WAKERESPONSE']._serialized_start=303
-  _globals['_WAKERESPONSE']._serialized_end=347
-  _globals['_ENVELOPE']._serialized_start=350
-  _globals['_ENVELOPE']._serialized_end=478
-  _globals['_FORWARDREQUEST']._serialized_start=480
-  _globals['_FORWARDREQUEST']._serialized_end=548
-  _globals['_TASKEXIT']._serialized_start=550
-  _globals['_TASKEXIT']._serialized_end=675
-  _globals['_TASKDELETE']._serialized_start=677
-  _globals['_TASKDELETE']._serialized_end=804
-  _globals['_STATSRESPONSE']._serialized_start=806
-  _globals['_STATSRESPONSE']._serialized_end=858
-  _globals['_HIBERNATE']._serialized_start=861
-  _globals['_HIBERNATE']._serialized_end=1053
+  _globals['_HIBERNATERESPONSE']._serialized_end=275
+  _globals['_WAKEREQUEST']._serialized_start=277
+  _globals['_WAKEREQUEST']._serialized_end=322
+  _globals['_WAKERESPONSE']._serialized_start=324
+  _globals['_WAKERESPONSE']._serialized_end=416
+  _globals['_ENVELOPE']._serialized_start=419
+  _globals['_ENVELOPE']._serialized_end=547
+  _globals['_FORWARDREQUEST']._serialized_start=549
+  _globals['_FORWARDREQUEST']._serialized_end=617
+  _globals['_TASKEXIT']._serialized_start=619
+  _globals['_TASKEXIT']._serialized_end=744
+  _globals['_TASKDELETE']._serialized_start=746
+  _globals['_TASKDELETE']._serialized_end=873
+  _globals['_STATSRESPONSE']._serialized_start=875
+  _globals['_STATSRESPONSE']._serialized_end=927
+  _globals['_HIBERNATE']._serialized_start=930
+  _globals['_HIBERNATE']._serialized_end=1122
 # @@protoc_insertion_point(module_scope)

@@ -18,16 +18,18 @@ class HibernateRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., image_path: _Optional[str] = ...) -> None: ...
 
 class HibernateResponse(_message.Message):
-    __slots__ = ("pid", "was_paused", "dump_s", "total_s")
+    __slots__ = ("pid", "was_paused", "dump_s", "total_s", "runc_dump_s")
     PID_FIELD_NUMBER: _ClassVar[int]
     WAS_PAUSED_FIELD_NUMBER: _ClassVar[int]
     DUMP_S_FIELD_NUMBER: _ClassVar[int]
     TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    RUNC_DUMP_S_FIELD_NUMBER: _ClassVar[int]
     pid: int
     was_paused: bool
     dump_s: float
     total_s: float
-    def __init__(self, pid: _Optional[int] = ..., was_paused: _Optional[bool] = ..., dump_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
+    runc_dump_s: float
+    def __init__(self, pid: _Optional[int] = ..., was_paused: _Optional[bool] = ..., dump_s: _Optional[float] = ..., total_s: _Optional[float] = ..., runc_dump_s: _Optional[float] = ...) -> None: ...
 
 class WakeRequest(_message.Message):
     __slots__ = ("id", "image_path")
@@ -38,12 +40,16 @@ class WakeRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., image_path: _Optional[str] = ...) -> None: ...
 
 class WakeResponse(_message.Message):
-    __slots__ = ("pid", "total_s")
+    __slots__ = ("pid", "total_s", "runc_restore_s", "criu_restore_s")
     PID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    RUNC_RESTORE_S_FIELD_NUMBER: _ClassVar[int]
+    CRIU_RESTORE_S_FIELD_NUMBER: _ClassVar[int]
     pid: int
     total_s: float
-    def __init__(self, pid: _Optional[int] = ..., total_s: _Optional[float] = ...) -> None: ...
+    runc_restore_s: float
+    criu_restore_s: float
+    def __init__(self, pid: _Optional[int] = ..., total_s: _Optional[float] = ..., runc_restore_s: _Optional[float] = ..., criu_restore_s: _Optional[float] = ...) -> None: ...
 
 class Envelope(_message.Message):
     __slots__ = ("timestamp", "namespace", "topic", "event")
