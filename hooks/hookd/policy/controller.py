@@ -258,9 +258,11 @@ class Controller:
                 self.metrics.standby_park(trigger, "failed")
                 log.warning("standby park failed; the workload runs on", extra={"fields": {
                     "container": w.name, "trigger": trigger, "error": err.message, "retry_s": round(m.retry_s, 1)}})
-                raise
-            finally:
                 m.busy = ""
+                raise
+            except BaseException:
+                m.busy = ""
+                raise
             before = m.record or record.Record(w.namespace, w.container_id, parked=False)
             m.record = replace(before, parked=True, trigger=trigger, reason=reason,
                                parked_at=before.parked_at if demoting else time.time(), park_s=seconds,
@@ -274,7 +276,12 @@ class Controller:
             else:
                 m.workload = replace(w, desired=intent.PARKED, phase="parked")
             m.last_error, m.retry_s, m.retry_at, m.wake_wanted = "", 0.0, 0.0, ""
-            await asyncio.to_thread(record.write, self.settings.state_dir, m.record)
+            try:
+                await asyncio.to_thread(record.write, self.settings.state_dir, m.record)
+            finally:
+                # Busy until the record is written: a hibernated workload has no intent file, and the tick keeps
+                # it only while it is busy or its record says where it went.
+                m.busy = ""
             self.metrics.standby_park(trigger, "ok", seconds)
             log.info("standby demoted" if demoting else "standby parked", extra={"fields": {
                 "container": w.name, "trigger": trigger, "tier": tier, "park_s": round(seconds, 3),
@@ -385,6 +392,12 @@ class Controller:
                 break
             if time.monotonic() < m.retry_at:
                 continue
+            if any(lst.pending for lst in m.listeners):
+                # A connection waits in its accept queue: it is about to be woken, and a dump now would lose
+                # that connection with the socket.
+                log.info("standby demote skipped: a connection is pending", extra={"fields": {
+                    "container": m.workload.name}})
+                continue
             reason = (f"RAM-parked workloads hold {total / 2**30:.2f} GiB of host RAM, over the budget of "
                       f"{budget / 2**30:.2f} GiB; least recently parked")
             log.info("standby demote", extra={"fields": {"container": m.workload.name, "host_ram": m.host_ram,
@@ -394,8 +407,10 @@ class Controller:
             self._spawn(self._demote(m, reason), f"demote {m.workload.name}")
 
     async def _demote(self, m: Managed, reason: str) -> None:
-        m.busy = ""
-        await self._park_logged(m, "demote", reason, "disk")
+        try:
+            await self._park_logged(m, "demote", reason, "disk")
+        finally:
+            m.busy = ""
 
     # ---- wake on connect ----
 
