@@ -118,6 +118,7 @@ class Hibernation:
         self._requests: dict[str, bytes] = {}  # every task's CreateTaskRequest as the child got it
         self._epoch: dict[str, int] = {}  # bumped when a dump begins: a Wait answered across it is stale
         self._late_start: set[str] = set()  # woken: the child's TaskStart may still be on its way
+        self._starting: set[str] = set()  # a Hibernate checking its preconditions
 
     # --- bookkeeping the task service calls ------------------------------------------------------------
 
@@ -144,11 +145,21 @@ class Hibernation:
         raise TTRPCError(Code.UNIMPLEMENTED, f"{HIBERNATE_SERVICE}/{call.method} does not exist")
 
     async def hibernate(self, container_id: str, image: str, deadline: float | None) -> hibernate_pb2.HibernateResponse:
-        from kybernate.api import hibernate_pb2
 
         began = time.monotonic()
-        if container_id in self.entries:
-            raise FailedPrecondition(f"{container_id}: already {self.entries[container_id].stage.value}")
+        if container_id in self.entries or container_id in self._starting:
+            what = self.entries[container_id].stage.value if container_id in self.entries else "hibernating"
+            raise FailedPrecondition(f"{container_id}: already {what}")
+        self._starting.add(container_id)  # until the entry exists: a second Hibernate is refused, not raced
+        try:
+            return await self._hibernate(container_id, image, deadline, began)
+        finally:
+            self._starting.discard(container_id)
+
+    async def _hibernate(self, container_id: str, image: str, deadline: float | None,
+                         began: float) -> hibernate_pb2.HibernateResponse:
+        from kybernate.api import hibernate_pb2
+
         raw = self._requests.get(container_id)
         task = self.service.gpu.tasks.get(container_id)
         if raw is None or task is None:
@@ -190,7 +201,11 @@ class Hibernation:
         except Exception as err:  # the processes are gone; the next Wake deletes it first
             log.error("hibernate: the runc child could not delete the dumped task; Wake retries",
                       extra={"fields": {"id": container_id, "error": str(err)}})
-        await self.service.gpu.forget(container_id)
+        try:
+            await self.service.gpu.forget(container_id)
+        except Exception as err:  # the intent file stays behind; hookd's reconciler finds no process for it
+            log.warning("hibernate: the GPU intent could not be removed",
+                        extra={"fields": {"id": container_id, "error": str(err)}})
         await asyncio.to_thread(_write_record, entry)
         runc_dump_s = self.service.child_seconds.get((container_id, "dump"), 0.0)
         entry.stage = Stage.HIBERNATED
@@ -207,13 +222,13 @@ class Hibernation:
         from kybernate.api import hibernate_pb2
 
         began = time.monotonic()
+        if not image or not os.path.isabs(image) or not await asyncio.to_thread(os.path.isdir, image):
+            raise InvalidArgument(f"{container_id}: the image path {image!r} is not a directory")
         entry = self.entries.get(container_id)
         if entry is None:
             raise FailedPrecondition(f"{container_id}: not hibernated")
         if entry.stage is not Stage.HIBERNATED:
             raise FailedPrecondition(f"{container_id}: cannot wake a task that is {entry.stage.value}")
-        if not image or not os.path.isabs(image) or not await asyncio.to_thread(os.path.isdir, image):
-            raise InvalidArgument(f"{container_id}: the image path {image!r} is not a directory")
         entry.stage = Stage.WAKING
         entry.settled.clear()
         # The child opens the output fifos for writing at the restore, which blocks until they have a reader:
