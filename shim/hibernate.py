@@ -235,8 +235,8 @@ class Hibernation:
         # containerd's may be gone (`ctr run -d` exits). Ours stands in until the child has its own.
         readers = await asyncio.to_thread(_open_readers, entry.stdout, entry.stderr)
         try:
-            if entry.child_has_task:
-                await self._delete_in_child(entry)
+            if entry.child_has_task:  # an earlier step could not delete it: what is left there runs no process
+                await self._delete_in_child(entry, reap=False)
             request = task_pb2.CreateTaskRequest.FromString(entry.create_request)
             request.checkpoint = image
             await self.service.create_from_image(request, entry.spec, self._call("Create", request, deadline))
@@ -388,32 +388,38 @@ class Hibernation:
             log.error("could not publish a hibernated task's event to containerd",
                       extra={"fields": {"id": entry.container_id, "topic": topic, "error": str(err)}})
 
-    async def _delete_in_child(self, entry: Hibernated) -> None:
-        """The dumped (or half-restored) init reaped by the child, then runc delete; its events are dropped."""
-        container_id = entry.container_id
-        try:
-            await asyncio.wait_for(self._child_call("Wait", task_pb2.WaitRequest(id=container_id),
-                                                    task_pb2.WaitResponse), REAP_TIMEOUT_S)
-        except TimeoutError:
-            # The dump said it ended the task, yet it runs: end it, the image is what counts now.
-            log.warning("the dumped task did not exit; killing it", extra={"fields": {"id": container_id}})
-            with contextlib.suppress(TTRPCError):
-                await self._child_call("Kill", task_pb2.KillRequest(id=container_id, signal=9, all=True),
-                                       task_pb2.Empty)
-            await asyncio.wait_for(self._child_call("Wait", task_pb2.WaitRequest(id=container_id),
-                                                    task_pb2.WaitResponse), REAP_TIMEOUT_S)
-        except TTRPCError as err:
-            if err.code != Code.NOT_FOUND:
-                raise
-            entry.child_has_task = False
+    async def _delete_in_child(self, entry: Hibernated, reap: bool = True) -> None:
+        """The dumped init reaped by the child (`reap`), then runc delete; its events are dropped. A restore that
+        failed at Start has no process to reap (its Wait would never return): reap=False."""
+        if reap and not await self._reaped(entry.container_id):
+            entry.child_has_task = False  # the child does not know the task (any more)
             return
         try:
-            await asyncio.wait_for(self._child_call("Delete", task_pb2.DeleteRequest(id=container_id),
+            await asyncio.wait_for(self._child_call("Delete", task_pb2.DeleteRequest(id=entry.container_id),
                                                     task_pb2.DeleteResponse), DELETE_TIMEOUT_S)
         except TTRPCError as err:
             if err.code != Code.NOT_FOUND:
                 raise
         entry.child_has_task = False
+
+    async def _reaped(self, container_id: str) -> bool:
+        """Whether the child reaped the task's init (False: it has no such task). A dump that said it ended the
+        task while its init still runs gets the init killed: the image is what counts now."""
+        wait = task_pb2.WaitRequest(id=container_id)
+        try:
+            try:
+                await asyncio.wait_for(self._child_call("Wait", wait, task_pb2.WaitResponse), REAP_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("the dumped task did not exit; killing it", extra={"fields": {"id": container_id}})
+                with contextlib.suppress(TTRPCError):
+                    await self._child_call("Kill", task_pb2.KillRequest(id=container_id, signal=9, all=True),
+                                           task_pb2.Empty)
+                await asyncio.wait_for(self._child_call("Wait", wait, task_pb2.WaitResponse), REAP_TIMEOUT_S)
+        except TTRPCError as err:
+            if err.code != Code.NOT_FOUND:
+                raise
+            return False
+        return True
 
     async def _undo_wake(self, entry: Hibernated) -> None:
         """A restore or GPU restore that failed at Start: the half-made task leaves the child again."""
@@ -421,7 +427,8 @@ class Hibernation:
             await self._child_call("Kill", task_pb2.KillRequest(id=entry.container_id, signal=9, all=True),
                                    task_pb2.Empty)
         try:
-            await self._delete_in_child(entry)
+            # Start's own failure path already waited for a task it had to kill; runc's failed restore left none.
+            await self._delete_in_child(entry, reap=False)
         except Exception as err:
             log.error("could not remove the failed wake's task from the runc child; Wake retries that first",
                       extra={"fields": {"id": entry.container_id, "error": str(err)}})

@@ -254,3 +254,33 @@ def test_hibernate_and_wake_a_detached_container(kyb: Containerd, tmp_path: Path
     after = wait_for("the restored counter to move on", lambda: (n := counts(kyb, name)) and n[-1] > before + 3 and n)
     assert after == list(range(len(after)))
     kyb.ctr("tasks", "kill", "-s", "SIGKILL", name)
+
+
+def test_a_failed_wake_leaves_it_hibernated_and_a_retry_wakes_it(kyb: Containerd, ctr_events: Lines,
+                                                                   tmp_path: Path) -> None:
+    import shutil
+
+    name = "hibretry"
+    run = run_attached(kyb, name)
+    before = wait_for("the counter", lambda: (n := counts(kyb, name)) and len(n) > 3 and n)[-1]
+    pid = hibernate(kyb, kyb.namespace, name, tmp_path / "img")
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "img", broken)
+    (broken / "inventory.img").unlink()  # CRIU cannot restore from this
+
+    with pytest.raises(ShimCallFailed) as failed:
+        wake(kyb, kyb.namespace, name, broken)
+    assert "restore" in failed.value.message.lower()
+    # Still hibernated, as containerd saw it all along: running with its old pid, no exit, the image untouched.
+    assert task_status(kyb, name) == "RUNNING" and task_pid(kyb, name) == pid and run.proc.poll() is None
+    r = kyb.ctr("tasks", "exec", "--exec-id", "x", name, "true", check=False)
+    assert r.returncode != 0 and "hibernated" in r.stderr
+    assert not seen(ctr_events, "/tasks/exit", name) and (tmp_path / "img" / "inventory.img").exists()
+
+    wake(kyb, kyb.namespace, name, tmp_path / "img")  # the retry
+    after = wait_for("the restored counter to move on", lambda: (n := counts(kyb, name)) and n[-1] > before + 3 and n)
+    assert after == list(range(len(after)))
+    assert not seen(ctr_events, "/tasks/exit", name)
+    kyb.ctr("tasks", "kill", "-s", "SIGKILL", name)
+    assert run.proc.wait(30) == 137
+    run.stop()
