@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 # Imported at module level on purpose: `start` imports this module while the runc shim starts, so
 # these imports overlap that instead of delaying the first call after the fork.
 from . import logs
+from .events import EventsProxy
 from .gpu_steps import GpuDriver
 from .runtime_options import KybernateOptions, RuntimeConfig
 from .service import TaskService
@@ -40,6 +41,7 @@ class DaemonConfig:
     child_task_api: int
     debug: bool = False
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    events_address: str = ""  # containerd's TTRPC_ADDRESS: where the child's events go on to
 
 
 # How long a daemon forked before its runc shim started waits to be handed it: the start's own bound, and some.
@@ -130,7 +132,8 @@ async def serve(
         handed = time.perf_counter()
         waited, began = {"waited_ms": f"{(handed - began) * 1000:.1f}"}, handed
     upstream = await Upstream.connect(config.child_address, config.child_task_api)
-    service = TaskService(upstream, config.namespace, config.runtime, hookd_driver)
+    events = EventsProxy(config.events_address) if config.events_address else None
+    service = TaskService(upstream, config.namespace, config.runtime, hookd_driver, events)
     server = Server(service.handle)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -165,6 +168,8 @@ async def serve(
         task.cancel()
     await asyncio.gather(serving, child_gone, stopped, return_exceptions=True)
     await upstream.close()
+    if events is not None:
+        await events.close()
 
 
 def _cleanup(config: DaemonConfig) -> None:

@@ -31,6 +31,12 @@ class InvalidArgument(ShimError):
     code = Code.INVALID_ARGUMENT
 
 
+class NotFound(ShimError):
+    """No task (or hibernated task) of that id in this shim."""
+
+    code = Code.NOT_FOUND
+
+
 class AlreadyExists(ShimError):
     """A task of that id exists in this shim already."""
 

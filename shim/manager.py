@@ -36,6 +36,8 @@ SOCKET_DIR = "/run/containerd/s"
 GROUP_STATE_DIR = os.environ.get("KYBERNATE_SHIM_STATE_DIR", "/run/kybernate/shims")
 GROUP_LABELS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
 CHILD_START_TIMEOUT_S = 30.0
+# Where containerd's shims publish their events (containerd's ttrpc socket); the child gets ours.
+TTRPC_ADDRESS_ENV = "TTRPC_ADDRESS"
 # Set by kybernate-shimd's workers (shim/resident.py): a new pod's daemon is the worker process itself, which
 # carries on as it after answering (run_pending_daemon) instead of forking one on the pod's start path.
 DAEMON_IN_THIS_PROCESS = False
@@ -253,7 +255,7 @@ def start(args: ShimArgs, stdin: bytes) -> str:
     handoff = fork_daemon(args, group, address, bundle, runtime_config, listener)
     phases.mark("daemon_forked")
     try:
-        child_shim = start_child(runc_shim, args, bundle, runtime_config)
+        child_shim = start_child(runc_shim, args, bundle, runtime_config, address)
     except BaseException:
         os.close(handoff)  # the daemon sees EOF and exits without touching anything
         remove_socket(address)
@@ -285,7 +287,7 @@ def start_for_this_process(
     from . import daemon
 
     try:
-        child_shim = start_child(runc_shim, args, bundle, runtime_config)
+        child_shim = start_child(runc_shim, args, bundle, runtime_config, address)
     except BaseException:
         listener.close()
         remove_socket(address)
@@ -304,7 +306,7 @@ def start_for_this_process(
     config = daemon.DaemonConfig(
         namespace=args.namespace, group=group, address=address, bundle=str(bundle),
         child_address=child_shim.address, child_task_api=child_shim.task_api, debug=args.debug,
-        runtime=runtime_config,
+        runtime=runtime_config, events_address=os.environ.get(TTRPC_ADDRESS_ENV, ""),
     )
     _pending_daemon.append((config, listener))
     return address
@@ -321,11 +323,23 @@ def run_pending_daemon() -> int:
     return daemon.run(config, listener)
 
 
-def start_child(runc_shim: str, args: ShimArgs, bundle: str, runtime_config: RuntimeConfig) -> ChildShim:
+def child_env(address: str) -> dict[str, str]:
+    """The runc child publishes its events to our daemon, which forwards them to containerd (shim/events.py):
+    so a hibernated task's exit never reaches containerd. Our socket is bound and listening before the child
+    starts, so its first event (TaskCreate, after Create) waits in the backlog at worst."""
+    env = dict(os.environ)
+    if env.get(TTRPC_ADDRESS_ENV):  # without one (containerd gives it always) our daemon has nowhere to forward
+        env[TTRPC_ADDRESS_ENV] = socket_path(address)  # a bare path, as containerd gives its own
+    return env
+
+
+def start_child(runc_shim: str, args: ShimArgs, bundle: str, runtime_config: RuntimeConfig,
+                address: str) -> ChildShim:
     """Run the runc shim's own `start` (it forks the runc shim daemon, our child) and read its address."""
     child = subprocess.Popen(
         [runc_shim, *args.child_flags(), "start"],
         cwd=bundle, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=child_env(address),
     )
     try:
         out, err = child.communicate(runtime_config.runc_any_bytes(), timeout=CHILD_START_TIMEOUT_S)
@@ -368,6 +382,7 @@ def fork_daemon(
             config = daemon.DaemonConfig(
                 namespace=args.namespace, group=group, address=address, bundle=str(bundle),
                 child_address="", child_task_api=0, debug=args.debug, runtime=runtime_config,
+                events_address=os.environ.get(TTRPC_ADDRESS_ENV, ""),
             )
             code = daemon.run_handed_over(config, listener, readable)
         finally:

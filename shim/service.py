@@ -22,7 +22,9 @@ from kybernate.hooks.api.checkpoint import CHECKPOINT_OPTIONS_TYPE
 
 from . import criu_config, criu_errors, gpu_steps, manager, restore_from, runtime_options
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, to_status
+from .events import EVENTS_SERVICE, EventsProxy
 from .gpu_steps import Event, GpuSteps, Phase, TaskControl, TaskGpu
+from .hibernate import HIBERNATE_SERVICE, Hibernation
 from .runtime_options import KybernateOptions, RuntimeConfig
 from .taskspec import TaskSpec
 from .ttrpc.errors import Code, TTRPCError
@@ -49,8 +51,10 @@ class TaskService:
         namespace: str,
         defaults: RuntimeConfig,
         driver_for: Callable[[KybernateOptions], gpu_steps.GpuDriver],
+        events: EventsProxy | None = None,
     ) -> None:
         self.upstream = upstream
+        self.events = events
         self.namespace = namespace
         self.defaults = defaults
         self.gpu = GpuSteps(
@@ -58,7 +62,10 @@ class TaskService:
             driver_for=driver_for,
         )
         self._background: set[asyncio.Task[None]] = set()
+        # Seconds the child took for a task's last dump and restore (runc + CRIU, no GPU step): hibernate's floors.
+        self.child_seconds: dict[tuple[str, str], float] = {}
         self._store_checkpoints: StoreCheckpoints | None = None
+        self.hibernation = Hibernation(self, events)  # standby's disk tier (shim/hibernate.py)
         self._intercepted: dict[str, Callable[[Call], Awaitable[bytes]]] = {
             "Create": self.create,
             "Start": self.start,
@@ -67,20 +74,36 @@ class TaskService:
             "Checkpoint": self.checkpoint,
             "Kill": self.kill,
             "Delete": self.delete,
+            "Wait": self.hibernation.wait,
             "Connect": self.connect,
             "Shutdown": self.shutdown,
         }
 
     async def handle(self, call: Call) -> bytes:
         if call.service not in TASK_SERVICES:
-            raise TTRPCError(Code.UNIMPLEMENTED, f"service {call.service} is not served by the kybernate shim")
-        method = self._intercepted.get(call.method)
-        if method is None:
-            return await self.upstream.forward(call)
+            return await self._other_service(call)
         try:
+            if self.hibernation.entries:  # only while a task of this shim is hibernated: its calls are answered here
+                answer = await self.hibernation.answer(call)
+                if answer is not None:
+                    return answer
+            method = self._intercepted.get(call.method)
+            if method is None:
+                return await self.upstream.forward(call)
             return await method(call)
         except Exception as err:  # the one place errors become statuses
             raise to_status(err) from err
+
+    async def _other_service(self, call: Call) -> bytes:
+        """The runc child's events on their way to containerd, and our Hibernate service."""
+        if call.service == EVENTS_SERVICE and self.events is not None:
+            return await self.events.handle(call)
+        if call.service == HIBERNATE_SERVICE:
+            try:
+                return await self.hibernation.serve(call)
+            except Exception as err:
+                raise to_status(err) from err
+        raise TTRPCError(Code.UNIMPLEMENTED, f"service {call.service} is not served by the kybernate shim")
 
     # --- intercepted calls -------------------------------------------------------------------------
 
@@ -101,21 +124,41 @@ class TaskService:
         # The intent is recorded first: a Create that cannot record it changes nothing.
         await self.gpu.created(TaskGpu(spec, phase, manifest=manifest))
         try:
-            reply = await self.upstream.forward(call, request.SerializeToString() if changed else None)
+            sent = request.SerializeToString() if changed else call.payload
+            reply = await self.upstream.forward(call, sent)
             if plan is not None:
                 await self._apply_rootfs(request.id, request.bundle, plan)
         except BaseException:
             await self.gpu.forget(request.id)
             raise
+        if plan is not None:  # a wake creates it from its hibernate image, never from the archive again
+            request.checkpoint = ""
+            sent = request.SerializeToString()
+        self.hibernation.created(request.id, sent)
         if spec.resilience is not None:
             self._checkpoints().created(spec)
         return reply
+
+    async def create_from_image(self, request: Any, spec: TaskSpec, call: Call) -> None:
+        """A hibernated task created again in the child from its image (request.checkpoint), as containerd
+        created it first: the same request, the same options; runc restores it at Start."""
+        raw_spec = _read_spec(request.bundle)
+        _write_criu_config(request.bundle, raw_spec, spec.options, restoring=True)
+        phase, manifest = await self._gpu_phase(spec, request.checkpoint)
+        await self.gpu.created(TaskGpu(spec, phase, manifest=manifest))
+        try:
+            await self.upstream.forward(call, request.SerializeToString())
+        except BaseException:
+            await self.gpu.forget(request.id)
+            raise
 
     async def start(self, call: Call) -> bytes:
         request = _decode(task_pb2.StartRequest, call)
         since = time.time()
         try:
             reply = await self.upstream.forward(call)
+            if not request.exec_id:
+                self.child_seconds[(request.id, "restore")] = time.time() - since
         except TTRPCError as err:
             if request.exec_id:
                 raise
@@ -170,7 +213,9 @@ class TaskService:
         try:
             if task is not None and task.phase is Phase.DUMPING and task.manifest is not None and request.path:
                 await asyncio.to_thread(gpu_steps.write_manifest, request.path, task.manifest)
+            forwarded = time.time()
             reply = await self.upstream.forward(call)
+            self.child_seconds[(request.id, "dump")] = time.time() - forwarded
         except Exception as err:
             # The manifest could not be written (disk full) or the dump failed: the GPU comes back either way.
             await self._match_freezer_to_runc(request.id)
@@ -209,6 +254,9 @@ class TaskService:
         reply = await self.upstream.forward(call)
         if not request.exec_id:
             await self.gpu.forget(request.id)
+            self.hibernation.deleted(request.id)
+            self.child_seconds.pop((request.id, "dump"), None)
+            self.child_seconds.pop((request.id, "restore"), None)
             if self._store_checkpoints is not None:
                 self._store_checkpoints.forget(request.id)
         if task is not None:
@@ -219,6 +267,9 @@ class TaskService:
         reply = task_pb2.ConnectResponse.FromString(await self.upstream.forward(call))
         # containerd treats the shim pid as the process to watch and kill: that is us, not the child.
         reply.shim_pid = os.getpid()
+        hibernated_pid = self.hibernation.task_pid(_decode(task_pb2.ConnectRequest, call).id)
+        if hibernated_pid is not None:  # the child does not know it while it is hibernated
+            reply.task_pid = hibernated_pid
         # containerd (re)connected: settle tasks whose last GPU step failed, without holding up its answer.
         reconcile = asyncio.create_task(self.gpu.reconcile(), name="gpu-reconcile")
         self._background.add(reconcile)
@@ -226,6 +277,9 @@ class TaskService:
         return reply.SerializeToString()
 
     async def shutdown(self, call: Call) -> bytes:
+        if self.hibernation.entries:
+            # A hibernated task is still containerd's: the child (which no longer has it) must not exit.
+            return task_pb2.Empty().SerializeToString()
         try:
             return await self.upstream.forward(call)
         except TTRPCError as err:
@@ -417,6 +471,9 @@ class TaskService:
         except (OSError, TimeoutError) as err:
             log.error("could not put the task's freezer back after a failed dump",
                       extra={"fields": {"id": container_id, "error": str(err)}})
+
+    def mark_deleted(self, bundle: str) -> None:
+        _mark_deleted(bundle)
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return ((NAMESPACE_KEY, self.namespace),)

@@ -1,7 +1,7 @@
 """`kybernate park|wake <container>` and `kybernate status`: kybernate-hookd's Standby service (docs/standby.md).
 
     kybernate status [NAME] [--json] [--socket PATH]
-    kybernate park NAME [--reason TEXT] [--socket PATH]
+    kybernate park NAME [--reason TEXT] [--tier ram|disk] [--socket PATH]
     kybernate wake NAME [--socket PATH]
 
 NAME is a container id, a unique prefix of it, or namespace/id.
@@ -32,9 +32,11 @@ def main(argv: list[str]) -> int:
     st = verbs.add_parser("status", help="GPU workloads: tier, idle time, VRAM, host RAM, park/wake durations, signals")
     st.add_argument("name", nargs="?", default="", metavar="NAME")
     st.add_argument("--json", action="store_true", help="one JSON object per workload")
-    pk = verbs.add_parser("park", help="park a workload now (VRAM to host RAM, frozen)")
+    pk = verbs.add_parser("park", help="park a workload now (ram: VRAM to host RAM, frozen; disk: hibernated)")
     pk.add_argument("name", metavar="NAME")
     pk.add_argument("--reason", default="", help="recorded and shown in status")
+    pk.add_argument("--tier", choices=("ram", "disk"), default="",
+                    help="ram or disk (hibernate into the store; on a RAM-parked workload: demote) [its policy]")
     wk = verbs.add_parser("wake", help="wake a parked workload now")
     wk.add_argument("name", metavar="NAME")
     for p in (st, pk, wk):
@@ -54,7 +56,8 @@ def main(argv: list[str]) -> int:
                 found = list(stub.Status(pb.StatusRequest(name=args.name), timeout=args.timeout).workloads)
                 print(render_json(found) if args.json else render(found))
             elif args.verb == "park":
-                print(render([stub.Park(pb.ParkRequest(name=args.name, reason=args.reason), timeout=args.timeout)]))
+                request = pb.ParkRequest(name=args.name, reason=args.reason, tier=args.tier)
+                print(render([stub.Park(request, timeout=args.timeout)]))
             else:
                 print(render([stub.Wake(pb.WakeRequest(name=args.name), timeout=args.timeout)]))
     except grpc.RpcError as err:

@@ -1,4 +1,4 @@
-"""Our shim's own ttrpc socket, for a checkpoint straight into the store (used by hookd's store).
+"""Our shim's own ttrpc socket: a checkpoint straight into the store, hibernate and wake (hookd's store, standby).
 
 containerd 1.6's task service passes a caller's checkpoint image path on only to runtimes named
 `io.containerd.runc*`, and containerd's own checkpoint copies the dump into its content store. So the store
@@ -13,15 +13,17 @@ from typing import Any
 
 from google.protobuf import any_pb2
 
-from kybernate.api import runc_options_pb2, task_pb2
+from kybernate.api import hibernate_pb2, runc_options_pb2, task_pb2
 from kybernate.hooks.api.checkpoint import CHECKPOINT_OPTIONS_TYPE
 from kybernate.hooks.api.errors import Code
 from kybernate.shim.manager import group_id, socket_address, spec_annotations
 
-__all__ = ["ShimCallFailed", "ShimUnreachable", "shim_addresses", "shim_checkpoint", "spec_annotations"]
+__all__ = ["ShimCallFailed", "ShimUnreachable", "shim_addresses", "shim_checkpoint", "shim_hibernate", "shim_wake",
+           "spec_annotations"]
 
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 TASK_SERVICE = "containerd.task.v2.Task"  # our shim serves v2 and v3 alike and renames for its child
+HIBERNATE_SERVICE = "kybernate.hibernate.v1.Hibernate"  # our shim's own (shim/hibernate.py)
 
 
 class ShimUnreachable(RuntimeError):
@@ -50,6 +52,36 @@ async def shim_checkpoint(addresses: list[str], namespace: str, container_id: st
     """Task.Checkpoint on our shim with the image path `path`. The shim cancels its handler when `timeout`
     passes (the ttrpc deadline travels with the request) and then undoes its GPU steps.
     Raises ShimUnreachable, or ShimCallFailed with the status the shim answered (or the connection's end)."""
+    options = any_pb2.Any(type_url=CHECKPOINT_OPTIONS_TYPE,
+                          value=runc_options_pb2.CheckpointOptions(exit=exit).SerializeToString())
+    request = task_pb2.CheckpointTaskRequest(id=container_id, path=path, options=options)
+    await _call(addresses, namespace, container_id, TASK_SERVICE, "Checkpoint", request.SerializeToString(),
+                timeout, "the checkpoint")
+
+
+async def shim_hibernate(addresses: list[str], namespace: str, container_id: str, path: str, *,
+                         timeout: float) -> hibernate_pb2.HibernateResponse:
+    """Hibernate on our shim (shim/hibernate.py): GPU state and CRIU images into `path` (an empty dir), the
+    processes gone, containerd's view unchanged. On failure the shim has rolled the task back (it runs, or
+    stays paused). Raises ShimUnreachable or ShimCallFailed."""
+    request = hibernate_pb2.HibernateRequest(id=container_id, image_path=path)
+    reply = await _call(addresses, namespace, container_id, HIBERNATE_SERVICE, "Hibernate",
+                        request.SerializeToString(), timeout, "the hibernate")
+    return hibernate_pb2.HibernateResponse.FromString(reply)
+
+
+async def shim_wake(addresses: list[str], namespace: str, container_id: str, path: str, *,
+                    timeout: float) -> hibernate_pb2.WakeResponse:
+    """Wake on our shim: restore the hibernated task from `path` into the same container. On failure the
+    task stays hibernated and the images untouched (Wake can be retried). Raises ShimUnreachable or ShimCallFailed."""
+    request = hibernate_pb2.WakeRequest(id=container_id, image_path=path)
+    reply = await _call(addresses, namespace, container_id, HIBERNATE_SERVICE, "Wake", request.SerializeToString(),
+                        timeout, "the wake")
+    return hibernate_pb2.WakeResponse.FromString(reply)
+
+
+async def _call(addresses: list[str], namespace: str, container_id: str, service: str, method: str, payload: bytes,
+                timeout: float, what: str) -> bytes:
     from kybernate.shim.ttrpc.client import Client
     from kybernate.shim.ttrpc.errors import ConnectionClosed, TTRPCError
 
@@ -65,16 +97,12 @@ async def shim_checkpoint(addresses: list[str], namespace: str, container_id: st
         raise ShimUnreachable(
             f"cannot reach the kybernate shim of {container_id!r} ({'; '.join(tried)}): is it running under "
             "the kybernate runtime, and is hookd's --containerd-address containerd's address as the shim was given it?")
-    options = any_pb2.Any(type_url=CHECKPOINT_OPTIONS_TYPE,
-                          value=runc_options_pb2.CheckpointOptions(exit=exit).SerializeToString())
-    request = task_pb2.CheckpointTaskRequest(id=container_id, path=path, options=options)
     try:
-        await client.call(TASK_SERVICE, "Checkpoint", request.SerializeToString(),
-                          metadata=((NAMESPACE_KEY, namespace),), timeout=timeout,
-                          timeout_nano=int(timeout * 1e9))
+        return await client.call(service, method, payload, metadata=((NAMESPACE_KEY, namespace),), timeout=timeout,
+                                 timeout_nano=int(timeout * 1e9))
     except TTRPCError as err:
         raise ShimCallFailed(Code(int(err.code)), err.message) from None
     except ConnectionClosed as err:
-        raise ShimCallFailed(Code.UNAVAILABLE, f"the shim closed the connection during the checkpoint: {err}") from None
+        raise ShimCallFailed(Code.UNAVAILABLE, f"the shim closed the connection during {what}: {err}") from None
     finally:
         await client.close()

@@ -180,6 +180,9 @@ def add_standby_flags(p: argparse.ArgumentParser) -> None:
                    help="wakes in flight on the node at once [%(default)s]")
     g.add_argument("--standby-state-dir", default=s.state_dir,
                    help="where hookd records its parks across restarts [%(default)s]")
+    g.add_argument("--standby-ram-budget", default="0", metavar="BYTES",
+                   help="host RAM the RAM-parked workloads may hold together (Mi/Gi); above it the least "
+                        "recently parked are demoted to disk; 0: no limit [%(default)s]")
     g.add_argument("--standby-retry-s", type=float, default=s.retry_s,
                    help="seconds before a failed park or wake is tried again (doubling) [%(default)s]")
 
@@ -202,7 +205,8 @@ def standby_from_flags(a: argparse.Namespace) -> standby_settings.StandbySetting
         sample_period_s=a.standby_sample_period_s, cpu_idle_cores=a.standby_cpu_idle_cores,
         gpu_idle_percent=a.standby_gpu_idle_percent, watch_period_s=a.standby_watch_period_s,
         busy_window_s=a.standby_busy_window_s, gpu_budget_bytes=m.parse_budgets(a.standby_gpu_budget),
-        max_parallel_wakes=a.standby_max_parallel_wakes, state_dir=a.standby_state_dir, retry_s=a.standby_retry_s)
+        max_parallel_wakes=a.standby_max_parallel_wakes, state_dir=a.standby_state_dir, retry_s=a.standby_retry_s,
+        ram_budget_bytes=m.parse_bytes("--standby-ram-budget", a.standby_ram_budget))
 
 
 def open_driver(settings: DriverSettings, transfer_timeout_s: float) -> CheckpointDriver:
@@ -327,7 +331,10 @@ class Daemon:
         add_store: Callable[[Any, Any], None] = store_pb2_grpc.add_StoreServicer_to_server  # generated
         add_store(self._store_service, self._server)
         if s.standby.enabled:
-            self.standby = Controller(s.standby, s.reconcile.intent_dir, self._nvml, self.metrics)
+            from .policy.executor import Executor as StandbyExecutor
+
+            executor = StandbyExecutor(s.standby.containerd_address, s.standby.containerd_timeout_s, store=self.store)
+            self.standby = Controller(s.standby, s.reconcile.intent_dir, self._nvml, self.metrics, executor)
         from kybernate.api import standby_pb2_grpc
 
         from .policy.service import StandbyService

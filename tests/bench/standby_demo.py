@@ -8,7 +8,13 @@ the run and at random for the second; a request to a parked server wakes it on c
 parks the least recently used of the other two to make room. Every request must succeed with the right
 checksum (exit 1 otherwise). Prints p50/p99 latency of warm and RAM-wake requests and the parks.
 
-    python tests/bench/standby_demo.py [--duration 60] [--version 2.1]
+Then `--disk-duration` seconds (20; 0: skip) with the disk tier: hookd restarts with a host-RAM budget of one
+byte, so every RAM-parked server is demoted to disk (hibernated into hookd's store) right after its park. A
+hibernated server has no listening socket (it went with its processes), so the client wakes it through the
+API (Standby.Wake, what `kybernate wake` does) and then sends its request: a disk-wake request's latency is
+that wake plus the request. Prints their p50/p99 too.
+
+    python tests/bench/standby_demo.py [--duration 60] [--disk-duration 20] [--version 2.1]
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parents[1]
 ROOT = HERE.parent
@@ -61,10 +68,47 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
+def requests(api: ContainerdClient, standby: Any, cids: dict[str, str], ips: dict[str, str], duration: float,
+             rng: random.Random, latencies: dict[str, list[float]], n: int, failures: int) -> tuple[int, int]:
+    """One request at a time for `duration` s, round-robin for the first half, then at random; each latency
+    filed under warm, ram-wake (its server was paused: wake on connect) or disk-wake (hibernated: the API wake,
+    then the request)."""
+    start = time.monotonic()
+    while time.monotonic() - start < duration:
+        name = SERVERS[n % len(SERVERS)] if time.monotonic() - start < duration / 2 else rng.choice(SERVERS)
+        n += 1
+        status = standby.Status(spb.StatusRequest(name=cids[name]), timeout=10).workloads[0]
+        while status.state == "demoting":  # a disk-tier client asks after the demotion (docs/standby.md)
+            time.sleep(0.02)
+            status = standby.Status(spb.StatusRequest(name=cids[name]), timeout=10).workloads[0]
+        if status.state == "parked" and status.tier == "disk":
+            kind = "disk-wake"
+        else:
+            kind = "ram-wake" if api.task_status(cids[name]) == "PAUSED" else "warm"
+        t0 = time.monotonic()
+        try:
+            if kind == "disk-wake":
+                standby.Wake(spb.WakeRequest(name=cids[name]), timeout=120)
+            with urllib.request.urlopen(f"http://{ips[name]}:8080/model", timeout=60) as r:
+                body = r.read().decode().strip()
+        except (OSError, grpc.RpcError) as err:
+            failures += 1
+            print(f"   FAILED request {n} to {name} ({kind}): {err}", flush=True)
+            continue
+        seconds = time.monotonic() - t0
+        if body != checksum(name):
+            failures += 1
+            print(f"   FAILED request {n} to {name}: checksum {body!r}", flush=True)
+            continue
+        latencies[kind].append(seconds)
+    return n, failures
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of requests [%(default)s]")
     ap.add_argument("--version", default="2.1", choices=("1.6", "2.1"), help="containerd [%(default)s]")
+    ap.add_argument("--disk-duration", type=float, default=20.0, help="seconds with the disk tier [%(default)s]")
     ap.add_argument("--seed", type=int, default=12)
     args = ap.parse_args()
     stack = load_stack()
@@ -84,6 +128,7 @@ def main() -> int:
         images.import_image(c, images.pause_image(tmp, stack.busybox), namespace="k8s.io")
         # The client is sequential, so no other server is in the middle of a request: no busy window.
         gpu.stop_hookd_gracefully()
+        gpu.hookd_args = ["--store-root", str(tmp / "store"), "--store-registry", str(tmp / "registry.db")]
         gpu.extra_args = ["--standby", "--containerd-address", str(c.address), "--standby-sample-period-s", "0.2",
                           "--standby-state-dir", str(tmp / "standby"), "--standby-busy-window-s", "0",
                           "--standby-watch-period-s", "0.02", "--standby-retry-s", "0.2"]
@@ -100,8 +145,9 @@ def main() -> int:
                 env = {"NVIDIA_VISIBLE_DEVICES": "all", **gpu.node.env,
                        **gpu.node.process_env(f"model-{name}", G0, VRAM)}
                 serve = f"mkdir -p /www && echo {checksum(name)} > /www/model && exec httpd -f -p 8080 -h /www"
+                # A pid namespace of its own, as the kubelet gives each container: only such can hibernate.
                 cids[name] = cri.create_container(pod, config, name, images.BUSYBOX_IMAGE,
-                                                  command=["sh", "-c", serve], env=env)
+                                                  command=["sh", "-c", serve], env=env, own_pid_namespace=True)
                 cri.start_container(cids[name])
                 print(f"   {name}: pod {ips[name]}, {VRAM >> 30} GiB of VRAM, checksum {checksum(name)}", flush=True)
                 # The arbiter acts before wakes, not at start: the first ones are parked before the next starts,
@@ -113,29 +159,20 @@ def main() -> int:
                     standby.Park(spb.ParkRequest(name=cids[name], reason="demo: make room for the next"), timeout=60)
                     print(f"   {name}: parked (kybernate park)", flush=True)
         rng = random.Random(args.seed)
-        latencies: dict[str, list[float]] = {"warm": [], "ram-wake": []}
+        latencies: dict[str, list[float]] = {"warm": [], "ram-wake": [], "disk-wake": []}
         print(f"== {args.duration:.0f} s of requests: round-robin, then random", flush=True)
+        n = 0
         with ContainerdClient(c.address, "k8s.io") as api:
-            start, n = time.monotonic(), 0
-            while time.monotonic() - start < args.duration:
-                first_half = time.monotonic() - start < args.duration / 2
-                name = SERVERS[n % len(SERVERS)] if first_half else rng.choice(SERVERS)
-                n += 1
-                kind = "ram-wake" if api.task_status(cids[name]) == "PAUSED" else "warm"
-                t0 = time.monotonic()
-                try:
-                    with urllib.request.urlopen(f"http://{ips[name]}:8080/model", timeout=60) as r:
-                        body = r.read().decode().strip()
-                except OSError as err:
-                    failures += 1
-                    print(f"   FAILED request {n} to {name}: {err}", flush=True)
-                    continue
-                seconds = time.monotonic() - t0
-                if body != checksum(name):
-                    failures += 1
-                    print(f"   FAILED request {n} to {name}: checksum {body!r}", flush=True)
-                    continue
-                latencies[kind].append(seconds)
+            n, failures = requests(api, standby, cids, ips, args.duration, rng, latencies, n, failures)
+            if args.disk_duration > 0:
+                print(f"== {args.disk_duration:.0f} s with the disk tier: hookd demotes every RAM-parked server to "
+                      "disk; the client wakes a hibernated one through the API, then asks it", flush=True)
+                gpu.stop_hookd_gracefully()
+                gpu.extra_args += ["--standby-ram-budget", "1"]
+                gpu.start()
+                wait_for("the restarted hookd to list the servers", lambda: len(
+                    standby.Status(spb.StatusRequest(), timeout=10).workloads) == len(SERVERS), 30)
+                n, failures = requests(api, standby, cids, ips, args.disk_duration, rng, latencies, n, failures)
         log = gpu.log.read_text()
         parks = re.findall(r'msg="standby parked" .*?trigger=(\w+)', log)
         print(f"== {n} requests, {failures} failed", flush=True)
@@ -144,7 +181,11 @@ def main() -> int:
                 print(f"   {kind:9s} n={len(values):4d}  p50={percentile(values, 50) * 1000:7.1f} ms  "
                       f"p99={percentile(values, 99) * 1000:7.1f} ms  mean={statistics.mean(values) * 1000:7.1f} ms")
         print(f"   parks: {len(parks)} ({', '.join(f'{t}: {parks.count(t)}' for t in sorted(set(parks)))})")
-        print("   disk-wake: not measured (the disk tier is not available yet: docs/standby.md)")
+        demoted = len(re.findall(r'msg="standby demoted"', log))
+        print(f"   demoted to disk: {demoted}")
+        if args.disk_duration > 0 and not latencies["disk-wake"]:
+            print("FAILED: no request found its server on disk", file=sys.stderr)
+            return 1
         if not latencies["ram-wake"]:
             print("FAILED: no request found its server parked", file=sys.stderr)
             return 1

@@ -492,8 +492,8 @@ class Runner:
         return d
 
     def start_container(self, cid: str, out: str, command: list[str] | None = None,
-                        annotations: dict[str, str] | None = None, vram_gib: float | None = None
-                        ) -> tuple[float, list[str]]:
+                        annotations: dict[str, str] | None = None, vram_gib: float | None = None,
+                        env: list[str] | None = None) -> tuple[float, list[str]]:
         args = ["run", "-d", "--runtime", RUNTIME_NAMES[self.a.runtime], "--cwd", "/",
                 "--log-uri", f"file://{out}/stdout.log"]
         for k, v in (annotations or {}).items():
@@ -508,7 +508,7 @@ class Runner:
             args += ["--mount", f"type=bind,src={b},dst={b},options=bind:ro"]
         args += ["--mount", f"type=bind,src={out},dst=/out,options=bind:rw",
                  "--mount", f"type=bind,src={HERE},dst=/kyb,options=bind:ro"]
-        for e in container_env():
+        for e in container_env() + (env or []):
             args += ["--env", e]
         vram = self.a.vram_gib if vram_gib is None else vram_gib
         command = command or [sys.executable, "/kyb/workload.py", "--vram-gib", str(vram),

@@ -15,7 +15,12 @@ here is an API park or the arbiter's.
    client connects and sends a GET; the time to the first byte of the answer (the server's answer reads all
    of its VRAM) is compared with the driver's restore + unlock time of the same wake (hookd's metrics):
    target ttfb <= restore + unlock + 100 ms. `--ttfb-rounds` (3) times.
-2. multiplexing: `--servers` (3) servers of `--vram-gib` (20) GiB each under the budget (45 GiB): each is
+2. hibernate (tier disk): a `--ttfb-vram-gib` (2.6) GiB server is hibernated into hookd's store
+   (`Standby.Park` tier disk) and woken through the API, `--hibernate-rounds` (3) times; each round has the
+   hibernate and wake durations against their floors measured in the same round: the driver's lock +
+   checkpoint and restore + unlock (hookd's metrics), runc's dump and restore (CRIU; the shim times them,
+   hookd logs them) and CRIU's own restore time; then a GET must answer the server's checksum.
+3. multiplexing: `--servers` (3) servers of `--vram-gib` (20) GiB each under the budget (45 GiB): each is
    started and parked in turn but the last, then a client sends GETs one at a time for `--duration` (60) s,
    round-robin for the first half and at random for the second. A request to a parked server wakes it on
    connect and the arbiter parks the least recently used one. Every answer must carry the server's checksum
@@ -28,6 +33,7 @@ import argparse
 import json
 import os
 import random
+import re
 import socket
 import sys
 import time
@@ -36,9 +42,9 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import grpc  # noqa: E402
 from scenario import Runner, StepError, log  # noqa: E402
 
-import grpc  # noqa: E402
 from kybernate.api import standby_pb2 as spb  # noqa: E402
 from kybernate.api import standby_pb2_grpc  # noqa: E402
 
@@ -58,6 +64,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--vram-gib", type=float, default=20.0)
     p.add_argument("--ttfb-vram-gib", type=float, default=2.6)
     p.add_argument("--ttfb-rounds", type=int, default=3)
+    p.add_argument("--hibernate-rounds", type=int, default=3)
     p.add_argument("--servers", type=int, default=3)
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--bind", action="append")
@@ -69,6 +76,31 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=7)
     a, _ = p.parse_known_args(argv)  # on_gpu.sh passes scenario.py's options too
     return a
+
+
+def fake_gpu_env(cid: str, gib: float) -> list[str]:
+    """--no-gpu rehearsal with the fake driver (FAKEGPU_STATE_DIR set, its libcuda/libnvml given to hookd): the
+    server becomes a fake CUDA process holding `gib` on the node's first fake GPU, so hookd parks and wakes it."""
+    state = os.environ.get("FAKEGPU_STATE_DIR", "")
+    if not state:
+        return []
+    with open(os.path.join(state, "gpus.txt")) as f:
+        gpu = f.readline().split("\t")[0]
+    return ["NVIDIA_VISIBLE_DEVICES=all", f"FAKEGPU_STATE_DIR={state}", f"FAKEGPU_PROC={cid}",
+            f"FAKEGPU_GPU={gpu}", f"FAKEGPU_VRAM={int(gib * 2**30)}"]
+
+
+def last_log_fields(path: str, msg: str) -> dict[str, str]:
+    """key=value fields of hookd's last log line with that msg (logfmt), {} when there is none."""
+    found: dict[str, str] = {}
+    try:
+        with open(path, errors="replace") as f:
+            for line in f:
+                if f'msg="{msg}"' in line or f"msg={msg} " in line:
+                    found = {k: v.strip('"') for k, v in re.findall(r'(\w+)=("[^"]*"|\S+)', line)}
+    except OSError:
+        pass
+    return found
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -93,7 +125,7 @@ class Scenario:
         out = self.runner.out_dir(f"sb-{name}")
         command = [sys.executable, "/kyb/standby_server.py", "--vram-gib", str(gib), "--port", str(port),
                    "--out-dir", "/out", "--backend", "py" if self.a.no_gpu else "torch"]
-        self.runner.start_container(cid, out, command)
+        self.runner.start_container(cid, out, command, env=fake_gpu_env(cid, gib) if self.a.no_gpu else None)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             try:
@@ -172,6 +204,51 @@ class Scenario:
         self.runner.ctr.remove(cid)
         return {"vram_gib": self.a.ttfb_vram_gib, "warm_ttfb_ms": percentile(warm, 50), "rounds": rounds}
 
+    def hibernate(self) -> dict:
+        cid = "kyb-sb-hib"
+        self.start_server("hib", self.a.ttfb_vram_gib, BASE_PORT + 50)
+        self.wait_known(cid)
+        hookd_log = os.path.join(self.a.base, "hookd.log")
+        rounds = []
+        for _ in range(self.a.hibernate_rounds):
+            m0 = self.metrics()
+            t0 = time.monotonic()
+            self.standby.Park(spb.ParkRequest(name=cid, reason="hibernate", tier="disk"), timeout=900)
+            hibernate_s = time.monotonic() - t0
+            m1 = self.metrics()
+            t1 = time.monotonic()
+            self.standby.Wake(spb.WakeRequest(name=cid), timeout=900)
+            wake_s = time.monotonic() - t1
+            m2 = self.metrics()
+            first, whole, body = self.get(cid)
+
+            def step(name: str, a: dict, b: dict) -> float:
+                key = f'kybernate_hookd_step_duration_seconds_sum{{step="{name}"}}'
+                return a.get(key, 0.0) - b.get(key, 0.0)
+
+            slept = last_log_fields(hookd_log, "hibernated")
+            woke = last_log_fields(hookd_log, "woken from the store")
+            committed = last_log_fields(hookd_log, "store checkpoint committed")
+            driver_ckpt = step("lock", m1, m0) + step("checkpoint", m1, m0)
+            driver_restore = step("restore", m2, m1) + step("unlock", m2, m1)
+            runc_dump = float(slept.get("runc_dump_s", 0))
+            runc_restore = float(woke.get("runc_restore_s", 0))
+            ok = body == f"{self.refs[cid]} True"
+            rounds.append({
+                "hibernate_s": round(hibernate_s, 3), "wake_s": round(wake_s, 3),
+                "image_bytes": int(committed.get("bytes", 0)),
+                "driver_lock_checkpoint_s": round(driver_ckpt, 3), "runc_dump_s": runc_dump,
+                "hibernate_floor_s": round(driver_ckpt + runc_dump, 3),
+                "driver_restore_unlock_s": round(driver_restore, 3), "runc_restore_s": runc_restore,
+                "criu_restore_s": float(woke.get("criu_restore_s", 0)), "verify_s": float(woke.get("verify_s", 0)),
+                "wake_floor_s": round(driver_restore + runc_restore, 3),
+                "ttfb_after_wake_s": round(first, 3), "request_s": round(whole, 3), "checksum_ok": ok})
+            log(f"hibernate {hibernate_s:.2f} s (floor {driver_ckpt + runc_dump:.2f}), wake {wake_s:.2f} s (floor "
+                f"{driver_restore + runc_restore:.2f}: driver {driver_restore:.2f} + runc/CRIU {runc_restore:.2f}), "
+                f"checksum ok={ok}")
+        self.runner.ctr.remove(cid)
+        return {"vram_gib": self.a.ttfb_vram_gib, "rounds": rounds}
+
     def multiplex(self) -> dict:
         names = [f"kyb-sb-m{i}" for i in range(self.a.servers)]
         for i, cid in enumerate(names):
@@ -220,6 +297,8 @@ def main(argv: list[str]) -> int:
     s = Scenario(a)
     try:
         results["ttfb"] = s.ttfb()
+        if a.hibernate_rounds:
+            results["hibernate"] = s.hibernate()
         results["multiplex"] = s.multiplex()
     except (StepError, grpc.RpcError, OSError) as err:
         results["error"] = str(err)
@@ -229,7 +308,8 @@ def main(argv: list[str]) -> int:
         with open(a.results, "w") as f:
             json.dump(results, f, indent=1)
     print(json.dumps({k: v for k, v in results.items() if k != "ctr_commands"}, indent=1))
-    bad = "error" in results or results.get("multiplex", {}).get("failures")
+    bad = ("error" in results or results.get("multiplex", {}).get("failures")
+           or not all(r["checksum_ok"] for r in results.get("hibernate", {}).get("rounds", [])))
     return 1 if bad else 0
 
 

@@ -95,7 +95,10 @@ class CriClient:
         annotations: dict[str, str] | None = None,
         log_path: str = "",
         mounts: list[pb.Mount] | None = None,
+        own_pid_namespace: bool = False,
     ) -> str:
+        """own_pid_namespace: the container gets a pid namespace of its own, as the kubelet asks for every
+        container of a pod without shareProcessNamespace (CRI's default, without it, is the pod's)."""
         config = pb.ContainerConfig(
             metadata=pb.ContainerMetadata(name=name),
             image=pb.ImageSpec(image=image),
@@ -106,6 +109,8 @@ class CriClient:
             log_path=log_path,
             mounts=mounts or [],
         )
+        if own_pid_namespace:
+            config.linux.security_context.namespace_options.pid = pb.CONTAINER
         req = pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod_config)
         return self.runtime.CreateContainer(req, timeout=self.timeout).container_id
 

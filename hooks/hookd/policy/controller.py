@@ -31,7 +31,7 @@ from kybernate.hooks.gpu.cuda import normalize_uuid
 from kybernate.hooks.gpu.nvml import Inventory, Nvml
 
 from ..metrics import Metrics
-from . import arbiter, record, signals, sockwatch, workloads
+from . import arbiter, record, settings, signals, sockwatch, workloads
 from .executor import Executor, StandbyFailed, StandbyRefused, UnknownWorkload
 from .settings import StandbySettings
 
@@ -41,6 +41,8 @@ MAX_RETRY_S = 300.0
 # The shim's phases a Pause parks from (shim/gpu_steps.py): on the GPU, or after a failed step (the task runs;
 # a Pause from there checkpoints again). Not while a dump or a restore at Start is in progress.
 PARKABLE_PHASES = ("live", "unknown")
+# A hibernated workload's `desired` (tier disk): no process, no intent file; hookd's record says where it is.
+HIBERNATED = "hibernated"
 
 
 @dataclass(slots=True)
@@ -63,8 +65,16 @@ class Managed:
 
     @property
     def parked(self) -> bool:
-        """Paused by someone (the shim's intent says parked: containerd shows PAUSED)."""
-        return self.workload.desired == intent.PARKED
+        """Paused by someone (the shim's intent says parked: containerd shows PAUSED), or hibernated."""
+        return self.workload.desired in (intent.PARKED, HIBERNATED)
+
+    @property
+    def hibernated(self) -> bool:
+        return self.workload.desired == HIBERNATED
+
+    @property
+    def tier(self) -> str:
+        return "disk" if self.hibernated else "ram" if self.parked else ""
 
     @property
     def ours(self) -> bool:
@@ -138,6 +148,8 @@ class Controller:
     async def tick(self) -> None:
         now = time.monotonic()
         found = await asyncio.to_thread(workloads.discover, self.intent_dir, self.settings.defaults)
+        found += await asyncio.to_thread(_hibernated, self.settings.state_dir, self.settings.defaults,
+                                         {w.key for w in found})
         await self._refresh(found, now)
         inventory = await asyncio.to_thread(self.nvml.inventory)
         since, self._util_since_us = self._util_since_us, int(time.time() * 1e6)
@@ -154,6 +166,8 @@ class Controller:
             m.tracker.observe(counters, gpu_percent, cpu_idle_cores=self.settings.cpu_idle_cores,
                               gpu_idle_percent=self.settings.gpu_idle_percent)
         self.metrics.standby_parked(sum(1 for m in self._managed.values() if m.ours))
+        if self.settings.ram_budget_bytes:
+            await self._demote_over_budget()
         now = time.monotonic()
         for m in list(self._managed.values()):
             if m.busy or now < m.retry_at:
@@ -188,61 +202,92 @@ class Controller:
                 m.tracker.reset(now)
             if m.parked and w.manifest:
                 m.gpus = _vram_of_manifest(w.manifest)
-            if m.ours and w.policy.wake == "connect" and (m.watcher is None or m.watcher.done()):
+            if m.hibernated and m.record is not None and m.record.gpus:
+                m.gpus = dict(m.record.gpus)
+            # A hibernated workload has no listening socket to watch (they went with its processes).
+            if (m.ours and not m.hibernated and w.policy.wake == "connect"
+                    and (m.watcher is None or m.watcher.done())):
                 m.watcher = asyncio.create_task(self._watch(m), name=f"watch {w.name}")
             if not m.ours and not m.busy and m.watcher is not None and not m.watcher.done():
                 m.watcher.cancel()  # woken by someone else: nothing to watch
         for key in set(self._managed) - seen:
+            if self._managed[key].busy:
+                continue  # mid-hibernate: its intent file is gone before hookd's record says where it went
             gone = self._managed.pop(key)
             if gone.watcher is not None:
                 gone.watcher.cancel()
             await asyncio.to_thread(record.remove, self.settings.state_dir, *key)
         for namespace, container_id in await asyncio.to_thread(record.known, self.settings.state_dir):
-            if (namespace, container_id) not in seen:  # a record of a workload that is gone
+            if (namespace, container_id) not in self._managed:  # a record of a workload that is gone
                 await asyncio.to_thread(record.remove, self.settings.state_dir, namespace, container_id)
 
     # ---- park ----
 
-    async def park(self, name: str, trigger: str = "api", reason: str = "") -> WorkloadStatus:
+    async def park(self, name: str, trigger: str = "api", reason: str = "", tier: str = "") -> WorkloadStatus:
         m = self.find(name)
-        if m.parked:
-            raise StandbyRefused(f"{m.workload.name} is already parked")
-        await self._park(m, trigger, reason or "asked through the API")
+        if tier not in ("", "ram", "disk"):
+            raise InvalidRequest(f"tier {tier!r}: want ram or disk")
+        if m.parked and not (tier == "disk" and m.ours and not m.hibernated):
+            raise StandbyRefused(f"{m.workload.name} is already parked" + (" (tier disk)" if m.hibernated else ""))
+        await self._park(m, trigger, reason or "asked through the API", tier)
         return self.status_of(m)
 
-    async def _park_logged(self, m: Managed, trigger: str, reason: str) -> None:
+    async def _park_logged(self, m: Managed, trigger: str, reason: str, tier: str = "") -> None:
         try:
-            await self._park(m, trigger, reason)
+            await self._park(m, trigger, reason, tier)
         except KybernateError:
             pass  # logged and recorded in _park
 
-    async def _park(self, m: Managed, trigger: str, reason: str) -> None:
+    async def _park(self, m: Managed, trigger: str, reason: str, tier: str = "") -> None:
         w = m.workload
+        tier = tier or w.policy.tier
         async with m.lock:
-            if m.parked:
+            if m.hibernated or (m.parked and tier != "disk"):
                 return
-            m.busy = "parking"
+            demoting = m.parked  # RAM-parked, to disk: the shim dumps the frozen task (its GPU state is in RAM)
+            m.busy = "demoting" if demoting else "parking"
+            hibernated = None
             try:
-                seconds = await self.executor.pause(w.namespace, w.container_id)
-            except StandbyFailed as err:
+                if tier == "disk":
+                    hibernated = await self.executor.hibernate(w.namespace, w.container_id)
+                    seconds = hibernated.seconds
+                else:
+                    seconds = await self.executor.pause(w.namespace, w.container_id)
+            except (StandbyFailed, StandbyRefused) as err:
                 self._failed(m, err.message)
                 self.metrics.standby_park(trigger, "failed")
                 log.warning("standby park failed; the workload runs on", extra={"fields": {
                     "container": w.name, "trigger": trigger, "error": err.message, "retry_s": round(m.retry_s, 1)}})
-                raise
-            finally:
                 m.busy = ""
+                raise
+            except BaseException:
+                m.busy = ""
+                raise
             before = m.record or record.Record(w.namespace, w.container_id, parked=False)
-            m.record = replace(before, parked=True, trigger=trigger, reason=reason, parked_at=time.time(),
-                               park_s=seconds, parks=before.parks + 1)
-            m.workload = replace(w, desired=intent.PARKED, phase="parked")
+            m.record = replace(before, parked=True, trigger=trigger, reason=reason,
+                               parked_at=before.parked_at if demoting else time.time(), park_s=seconds,
+                               parks=before.parks + (0 if demoting else 1), tier=tier)
+            if hibernated is not None:
+                m.record = replace(m.record, key=hibernated.key, generation=hibernated.generation, bundle=w.bundle,
+                                   gpus=dict(m.gpus))
+                m.workload = replace(w, desired=HIBERNATED, phase=HIBERNATED, init_pid=0)
+                if m.watcher is not None and not m.watcher.done() and m.watcher is not asyncio.current_task():
+                    m.watcher.cancel()  # its sockets are gone with its processes
+            else:
+                m.workload = replace(w, desired=intent.PARKED, phase="parked")
             m.last_error, m.retry_s, m.retry_at, m.wake_wanted = "", 0.0, 0.0, ""
-            await asyncio.to_thread(record.write, self.settings.state_dir, m.record)
+            try:
+                await asyncio.to_thread(record.write, self.settings.state_dir, m.record)
+            finally:
+                # Busy until the record is written: a hibernated workload has no intent file, and the tick keeps
+                # it only while it is busy or its record says where it went.
+                m.busy = ""
             self.metrics.standby_park(trigger, "ok", seconds)
-            log.info("standby parked", extra={"fields": {
-                "container": w.name, "trigger": trigger, "tier": w.policy.tier, "park_s": round(seconds, 3),
-                "vram_bytes": sum(m.gpus.values()), "reason": reason}})
-            if w.policy.wake == "connect" and (m.watcher is None or m.watcher.done()):
+            log.info("standby demoted" if demoting else "standby parked", extra={"fields": {
+                "container": w.name, "trigger": trigger, "tier": tier, "park_s": round(seconds, 3),
+                "vram_bytes": sum(m.gpus.values()), "reason": reason,
+                "generation": f"{hibernated.key}@{hibernated.generation}" if hibernated else None}})
+            if hibernated is None and w.policy.wake == "connect" and (m.watcher is None or m.watcher.done()):
                 m.watcher = asyncio.create_task(self._watch(m), name=f"watch {w.name}")
 
     # ---- wake ----
@@ -269,7 +314,12 @@ class Controller:
             try:
                 for gpu, need in sorted(m.gpus.items()):
                     await self._make_room(m, gpu, need)
-                seconds = await self.executor.resume(w.namespace, w.container_id)
+                r = m.record
+                if m.hibernated and r is not None:
+                    seconds = await self.executor.wake_from_disk(w.namespace, w.container_id, r.bundle or w.bundle,
+                                                                 r.key, r.generation)
+                else:
+                    seconds = await self.executor.resume(w.namespace, w.container_id)
             except (StandbyFailed, StandbyRefused) as err:
                 m.wake_wanted = trigger if trigger != "retry" else (m.wake_wanted or "retry")
                 self._failed(m, err.message)
@@ -289,7 +339,7 @@ class Controller:
             await asyncio.to_thread(record.write, self.settings.state_dir, m.record)
             self.metrics.standby_wake(trigger, "ok", seconds)
             log.info("standby woke", extra={"fields": {
-                "container": w.name, "trigger": woken_by, "wake_s": round(seconds, 3),
+                "container": w.name, "trigger": woken_by, "tier": before.tier or "ram", "wake_s": round(seconds, 3),
                 "parked_for_s": round(time.time() - before.parked_at, 1) if before.parked_at else None}})
             if m.watcher is not None and m.watcher is not asyncio.current_task():
                 m.watcher.cancel()
@@ -322,6 +372,45 @@ class Controller:
             o = self.find(victim)
             await self._park(o, "arbiter", f"to make room for {m.workload.name}: {decision.reason}")
             self.metrics.standby_evicted()
+
+    # ---- demotion ----
+
+    async def _demote_over_budget(self) -> None:
+        """RAM-parked workloads holding more host RAM together than the budget: the least recently parked go to
+        disk until the rest fit. Their host RAM is their cgroup's memory (the VRAM copy included)."""
+        ram_parked = [m for m in self._managed.values() if m.ours and not m.hibernated and not m.busy]
+        for m in ram_parked:
+            # No cgroup memory to read: what the driver moved into host RAM (its VRAM) is the estimate.
+            m.host_ram = await asyncio.to_thread(signals.memory_bytes, m.workload.init_pid) or sum(m.gpus.values())
+        total = sum(m.host_ram or 0 for m in ram_parked)
+        budget = self.settings.ram_budget_bytes
+        if total <= budget:
+            return
+        oldest_first = sorted(ram_parked, key=lambda o: o.record.parked_at if o.record else 0.0)
+        for m in oldest_first:
+            if total <= budget:
+                break
+            if time.monotonic() < m.retry_at:
+                continue
+            if any(lst.pending for lst in m.listeners):
+                # A connection waits in its accept queue: it is about to be woken, and a dump now would lose
+                # that connection with the socket.
+                log.info("standby demote skipped: a connection is pending", extra={"fields": {
+                    "container": m.workload.name}})
+                continue
+            reason = (f"RAM-parked workloads hold {total / 2**30:.2f} GiB of host RAM, over the budget of "
+                      f"{budget / 2**30:.2f} GiB; least recently parked")
+            log.info("standby demote", extra={"fields": {"container": m.workload.name, "host_ram": m.host_ram,
+                                                         "reason": reason}})
+            total -= m.host_ram or 0
+            m.busy = "demoting"  # claimed now: the next tick does not pick it again
+            self._spawn(self._demote(m, reason), f"demote {m.workload.name}")
+
+    async def _demote(self, m: Managed, reason: str) -> None:
+        try:
+            await self._park_logged(m, "demote", reason, "disk")
+        finally:
+            m.busy = ""
 
     # ---- wake on connect ----
 
@@ -381,7 +470,7 @@ class Controller:
         w, r = m.workload, m.record
         state = m.busy or ("parked" if m.ours else "paused (not by standby)" if m.parked else "running")
         return WorkloadStatus(
-            namespace=w.namespace, container_id=w.container_id, state=state, tier=w.policy.tier if m.parked else "",
+            namespace=w.namespace, container_id=w.container_id, state=state, tier=m.tier,
             opted_in=w.policy.enabled, policy_error=w.policy_error,
             idle_for_s=0.0 if m.parked else m.tracker.idle_for(time.monotonic()), idle_period_s=w.policy.idle_s,
             wake=w.policy.wake, priority=w.policy.priority, vram_bytes=sum(m.gpus.values()), gpus=tuple(sorted(m.gpus)),
@@ -408,6 +497,28 @@ class Controller:
             for gpu in gpus:  # sorted: two wakes spanning GPUs take their locks in one order
                 await stack.enter_async_context(self._gpu_locks.setdefault(gpu, asyncio.Lock()))
             yield
+
+
+def _hibernated(state_dir: str, defaults: Any, known: set[tuple[str, str]]) -> list[workloads.Workload]:
+    """Blocking: the workloads hookd hibernated (tier disk): no process and no intent file, only its record and
+    the task's bundle (gone once containerd deleted the task: then so is the workload)."""
+    out = []
+    for namespace, container_id in record.known(state_dir):
+        if (namespace, container_id) in known:
+            continue
+        r = record.read(state_dir, namespace, container_id)
+        if r is None or not r.parked or r.tier != "disk" or not r.bundle:
+            continue
+        try:
+            policy, error = settings.policy_of(workloads.bundle_annotations(r.bundle), defaults), ""
+        except FileNotFoundError:
+            continue  # containerd deleted the task
+        except (OSError, ValueError) as err:
+            policy, error = defaults, str(err)
+        out.append(workloads.Workload(namespace=namespace, container_id=container_id, bundle=r.bundle, init_pid=0,
+                                      shim_pid=0, desired=HIBERNATED, phase=HIBERNATED, manifest=None, policy=policy,
+                                      policy_error=error))
+    return out
 
 
 def _pids_of(init_pid: int) -> list[int]:

@@ -1,4 +1,5 @@
-"""Park and wake: containerd's Tasks.Pause and Tasks.Resume of the workload's task, timed.
+"""Park and wake: containerd's Tasks.Pause and Tasks.Resume of the workload's task (tier ram), or a hibernate
+into hookd's store and a wake from it (tier disk, through our shim: docs/standby.md), timed.
 
 A park is a containerd Pause, so our shim does what it does for every Pause: the GPU state goes to host RAM
 (lock + checkpoint, with rollback), then the cgroup is frozen; containerd and the kubelet see PAUSED, which
@@ -11,10 +12,17 @@ blocking: each call runs in a thread.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from kybernate.hooks.api.errors import Code, KybernateError
 from kybernate.hooks.containerd.client import ContainerdClient, ContainerdError
+
+if TYPE_CHECKING:
+    from ..store.checkpoints import StoreCheckpoints
 
 
 class UnknownWorkload(KybernateError):
@@ -35,12 +43,55 @@ class StandbyRefused(KybernateError):
     code = Code.FAILED_PRECONDITION
 
 
-class Executor:
-    """Calls containerd; one client per call (each call is seconds long; a connection is cheap)."""
+@dataclass(frozen=True, slots=True)
+class Hibernated:
+    key: str
+    generation: int
+    seconds: float  # the whole hibernate: dump, rootfs diff, manifest
 
-    def __init__(self, address: str, timeout_s: float) -> None:
+
+class Executor:
+    """Calls containerd; one client per call (each call is seconds long; a connection is cheap). The disk tier
+    goes through hookd's store (`store`): a hibernate is a store checkpoint, a wake restores from it."""
+
+    def __init__(self, address: str, timeout_s: float, store: StoreCheckpoints | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        self.store = store
+
+    async def hibernate(self, namespace: str, container_id: str) -> Hibernated:
+        """Into the store as a complete generation of the workload's key; the task stays containerd's."""
+        from ..store.checkpoint import CheckpointRequest
+
+        store = self._store()
+        request = CheckpointRequest(namespace, container_id, key="", leave_running=False, deadline_s=self.timeout_s,
+                                    reason="hibernate", hibernate=True)
+        try:
+            result = await store.checkpoint(request, lambda progress: None)
+        except KybernateError as err:
+            if err.code == Code.FAILED_PRECONDITION:
+                raise StandbyRefused(f"hibernate of {namespace}/{container_id}: {err.message}") from err
+            raise StandbyFailed(f"hibernate of {namespace}/{container_id} failed: {err.message}") from err
+        return Hibernated(result.key, result.generation, result.total_s)
+
+    async def wake_from_disk(self, namespace: str, container_id: str, bundle: str, key: str, generation: int) -> float:
+        from ..store.hibernate import wake_from_store
+
+        store = self._store()
+        try:
+            spec = await asyncio.to_thread(_read_spec, bundle)
+            woken = await wake_from_store(store.store, store.executor, self.address, namespace, container_id, spec,
+                                          key, generation, self.timeout_s)
+        except OSError as err:
+            raise StandbyFailed(f"wake of {namespace}/{container_id}: cannot read its spec in {bundle}: {err}") from err
+        except KybernateError as err:
+            raise StandbyFailed(err.message) from err
+        return woken.total_s
+
+    def _store(self) -> StoreCheckpoints:
+        if self.store is None:
+            raise StandbyRefused("the disk tier needs hookd's store, which this executor was not given")
+        return self.store
 
     async def pause(self, namespace: str, container_id: str) -> float:
         return await self._timed(namespace, container_id, "pause")
@@ -69,3 +120,11 @@ class Executor:
             return await asyncio.to_thread(call)
         except ContainerdError as err:
             raise StandbyFailed(f"{verb} of {namespace}/{container_id} failed: {err.details or err}") from err
+
+
+def _read_spec(bundle: str) -> dict[str, Any]:
+    with open(os.path.join(bundle, "config.json"), "rb") as f:
+        spec = json.load(f)
+    if not isinstance(spec, dict):
+        raise OSError(f"{bundle}/config.json is not an OCI spec")
+    return spec

@@ -30,6 +30,11 @@ class Record:
     wake_s: float = 0.0  # duration of the last wake (containerd Resume)
     woken_by: str = ""  # connect | api | arbiter (a wake made room for) of the last wake
     parks: int = 0
+    tier: str = ""  # ram | disk of the last park
+    key: str = ""  # disk: the store key and generation the workload is hibernated in
+    generation: int = 0
+    bundle: str = ""  # disk: the task's bundle (its spec), while no intent file names it
+    gpus: dict[str, int] | None = None  # disk: VRAM per GPU it needs back (the arbiter's input at its wake)
 
 
 def path_of(state_dir: str, namespace: str, container_id: str) -> Path:

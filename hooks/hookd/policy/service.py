@@ -50,7 +50,8 @@ class StandbyService(standby_pb2_grpc.StandbyServicer):
 
     async def Park(self, request: pb.ParkRequest, context: Any) -> pb.WorkloadStatus:  # noqa: N802
         controller = await self._enabled(context)
-        result = await self._edge("Standby.Park", context, controller.park(request.name, "api", request.reason))
+        result = await self._edge("Standby.Park", context, controller.park(request.name, "api", request.reason,
+                                                                             request.tier))
         return status_to_pb(result)
 
     async def Wake(self, request: pb.WakeRequest, context: Any) -> pb.WorkloadStatus:  # noqa: N802

@@ -43,7 +43,7 @@ class Policy:
 
     enabled: bool = False  # parked by the policy when idle (False: only `kybernate park` parks it)
     idle_s: float = 300.0  # seconds every idle signal must stay quiet before a park
-    tier: str = "ram"  # where a parked workload's GPU state goes: "ram" only, today (docs/standby.md: disk)
+    tier: str = "ram"  # "ram": Pause (VRAM to host RAM, frozen); "disk": hibernate into the store (no process)
     wake: str = "connect"  # "connect": a pending connection on its listening sockets wakes it; "api": only a call
     priority: int = 0  # 0..1000; the arbiter never parks a higher priority to make room for a lower one
     evict_busy: bool = False  # the arbiter may park it although it had traffic within the last busy_window_s
@@ -82,6 +82,9 @@ class StandbySettings:
     state_dir: str = "/run/kybernate/standby"
     # Seconds before a failed park or wake of a workload is tried again (doubling, at most 300 s).
     retry_s: float = 5.0
+    # Host RAM the RAM-parked workloads may hold together (bytes, their cgroups' memory; 0: no limit). Above it
+    # the least recently parked are demoted to disk (hibernated into the store) until they fit.
+    ram_budget_bytes: int = 0
 
 
 def parse_duration(what: str, raw: str) -> float:
@@ -105,9 +108,6 @@ def parse_tier(what: str, raw: str) -> str:
     value = raw.strip().lower()
     if value not in TIERS:
         raise PolicyError(f"{what}={raw!r}: want ram or disk")
-    if value == "disk":
-        raise PolicyError(f"{what}={raw!r}: the disk tier (hibernate) is not available yet; use ram "
-                          "(docs/standby.md says what it needs)")
     return value
 
 
@@ -154,6 +154,14 @@ def policy_of(annotations: Mapping[str, Any], defaults: Policy) -> Policy:
         else:
             changes["evict_busy"] = parse_bool(what, value)
     return replace(defaults, **changes) if changes else defaults
+
+
+def parse_bytes(what: str, raw: str) -> int:
+    """BYTES, or with Mi or Gi (`64Gi`)."""
+    m = re.match(r"^([0-9]{1,15})(Mi|Gi)?$", raw.strip())
+    if not m:
+        raise PolicyError(f"{what}={raw!r}: want BYTES, or a number with Mi or Gi (e.g. 64Gi)")
+    return int(m.group(1)) << {None: 0, "Mi": 20, "Gi": 30}[m.group(2)]
 
 
 def parse_budgets(entries: list[str]) -> dict[str, int]:

@@ -47,6 +47,8 @@ from kybernate.hooks.containerd.shim import (
     ShimUnreachable,
     shim_addresses,
     shim_checkpoint,
+    shim_hibernate,
+    shim_wake,
     spec_annotations,
 )
 
@@ -102,6 +104,10 @@ class CheckpointRequest:
     leave_running: bool
     deadline_s: float  # seconds from now
     reason: str = "cli"
+    # Hibernate (standby's disk tier): the shim's Hibernate instead of Pause + Checkpoint; no resume; the task
+    # stays containerd's (RUNNING, or PAUSED when it was RAM-parked) while its processes are gone. A failure
+    # after the dump wakes it from the temp dir's images before the temp dir goes.
+    hibernate: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,13 +166,18 @@ class StoreCheckpoint:
             key = key or _default_key(spec, r.namespace, self.cid)
             pending = await self._blocking(self.store.begin, key)
             try:
-                await self._freeze_and_dump(client, container, spec, pending, deadline)
+                if r.hibernate:
+                    await self._hibernate(client, container, spec, pending)
+                else:
+                    await self._freeze_and_dump(client, container, spec, pending, deadline)
                 await self._blocking(_write_dumps, container, spec, pending.temp)
                 gpu = _gpu_summary(os.path.join(pending.temp, "checkpoint"))
                 if not self.state.exited:
                     self._check(deadline, "manifest")
             except BaseException as err:
                 full = await self._blocking(pending.is_full)
+                if r.hibernate and self.state.exited:
+                    await self._wake_back(spec, os.path.join(pending.temp, "checkpoint"), err)
                 await self._blocking(pending.abort)
                 if full:
                     raise StoreFullError(
@@ -176,8 +187,14 @@ class StoreCheckpoint:
                 raise
             identity = _identity(container, spec, r.namespace)
             self.emit(StoreProgress("manifest", 0, _tree_size(pending.temp)))
-            generation = await self._timed("manifest", self._blocking(
-                pending.commit, identity, gpu, self.state.known_parts))
+            try:
+                generation = await self._timed("manifest", self._blocking(
+                    pending.commit, identity, gpu, self.state.known_parts))
+            except BaseException as err:
+                if r.hibernate:  # the images are still in the temp dir (commit failed before its rename)
+                    await self._wake_back(spec, os.path.join(pending.temp, "checkpoint"), err)
+                    await self._blocking(pending.abort)
+                raise
         finally:
             client.close()
             self.quick.close()
@@ -200,7 +217,8 @@ class StoreCheckpoint:
                     f"container {cid!r} not found or not running in namespace {client.namespace!r} of "
                     f"{client.address} (use the full containerd/CRI container id)") from None
             raise CheckpointFailed(f"cannot inspect container {cid!r}: {err}") from None
-        if task.status != pb.STATUS_RUNNING:
+        allowed = (pb.STATUS_RUNNING, pb.STATUS_PAUSED) if self.request.hibernate else (pb.STATUS_RUNNING,)
+        if task.status not in allowed:
             status = pb.Status.Name(task.status).removeprefix("STATUS_")
             raise FailedPrecondition(f"container {cid!r} is {status}: only running containers can be checkpointed")
         return container, int(task.pid)
@@ -251,6 +269,58 @@ class StoreCheckpoint:
             raise failure
         raise CheckpointFailed(f"{step} of container {self.cid!r} failed; the container "
                                f"{await self._now_state(self.quick)}: {_message(failure)}") from None
+
+    async def _hibernate(self, client: ContainerdClient, container: pb.ContainerRecord, spec: dict[str, Any],
+                         pending: Pending) -> None:
+        """The shim's Hibernate into the temp dir (it rolls the task back itself when it fails), then the rootfs
+        diff (the snapshot's upper dir; the processes are gone, nothing changes it). No deadline past the dump:
+        the workload lives in the temp dir now."""
+        images = os.path.join(pending.temp, "checkpoint")
+        await self._blocking(os.mkdir, images, 0o700)
+        self.dump_estimate = await self._blocking(estimate_dump_bytes, self.pid)
+        addresses = shim_addresses(self.containerd_address, client.namespace, spec, self.cid)
+        hasher = store_layout.PartHasher(os.path.dirname(images))
+        hasher.__enter__()
+        reporter = asyncio.create_task(self._report_dump(images))
+        try:
+            reply = await self._timed("dump", shim_hibernate(addresses, client.namespace, self.cid, images,
+                                                             timeout=max(1.0, self.request.deadline_s)))
+        except ShimCallFailed as err:
+            raise CheckpointFailed(f"the hibernate of {self.cid!r} failed; the container "
+                                   f"{await self._now_state(self.quick)}: {err.code.name}: {err.message}") from None
+        except ShimUnreachable as err:
+            raise CheckpointFailed(str(err)) from None
+        finally:
+            reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)
+            await self._blocking(hasher.__exit__, None, None, None)
+        self.state.exited = True
+        self.state.pause_s = reply.dump_s
+        self.state.phases["runc_dump"] = reply.runc_dump_s
+        log.info("hibernated", extra={"fields": {"container": self.cid, "dump_s": round(reply.dump_s, 3),
+                                                 "runc_dump_s": round(reply.runc_dump_s, 3),
+                                                 "shim_s": round(reply.total_s, 3), "was_paused": reply.was_paused}})
+        self.state.known_parts = hasher.known
+        written = await self._blocking(_tree_size, images)
+        self.emit(StoreProgress("dump", written, written))
+        self.emit(StoreProgress("rootfs"))
+        await self._timed("rootfs", self._rootfs(client, container, pending.temp, _Deadline(float("inf"))))
+
+    async def _wake_back(self, spec: dict[str, Any], images: str, err: BaseException) -> None:
+        """A hibernate whose generation cannot be completed: the task comes back from the temp dir's images."""
+        addresses = shim_addresses(self.containerd_address, self.request.namespace, spec, self.cid)
+        try:
+            await shim_wake(addresses, self.request.namespace, self.cid, images, timeout=RESUME_TIMEOUT_S)
+            log.warning("hibernate not committed; the workload was woken from its images", extra={"fields": {
+                "container": self.cid, "error": _message(err)}})
+        except (ShimCallFailed, ShimUnreachable) as wake_err:
+            # The images must not go: the task is hibernated (containerd sees it RUNNING) and they are all of it.
+            self.state.exited = False
+            log.error("hibernate not committed and the wake from its images failed; the images stay", extra={
+                "fields": {"container": self.cid, "images": images, "error": str(wake_err)}})
+            raise CheckpointFailed(f"the hibernate of {self.cid!r} could not be committed ({_message(err)}) and "
+                                   f"the wake from its images failed ({wake_err}); the images stay in {images}: "
+                                   "wake it with them (shim Wake) or stop the container") from None
 
     async def _dump(self, client: ContainerdClient, spec: dict[str, Any], images: str, deadline: _Deadline) -> None:
         addresses = shim_addresses(self.containerd_address, client.namespace, spec, self.cid)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import Executor
+from dataclasses import replace
 from typing import Protocol
 
 from kybernate.hooks.api.errors import FailedPrecondition
@@ -73,8 +74,7 @@ class StoreCheckpoints:
                     f"{self.settings.max_parallel} run at once on this node); nothing was changed") from None
             try:
                 waited = loop.time() - self._active[who]
-                shortened = CheckpointRequest(request.namespace, request.container_id, request.key,
-                                              request.leave_running, request.deadline_s - waited, request.reason)
+                shortened = replace(request, deadline_s=request.deadline_s - waited)
                 one = StoreCheckpoint(shortened, self.store, self.settings.containerd_address, self.executor, emit)
                 self._running[who] = one
                 try:

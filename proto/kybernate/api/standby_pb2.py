@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkybernate/api/standby.proto\x12\x14kybernate.standby.v1\"\x1d\n\rStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"I\n\x0eStatusResponse\x12\x37\n\tworkloads\x18\x01 \x03(\x0b\x32$.kybernate.standby.v1.WorkloadStatus\"+\n\x0bParkRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1b\n\x0bWakeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\")\n\x08Listener\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x0f\n\x07pending\x18\x02 \x01(\r\"\xac\x04\n\x0eWorkloadStatus\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\x10\n\x08opted_in\x18\x05 \x01(\x08\x12\x14\n\x0cpolicy_error\x18\x06 \x01(\t\x12\x12\n\nidle_for_s\x18\x07 \x01(\x01\x12\x15\n\ridle_period_s\x18\x08 \x01(\x01\x12\x0c\n\x04wake\x18\t \x01(\t\x12\x10\n\x08priority\x18\n \x01(\r\x12\x12\n\nvram_bytes\x18\x0b \x01(\x04\x12\x0c\n\x04gpus\x18\x0c \x03(\t\x12\x16\n\x0ehost_ram_bytes\x18\r \x01(\x04\x12\x13\n\x0blast_park_s\x18\x0e \x01(\x01\x12\x13\n\x0blast_wake_s\x18\x0f \x01(\x01\x12\x11\n\tparked_by\x18\x10 \x01(\t\x12\x0e\n\x06reason\x18\x11 \x01(\t\x12\x42\n\x07signals\x18\x12 \x03(\x0b\x32\x31.kybernate.standby.v1.WorkloadStatus.SignalsEntry\x12\x31\n\tlisteners\x18\x13 \x03(\x0b\x32\x1e.kybernate.standby.v1.Listener\x12\x12\n\nlast_error\x18\x14 \x01(\t\x12\x10\n\x08woken_by\x18\x15 \x01(\t\x12\r\n\x05parks\x18\x16 \x01(\r\x1a.\n\x0cSignalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x80\x02\n\x07Standby\x12S\n\x06Status\x12#.kybernate.standby.v1.StatusRequest\x1a$.kybernate.standby.v1.StatusResponse\x12O\n\x04Park\x12!.kybernate.standby.v1.ParkRequest\x1a$.kybernate.standby.v1.WorkloadStatus\x12O\n\x04Wake\x12!.kybernate.standby.v1.WakeRequest\x1a$.kybernate.standby.v1.WorkloadStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkybernate/api/standby.proto\x12\x14kybernate.standby.v1\"\x1d\n\rStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"I\n\x0eStatusResponse\x12\x37\n\tworkloads\x18\x01 \x03(\x0b\x32$.kybernate.standby.v1.WorkloadStatus\"9\n\x0bParkRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\"\x1b\n\x0bWakeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\")\n\x08Listener\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x0f\n\x07pending\x18\x02 \x01(\r\"\xac\x04\n\x0eWorkloadStatus\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\x10\n\x08opted_in\x18\x05 \x01(\x08\x12\x14\n\x0cpolicy_error\x18\x06 \x01(\t\x12\x12\n\nidle_for_s\x18\x07 \x01(\x01\x12\x15\n\ridle_period_s\x18\x08 \x01(\x01\x12\x0c\n\x04wake\x18\t \x01(\t\x12\x10\n\x08priority\x18\n \x01(\r\x12\x12\n\nvram_bytes\x18\x0b \x01(\x04\x12\x0c\n\x04gpus\x18\x0c \x03(\t\x12\x16\n\x0ehost_ram_bytes\x18\r \x01(\x04\x12\x13\n\x0blast_park_s\x18\x0e \x01(\x01\x12\x13\n\x0blast_wake_s\x18\x0f \x01(\x01\x12\x11\n\tparked_by\x18\x10 \x01(\t\x12\x0e\n\x06reason\x18\x11 \x01(\t\x12\x42\n\x07signals\x18\x12 \x03(\x0b\x32\x31.kybernate.standby.v1.WorkloadStatus.SignalsEntry\x12\x31\n\tlisteners\x18\x13 \x03(\x0b\x32\x1e.kybernate.standby.v1.Listener\x12\x12\n\nlast_error\x18\x14 \x01(\t\x12\x10\n\x08woken_by\x18\x15 \x01(\t\x12\r\n\x05parks\x18\x16 \x01(\r\x1a.\n\x0cSignalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x80\x02\n\x07Standby\x12S\n\x06Status\x12#.kybernate.standby.v1.StatusRequest\x1a$.kybernate.standby.v1.StatusResponse\x12O\n\x04Park\x12!.kybernate.standby.v1.ParkRequest\x1a$.kybernate.standby.v1.WorkloadStatus\x12O\n\x04Wake\x12!.kybernate.standby.v1.WakeRequest\x1a$.kybernate.standby.v1.WorkloadStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,15 +38,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSRESPONSE']._serialized_start=84
   _globals['_STATUSRESPONSE']._serialized_end=157
   _globals['_PARKREQUEST']._serialized_start=159
-  _globals['_PARKREQUEST']._serialized_end=202
-  _globals['_WAKEREQUEST']._serialized_start=204
-  _globals['_WAKEREQUEST']._serialized_end=231
-  _globals['_LISTENER']._serialized_start=233
-  _globals['_LISTENER']._serialized_end=274
-  _globals['_WORKLOADSTATUS']._serialized_start=277
-  _globals['_WORKLOADSTATUS']._serialized_end=833
-  _globals['_WORKLOADSTATUS_SIGNALSENTRY']._serialized_start=787
-  _globals['_WORKLOADSTATUS_SIGNALSENTRY']._serialized_end=833
-  _globals['_STANDBY']._serialized_start=836
-  _globals['_STANDBY']._serialized_end=1092
+  _globals['_PARKREQUEST']._serialized_end=216
+  _globals['_WAKEREQUEST']._serialized_start=218
+  _globals['_WAKEREQUEST']._serialized_end=245
+  _globals['_LISTENER']._serialized_start=247
+  _globals['_LISTENER']._serialized_end=288
+  _globals['_WORKLOADSTATUS']._serialized_start=291
+  _globals['_WORKLOADSTATUS']._serialized_end=847
+  _globals['_WORKLOADSTATUS_SIGNALSENTRY']._serialized_start=801
+  _globals['_WORKLOADSTATUS_SIGNALSENTRY']._serialized_end=847
+  _globals['_STANDBY']._serialized_start=850
+  _globals['_STANDBY']._serialized_end=1106
 # @@protoc_insertion_point(module_scope)

@@ -19,12 +19,14 @@ class StatusResponse(_message.Message):
     def __init__(self, workloads: _Optional[_Iterable[_Union[WorkloadStatus, _Mapping]]] = ...) -> None: ...
 
 class ParkRequest(_message.Message):
-    __slots__ = ("name", "reason")
+    __slots__ = ("name", "reason", "tier")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     name: str
     reason: str
-    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    tier: str
+    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...
 
 class WakeRequest(_message.Message):
     __slots__ = ("name",)

@@ -30,6 +30,7 @@ def test_every_annotation_is_applied() -> None:
     assert p == Policy(enabled=True, idle_s=300.0, tier="ram", wake="api", priority=700, evict_busy=True)
     assert policy_of({"kybernate.io/standby-idle": "90"}, DEFAULTS).idle_s == 90.0
     assert policy_of({"kybernate.io/standby-idle": "2h"}, DEFAULTS).idle_s == 7200.0
+    assert policy_of({"kybernate.io/standby-tier": "disk"}, DEFAULTS).tier == "disk"
 
 
 @pytest.mark.parametrize(("key", "value", "says"), [
@@ -38,7 +39,6 @@ def test_every_annotation_is_applied() -> None:
     ("kybernate.io/standby-idle", "0", "want 1 s to 7 days"),
     ("kybernate.io/standby-idle", "99999999", "want a duration"),
     ("kybernate.io/standby-tier", "nvme", "want ram or disk"),
-    ("kybernate.io/standby-tier", "disk", "not available yet"),
     ("kybernate.io/standby-wake", "http", "want connect or api"),
     ("kybernate.io/standby-priority", "-1", "0..1000"),
     ("kybernate.io/standby-priority", "1001", "0..1000"),
@@ -54,14 +54,17 @@ def test_a_bad_annotation_is_refused_naming_it_and_what_is_wanted(key: str, valu
 def test_node_defaults_come_from_hookd_flags() -> None:
     s = parse_args(["--standby", "--standby-default", "on", "--standby-idle", "2m", "--standby-wake", "api",
                     "--standby-priority", "5", "--standby-gpu-budget", "GPU-abc=45Gi",
-                    "--containerd-address", "/x.sock"]).standby
+                    "--containerd-address", "/x.sock", "--standby-tier", "disk",
+                    "--standby-ram-budget", "64Gi"]).standby
     assert s.enabled and s.containerd_address == "/x.sock"
-    assert s.defaults == Policy(enabled=True, idle_s=120.0, wake="api", priority=5)
+    assert s.defaults == Policy(enabled=True, idle_s=120.0, tier="disk", wake="api", priority=5)
+    assert s.ram_budget_bytes == 64 * GiB
     assert s.gpu_budget_bytes == {"GPU-abc": 45 * GiB}
     assert parse_args([]).standby.enabled is False
 
 
-@pytest.mark.parametrize("argv", [["--standby-idle", "soon"], ["--standby-tier", "disk"],
+@pytest.mark.parametrize("argv", [["--standby-idle", "soon"], ["--standby-tier", "nvme"],
+                                  ["--standby-ram-budget", "lots"],
                                   ["--standby-gpu-budget", "GPU-abc"], ["--standby-max-parallel-wakes", "0"],
                                   ["--standby-watch-period-s", "0"]])
 def test_bad_standby_flags_stop_hookd_with_a_clear_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
