@@ -42,7 +42,7 @@ proto: venv
 proto-check: venv
 	$(VENV)/bin/python tests/tools/check_proto.py
 
-# The private test stack: containerd 1.6.20 and 2.1.x, runc, CNI plugins, CRIU 4.x, checkpointctl.
+# The private test stack: containerd 1.6.20 and 2.1.x, runc, CNI plugins, CRIU 4.x, checkpointctl, rclone.
 stack:
 	PYTHON=$(PYTHON) packaging/stack/provision.sh "$(STACK_PREFIX)"
 
