@@ -70,7 +70,8 @@ class S3Server:
                 "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
 
     def start(self) -> S3Server:
-        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process for its lifetime
+        # Appended to: a restarted server (same port, same objects on disk) keeps its earlier requests' lines.
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process for its lifetime
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**os.environ, "RCLONE_CONFIG": str(self.workdir / "rclone.conf")})
         log.close()
@@ -87,7 +88,11 @@ class S3Server:
                     raise RuntimeError(f"the S3 server did not listen within {START_TIMEOUT_S}s: "
                                        f"{self.log_path.read_text()}") from None
                 time.sleep(0.05)  # polling the socket: the server gives no other readiness signal
-        self.client().create_bucket(Bucket=self.bucket)
+        client = self.client()
+        try:
+            client.create_bucket(Bucket=self.bucket)
+        except (client.exceptions.BucketAlreadyExists, client.exceptions.BucketAlreadyOwnedByYou):
+            pass  # restarted: the bucket is a directory that survived
         return self
 
     def command(self) -> list[str]:
