@@ -42,9 +42,9 @@ proto: venv
 proto-check: venv
 	$(VENV)/bin/python tests/tools/check_proto.py
 
-# The private test stack: containerd 1.6.20 and 2.1.x, runc, CNI plugins, CRIU 4.x, checkpointctl.
+# The private test stack: containerd 1.6.20 and 2.1.x, runc, CNI plugins, CRIU 4.x, checkpointctl, rclone.
 stack:
-	packaging/stack/provision.sh "$(STACK_PREFIX)"
+	PYTHON=$(PYTHON) packaging/stack/provision.sh "$(STACK_PREFIX)"
 
 # The node installer image (OCI tar for `ctr images import`), built without a container daemon:
 # packaging/image/build.py (the Dockerfile runs the same script). Downloads are cached in /var/tmp/kyb-image-cache; unchanged inputs: no rebuild.

@@ -58,6 +58,12 @@ RETRIES = 3
 DELETING = ".deleting"
 
 
+def _error_code(err: Exception) -> str:
+    """The S3 error code of a botocore ClientError ("NoSuchUpload", ...), "" for anything else."""
+    response = getattr(err, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+
+
 def _b64(hex_digest: str) -> str:
     """A manifest's hex sha256 as S3's checksum header wants it (base64 of the raw digest)."""
     return base64.b64encode(bytes.fromhex(hex_digest)).decode()
@@ -219,7 +225,10 @@ class S3Tier:
             head = self.client.head_object(Bucket=self.config.bucket, Key=name)
         except Exception:  # missing (404) or unreadable: upload it
             return False
-        return bool(head.get("ContentLength") == entry.size and head.get("Metadata", {}).get("sha256") == entry.sha256)
+        # Metadata names are case-insensitive (HTTP headers): AWS answers `x-amz-meta-sha256`, rclone's
+        # `serve s3` `X-Amz-Meta-Sha256`, which botocore hands on as written.
+        metadata = {name.lower(): value for name, value in head.get("Metadata", {}).items()}
+        return bool(head.get("ContentLength") == entry.size and metadata.get("sha256") == entry.sha256)
 
     def _abort_unfinished(self, key: str, generation: int) -> None:
         """Abort multipart uploads left open under key/generation (their parts cost storage and are redone)."""
@@ -229,9 +238,17 @@ class S3Tier:
                                                                                Prefix=prefix)
             for page in pages:
                 for upload in page.get("Uploads", ()):
-                    self.client.abort_multipart_upload(Bucket=self.config.bucket, Key=upload["Key"],
-                                                       UploadId=upload["UploadId"])
+                    try:
+                        self.client.abort_multipart_upload(Bucket=self.config.bucket, Key=upload["Key"],
+                                                           UploadId=upload["UploadId"])
+                    except Exception as err:
+                        if _error_code(err) != "NoSuchUpload":  # gone meanwhile: what aborting wants
+                            raise
         except Exception as err:
+            # Some S3-compatible servers (rclone's `serve s3`) answer the listing NoSuchUpload when they track
+            # no multipart upload for the bucket: nothing is open, so nothing to abort.
+            if _error_code(err) == "NoSuchUpload":
+                return
             raise self._fail(f"cannot list or abort the unfinished uploads under {prefix}", err) from err
 
     # ---- listing ----

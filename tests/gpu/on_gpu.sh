@@ -158,7 +158,7 @@ if [ "$SCENARIOS" = s3 ]; then
     # KYB_S3_SWEEP: more store rows with other numbers of parts in flight per file (default 16,32).
     timeout --signal=TERM --kill-after=10 "$TIMEOUT" \
         env PYTHONPATH="$BASE/site" KYB_RCLONE="$BASE/bin/rclone" "$PY" "$REPO/tests/bench/bench_store.py" --s3 \
-        --s3-server rclone --mib "${KYB_S3_MIB:-4096}" --runs "${KYB_S3_RUNS:-3}" --dir "$BASE" \
+        --mib "${KYB_S3_MIB:-4096}" --runs "${KYB_S3_RUNS:-3}" --dir "$BASE" \
         --s3-part-concurrency "${KYB_S3_SWEEP-16,32}" --json "$OUT/results.json" 2>&1 | tee "$OUT/summary.txt"
     RC=${PIPESTATUS[0]}
     rm -rf "$BASE"

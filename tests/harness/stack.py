@@ -71,6 +71,25 @@ def load_stack(prefix: Path | None = None) -> Stack:
     return stack
 
 
+def rclone_binary(prefix: Path | None = None) -> Path:
+    """The tests' S3 server binary (`rclone serve s3`): stack.json's "rclone", provisioned by `make stack`."""
+    prefix = prefix or stack_prefix()
+    path = prefix / "stack.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StackMissing(f"no test stack at {path}: run `make stack` (STACK_PREFIX={prefix})") from None
+    except (OSError, ValueError) as e:
+        raise StackMissing(f"unreadable {path} ({e}): run `make stack` again") from None
+    rclone = raw.get("rclone") if isinstance(raw, dict) else None
+    if not rclone:
+        raise StackMissing(f"{path} names no rclone (the tests' S3 server): run `make stack` again "
+                           f"(STACK_PREFIX={prefix})")
+    if not Path(rclone).exists():
+        raise StackMissing(f"{path} names {rclone}, which is missing: run `make stack` again")
+    return Path(rclone)
+
+
 def _files(stack: Stack) -> list[Path]:
     files = [stack.runc, stack.criu, stack.checkpointctl, stack.busybox, stack.cni_bin_dir]
     for c in stack.containerd.values():
