@@ -63,6 +63,16 @@ def status(gpu: GpuNode, name: str) -> dict[str, object]:
     return dict(json.loads(out.splitlines()[0]))
 
 
+def status_once_known(gpu: GpuNode, name: str) -> dict[str, object]:
+    """`status`, or {} while hookd does not know the workload yet (it learns of a task from its intent file, a
+    moment after the task starts or after hookd restarts): for wait_for's probes."""
+    r = kybernate(gpu, "status", name, "--json", check=False)
+    if r.returncode != 0 and "no GPU workload named" in r.stderr:
+        return {}
+    assert r.returncode == 0, r.stderr
+    return dict(json.loads(r.stdout.splitlines()[0]))
+
+
 def log_lines(gpu: GpuNode, msg: str) -> list[str]:
     return [line for line in gpu.log.read_text().splitlines() if f'msg="{msg}"' in line or f"msg={msg} " in line]
 
@@ -182,7 +192,7 @@ def test_the_arbiter_parks_by_priority_and_lru_to_fit_a_wake_and_honours_a_budge
     standby(gpu, c, tmp_path)
     opted = ("standby=true", "standby-idle=1h", "standby-wake=api")
     run_gpu(c, gpu, "a", "p-a", *opted, vram=4 * GiB)
-    wait_for("hookd to see a", lambda: status(gpu, "a")["vram_bytes"] == str(4 * GiB))
+    wait_for("hookd to see a", lambda: status_once_known(gpu, "a").get("vram_bytes") == str(4 * GiB))
     kybernate(gpu, "park", "a", "--reason", "test")
     assert parked(c, gpu, "a", "p-a")
     # d first (the least recently active), but of a higher priority; then b and c.
@@ -190,7 +200,7 @@ def test_the_arbiter_parks_by_priority_and_lru_to_fit_a_wake_and_honours_a_budge
     run_gpu(c, gpu, "b", "p-b", *opted, vram=4 * GiB)
     run_gpu(c, gpu, "c", "p-c", *opted, vram=4 * GiB)
     for name in "dbc":
-        wait_for(f"hookd to see {name}", lambda n=name: status(gpu, n)["vram_bytes"] == str(4 * GiB))  # type: ignore[misc]
+        wait_for(f"hookd to see {name}", lambda n=name: status_once_known(gpu, n).get("vram_bytes") == str(4 * GiB))  # type: ignore[misc]
     # b computes on its GPU: the GPU signal makes it the most recently active.
     gpu.node.set_utilization("p-b", 60)
     wait_for("b to be GPU-active", lambda: status(gpu, "b")["signals"].get("gpu") == "60%")  # type: ignore[union-attr]
@@ -207,14 +217,14 @@ def test_the_arbiter_parks_by_priority_and_lru_to_fit_a_wake_and_honours_a_budge
     # hookd restarted with a 9 GiB budget while c is parked: c is still managed; waking it (4 GiB) with
     # 12 GiB used of 9 needs 7 GiB parked: a and b (d's priority is above c's).
     standby(gpu, c, tmp_path, "--standby-gpu-budget", f"{G0}=9Gi")
-    wait_for("the restarted hookd to know c", lambda: status(gpu, "c")["state"] == "parked", 30)
+    wait_for("the restarted hookd to know c", lambda: status_once_known(gpu, "c").get("state") == "parked", 30)
     kybernate(gpu, "wake", "c")
     assert running(c, gpu, "c", "p-c") and running(c, gpu, "d", "p-d")
     assert parked(c, gpu, "a", "p-a") and parked(c, gpu, "b", "p-b")
     # A 5 GiB budget with c and d (8 GiB) running: even parking c (d's priority is above a's) leaves only 1 GiB
     # for a's 4, so nothing is parked for nothing and the wake is refused, saying why.
     standby(gpu, c, tmp_path, "--standby-gpu-budget", f"{G0}=5Gi")
-    wait_for("the restarted hookd to know a", lambda: status(gpu, "a")["state"] == "parked", 30)
+    wait_for("the restarted hookd to know a", lambda: status_once_known(gpu, "a").get("state") == "parked", 30)
     r = kybernate(gpu, "wake", "a", check=False)
     assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr and "no room" in r.stderr, r.stderr
     assert parked(c, gpu, "a", "p-a") and running(c, gpu, "d", "p-d") and running(c, gpu, "c", "p-c")
