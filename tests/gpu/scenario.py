@@ -1044,7 +1044,8 @@ class Runner:
         try:
             rec["ctr_run_s"], _ = self.start_container(
                 cid, out, [sys.executable, "/kyb/programs.py", *common, "--out-dir", "/out"],
-                annotations={"org.criu.config": conf, "kybernate.io/gpu": "true"}, env=["CUDA_DEVICE_ORDER=PCI_BUS_ID", *nccl, *fake])
+                annotations={"org.criu.config": conf, "kybernate.io/gpu": "true"},
+                env=["CUDA_DEVICE_ORDER=PCI_BUS_ID", *nccl, *fake])
             t = time.perf_counter()
             wait_step(out, pause_at, self.a.ready_timeout, f"ddp to reach step {pause_at}")
             rec["ready_s"] = round(time.perf_counter() - t, 2)
@@ -1479,7 +1480,8 @@ def criu_errors(logs: list[str]) -> list[str]:
     for path in logs:
         try:
             with open(path, errors="replace") as f:
-                out += [f"{os.path.basename(path)}: {ln.strip()[:400]}" for ln in f if "Error (" in ln or "err" in ln[:40]]
+                out += [f"{os.path.basename(path)}: {ln.strip()[:400]}" for ln in f
+                        if "Error (" in ln or "err" in ln[:40]]
         except OSError:
             pass
     return out[-20:]
