@@ -80,7 +80,8 @@ def parse_annotation(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def parse_visible(value: str) -> tuple[str, ...]:
-    """NVIDIA_VISIBLE_DEVICES -> the container's GPUs; () for all/none/void/empty (no say)."""
+    """NVIDIA_VISIBLE_DEVICES -> the container's GPUs; () for all/none/void/empty or any entry that is neither a
+    UUID nor an index (MIG devices): no say. More than MAX_GPUS entries is an error."""
     value = value.strip()
     if value.lower() in ("", "all", "none", "void"):
         return ()
@@ -94,9 +95,9 @@ def parse_visible(value: str) -> tuple[str, ...]:
         elif _INDEX.fullmatch(item):
             out.append(str(int(item)))
         else:
-            # MIG devices and other forms: not ours to remap; say so instead of guessing.
-            raise GpuMapError(f"{VISIBLE_DEVICES}={value[:120]!r}: {item[:60]!r} is neither a GPU UUID nor an "
-                              f"index; set annotation {GPU_MAP} to say where a restore lands")
+            # MIG devices and other forms: not ours to remap. Every container has this variable, most are never
+            # restored: it says nothing (hookd's own choice at a restore) rather than failing the Create.
+            return ()
     return tuple(out)
 
 

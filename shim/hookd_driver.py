@@ -31,7 +31,6 @@ from kybernate.hooks.api.client import KEEPALIVE_S, HookdClient, HookdError, Hoo
 from kybernate.hooks.api.model import GpuManifest
 
 from . import gpu_map
-from .errors import InvalidArgument
 from .gpu_map import GpuTargets
 
 log = logging.getLogger(__name__)
@@ -101,7 +100,8 @@ class HookdDriver:
     async def _gpu_map(self, container_id: str, manifest: GpuManifest | None,
                        targets: GpuTargets | None) -> dict[str, str]:
         """The old -> new GPU pairs this container asks for (gpu_map.plan); an index list needs hookd's
-        inventory. A bad or impossible map fails before hookd is asked: nothing changes."""
+        inventory. hookd checks the pairs against the node (a GPU it lacks, another model, too little VRAM:
+        refused before any driver call)."""
         if not targets:
             return {}
         node: dict[int, str] | None = None
@@ -111,7 +111,11 @@ class HookdDriver:
         try:
             chosen = gpu_map.plan(manifest, targets, node)
         except gpu_map.GpuMapError as err:
-            raise InvalidArgument(f"{container_id}: cannot restore: {err}; nothing was changed") from err
+            # Only a list derived from NVIDIA_VISIBLE_DEVICES gets here (the annotation is used as given): the
+            # restore goes on where hookd chooses (the same GPUs when here) rather than leave the work stranded.
+            log.warning("the container's GPUs cannot take the checkpoint's; hookd chooses",
+                        extra={"fields": {"id": container_id, "error": str(err)}})
+            return {}
         if chosen:
             log.info("restoring onto other GPUs", extra={"fields": {"id": container_id, "gpu_map": chosen}})
         return chosen

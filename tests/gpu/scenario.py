@@ -934,7 +934,7 @@ class Runner:
     def _remap2_one(self, part: str, src: str, dst: str, rec: dict) -> None:
         name = f"remap2-{part}"
         proc = f"p-{name}"
-        env = ["CUDA_DEVICE_ORDER=PCI_BUS_ID", *self._fake_env(proc, src)]
+        env = ["CUDA_DEVICE_ORDER=PCI_BUS_ID", "CUDA_VISIBLE_DEVICES=0,1", *self._fake_env(proc, src)]
         # kybernate.io/gpu: with --no-gpu there are no /dev/nvidia* devices to make it a GPU container.
         notes = {"kybernate.io/gpu": "true"}
         if part == "ctr":
@@ -967,7 +967,8 @@ class Runner:
             rec["delete_s"] = round(self.ctr.remove(cid), 3)
             cid = f"{cid}-r"
             self.ctr.remove(cid)
-            new_env = ["CUDA_DEVICE_ORDER=PCI_BUS_ID", f"NVIDIA_VISIBLE_DEVICES={dst}", *self._fake_env(proc, src)]
+            new_env = ["CUDA_DEVICE_ORDER=PCI_BUS_ID", "CUDA_VISIBLE_DEVICES=0,1", f"NVIDIA_VISIBLE_DEVICES={dst}",
+                       *self._fake_env(proc, src)]
             rec["ctr_run_restore_s"], _ = self.start_container(
                 cid, out, annotations={"kybernate.io/restore-from": f"store:{key}", "kybernate.io/gpu": "true"},
                 env=new_env)
@@ -1029,7 +1030,7 @@ class Runner:
         nccl = [f"{k}={v}" for k, v in rec["env"].items()]
         ref_cmd = [sys.executable, os.path.join(HERE, "programs.py"), *common, "--out-dir", ref_out]
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", CUDA_DEVICE_ORDER="PCI_BUS_ID",
-                   **rec["env"])
+                   CUDA_VISIBLE_DEVICES="0,1", **rec["env"])
         for k in ("FAKEGPU_STATE_DIR", "KYB_FAKE_GPUS"):
             env.pop(k, None)  # the reference is no fake CUDA process
         with open(os.path.join(ref_out, "stdout.log"), "w") as so:
@@ -1045,7 +1046,7 @@ class Runner:
             rec["ctr_run_s"], _ = self.start_container(
                 cid, out, [sys.executable, "/kyb/programs.py", *common, "--out-dir", "/out"],
                 annotations={"org.criu.config": conf, "kybernate.io/gpu": "true"},
-                env=["CUDA_DEVICE_ORDER=PCI_BUS_ID", *nccl, *fake])
+                env=["CUDA_DEVICE_ORDER=PCI_BUS_ID", "CUDA_VISIBLE_DEVICES=0,1", "NVIDIA_VISIBLE_DEVICES=all", *nccl, *fake])
             t = time.perf_counter()
             wait_step(out, pause_at, self.a.ready_timeout, f"ddp to reach step {pause_at}")
             rec["ready_s"] = round(time.perf_counter() - t, 2)

@@ -62,9 +62,10 @@ def test_the_device_list_names_the_containers_gpus(value: str, visible: tuple[st
     assert parse(spec([f"NVIDIA_VISIBLE_DEVICES={value}"])).gpu_targets.visible == visible
 
 
-def test_a_device_list_the_shim_cannot_read_fails_the_create() -> None:
-    with pytest.raises(InvalidArgument, match="neither a GPU UUID nor an index"):
-        parse(spec(["NVIDIA_VISIBLE_DEVICES=MIG-1234"]))
+def test_a_device_list_the_shim_cannot_read_says_nothing_and_the_create_goes_on() -> None:
+    assert not parse(spec(["NVIDIA_VISIBLE_DEVICES=MIG-1234,0"])).gpu_targets
+    with pytest.raises(InvalidArgument, match="more than 16"):
+        parse(spec(["NVIDIA_VISIBLE_DEVICES=" + ",".join(str(i) for i in range(17))]))
 
 
 def test_a_checkpointed_gpu_outside_the_containers_gpus_goes_to_one_of_them() -> None:
@@ -104,7 +105,7 @@ def test_the_shims_restore_lands_on_the_other_gpu(tmp_path: Path, fake_driver: f
     assert (restore.gpu, restore.pairs) == (G1, 1)  # hookd passed the driver the pair G0 -> G1
 
 
-def test_an_impossible_map_fails_before_hookd_restores_and_the_process_stays_checkpointed(
+def test_a_device_list_that_cannot_take_the_checkpoint_leaves_the_choice_to_hookd(
         tmp_path: Path, fake_driver: fakegpu.Built, node: fakegpu.FakeNode, spawn: Callable[..., int]) -> None:
     from kybernate.shim.hookd_driver import HookdDriver
 
@@ -115,12 +116,32 @@ def test_an_impossible_map_fails_before_hookd_restores_and_the_process_stays_che
         async with serving(s):
             driver = HookdDriver(s.server.socket, timeout_s=60)
             m = await driver.checkpoint("k8s.io", "c1", [a], 1000)
-            with pytest.raises(InvalidArgument, match="inventory does not list"):
-                await driver.restore("k8s.io", "c1", [a], m, GpuTargets(visible=("7",)))
-            assert not driver._rollbacks
+            await driver.restore("k8s.io", "c1", [a], m, GpuTargets(visible=("7",)))  # no GPU 7 here
+            await driver._client.close()
+
+    run(go())
+    [restore] = events_for(node, "restore")
+    assert (restore.gpu, restore.pairs) == (G0, 0)  # back where it was, nothing stranded
+    assert node.state("a").get("state", "").upper() == "RUNNING"
+
+
+def test_a_gpu_map_the_node_cannot_meet_is_refused_before_any_driver_call(
+        tmp_path: Path, fake_driver: fakegpu.Built, node: fakegpu.FakeNode, spawn: Callable[..., int]) -> None:
+    from kybernate.hooks.api.client import HookdError
+    from kybernate.shim.hookd_driver import HookdDriver
+
+    a = spawn("a", G0, GiB)
+    s = settings(tmp_path, fake_driver)
+    gone = "GPU-99999999-0000-0000-0000-000000000000"
+
+    async def go() -> None:
+        async with serving(s):
+            driver = HookdDriver(s.server.socket, timeout_s=60)
+            m = await driver.checkpoint("k8s.io", "c1", [a], 1000)
+            with pytest.raises(HookdError, match="which this node does not have"):
+                await driver.restore("k8s.io", "c1", [a], m, GpuTargets(explicit=((G0, gone),)))
             await driver._client.close()
 
     run(go())
     assert events_for(node, "restore") == []
     assert node.state("a").get("state", "").upper() == "CHECKPOINTED"
-
