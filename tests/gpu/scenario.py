@@ -1046,7 +1046,8 @@ class Runner:
             rec["ctr_run_s"], _ = self.start_container(
                 cid, out, [sys.executable, "/kyb/programs.py", *common, "--out-dir", "/out"],
                 annotations={"org.criu.config": conf, "kybernate.io/gpu": "true"},
-                env=["CUDA_DEVICE_ORDER=PCI_BUS_ID", "CUDA_VISIBLE_DEVICES=0,1", "NVIDIA_VISIBLE_DEVICES=all", *nccl, *fake])
+                env=["CUDA_DEVICE_ORDER=PCI_BUS_ID", "CUDA_VISIBLE_DEVICES=0,1", "NVIDIA_VISIBLE_DEVICES=all",
+                     *nccl, *fake])
             t = time.perf_counter()
             wait_step(out, pause_at, self.a.ready_timeout, f"ddp to reach step {pause_at}")
             rec["ready_s"] = round(time.perf_counter() - t, 2)
