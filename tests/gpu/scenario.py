@@ -934,7 +934,11 @@ class Runner:
     def _remap2_one(self, part: str, src: str, dst: str, rec: dict) -> None:
         name = f"remap2-{part}"
         proc = f"p-{name}"
-        env = ["CUDA_DEVICE_ORDER=PCI_BUS_ID", "CUDA_VISIBLE_DEVICES=0,1", *self._fake_env(proc, src)]
+        # Every GPU's device node is in the container; CUDA sees --remap2-cuda-visible (default GPU 0 alone: the
+        # driver wants a pair for every GPU a process checkpointed, and a CUDA runtime that enumerated both may
+        # count both).
+        visible = f"CUDA_VISIBLE_DEVICES={self.a.remap2_cuda_visible}"
+        env = ["CUDA_DEVICE_ORDER=PCI_BUS_ID", visible, *self._fake_env(proc, src)]
         # kybernate.io/gpu: with --no-gpu there are no /dev/nvidia* devices to make it a GPU container.
         notes = {"kybernate.io/gpu": "true"}
         if part == "ctr":
@@ -967,7 +971,7 @@ class Runner:
             rec["delete_s"] = round(self.ctr.remove(cid), 3)
             cid = f"{cid}-r"
             self.ctr.remove(cid)
-            new_env = ["CUDA_DEVICE_ORDER=PCI_BUS_ID", "CUDA_VISIBLE_DEVICES=0,1", f"NVIDIA_VISIBLE_DEVICES={dst}",
+            new_env = ["CUDA_DEVICE_ORDER=PCI_BUS_ID", visible, f"NVIDIA_VISIBLE_DEVICES={dst}",
                        *self._fake_env(proc, src)]
             rec["ctr_run_restore_s"], _ = self.start_container(
                 cid, out, annotations={"kybernate.io/restore-from": f"store:{key}", "kybernate.io/gpu": "true"},
@@ -1574,6 +1578,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--stop-timeout", type=float, default=120, help="resilience: checkpoint-on-stop budget, seconds")
     p.add_argument("--serve-weights-mib", type=int, default=2048, help="resilience: the server's weights file size")
     p.add_argument("--serve-port", type=int, default=18080, help="resilience: the server's port (host network)")
+    p.add_argument("--remap2-cuda-visible", default="0", help="remap2: the workload's CUDA_VISIBLE_DEVICES")
     p.add_argument("--ddp-settings", default=",".join(DDP_SETTINGS), help=f"ddp: from {', '.join(DDP_SETTINGS)}")
     p.add_argument("--ddp-steps", type=int, default=80, help="ddp: steps")
     p.add_argument("--ddp-pause-at", type=int, default=10, help="ddp: pause and resume at this step")
