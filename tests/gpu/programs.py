@@ -326,7 +326,10 @@ def ddp_rank(rank: int, args: argparse.Namespace, rendezvous: str) -> None:
     import torch.distributed as dist  # type: ignore[import-not-found]
     import torch.nn as nn  # type: ignore[import-not-found]
 
-    log = Log(args.out_dir, args.interval) if rank == 0 else None
+    # Both ranks sleep the same fixed interval right after the step's last collective returned: between
+    # steps neither has work queued on its GPU, so a lock of both (a pause, a checkpoint) does not find one
+    # rank inside a collective that waits for the other, already locked, rank.
+    log = Log(args.out_dir, 0.0) if rank == 0 else None
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
     dist.init_process_group("nccl", init_method=f"file://{rendezvous}", rank=rank, world_size=args.ranks)
@@ -354,8 +357,7 @@ def ddp_rank(rank: int, args: argparse.Namespace, rendezvous: str) -> None:
         value = (total / args.ranks).item()  # every rank waits here for the step's collectives
         if log is not None:
             log.step(n, f"loss={value.hex()}")
-        else:
-            time.sleep(max(0.0, args.interval * 0.5))
+        time.sleep(args.interval)
     dist.barrier()
     if log is not None:
         log.done(args.steps)  # idles; the other ranks idle too (the job stays up until it is removed)
@@ -376,7 +378,7 @@ def ddp_torch(args: argparse.Namespace, log: Log) -> None:
 
 def _ddp_py_rank(rank: int, args: argparse.Namespace, conn: object) -> None:
     """The py stand-in of one rank: its own batch, the 'all-reduce' through the parent's pipes."""
-    log = Log(args.out_dir, args.interval) if rank == 0 else None
+    log = Log(args.out_dir, 0.0) if rank == 0 else None
     w, b = 0.1, 0.0
     for n in range(args.steps):
         batch = _py_batch(2 * n + rank)
@@ -391,8 +393,7 @@ def _ddp_py_rank(rank: int, args: argparse.Namespace, conn: object) -> None:
         w, b = w - 0.05 * gw, b - 0.05 * gb
         if log is not None:
             log.step(n, f"loss={mean.hex()}")
-        else:
-            time.sleep(args.interval * 0.5)
+        time.sleep(args.interval)
     if log is not None:
         log.done(args.steps)
     while True:

@@ -1025,6 +1025,21 @@ class Runner:
         if "worked" not in rec:
             raise StepError(f"ddp: no NCCL setting worked ({', '.join(names)}); see attempts")
 
+    def _once_more(self, cid: str, rec: dict, what: str, *args: str) -> float:
+        """A ctr step, tried a second time when the first fails and the task runs on (a lock that met one rank
+        inside a collective times out, and hookd puts both back): both errors recorded."""
+        try:
+            return self.ctr.run(*args, timeout=self.a.step_timeout)[0]
+        except StepError as e:
+            rec[f"{what}_first_error"] = str(e)[-1500:]
+            rec[f"{what}_hookd_errors"] = hookd_lines(self.a.base, "level=error", "level=warning")[-6:]
+            status = self.ctr.task_status(cid)
+            rec[f"{what}_task_status_after_error"] = status
+            if status != "RUNNING":
+                raise
+        time.sleep(1.0)
+        return self.ctr.run(*args, timeout=self.a.step_timeout)[0]
+
     def _ddp_one(self, name: str, rec: dict, conf: str, uuids: list[str]) -> None:
         cid = f"kyb-ddp-{name}"
         self.ctr.remove(cid)
@@ -1061,11 +1076,7 @@ class Runner:
             pause: dict = {}
             rec["pause_resume"] = pause
             self.steps.freeze(pid, pause)
-            try:
-                pause["pause_s"], _ = self.ctr.run("task", "pause", cid, timeout=self.a.step_timeout)
-            except StepError:
-                self.collect_logs(cid, rec)
-                raise
+            pause["pause_s"] = self._once_more(cid, pause, "pause", "task", "pause", cid)
             pause["step_at_pause"] = last_step(out)
             pause["vram_used_mib_paused"] = self.steps.vram_mib()
             time.sleep(1.0)
@@ -1080,12 +1091,8 @@ class Runner:
             wait_step(out, at, self.a.step_timeout, f"ddp to reach step {at}")
             self.steps.freeze(pid, ck)
             ck["step_at_checkpoint"] = last_step(out)
-            try:
-                ck["ctr_checkpoint_s"], _ = self.ctr.run("container", "checkpoint", "--task", "--rw", cid, ref_img,
-                                                         timeout=self.a.step_timeout)
-            except StepError:
-                self.collect_logs(cid, rec)
-                raise
+            ck["ctr_checkpoint_s"] = self._once_more(cid, ck, "checkpoint", "container", "checkpoint", "--task", "--rw",
+                                                     cid, ref_img)
             ck["checkpoint_image_bytes"] = self.image_size(ref_img)
             wait_step(out, ck["step_at_checkpoint"] + 3, 120, "ddp to go on after the checkpoint")
             self.steps.thaw(pid, ck)
