@@ -1003,7 +1003,7 @@ class Runner:
         rec["criu_config"] = read_text(conf)
         rec["attempts"] = {}
         for name in names:
-            sub: dict = {"env": {"NCCL_NVLS_ENABLE": "0", **DDP_SETTINGS[name]}}
+            sub: dict = {"env": {"NCCL_NVLS_ENABLE": "0", "NCCL_DEBUG": "WARN", **DDP_SETTINGS[name]}}
             rec["attempts"][name] = sub
             t = time.perf_counter()
             try:
@@ -1024,6 +1024,18 @@ class Runner:
                 break
         if "worked" not in rec:
             raise StepError(f"ddp: no NCCL setting worked ({', '.join(names)}); see attempts")
+
+    def _wait_alive(self, cid: str, out: str, step: int, timeout: float, what: str, after: int = 0) -> int:
+        """wait_step, failing at once when the task has stopped (a rank that died ends the job)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return wait_step(out, step, min(5.0, max(0.1, deadline - time.monotonic())), what, after)
+            except StepError:
+                status = self.ctr.task_status(cid)
+                if status not in ("RUNNING", "PAUSED") or time.monotonic() >= deadline:
+                    tail = read_text(os.path.join(out, "stdout.log"))[-1500:]
+                    raise StepError(f"{what}: task {status}, last step {last_step(out, after)}; output: {tail!r}")
 
     def _once_more(self, cid: str, rec: dict, what: str, *args: str) -> float:
         """A ctr step, tried a second time when the first fails and the task runs on (a lock that met one rank
@@ -1068,7 +1080,7 @@ class Runner:
                 env=["CUDA_DEVICE_ORDER=PCI_BUS_ID", "CUDA_VISIBLE_DEVICES=0,1", "NVIDIA_VISIBLE_DEVICES=all",
                      *nccl, *fake])
             t = time.perf_counter()
-            wait_step(out, pause_at, self.a.ready_timeout, f"ddp to reach step {pause_at}")
+            self._wait_alive(cid, out, pause_at, self.a.ready_timeout, f"ddp to reach step {pause_at}")
             rec["ready_s"] = round(time.perf_counter() - t, 2)
             pid = self.ctr.task_pid(cid)
             rec["processes"] = [pid, *_descendants(pid)]
@@ -1113,7 +1125,7 @@ class Runner:
             rs["restored_pid"] = new_pid
             self.steps.thaw(new_pid, rs)
             rs["gpus_after"] = {p: gpu_of(p, "", self.a.no_gpu) for p in [new_pid, *_descendants(new_pid)]}
-            wait_step(out, steps - 1, self.a.step_timeout, "the restored ddp to finish", after=offset)
+            self._wait_alive(cid, out, steps - 1, self.a.step_timeout, "the restored ddp to finish", after=offset)
             wait_step(ref_out, steps - 1, self.a.step_timeout, "the reference ddp to finish")
             rec.update(compare_steps(ref_out, out, offset, steps))
         finally:
