@@ -1040,10 +1040,13 @@ class Runner:
     def _once_more(self, cid: str, rec: dict, what: str, *args: str) -> float:
         """A ctr step, tried a second time when the first fails and the task runs on (a lock that met one rank
         inside a collective times out, and hookd puts both back): both errors recorded."""
+        t = time.monotonic()
         try:
             return self.ctr.run(*args, timeout=self.a.step_timeout)[0]
         except StepError as e:
             rec[f"{what}_first_error"] = str(e)[-1500:]
+            if time.monotonic() - t > 30:  # a hang, not a race: the device time is better spent on the next setting
+                raise
             rec[f"{what}_hookd_errors"] = hookd_lines(self.a.base, "level=error", "level=warning")[-6:]
             status = self.ctr.task_status(cid)
             rec[f"{what}_task_status_after_error"] = status
