@@ -14,6 +14,7 @@ from typing import Any
 
 PREFIX = "kybernate.io/"
 RESTORE_FROM = PREFIX + "restore-from"
+GPU_MAP = PREFIX + "gpu-map"
 
 # Any kybernate.io/* key: longer names are not ours (and Kubernetes allows 63 bytes after the prefix).
 MAX_KEY_BYTES = 128
@@ -22,6 +23,8 @@ MAX_VALUE_BYTES = 256
 # restore-from names an archive under checkpoint_dir: a path of at most this many bytes, components
 # and bytes per component (NAME_MAX). Far beyond any real archive name, far below a slow realpath.
 MAX_PATH_BYTES = 1024
+# gpu-map lists "<old uuid>=<new uuid>" pairs of 81 bytes: room for 16 GPUs.
+MAX_GPU_MAP_BYTES = 1400
 MAX_PATH_COMPONENTS = 32
 MAX_COMPONENT_BYTES = 255
 
@@ -41,7 +44,7 @@ def check(annotations: Mapping[str, Any]) -> None:
         if not isinstance(value, str):
             raise AnnotationError(f"annotation {key}: the value must be a string, got {type(value).__name__}")
         size = len(value.encode(errors="surrogatepass"))
-        limit = MAX_PATH_BYTES if key == RESTORE_FROM else MAX_VALUE_BYTES
+        limit = {RESTORE_FROM: MAX_PATH_BYTES, GPU_MAP: MAX_GPU_MAP_BYTES}.get(key, MAX_VALUE_BYTES)
         if size > limit:
             raise AnnotationError(f"annotation {key}: value of {size} bytes is longer than the limit of {limit} bytes")
         bad = next((c for c in value if ord(c) < 0x20 or ord(c) == 0x7F), None)

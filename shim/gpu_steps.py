@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     # only a checkpoint or a restore loads them.
     from kybernate.hooks.api.model import GpuManifest
 
+    from .gpu_map import GpuTargets
+
 log = logging.getLogger(__name__)
 
 
@@ -192,9 +194,11 @@ class GpuDriver(Protocol):
         ...
 
     async def restore(
-        self, namespace: str, container_id: str, pids: list[int], manifest: GpuManifest | None
+        self, namespace: str, container_id: str, pids: list[int], manifest: GpuManifest | None,
+        targets: GpuTargets | None = None,
     ) -> None:
-        """Restore (remapping GPUs if they differ from the manifest) and unlock every CUDA process."""
+        """Restore (remapping GPUs if they differ from the manifest, onto `targets`: the container's own GPUs
+        or its gpu-map annotation) and unlock every CUDA process."""
         ...
 
 
@@ -352,7 +356,7 @@ class GpuSteps:
                         "init process and descendants", extra={"fields": {"id": task.container_id,
                                                                           "pids": list(task.pids)}})
         await self.driver_for(task.options).restore(task.spec.namespace, task.container_id, list(task.pids),
-                                                    task.manifest)
+                                                    task.manifest, task.spec.gpu_targets)
 
     async def _record(self, task: TaskGpu, phase: Phase, step: str | None) -> None:
         record = intent.Intent(

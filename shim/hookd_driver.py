@@ -30,6 +30,9 @@ import logging
 from kybernate.hooks.api.client import KEEPALIVE_S, HookdClient, HookdError, HookdUnavailable
 from kybernate.hooks.api.model import GpuManifest
 
+from . import gpu_map
+from .gpu_map import GpuTargets
+
 log = logging.getLogger(__name__)
 
 # The loop time (asyncio's clock) by which the task call being served must be answered; None: no
@@ -72,9 +75,11 @@ class HookdDriver:
         return manifest
 
     async def restore(
-        self, namespace: str, container_id: str, pids: list[int], manifest: GpuManifest | None
+        self, namespace: str, container_id: str, pids: list[int], manifest: GpuManifest | None,
+        targets: GpuTargets | None = None,
     ) -> None:
         self._supersede(namespace, container_id)
+        gpu_map = await self._gpu_map(container_id, manifest, targets)
         # A restore is what puts a process back: one the shim cannot wait for goes on in the background.
         try:
             deadline_s = self._deadline_s("restore")
@@ -82,7 +87,8 @@ class HookdDriver:
             self._roll_back(namespace, container_id, pids, "no time left", manifest)
             raise
         try:
-            await self._client.restore_gpu(namespace, container_id, pids, manifest=manifest, deadline_s=deadline_s)
+            await self._client.restore_gpu(namespace, container_id, pids, manifest=manifest, gpu_map=gpu_map,
+                                           deadline_s=deadline_s)
         except (HookdUnavailable, asyncio.CancelledError) as err:
             self._roll_back(namespace, container_id, pids, type(err).__name__, manifest)
             raise
@@ -90,6 +96,29 @@ class HookdDriver:
             if err.code == DEADLINE_EXCEEDED:
                 self._roll_back(namespace, container_id, pids, err.code_name, manifest)
             raise
+
+    async def _gpu_map(self, container_id: str, manifest: GpuManifest | None,
+                       targets: GpuTargets | None) -> dict[str, str]:
+        """The old -> new GPU pairs this container asks for (gpu_map.plan); an index list needs hookd's
+        inventory. hookd checks the pairs against the node (a GPU it lacks, another model, too little VRAM:
+        refused before any driver call)."""
+        if not targets:
+            return {}
+        node: dict[int, str] | None = None
+        if targets.needs_node_gpus and manifest is not None and manifest.gpus:
+            health = await self._client.health()
+            node = {g.index: g.uuid for g in health.gpus}
+        try:
+            chosen = gpu_map.plan(manifest, targets, node)
+        except gpu_map.GpuMapError as err:
+            # Only a list derived from NVIDIA_VISIBLE_DEVICES gets here (the annotation is used as given): the
+            # restore goes on where hookd chooses (the same GPUs when here) rather than leave the work stranded.
+            log.warning("the container's GPUs cannot take the checkpoint's; hookd chooses",
+                        extra={"fields": {"id": container_id, "error": str(err)}})
+            return {}
+        if chosen:
+            log.info("restoring onto other GPUs", extra={"fields": {"id": container_id, "gpu_map": chosen}})
+        return chosen
 
     def _deadline_s(self, what: str) -> float:
         """Seconds the hookd call may take: hookd_timeout_s, or less to answer before containerd's deadline."""

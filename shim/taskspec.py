@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import annotation_limits, restore_from
+from . import annotation_limits, gpu_map, restore_from
 from .errors import FailedPrecondition, InvalidArgument
 from .runtime_options import KybernateOptions
 
@@ -64,6 +64,8 @@ class TaskSpec:
     restore_from: str | None  # the `kybernate.io/restore-from` archive reference, if any
     container_name: str | None  # CRI's container name (which container of a pod an archive holds)
     resilience: Resilience | None = None  # checkpoint-on-stop, periodic checkpoints, resume: latest
+    # Where a restore's checkpointed GPUs land: kybernate.io/gpu-map, else the container's own GPUs.
+    gpu_targets: gpu_map.GpuTargets = gpu_map.GpuTargets()
 
     @classmethod
     def parse(cls, container_id: str, namespace: str, bundle: str, spec: Mapping[str, Any],
@@ -86,10 +88,16 @@ class TaskSpec:
         if resilience is not None and resilience.resume_latest and reference is not None:
             raise InvalidArgument(f"{container_id}: annotations {RESUME} and {restore_from.ANNOTATION} were both "
                                   "given: a container restores from one checkpoint; keep one of them")
+        env = (spec.get("process") or {}).get("env") or []
+        try:
+            targets = gpu_map.targets_from_spec(notes, env if isinstance(env, list) else [])
+        except gpu_map.GpuMapError as err:
+            raise InvalidArgument(f"{container_id}: {err}") from err
         return cls(
             container_id=container_id, namespace=namespace, bundle=bundle, gpu=is_gpu_container(spec),
             options=options, restore_from=reference,
             container_name=str(name) if name else None, resilience=resilience,
+            gpu_targets=targets,
         )
 
 

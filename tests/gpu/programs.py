@@ -12,6 +12,10 @@ PROGRAM:
                 per token.
   hf-generate   a HuggingFace transformers `generate` loop (greedy) on a Llama model initialised at
                 random from a config: nothing is downloaded.
+  ddp           a data-parallel job of two ranks (issue 17): torch.multiprocessing spawns one process
+                per GPU (rank r on cuda:r), NCCL backend (NCCL_NVLS_ENABLE=0 always), rendezvous through
+                a file (no TCP store); each step every rank's gradients are all-reduced (summed, then
+                averaged) and the loss too; rank 0 writes the lines. The parent never touches CUDA.
 
 Every step appends one line `step=<n> <value>` to DIR/steps.log (opened, appended, closed: no file
 stays open across a checkpoint), with the value in full precision (float.hex of the loss, token ids
@@ -33,7 +37,7 @@ import os
 import sys
 import time
 
-PROGRAMS = ("train", "compile", "graph-decode", "hf-generate")
+PROGRAMS = ("train", "compile", "graph-decode", "hf-generate", "ddp")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -45,6 +49,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workers-start", choices=("fork", "spawn"), default="fork")
     p.add_argument("--backend", choices=("torch", "py"), default="torch")
     p.add_argument("--hidden", type=int, default=8192, help="train: MLP width (8192: ~2 GB VRAM with AdamW)")
+    p.add_argument("--ranks", type=int, default=2, help="ddp: processes (one per GPU)")
     return p.parse_args(argv)
 
 
@@ -309,9 +314,126 @@ def decode_py(args: argparse.Namespace, log: Log) -> None:
     log.done(args.steps)
 
 
+# ------------------------------------------------------------------------------------------------
+# ddp: two ranks, one per GPU, NCCL all-reduce every step
+# ------------------------------------------------------------------------------------------------
+DDP_IN, DDP_HIDDEN, DDP_BATCH = 512, 2048, 128
+
+
+def ddp_rank(rank: int, args: argparse.Namespace, rendezvous: str) -> None:
+    """One rank: cuda:<rank>, the same seeded model on every rank, its own seeded batches."""
+    torch = _deterministic()
+    import torch.distributed as dist  # type: ignore[import-not-found]
+    import torch.nn as nn  # type: ignore[import-not-found]
+
+    # Both ranks sleep the same fixed interval right after the step's last collective returned: between
+    # steps neither has work queued on its GPU, so a lock of both (a pause, a checkpoint) does not find one
+    # rank inside a collective that waits for the other, already locked, rank.
+    log = Log(args.out_dir, 0.0) if rank == 0 else None
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"file://{rendezvous}", rank=rank, world_size=args.ranks)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(DDP_IN, DDP_HIDDEN), nn.GELU(), nn.Linear(DDP_HIDDEN, 64)).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    warm = torch.ones(1, device=dev)
+    dist.all_reduce(warm)  # NCCL's communicator is set up here, before the first step
+    if log is not None:
+        nccl = {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}
+        log.note(f"ready ddp ranks={args.ranks} nccl={nccl} vram_mib={torch.cuda.memory_reserved(dev) >> 20}")
+    for n in range(args.steps):
+        g = torch.Generator().manual_seed(7919 * n + rank)
+        x = torch.randn(DDP_BATCH, DDP_IN, generator=g).to(dev)
+        y = torch.tanh(x[:, :64] * 0.5 + x[:, 64:128] * 0.25)
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad.div_(args.ranks)
+        opt.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        value = (total / args.ranks).item()  # every rank waits here for the step's collectives
+        if log is not None:
+            log.step(n, f"loss={value.hex()}")
+        time.sleep(args.interval)
+    dist.barrier()
+    if log is not None:
+        log.done(args.steps)  # idles; the other ranks idle too (the job stays up until it is removed)
+    while True:
+        time.sleep(3600)
+
+
+def ddp_torch(args: argparse.Namespace, log: Log) -> None:
+    os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast stays off (the device machines require it)
+    import torch.multiprocessing as mp  # type: ignore[import-not-found]
+
+    rendezvous = os.path.join(args.out_dir, f"rendezvous-{os.getpid()}")
+    if os.path.exists(rendezvous):
+        os.unlink(rendezvous)
+    log.note(f"spawning {args.ranks} ranks")
+    mp.spawn(ddp_rank, args=(args, rendezvous), nprocs=args.ranks, join=True)
+
+
+def _ddp_py_rank(rank: int, args: argparse.Namespace, conn: object) -> None:
+    """The py stand-in of one rank: its own batch, the 'all-reduce' through the parent's pipes."""
+    log = Log(args.out_dir, 0.0) if rank == 0 else None
+    w, b = 0.1, 0.0
+    for n in range(args.steps):
+        batch = _py_batch(2 * n + rank)
+        gw = gb = loss = 0.0
+        for x, y in batch:
+            err = math.tanh(w * x + b) - y
+            loss += err * err
+            d = 2 * err * (1 - math.tanh(w * x + b) ** 2)
+            gw, gb = gw + d * x, gb + d
+        conn.send((gw / len(batch), gb / len(batch), loss / len(batch)))  # type: ignore[attr-defined]
+        gw, gb, mean = conn.recv()  # type: ignore[attr-defined]
+        w, b = w - 0.05 * gw, b - 0.05 * gb
+        if log is not None:
+            log.step(n, f"loss={mean.hex()}")
+        time.sleep(args.interval)
+    if log is not None:
+        log.done(args.steps)
+    while True:
+        time.sleep(3600)
+
+
+def ddp_py(args: argparse.Namespace, log: Log) -> None:
+    """Two ranks as two processes (spawned, as torch.multiprocessing does), the parent summing their
+    gradients every step: the plumbing of the torch job without torch or a GPU."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    pipes = [ctx.Pipe() for _ in range(args.ranks)]
+    procs = [ctx.Process(target=_ddp_py_rank, args=(r, args, pipes[r][1]), daemon=True) for r in range(args.ranks)]
+    fake = [g for g in os.environ.get("KYB_FAKE_GPUS", "").split(",") if g]
+    if fake:  # started now, so that it does not inherit a rank's fake identity below
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+    for r, p in enumerate(procs):
+        if fake:  # CPU rehearsal: each rank a fake CUDA process of the fake driver, rank r on GPU r
+            os.environ.update(FAKEGPU_PROC=f"{os.environ.get('KYB_FAKE_PROC', 'ddp')}-r{r}",
+                              FAKEGPU_GPU=fake[r % len(fake)], FAKEGPU_VRAM=str(1 << 28))
+        p.start()
+    log.note(f"ready ddp (py) ranks={args.ranks}")
+    for _ in range(args.steps):
+        parts = [pipes[r][0].recv() for r in range(args.ranks)]
+        mean = tuple(sum(v[i] for v in parts) / args.ranks for i in range(3))
+        for r in range(args.ranks):
+            pipes[r][0].send(mean)
+    for p in procs:
+        p.join()
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     log = Log(args.out_dir, args.interval)
+    if args.program == "ddp":
+        (ddp_py if args.backend == "py" else ddp_torch)(args, log)
+        return 0
     if args.backend == "py":
         if args.program == "train":
             train_py(args, log, workers=2)

@@ -40,6 +40,21 @@ Scenarios (comma-separated, run in order, each in its own container):
                  to the GPU, warmed up): time from `ctr run` to the first answer, cold; SIGTERM with
                  checkpoint-on-stop; then from `ctr run` with resume: latest to the first answer, restored;
                  the restored server must give the same answer to the same request.
+  remap2         (kybernate runtime, two GPUs; issue 17) the workload on GPU 0 (every GPU's device node
+                 visible, CUDA_DEVICE_ORDER=PCI_BUS_ID) restored onto GPU 1 twice: (a) created with
+                 kybernate.io/gpu-map=<gpu0>=<gpu1>, ctr c checkpoint --task --rw → kill, delete → ctr c
+                 restore --live --rw; (b) `kybernate checkpoint` into the store → a NEW container with
+                 kybernate.io/restore-from: store:<key> and NVIDIA_VISIBLE_DEVICES=<gpu1>. Each: counter
+                 continues, checksum identical, and the process is on GPU 1 afterwards (nvidia-smi's
+                 compute apps; the fake driver's record with --no-gpu), hookd's `restored` log line.
+  ddp            (kybernate runtime, two GPUs; issue 17) programs.py ddp (two ranks, NCCL, one per GPU)
+                 in one container next to an uninterrupted host reference with the same NCCL settings:
+                 ctr t pause → resume at --ddp-pause-at, ctr c checkpoint --task --rw at
+                 --ddp-checkpoint-at → kill, delete → ctr c restore --live --rw → last step; every line
+                 must equal the reference's. Tried with DDP_SETTINGS in order (default, NCCL_P2P_DISABLE=1,
+                 + NCCL_SHM_DISABLE=1) until one works; every attempt's errors (ctr's, the CRIU logs,
+                 hookd's log) are recorded. --no-gpu: the py backend, its two ranks fake CUDA processes
+                 of the fake driver's two GPUs.
 
 Verification: the workload's counter must continue past its pre-checkpoint value and its checksum
 must equal the reference taken at start (ok=True).
@@ -64,7 +79,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 ALL_SCENARIOS = ("driver-floor", "exit-restore", "leave-running", "pause-resume", "export-import", "remap", "programs",
-                 "store", "resilience")
+                 "store", "resilience", "remap2", "ddp")
+# ddp: NCCL settings tried in order until pause/resume and checkpoint/restore work (NVLink multicast always off).
+DDP_SETTINGS = {
+    "default": {},
+    "p2p-off": {"NCCL_P2P_DISABLE": "1"},
+    "p2p-shm-off": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"},
+}
 # The GPU corpus (programs.py), as the `programs` scenario runs it: name -> programs.py arguments.
 PROGRAMS = {
     "train-fork": ["train", "--workers-start", "fork"],
@@ -472,6 +493,7 @@ class Runner:
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
         self.ctr = Ctr(a.ctr, a.address, a.namespace)
+        self.save = lambda: None  # main() sets it: writes results.json (a run cut short keeps what it measured)
         # The raw floor is always the driver alone, called from here; the scenarios use the runtime's way.
         self.floor = RuncSteps(a.no_gpu)
         self.floor.big_timeout = max(60.0, 6.0 * a.vram_gib)
@@ -508,7 +530,8 @@ class Runner:
             args += ["--mount", f"type=bind,src={b},dst={b},options=bind:ro"]
         args += ["--mount", f"type=bind,src={out},dst=/out,options=bind:rw",
                  "--mount", f"type=bind,src={HERE},dst=/kyb,options=bind:ro"]
-        for e in container_env() + (env or []):
+        overridden = {e.partition("=")[0] for e in env or []}
+        for e in [e for e in container_env() if e.partition("=")[0] not in overridden] + (env or []):
             args += ["--env", e]
         vram = self.a.vram_gib if vram_gib is None else vram_gib
         command = command or [sys.executable, "/kyb/workload.py", "--vram-gib", str(vram),
@@ -517,11 +540,12 @@ class Runner:
         dt, _ = self.ctr.run(*args, timeout=120)
         return dt, args
 
-    def launch(self, name: str, rec: dict, vram_gib: float | None = None) -> tuple[str, str, int, str]:
+    def launch(self, name: str, rec: dict, vram_gib: float | None = None, annotations: dict[str, str] | None = None,
+               env: list[str] | None = None) -> tuple[str, str, int, str]:
         cid = f"kyb-{name}"
         self.ctr.remove(cid)
         out = self.out_dir(name)
-        dt, _ = self.start_container(cid, out, vram_gib=vram_gib)
+        dt, _ = self.start_container(cid, out, vram_gib=vram_gib, annotations=annotations, env=env)
         rec["ctr_run_s"] = round(dt, 3)
         t = time.perf_counter()
         wait_status(out, lambda s: "counter" in s and int(s["counter"]) >= 3, self.a.ready_timeout, "workload ticks")
@@ -867,6 +891,257 @@ class Runner:
         if not rec["identical"]:
             raise StepError(f"{name}: the restored run's steps differ from the reference: {rec['mismatches'][:3]}")
 
+    # -- two GPUs (issue 17) ------------------------------------------------------------------------
+    def _two_gpus(self) -> list[str]:
+        uuids = gpu_uuids(self.a.no_gpu)
+        if len(uuids) < 2:
+            raise StepError(f"needs two GPUs, this machine has {uuids or 'none'}")
+        return uuids
+
+    def _fake_env(self, proc_id: str, uuid: str) -> list[str]:
+        """--no-gpu: make the workload a fake CUDA process of the fake driver (its state dir, its id, its GPU)."""
+        if not self.a.no_gpu or not os.environ.get("FAKEGPU_STATE_DIR"):
+            return []
+        return [f"FAKEGPU_STATE_DIR={os.environ['FAKEGPU_STATE_DIR']}", f"FAKEGPU_PROC={proc_id}",
+                f"FAKEGPU_GPU={uuid}", f"FAKEGPU_VRAM={int(self.a.vram_gib * (1 << 30))}"]
+
+    def s_remap2(self, rec: dict) -> None:
+        if self.a.runtime != "kybernate":
+            raise StepError("remap2 needs --runtime kybernate (the shim and hookd remap)")
+        uuids = self._two_gpus()
+        src, dst = uuids[0], uuids[1]
+        rec["gpus"] = uuids
+        failed = []
+        for part in ("ctr", "restore-from"):
+            sub: dict = {}
+            rec[part] = sub
+            try:
+                self._remap2_one(part, src, dst, sub)
+                sub["result"] = "PASS"
+            except Exception as e:  # noqa: BLE001 - next part; recorded
+                sub["result"] = "FAIL"
+                sub["error"] = f"{type(e).__name__}: {e}"
+                failed.append(part)
+                for cid in (f"kyb-remap2-{part}", f"kyb-remap2-{part}-r"):
+                    self.collect_logs(cid, sub)
+                    self.ctr.remove(cid)
+            sub["hookd_restored"] = hookd_lines(self.a.base, "restored")[-2:]
+            log(f"remap2 {part}: {json.dumps({k: v for k, v in sub.items() if k != 'logs'}, default=str)}")
+            self.save()
+        if failed:
+            raise StepError(f"remap2 failed: {', '.join(failed)}")
+
+    def _remap2_one(self, part: str, src: str, dst: str, rec: dict) -> None:
+        name = f"remap2-{part}"
+        proc = f"p-{name}"
+        # Every GPU's device node is in the container; CUDA sees --remap2-cuda-visible (default GPU 0 alone: the
+        # driver wants a pair for every GPU a process checkpointed, and a CUDA runtime that enumerated both may
+        # count both).
+        visible = f"CUDA_VISIBLE_DEVICES={self.a.remap2_cuda_visible}"
+        env = ["CUDA_DEVICE_ORDER=PCI_BUS_ID", visible, *self._fake_env(proc, src)]
+        # kybernate.io/gpu: with --no-gpu there are no /dev/nvidia* devices to make it a GPU container.
+        notes = {"kybernate.io/gpu": "true"}
+        if part == "ctr":
+            notes["kybernate.io/gpu-map"] = f"{src}={dst}"
+        if part != "ctr":
+            env.append(f"NVIDIA_VISIBLE_DEVICES={src}")
+        cid, out, pid, ref = self.launch(name, rec, annotations=notes, env=env)
+        rec["gpu_before"] = gpu_of(pid, proc, self.a.no_gpu)
+        before = read_status(out)
+        self.steps.freeze(pid, rec)
+        if part == "ctr":
+            ref_img = f"kybernate.test/ckpt/{name}:1"
+            self.ctr.run("images", "rm", ref_img, check=False)
+            rec["ctr_checkpoint_s"], _ = self.ctr.run("container", "checkpoint", "--task", "--rw", cid, ref_img,
+                                                      timeout=self.a.step_timeout)
+            rec["delete_s"] = round(self.ctr.remove(cid), 3)
+            rec["ctr_restore_s"], _ = self.ctr.run("container", "restore", "--live", "--rw", cid, ref_img,
+                                                   timeout=self.a.step_timeout)
+            self.ctr.run("images", "rm", ref_img, check=False)
+        else:
+            key = "remap2"
+            clear_key(self.a.store, key)
+            cmd = [sys.executable, "-c", "import sys; from kybernate.hooks.cli.checkpoint_archive import main; "
+                   "sys.exit(main())", "checkpoint", cid, "--key", key, "--json", "--namespace", self.a.namespace]
+            t = time.perf_counter()
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=self.a.step_timeout)
+            rec["kybernate_checkpoint_s"] = round(time.perf_counter() - t, 3)
+            if p.returncode != 0:
+                raise StepError(f"kybernate checkpoint failed rc={p.returncode}: {p.stderr[-800:]}")
+            rec["delete_s"] = round(self.ctr.remove(cid), 3)
+            cid = f"{cid}-r"
+            self.ctr.remove(cid)
+            new_env = ["CUDA_DEVICE_ORDER=PCI_BUS_ID", visible, f"NVIDIA_VISIBLE_DEVICES={dst}",
+                       *self._fake_env(proc, src)]
+            rec["ctr_run_restore_s"], _ = self.start_container(
+                cid, out, annotations={"kybernate.io/restore-from": f"store:{key}", "kybernate.io/gpu": "true"},
+                env=new_env)
+        new_pid = self.ctr.task_pid(cid)
+        rec["restored_pid"] = new_pid
+        self.steps.thaw(new_pid, rec)
+        rec.update(verify_continues(out, before, ref, time.time()))
+        rec["gpu_after"] = gpu_of(new_pid, proc, self.a.no_gpu)
+        self.collect_logs(cid, rec)
+        self.ctr.remove(cid)
+        if part != "ctr":
+            clear_key(self.a.store, "remap2")
+        if rec["gpu_after"] != [dst]:
+            raise StepError(f"the restored process is on {rec['gpu_after']}, not on GPU 1 {dst}")
+
+    def s_ddp(self, rec: dict) -> None:
+        if self.a.runtime != "kybernate":
+            raise StepError("ddp needs --runtime kybernate")
+        uuids = self._two_gpus()
+        rec["gpus"] = uuids
+        names = [n.strip() for n in self.a.ddp_settings.split(",") if n.strip()]
+        unknown = [n for n in names if n not in DDP_SETTINGS]
+        if unknown:
+            raise StepError(f"unknown --ddp-settings {unknown}; known: {', '.join(DDP_SETTINGS)}")
+        conf = os.path.join(self.a.base, "criu-ddp.conf")
+        with open(conf, "w") as f:
+            f.write("".join(o.strip() + "\n" for o in self.a.ddp_criu.split(",") if o.strip()))
+        rec["criu_config"] = read_text(conf)
+        rec["attempts"] = {}
+        for name in names:
+            sub: dict = {"env": {"NCCL_NVLS_ENABLE": "0", "NCCL_DEBUG": "WARN", **DDP_SETTINGS[name]}}
+            rec["attempts"][name] = sub
+            t = time.perf_counter()
+            try:
+                self._ddp_one(name, sub, conf, uuids)
+                sub["result"] = "PASS"
+            except Exception as e:  # noqa: BLE001 - next setting; recorded
+                sub["result"] = "FAIL"
+                sub["error"] = f"{type(e).__name__}: {e}"
+                sub["hookd_errors"] = hookd_lines(self.a.base, "level=error", "level=warning")[-12:]
+                sub["criu_errors"] = criu_errors(sub.get("logs", []))
+            finally:
+                self.ctr.remove(f"kyb-ddp-{name}")
+            sub["wall_s"] = round(time.perf_counter() - t, 2)
+            log(f"ddp {name}: {sub['result']} {json.dumps({k: v for k, v in sub.items() if k != 'logs'}, default=str)}")
+            self.save()
+            if sub["result"] == "PASS":
+                rec["worked"] = name
+                break
+        if "worked" not in rec:
+            raise StepError(f"ddp: no NCCL setting worked ({', '.join(names)}); see attempts")
+
+    def _wait_alive(self, cid: str, out: str, step: int, timeout: float, what: str, after: int = 0) -> int:
+        """wait_step, failing at once when the task has stopped (a rank that died ends the job)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return wait_step(out, step, min(5.0, max(0.1, deadline - time.monotonic())), what, after)
+            except StepError:
+                status = self.ctr.task_status(cid)
+                if status not in ("RUNNING", "PAUSED") or time.monotonic() >= deadline:
+                    tail = read_text(os.path.join(out, "stdout.log"))[-1500:]
+                    raise StepError(f"{what}: task {status}, last step {last_step(out, after)}; output: {tail!r}")
+
+    def _once_more(self, cid: str, rec: dict, what: str, *args: str) -> float:
+        """A ctr step, tried a second time when the first fails and the task runs on (a lock that met one rank
+        inside a collective times out, and hookd puts both back): both errors recorded."""
+        t = time.monotonic()
+        try:
+            return self.ctr.run(*args, timeout=self.a.step_timeout)[0]
+        except StepError as e:
+            rec[f"{what}_first_error"] = str(e)[-1500:]
+            if time.monotonic() - t > 30:  # a hang, not a race: the device time is better spent on the next setting
+                raise
+            rec[f"{what}_hookd_errors"] = hookd_lines(self.a.base, "level=error", "level=warning")[-6:]
+            status = self.ctr.task_status(cid)
+            rec[f"{what}_task_status_after_error"] = status
+            if status != "RUNNING":
+                raise
+        time.sleep(1.0)
+        return self.ctr.run(*args, timeout=self.a.step_timeout)[0]
+
+    def _ddp_one(self, name: str, rec: dict, conf: str, uuids: list[str]) -> None:
+        cid = f"kyb-ddp-{name}"
+        self.ctr.remove(cid)
+        out, ref_out = self.out_dir(f"ddp-{name}"), self.out_dir(f"ddp-{name}-ref")
+        steps, pause_at, at = self.a.ddp_steps, self.a.ddp_pause_at, self.a.ddp_checkpoint_at
+        common = ["ddp", "--steps", str(steps), "--interval", str(self.a.ddp_interval), "--backend", self.backend]
+        nccl = [f"{k}={v}" for k, v in rec["env"].items()]
+        ref_cmd = [sys.executable, os.path.join(HERE, "programs.py"), *common, "--out-dir", ref_out]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", CUDA_DEVICE_ORDER="PCI_BUS_ID",
+                   CUDA_VISIBLE_DEVICES="0,1", **rec["env"])
+        for k in ("FAKEGPU_STATE_DIR", "KYB_FAKE_GPUS"):
+            env.pop(k, None)  # the reference is no fake CUDA process
+        with open(os.path.join(ref_out, "stdout.log"), "w") as so:
+            ref = subprocess.Popen(ref_cmd, stdin=subprocess.DEVNULL, stdout=so, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+        ref_img = f"kybernate.test/ckpt/ddp-{name}:1"
+        self.ctr.run("images", "rm", ref_img, check=False)
+        fake = []
+        if self.a.no_gpu and os.environ.get("FAKEGPU_STATE_DIR"):
+            fake = [f"FAKEGPU_STATE_DIR={os.environ['FAKEGPU_STATE_DIR']}", f"KYB_FAKE_GPUS={','.join(uuids[:2])}",
+                    f"KYB_FAKE_PROC=p-ddp-{name}"]
+        try:
+            rec["ctr_run_s"], _ = self.start_container(
+                cid, out, [sys.executable, "/kyb/programs.py", *common, "--out-dir", "/out"],
+                annotations={"org.criu.config": conf, "kybernate.io/gpu": "true"},
+                env=["CUDA_DEVICE_ORDER=PCI_BUS_ID", "CUDA_VISIBLE_DEVICES=0,1", "NVIDIA_VISIBLE_DEVICES=all",
+                     *nccl, *fake])
+            t = time.perf_counter()
+            self._wait_alive(cid, out, pause_at, self.a.ready_timeout, f"ddp to reach step {pause_at}")
+            rec["ready_s"] = round(time.perf_counter() - t, 2)
+            pid = self.ctr.task_pid(cid)
+            rec["processes"] = [pid, *_descendants(pid)]
+            # 1. pause (the shim checkpoints both ranks' GPU state, then freezes) and resume.
+            pause: dict = {}
+            rec["pause_resume"] = pause
+            self.steps.freeze(pid, pause)
+            pause["pause_s"] = self._once_more(cid, pause, "pause", "task", "pause", cid)
+            pause["step_at_pause"] = last_step(out)
+            pause["vram_used_mib_paused"] = self.steps.vram_mib()
+            time.sleep(1.0)
+            pause["steps_while_paused"] = last_step(out) - pause["step_at_pause"]
+            pause["resume_s"], _ = self.ctr.run("task", "resume", cid, timeout=self.a.step_timeout)
+            self.steps.thaw(pid, pause)
+            wait_step(out, pause["step_at_pause"] + 3, 120, "ddp to go on after the resume")
+            self.save()
+            # 2. checkpoint (leave running) at step `at`, kill, restore.
+            ck: dict = {}
+            rec["checkpoint_restore"] = ck
+            wait_step(out, at, self.a.step_timeout, f"ddp to reach step {at}")
+            self.steps.freeze(pid, ck)
+            ck["step_at_checkpoint"] = last_step(out)
+            ck["ctr_checkpoint_s"] = self._once_more(cid, ck, "checkpoint", "container", "checkpoint", "--task", "--rw",
+                                                     cid, ref_img)
+            ck["checkpoint_image_bytes"] = self.image_size(ref_img)
+            wait_step(out, ck["step_at_checkpoint"] + 3, 120, "ddp to go on after the checkpoint")
+            self.steps.thaw(pid, ck)
+            self.save()
+            ck["delete_s"] = round(self.ctr.remove(cid), 3)
+            ck["step_at_kill"] = last_step(out)
+            offset = os.path.getsize(os.path.join(out, "steps.log"))
+            rs: dict = {}
+            rec["restore"] = rs
+            self.steps.freeze(pid, rs)
+            try:
+                rs["ctr_restore_s"], _ = self.ctr.run("container", "restore", "--live", "--rw", cid, ref_img,
+                                                      timeout=self.a.step_timeout)
+            except StepError:
+                self.collect_logs(cid, rec)
+                raise
+            new_pid = self.ctr.task_pid(cid)
+            rs["restored_pid"] = new_pid
+            self.steps.thaw(new_pid, rs)
+            rs["gpus_after"] = {p: gpu_of(p, "", self.a.no_gpu) for p in [new_pid, *_descendants(new_pid)]}
+            self._wait_alive(cid, out, steps - 1, self.a.step_timeout, "the restored ddp to finish", after=offset)
+            wait_step(ref_out, steps - 1, self.a.step_timeout, "the reference ddp to finish")
+            rec.update(compare_steps(ref_out, out, offset, steps))
+        finally:
+            try:
+                os.killpg(ref.pid, 9)
+            except ProcessLookupError:
+                pass
+            ref.wait()
+            self.collect_logs(cid, rec)
+            self.ctr.run("images", "rm", ref_img, check=False)
+        if not rec["identical"]:
+            raise StepError(f"ddp {name}: steps differ from the reference: {rec['mismatches'][:3]}")
+
     # -- preemption resilience (docs/resilience.md) ---------------------------------------------
     def s_resilience(self, rec: dict) -> None:
         if self.a.runtime != "kybernate":
@@ -1176,6 +1451,80 @@ def compare_steps(ref_dir: str, out_dir: str, restored_from: int, steps: int) ->
             "identical": not mismatches and in_order and covered and len(ref) == steps}
 
 
+def gpu_uuids(no_gpu: bool) -> list[str]:
+    """The machine's GPUs in NVML index order: nvidia-smi, or with --no-gpu the fake driver's gpus.txt."""
+    if no_gpu:
+        path = os.path.join(os.environ.get("FAKEGPU_STATE_DIR", ""), "gpus.txt")
+        text = read_text(path) if os.environ.get("FAKEGPU_STATE_DIR") else ""
+        return [ln.split("\t")[0] for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    try:
+        p = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"], capture_output=True,
+                           text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [ln.strip() for ln in p.stdout.splitlines() if ln.strip().startswith("GPU-")]
+
+
+def gpu_of(pid: int, proc_id: str, no_gpu: bool) -> list[str]:
+    """The GPUs a process holds memory on: nvidia-smi's compute apps (host pids), or the fake driver's record."""
+    if no_gpu:
+        if not proc_id:  # the fake driver keys a process by its FAKEGPU_PROC
+            environ = read_text(f"/proc/{pid}/environ").split("\0")
+            proc_id = next((e[len("FAKEGPU_PROC="):] for e in environ if e.startswith("FAKEGPU_PROC=")), "")
+        if not proc_id or not os.environ.get("FAKEGPU_STATE_DIR"):
+            return []
+        text = read_text(os.path.join(os.environ["FAKEGPU_STATE_DIR"], "procs", proc_id))
+        found = [ln[4:] for ln in text.splitlines() if ln.startswith("gpu=")]
+        if not found:  # no transition yet: the GPU it was started on
+            environ = read_text(f"/proc/{pid}/environ").split("\0")
+            found = [e[len("FAKEGPU_GPU="):] for e in environ if e.startswith("FAKEGPU_GPU=")]
+        return found
+    try:
+        p = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,gpu_uuid", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    found = []
+    for ln in p.stdout.splitlines():
+        parts = [x.strip() for x in ln.split(",")]
+        if len(parts) == 2 and parts[0] == str(pid):
+            found.append(parts[1])
+    return sorted(found)
+
+
+def hookd_lines(base: str, *needles: str) -> list[str]:
+    """hookd's log lines holding any of `needles` (the last 200 KB), each cut to 600 characters."""
+    try:
+        with open(os.path.join(base, "hookd.log"), errors="replace") as f:
+            f.seek(max(0, os.path.getsize(f.name) - 200_000))
+            return [ln.strip()[:600] for ln in f if any(n in ln for n in needles)]
+    except OSError:
+        return []
+
+
+def criu_errors(logs: list[str]) -> list[str]:
+    """CRIU's error lines (`Error (`) of the copied logs, the last 20."""
+    out: list[str] = []
+    for path in logs:
+        try:
+            with open(path, errors="replace") as f:
+                out += [f"{os.path.basename(path)}: {ln.strip()[:400]}" for ln in f
+                        if "Error (" in ln or "err" in ln[:40]]
+        except OSError:
+            pass
+    return out[-20:]
+
+
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    todo = [pid]
+    while todo and len(out) < 64:
+        kids = _children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for p in os.listdir("/proc"):
@@ -1251,6 +1600,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--stop-timeout", type=float, default=120, help="resilience: checkpoint-on-stop budget, seconds")
     p.add_argument("--serve-weights-mib", type=int, default=2048, help="resilience: the server's weights file size")
     p.add_argument("--serve-port", type=int, default=18080, help="resilience: the server's port (host network)")
+    p.add_argument("--remap2-cuda-visible", default="0", help="remap2: the workload's CUDA_VISIBLE_DEVICES")
+    p.add_argument("--ddp-settings", default=",".join(DDP_SETTINGS), help=f"ddp: from {', '.join(DDP_SETTINGS)}")
+    p.add_argument("--ddp-steps", type=int, default=80, help="ddp: steps")
+    p.add_argument("--ddp-pause-at", type=int, default=10, help="ddp: pause and resume at this step")
+    p.add_argument("--ddp-checkpoint-at", type=int, default=30, help="ddp: checkpoint at this step")
+    p.add_argument("--ddp-interval", type=float, default=0.1, help="ddp: at least this many seconds per step")
+    p.add_argument("--ddp-criu", default="link-remap,tcp-established,network-lock skip",
+                   help="ddp: CRIU options (comma-separated) in the container's org.criu.config file")
     a = p.parse_args(argv)
     a.state = a.state or os.path.join(a.base, "state")
     os.makedirs(os.path.join(a.base, "tmp"), exist_ok=True)
@@ -1269,6 +1626,7 @@ def main(argv: list[str]) -> int:
         results["error"] = f"not wired: {e}"
         save()
         return 3
+    runner.save = save
     results["driver"] = runner.steps.info()
     results["floor_driver"] = runner.floor.info()
     results["binds"] = runner.binds

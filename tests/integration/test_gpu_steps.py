@@ -229,3 +229,22 @@ def test_cri_archive_carries_the_gpu_manifest_and_a_new_pod_gets_its_gpu_state_b
         assert gpu.node.state("p-pod").get("state", "").upper() == "RUNNING"
         last = int(cri.exec_sync(cid, ["cat", "/count"]).stdout.split()[-1])
         wait_for("the counter to go on", lambda: int(cri.exec_sync(cid, ["cat", "/count"]).stdout.split()[-1]) > last)
+
+
+def test_restore_on_the_same_node_lands_on_the_gpu_the_annotation_names(kyb_factory, gpu: GpuNode) -> None:
+    """Both GPUs here (issue 17): without a map hookd keeps G0; kybernate.io/gpu-map sends it to G1."""
+    c = kyb_factory("2.1", runtime_toml=gpu.runtime_toml())
+    c.ctr("run", "-d", "--runtime", RUNTIME, "--annotation", f"kybernate.io/gpu-map={G0}={G1}",
+          *gpu.container_env("p-map", gpu_uuid=G0), BUSYBOX_IMAGE, "map", "sh", "-c", COUNTER)
+    wait_for("the counter", lambda: len(read_counts(c, "map")) > 2)
+    before = read_counts(c, "map")[-1]
+    with ContainerdApi(c.address, c.namespace) as api:
+        descriptors = api.checkpoint_task("map", exit=True)
+        c.ctr("tasks", "delete", "map")
+        api.create_task_from_checkpoint("map", criu_checkpoint(descriptors))
+        api.start_task("map")
+    restore = [e for e in gpu.events("p-map") if e.op == "restore"][-1]
+    assert restore.result == "CUDA_SUCCESS" and (restore.pairs, restore.gpu) == (1, G1)
+    assert gpu.node.state("p-map").get("state", "").upper() == "RUNNING"
+    wait_for("the counter to go on", lambda: read_counts(c, "map")[-1] > before + 1)
+

@@ -15,7 +15,7 @@ from harness.containerd import CRI_NAMESPACE
 from harness.images import BUSYBOX_IMAGE
 from harness.workload import wait_for
 from conftest import store_flags
-from test_gpu_steps import COUNTER, G0, GiB, GpuNode, gpu  # noqa: F401  (gpu: the fixture)
+from test_gpu_steps import COUNTER, G0, G1, GiB, GpuNode, gpu  # noqa: F401  (gpu: the fixture)
 
 from kybernate.hooks.api import store as store_layout
 
@@ -118,3 +118,43 @@ def test_past_its_deadline_a_checkpoint_is_rolled_back_and_one_runs_per_containe
         assert not (store / "other").exists()
         cri.stop_pod(pod)
         cri.remove_pod(pod)
+
+
+def test_restore_from_lands_on_the_new_containers_own_gpu(kyb_factory, gpu: GpuNode, tmp_path: Path,  # noqa: F811
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17: a pod checkpointed on G0 restored into a new pod whose device plugin gave it G1
+    (NVIDIA_VISIBLE_DEVICES): the shim maps G0 -> G1 though this node has both, and hookd passes the driver
+    that pair."""
+    store = tmp_path / "store"
+    monkeypatch.setenv("KYBERNATE_REGISTRY", str(tmp_path / "registry.db"))
+    c = kyb_factory("2.1", runtime_toml=gpu.runtime_toml(), env={"KYBERNATE_STORE": str(store)})
+    gpu.restart_hookd(store_flags(c, store, tmp_path / "registry.db"))
+    fake = {**gpu.node.env, **gpu.node.process_env("p-vis", G0, 2 * GiB)}
+    with c.cri() as cri:
+        config = cri.pod_config("a")
+        pod = cri.run_pod(config, runtime_handler="kybernate")
+        cid = cri.create_container(pod, config, "trainer", BUSYBOX_IMAGE, command=["sh", "-c", COUNTER],
+                                   env={"NVIDIA_VISIBLE_DEVICES": G0, **fake})
+        cri.start_container(cid)
+        wait_for("the counter", lambda: len(cri.exec_sync(cid, ["cat", "/count"]).stdout.split()) > 3)
+        done = subprocess.run(
+            [sys.executable, "-m", "kybernate.hooks.cli.checkpoint_archive", "checkpoint", cid, "--key", "vis",
+             "--socket", gpu.socket, "--namespace", CRI_NAMESPACE, "--json"],
+            capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert gpu.node.state("p-vis").get("state", "").upper() == "CHECKPOINTED"
+        cri.stop_pod(pod)
+        cri.remove_pod(pod)
+
+    with c.cri() as cri:
+        config = cri.pod_config("b", annotations={"kybernate.io/restore-from": "store:vis"})
+        pod = cri.run_pod(config, runtime_handler="kybernate")
+        cid = cri.create_container(pod, config, "trainer", BUSYBOX_IMAGE, command=["sh", "-c", COUNTER],
+                                   env={"NVIDIA_VISIBLE_DEVICES": G1, **fake})
+        cri.start_container(cid)
+        restore, unlock = gpu.events("p-vis")[-2:]
+        assert (restore.op, unlock.op) == ("restore", "unlock")
+        assert restore.result == "CUDA_SUCCESS" and (restore.pairs, restore.gpu) == (1, G1)
+        assert gpu.node.state("p-vis").get("state", "").upper() == "RUNNING"
+        last = count(cri, cid)
+        wait_for("the counter to go on", lambda: count(cri, cid) > last)

@@ -118,7 +118,7 @@ class Driver:
             raise ConnectionError("hookd went away")
         return GpuManifest(processes=tuple(GpuProcessRecord(pid=p, state="CHECKPOINTED") for p in pids))
 
-    async def restore(self, namespace, container_id, pids, manifest):
+    async def restore(self, namespace, container_id, pids, manifest, targets=None):
         self.calls.append("restore")
         if self.fail == "restore":
             raise ConnectionError("hookd went away")
