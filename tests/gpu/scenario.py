@@ -364,7 +364,10 @@ class KybernateSteps:
             rec[f"bytes_{direction}"] = int(after.get(key, 0.0) - self._metrics0.get(key, 0.0))
         rec["shim_rpc_ms"] = self.shim_rpcs()
         if self.drv is not None:
-            rec["state_after_unlock"] = self.drv.state(pid)
+            try:
+                rec["state_after_unlock"] = self.drv.state(pid)
+            except Exception as e:  # noqa: BLE001 - the init of a multi-process job may hold no CUDA context
+                rec["state_after_unlock"] = f"no CUDA state for pid {pid}: {e}"
         rec["vram_used_mib_after"] = self.vram_mib()
 
     def shim_rpcs(self) -> list[tuple[str, float]]:
@@ -515,9 +518,11 @@ class Runner:
 
     def start_container(self, cid: str, out: str, command: list[str] | None = None,
                         annotations: dict[str, str] | None = None, vram_gib: float | None = None,
-                        env: list[str] | None = None) -> tuple[float, list[str]]:
+                        env: list[str] | None = None, mounts: list[str] | None = None) -> tuple[float, list[str]]:
         args = ["run", "-d", "--runtime", RUNTIME_NAMES[self.a.runtime], "--cwd", "/",
                 "--log-uri", f"file://{out}/stdout.log"]
+        for m in mounts or []:
+            args += ["--mount", m]
         for k, v in (annotations or {}).items():
             args += ["--annotation", f"{k}={v}"]
         if self.a.snapshotter:
@@ -1055,6 +1060,13 @@ class Runner:
         time.sleep(1.0)
         return self.ctr.run(*args, timeout=self.a.step_timeout)[0]
 
+    def _shm_dir(self, cid: str) -> str:
+        path = os.path.join(self.a.base, "shm", cid)
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path, mode=0o1777)
+        os.chmod(path, 0o1777)
+        return path
+
     def _ddp_one(self, name: str, rec: dict, conf: str, uuids: list[str]) -> None:
         cid = f"kyb-ddp-{name}"
         self.ctr.remove(cid)
@@ -1081,7 +1093,11 @@ class Runner:
                 cid, out, [sys.executable, "/kyb/programs.py", *common, "--out-dir", "/out"],
                 annotations={"org.criu.config": conf, "kybernate.io/gpu": "true"},
                 env=["CUDA_DEVICE_ORDER=PCI_BUS_ID", "CUDA_VISIBLE_DEVICES=0,1", "NVIDIA_VISIBLE_DEVICES=all",
-                     *nccl, *fake])
+                     *nccl, *fake],
+                # NCCL's shared-memory segments (two ranks, ~34 MB each) do not fit the default 64 MB /dev/shm
+                # (seen on the H200 pair with NCCL_SHM_DISABLE=1: "No space left on device"): a host
+                # directory instead, as a pod would mount a memory-backed emptyDir there.
+                mounts=[f"type=bind,src={self._shm_dir(cid)},dst=/dev/shm,options=rbind:rw"])
             t = time.perf_counter()
             self._wait_alive(cid, out, pause_at, self.a.ready_timeout, f"ddp to reach step {pause_at}")
             rec["ready_s"] = round(time.perf_counter() - t, 2)
@@ -1117,6 +1133,12 @@ class Runner:
             offset = os.path.getsize(os.path.join(out, "steps.log"))
             rs: dict = {}
             rec["restore"] = rs
+            if not self.a.own_netns:
+                # In the host's network namespace the killed ranks' TCP connections (NCCL's bootstrap and its
+                # socket transport) sit in TIME_WAIT for 60 s, and CRIU's bind of the ranks' listening sockets
+                # to their old ports fails with EADDRINUSE until then (seen on the H200 pair).
+                rs["time_wait_s"] = 61.0
+                time.sleep(61.0)
             self.steps.freeze(pid, rs)
             try:
                 rs["ctr_restore_s"], _ = self.ctr.run("container", "restore", "--live", "--rw", cid, ref_img,
@@ -1606,7 +1628,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ddp-pause-at", type=int, default=10, help="ddp: pause and resume at this step")
     p.add_argument("--ddp-checkpoint-at", type=int, default=30, help="ddp: checkpoint at this step")
     p.add_argument("--ddp-interval", type=float, default=0.1, help="ddp: at least this many seconds per step")
-    p.add_argument("--ddp-criu", default="link-remap,tcp-established,network-lock skip",
+    p.add_argument("--ddp-criu", default="link-remap,tcp-established,network-lock skip,ghost-limit 256M",
                    help="ddp: CRIU options (comma-separated) in the container's org.criu.config file")
     a = p.parse_args(argv)
     a.state = a.state or os.path.join(a.base, "state")
