@@ -22,7 +22,6 @@ Imported only when the annotation names the store: the shim's start path never p
 
 from __future__ import annotations
 
-import errno
 import os
 import secrets
 import shutil
@@ -85,7 +84,7 @@ def prepare(reference: str, container_id: str, root: str | None = None) -> Resto
         for entry in generation.manifest.files:
             target = os.path.join(workdir, entry.path)
             os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-            _link(os.path.join(generation.path, entry.path), target)
+            store_layout.link_or_copy(os.path.join(generation.path, entry.path), target)
         if not os.path.exists(os.path.join(workdir, "checkpoint", "inventory.img")):
             raise RestoreError(f"{name} has no checkpoint/inventory.img: it is not a container checkpoint")
         deleted = read_deleted_files(os.path.join(workdir, DELETED_FILES), name)
@@ -129,15 +128,6 @@ def _open_or_download(store: store_layout.Store, key: str, number: int | None) -
         if local is None:
             raise
         return local
-
-
-def _link(source: str, target: str) -> None:
-    try:
-        os.link(source, target)
-    except OSError as err:
-        if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-            raise
-        shutil.copyfile(source, target)  # a store that takes no hard links: a private copy
 
 
 def _sweep(links: str) -> None:

@@ -533,6 +533,17 @@ class Pending:
         return free_bytes(self.store.root) < FULL_THRESHOLD
 
 
+def link_or_copy(source: str, target: str) -> None:
+    """A generation's file at `target` without copying where the filesystem allows: a hard link (the store's
+    files are never rewritten in place), else, on a store that takes no hard links, a private copy."""
+    try:
+        os.link(source, target)
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        shutil.copyfile(source, target)
+
+
 def human(size: int) -> str:
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB"):

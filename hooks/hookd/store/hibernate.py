@@ -14,7 +14,6 @@ Blocking calls (hashing, linking) run in the store's executor.
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import logging
 import os
@@ -102,17 +101,8 @@ def _verified_links(store: store_layout.Store, key: str, number: int, container_
                 continue
             target = os.path.join(workdir, entry.path)
             os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-            _link(os.path.join(generation.path, entry.path), target)
+            store_layout.link_or_copy(os.path.join(generation.path, entry.path), target)
     except OSError as err:
         shutil.rmtree(workdir, ignore_errors=True)
         raise WakeFailed(f"{key}@{number}: cannot prepare the wake in {workdir}: {err}") from None
     return workdir
-
-
-def _link(source: str, target: str) -> None:
-    try:
-        os.link(source, target)
-    except OSError as err:
-        if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-            raise
-        shutil.copyfile(source, target)  # a store that takes no hard links: a private copy
