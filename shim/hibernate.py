@@ -145,8 +145,12 @@ class Hibernation:
         raise TTRPCError(Code.UNIMPLEMENTED, f"{HIBERNATE_SERVICE}/{call.method} does not exist")
 
     async def hibernate(self, container_id: str, image: str, deadline: float | None) -> hibernate_pb2.HibernateResponse:
-
         began = time.monotonic()
+        if self.proxy is None:
+            # The runc child publishes straight to containerd (no TTRPC_ADDRESS was given to this shim):
+            # the dump's exit would reach containerd, which would see the task stop.
+            raise FailedPrecondition(f"{container_id}: this shim does not carry its runc shim's events, so a "
+                                     "hibernate would look like an exit to containerd; nothing changed")
         if container_id in self.entries or container_id in self._starting:
             what = self.entries[container_id].stage.value if container_id in self.entries else "hibernating"
             raise FailedPrecondition(f"{container_id}: already {what}")

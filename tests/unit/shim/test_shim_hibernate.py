@@ -104,3 +104,15 @@ def _varint(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+def test_a_shim_that_does_not_carry_its_childs_events_refuses_to_hibernate() -> None:
+    """Without the events path (no TTRPC_ADDRESS given to the shim) the dump's exit would reach containerd."""
+    import asyncio
+
+    from kybernate.shim.errors import FailedPrecondition
+
+    h = hibernate.Hibernation(service=Any, proxy=None)  # type: ignore[arg-type]
+    with pytest.raises(FailedPrecondition, match="does not carry its runc shim's events"):
+        asyncio.run(h.hibernate("a", "/i", None))
+    assert h.entries == {} and h._starting == set()
