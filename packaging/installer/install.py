@@ -1238,16 +1238,21 @@ def plan_install(plan: Plan, host: Host, args: argparse.Namespace, host_exec: Ho
                  + (source / UNIT_SOURCE).read_text())
     if _plan_file(plan, host, UNIT, unit_text, 0o644, what="systemd unit of kybernate-hookd"):
         plan.hookd_changed = True
-    wants = host.path(UNIT_WANTS)
-    if not (wants.is_symlink() and os.readlink(wants) == str(UNIT)):
+    _plan_unit_enabled(plan, host, "kybernate-hookd", UNIT, UNIT_WANTS)
+    _plan_shimd_unit(plan, host, source)
+
+
+def _plan_unit_enabled(plan: Plan, host: Host, name: str, unit: PurePosixPath, wants_link: PurePosixPath) -> None:
+    """The unit enabled as `systemctl enable` would: its link in the wants directory (never over another file)."""
+    wants = host.path(wants_link)
+    if not (wants.is_symlink() and os.readlink(wants) == str(unit)):
         if os.path.lexists(wants):
-            raise InstallError(f"{UNIT_WANTS} exists but is not a link to {UNIT}: remove it and run again")
+            raise InstallError(f"{wants_link} exists but is not a link to {unit}: remove it and run again")
 
         def enable() -> None:
             wants.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(str(UNIT), wants)
-        plan.add(f"enable kybernate-hookd: link {UNIT_WANTS} -> {UNIT}", enable)
-    _plan_shimd_unit(plan, host, source)
+            os.symlink(str(unit), wants)
+        plan.add(f"enable {name}: link {wants_link} -> {unit}", enable)
 
 
 def _plan_shimd_unit(plan: Plan, host: Host, source: Path) -> None:
@@ -1260,15 +1265,7 @@ def _plan_shimd_unit(plan: Plan, host: Host, source: Path) -> None:
         raise InstallError(f"{source / SHIMD_UNIT_SOURCE} lacks KillMode=process: a broken payload, use another")
     if _plan_file(plan, host, SHIMD_UNIT, text, 0o644, what="systemd unit of kybernate-shimd"):
         plan.shimd_changed = True
-    wants = host.path(SHIMD_UNIT_WANTS)
-    if not (wants.is_symlink() and os.readlink(wants) == str(SHIMD_UNIT)):
-        if os.path.lexists(wants):
-            raise InstallError(f"{SHIMD_UNIT_WANTS} exists but is not a link to {SHIMD_UNIT}: remove it and run again")
-
-        def enable() -> None:
-            wants.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(str(SHIMD_UNIT), wants)
-        plan.add(f"enable kybernate-shimd: link {SHIMD_UNIT_WANTS} -> {SHIMD_UNIT}", enable)
+    _plan_unit_enabled(plan, host, "kybernate-shimd", SHIMD_UNIT, SHIMD_UNIT_WANTS)
 
 
 def _host_cc(host: Host, host_exec: HostExec) -> str | None:
