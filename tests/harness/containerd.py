@@ -152,6 +152,7 @@ class Containerd:
             shutil.rmtree(d, ignore_errors=True)
         if Path("/sys/class/net", self.bridge).exists():
             subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        _handed_out.discard(self.subnet)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def running(self) -> bool:
@@ -474,12 +475,19 @@ def _join_namespaces(netns_fd: int, mntns_fd: int) -> None:
         raise OSError(ctypes.get_errno(), "setns into the node's mount namespace failed")
 
 
+# Subnets handed out by this process and not yet given back by stop(). A node in a network namespace of
+# its own puts its route there, out of the host's route table: the host's routes alone would let two
+# nodes draw one subnet.
+_handed_out: set[str] = set()
+
+
 def _free_subnet() -> str:
-    """A /24 in 10.213.0.0/16 that no route on the host uses yet (instances may run side by side)."""
+    """A /24 in 10.213.0.0/16 that no route on the host uses and no other instance of this process got."""
     routes = subprocess.run(["ip", "-4", "route", "show"], capture_output=True, text=True).stdout
     start = secrets.randbelow(256)
     for i in range(256):
         subnet = f"10.213.{(start + i) % 256}.0/24"
-        if subnet not in routes:
+        if subnet not in routes and subnet not in _handed_out:
+            _handed_out.add(subnet)
             return subnet
     raise RuntimeError("no free /24 left in 10.213.0.0/16")
