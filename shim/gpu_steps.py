@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from kybernate.hooks.api.model import GpuManifest
 
     from .gpu_map import GpuTargets
+    from .vram_room import RoomRequest
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,11 @@ class GpuDriver(Protocol):
     ) -> None:
         """Restore (remapping GPUs if they differ from the manifest, onto `targets`: the container's own GPUs
         or its gpu-map annotation) and unlock every CUDA process."""
+        ...
+
+    async def make_room(self, namespace: str, container_id: str, bundle: str, request: RoomRequest,
+                        manifest: GpuManifest | None, targets: GpuTargets) -> None:
+        """Before the task starts: hookd's standby arbiter makes room for it on its GPUs (shim/vram_room.py)."""
         ...
 
 

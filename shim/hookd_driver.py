@@ -32,6 +32,7 @@ from kybernate.hooks.api.model import GpuManifest
 
 from . import gpu_map
 from .gpu_map import GpuTargets
+from .vram_room import RoomRequest
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,23 @@ class HookdDriver:
             if err.code == DEADLINE_EXCEEDED:
                 self._roll_back(namespace, container_id, pids, err.code_name, manifest)
             raise
+
+    async def make_room(self, namespace: str, container_id: str, bundle: str, request: RoomRequest,
+                        manifest: GpuManifest | None, targets: GpuTargets) -> None:
+        """hookd's arbiter makes room for `request` (a restore's checkpointed GPUs first mapped to where the
+        restore will put them). Bounded like the GPU steps: containerd's deadline or hookd_timeout_s."""
+        needs = request.needs
+        if manifest is not None:
+            chosen = {old.lower(): new for old, new in (await self._gpu_map(container_id, manifest, targets)).items()}
+            needs = {}
+            for gpu, n in request.needs.items():
+                target = chosen.get(gpu.lower(), gpu)
+                needs[target] = needs.get(target, 0) + n
+        room = await self._client.make_room(namespace, container_id, bundle, needs, request.why,
+                                            deadline_s=self._deadline_s("room for the start"))
+        if room.victims:
+            log.info("hookd parked workloads to make room before the start",
+                     extra={"fields": {"id": container_id, "victims": ",".join(room.victims), "reason": room.reason}})
 
     async def _gpu_map(self, container_id: str, manifest: GpuManifest | None,
                        targets: GpuTargets | None) -> dict[str, str]:

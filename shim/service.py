@@ -68,7 +68,7 @@ class TaskService:
         self.hibernation = Hibernation(self, events)  # standby's disk tier (shim/hibernate.py)
         self._intercepted: dict[str, Callable[[Call], Awaitable[bytes]]] = {
             "Create": self.create,
-            "Start": self.start,
+            "Start": self.start_from_containerd,
             "Pause": self.pause,
             "Resume": self.resume,
             "Checkpoint": self.checkpoint,
@@ -151,6 +151,23 @@ class TaskService:
         except BaseException:
             await self.gpu.forget(request.id)
             raise
+
+    async def start_from_containerd(self, call: Call) -> bytes:
+        """containerd's Start: first room on the task's GPUs if it says what it needs (shim/vram_room.py)."""
+        request = _decode(task_pb2.StartRequest, call) if self.gpu.tasks else None
+        task = self.gpu.tasks.get(request.id) if request is not None and not request.exec_id else None
+        if task is not None and (task.spec.vram_request or task.phase is Phase.RESTORE_PENDING):
+            from . import vram_room
+            from .hookd_driver import call_deadline
+
+            call_deadline.set(call.deadline)
+            try:
+                await vram_room.make_room(task, self.gpu.driver_for(task.options))
+            except Exception as err:
+                asked = "its checkpoint's VRAM" if task.phase is Phase.RESTORE_PENDING else "kybernate.io/vram-request"
+                raise to_status(err, f"{task.container_id}: not started (nothing ran): hookd's arbiter made no "
+                                     f"room on its GPUs for {asked}; free VRAM there and start it again") from err
+        return await self.start(call)
 
     async def start(self, call: Call) -> bytes:
         request = _decode(task_pb2.StartRequest, call)

@@ -18,6 +18,10 @@ ANNOTATION_PREFIX = "kybernate.io/"
 GPU = ANNOTATION_PREFIX + "gpu"
 LOCK_TIMEOUT_MS = ANNOTATION_PREFIX + "lock-timeout-ms"
 PAUSE_RELEASES_VRAM = ANNOTATION_PREFIX + "pause-releases-vram"
+# VRAM a GPU container will hold on each of its GPUs: before it starts, hookd's standby arbiter makes room
+# (docs/standby.md). "20Gi", "512Mi" or bytes.
+VRAM_REQUEST = ANNOTATION_PREFIX + "vram-request"
+MAX_VRAM_REQUEST = 1 << 50  # 1 PiB: far above any GPU, far below an overflow
 # Preemption resilience (docs/resilience.md).
 CHECKPOINT_KEY = ANNOTATION_PREFIX + "checkpoint-key"
 CHECKPOINT_ON_STOP = ANNOTATION_PREFIX + "checkpoint-on-stop"
@@ -66,6 +70,7 @@ class TaskSpec:
     resilience: Resilience | None = None  # checkpoint-on-stop, periodic checkpoints, resume: latest
     # Where a restore's checkpointed GPUs land: kybernate.io/gpu-map, else the container's own GPUs.
     gpu_targets: gpu_map.GpuTargets = gpu_map.GpuTargets()
+    vram_request: int = 0  # kybernate.io/vram-request in bytes, per GPU of the container; 0: not said
 
     @classmethod
     def parse(cls, container_id: str, namespace: str, bundle: str, spec: Mapping[str, Any],
@@ -93,11 +98,12 @@ class TaskSpec:
             targets = gpu_map.targets_from_spec(notes, env if isinstance(env, list) else [])
         except gpu_map.GpuMapError as err:
             raise InvalidArgument(f"{container_id}: {err}") from err
+        gpu = is_gpu_container(spec)
         return cls(
-            container_id=container_id, namespace=namespace, bundle=bundle, gpu=is_gpu_container(spec),
+            container_id=container_id, namespace=namespace, bundle=bundle, gpu=gpu,
             options=options, restore_from=reference,
             container_name=str(name) if name else None, resilience=resilience,
-            gpu_targets=targets,
+            gpu_targets=targets, vram_request=vram_request(notes) if gpu else 0,
         )
 
 
@@ -115,6 +121,23 @@ def is_gpu_container(spec: Mapping[str, Any]) -> bool:
         if name == "NVIDIA_VISIBLE_DEVICES" and value not in ("", "void", "none"):
             return True
     return False
+
+
+def vram_request(notes: Mapping[str, Any]) -> int:
+    """`kybernate.io/vram-request`: bytes, or a number with Mi or Gi; 0 when not given."""
+    raw = notes.get(VRAM_REQUEST)
+    if raw is None:
+        return 0
+    text = str(raw).strip()
+    unit = {"Mi": 20, "Gi": 30}.get(text[-2:], 0)
+    digits = text[:-2] if unit else text
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 16):
+        raise InvalidArgument(f"annotation {VRAM_REQUEST}={raw!r}: want the VRAM it will use on each of its GPUs, "
+                              "as bytes or a number with Mi or Gi (e.g. 20Gi)")
+    value = int(digits) << unit
+    if not 0 < value <= MAX_VRAM_REQUEST:
+        raise InvalidArgument(f"annotation {VRAM_REQUEST}={raw!r}: want more than 0 and at most 1 PiB")
+    return value
 
 
 def options_with_annotations(base: KybernateOptions, notes: Mapping[str, Any]) -> KybernateOptions:

@@ -35,6 +35,7 @@ from .model import (
     ProcessOutcome,
     ProcessStatus,
     RestoreResult,
+    RoomMade,
     StepTiming,
     StoreCheckpointResult,
     StoreProgress,
@@ -43,7 +44,8 @@ from .model import (
 __all__ = [
     "DEFAULT_SOCKET", "MANIFEST_FILE", "CheckpointResult", "GpuDeviceRecord", "GpuManifest", "GpuPair",
     "GpuProcessRecord", "HealthInfo", "HookdClient", "HookdError", "HookdUnavailable", "ManifestError", "NodeGpu",
-    "ProcessOutcome", "ProcessStatus", "RestoreResult", "StepTiming", "StoreCheckpointResult", "StoreProgress",
+    "ProcessOutcome", "ProcessStatus", "RestoreResult", "RoomMade", "StepTiming", "StoreCheckpointResult",
+    "StoreProgress",
 ]
 
 # While a call is in flight the channel pings hookd every KEEPALIVE_INTERVAL_MS and gives the
@@ -118,6 +120,7 @@ class HookdClient:
         self._channel: Any = None
         self._stub: Any = None
         self._store_stub: Any = None
+        self._standby_stub: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def checkpoint_gpu(self, namespace: str, container_id: str, pids: Sequence[int], lock_timeout_ms: int = 0,
@@ -202,9 +205,25 @@ class HookdClient:
                                      size_bytes=result.size_bytes, pause_s=result.pause_s, total_s=result.total_s,
                                      phase_s=dict(result.phase_s), upload_queued=result.upload_queued)
 
+    async def make_room(self, namespace: str, container_id: str, bundle: str, needs: Mapping[str, int], why: str,
+                        deadline_s: float = 600.0) -> RoomMade:
+        """hookd's Standby.MakeRoom before a GPU container starts: `needs` is VRAM bytes by GPU (UUID, NVML
+        index or "all"). HookdUnavailable also when hookd runs without --standby (there is no arbiter)."""
+        from kybernate.api import standby_pb2 as spb
+
+        request = spb.MakeRoomRequest(namespace=namespace, container_id=container_id, bundle=bundle, why=why,
+                                      needs=[spb.GpuNeed(gpu=g, bytes=int(n)) for g, n in needs.items()])
+
+        async def unary(stub: Any) -> Any:
+            return await stub.MakeRoom(request, timeout=deadline_s)
+
+        reply = await self._call_with(self._get_standby_stub, unary, "Standby.MakeRoom", deadline_s)
+        return RoomMade(victims=tuple(reply.victims), reason=reply.reason)
+
     async def close(self) -> None:
         if self._channel is not None:
             channel, self._channel, self._stub, self._store_stub = self._channel, None, None, None
+            self._standby_stub = None
             await channel.close()
 
     async def __aenter__(self) -> HookdClient:
@@ -253,13 +272,15 @@ class HookdClient:
 
     async def _reset_channel(self) -> None:
         channel, self._channel, self._stub, self._store_stub = self._channel, None, None, None
+        self._standby_stub = None
         if channel is not None:
             await channel.close()
 
     async def _get_stub(self) -> Any:
         loop = asyncio.get_running_loop()
         if self._channel is not None and self._loop is not loop:
-            self._channel = self._stub = self._store_stub = None  # a channel works on the loop that made it only
+            # a channel works on the loop that made it only
+            self._channel = self._stub = self._store_stub = self._standby_stub = None
         if self._stub is None:
             import grpc
 
@@ -280,6 +301,15 @@ class HookdClient:
             make_stub: Callable[[Any], Any] = store_pb2_grpc.StoreStub
             self._store_stub = make_stub(self._channel)
         return self._store_stub
+
+    async def _get_standby_stub(self) -> Any:
+        await self._get_stub()  # the one channel
+        if self._standby_stub is None:
+            from kybernate.api import standby_pb2_grpc
+
+            make_stub: Callable[[Any], Any] = standby_pb2_grpc.StandbyStub
+            self._standby_stub = make_stub(self._channel)
+        return self._standby_stub
 
 
 def _not_connected(details: str) -> bool:

@@ -222,3 +222,10 @@ class StoreCheckpointResult:
     total_s: float
     phase_s: dict[str, float]
     upload_queued: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RoomMade:
+    """hookd's Standby.MakeRoom: the workloads the arbiter parked so that a starting container's VRAM fits."""
+    victims: tuple[str, ...]
+    reason: str

@@ -185,6 +185,9 @@ def add_standby_flags(p: argparse.ArgumentParser) -> None:
                         "recently parked are demoted to disk; 0: no limit [%(default)s]")
     g.add_argument("--standby-retry-s", type=float, default=s.retry_s,
                    help="seconds before a failed park or wake is tried again (doubling) [%(default)s]")
+    g.add_argument("--standby-start-hold-s", type=float, default=s.start_hold_s,
+                   help="seconds the room made for a starting container is held for it until it uses it "
+                        "[%(default)s]")
 
 
 def standby_from_flags(a: argparse.Namespace) -> standby_settings.StandbySettings:
@@ -195,7 +198,8 @@ def standby_from_flags(a: argparse.Namespace) -> standby_settings.StandbySetting
                         priority=m.parse_priority("--standby-priority", a.standby_priority))
     for flag, value, low in (("--standby-sample-period-s", a.standby_sample_period_s, 0.01),
                              ("--standby-watch-period-s", a.standby_watch_period_s, 0.001),
-                             ("--standby-retry-s", a.standby_retry_s, 0.01)):
+                             ("--standby-retry-s", a.standby_retry_s, 0.01),
+                             ("--standby-start-hold-s", a.standby_start_hold_s, 0.0)):
         if not low <= value <= 3600:
             raise m.PolicyError(f"{flag}={value}: want {low} to 3600 seconds")
     if a.standby_max_parallel_wakes < 1:
@@ -206,7 +210,8 @@ def standby_from_flags(a: argparse.Namespace) -> standby_settings.StandbySetting
         gpu_idle_percent=a.standby_gpu_idle_percent, watch_period_s=a.standby_watch_period_s,
         busy_window_s=a.standby_busy_window_s, gpu_budget_bytes=m.parse_budgets(a.standby_gpu_budget),
         max_parallel_wakes=a.standby_max_parallel_wakes, state_dir=a.standby_state_dir, retry_s=a.standby_retry_s,
-        ram_budget_bytes=m.parse_bytes("--standby-ram-budget", a.standby_ram_budget))
+        ram_budget_bytes=m.parse_bytes("--standby-ram-budget", a.standby_ram_budget),
+        start_hold_s=a.standby_start_hold_s)
 
 
 def open_driver(settings: DriverSettings, transfer_timeout_s: float) -> CheckpointDriver:

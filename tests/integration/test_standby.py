@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 from conftest import RUNTIME, VENV_BIN
-from harness.containerd import Containerd
+from harness.containerd import Containerd, CtrError
+from harness.containerd_api import ContainerdApi, criu_checkpoint
 from harness.gpunode import G0, H100, GiB, GpuNode, fakegpu
 from harness.images import BUSYBOX_IMAGE
 from harness.workload import task_status, wait_for
@@ -259,3 +260,63 @@ def test_a_failed_park_or_wake_leaves_the_workload_running(kyb_factory, gpu: Gpu
 def test_hookd_without_standby_says_so(gpu: GpuNode) -> None:
     r = kybernate(gpu, "status", check=False)
     assert r.returncode == 1 and "UNAVAILABLE" in r.stderr and "--standby" in r.stderr
+
+
+@pytest.mark.parametrize("version", ["1.6", "2.1"])
+def test_the_arbiter_makes_room_before_a_container_that_states_its_vram_starts_and_holds_it(
+        kyb_factory, gpu: GpuNode, tmp_path: Path, version: str) -> None:
+    gpu.node.set_gpus([fakegpu.FakeGpu(G0, H100, 12 * GiB)])
+    c = kyb_factory(version, runtime_toml=gpu.runtime_toml())
+    standby(gpu, c, tmp_path)
+    opted = ("standby=true", "standby-idle=1h", "standby-wake=api")
+    for name, vram, more in (("a", 3 * GiB, ()), ("b", 4 * GiB, ()), ("c", 4 * GiB, ("standby-priority=10",))):
+        run_gpu(c, gpu, name, f"p-{name}", *opted, *more, vram=vram)
+        wait_for(f"hookd to see {name}", lambda n=name, v=vram: status_once_known(gpu, n).get("vram_bytes") == str(v))  # type: ignore[misc]
+    # 11 of 12 GiB in use. d says it will use 4 GiB: a (the least recently active) is parked before d starts;
+    # c's priority is above d's. d then loads only 1 GiB of its 4 so far.
+    run_gpu(c, gpu, "d", "p-d", "vram-request=4Gi", vram=1 * GiB)
+    assert running(c, gpu, "d", "p-d") and parked(c, gpu, "a", "p-a")
+    assert running(c, gpu, "b", "p-b") and running(c, gpu, "c", "p-c")
+    sa = status(gpu, "a")
+    assert sa["parked_by"] == "arbiter" and "to make room for" in str(sa["reason"]) and "(start)" in str(sa["reason"])
+    decision = log_lines(gpu, "standby arbiter")[-1]
+    assert "for=start" in decision and "c: priority 10 above 0" in decision
+
+    # 3 GiB are free, but d holds the 3 it did not load yet: a's wake (3 GiB) parks b rather than take them.
+    kybernate(gpu, "wake", "a")
+    assert running(c, gpu, "a", "p-a") and parked(c, gpu, "b", "p-b") and running(c, gpu, "d", "p-d")
+    assert "held_for_starts=" in log_lines(gpu, "standby arbiter")[-1]
+
+    # e wants 8 GiB: parking every eligible workload (a) would free 3 of them, so nothing is parked and e's
+    # Start fails before anything ran, saying why.
+    with pytest.raises(CtrError) as refused:
+        run_gpu(c, gpu, "e", "p-e", "vram-request=8Gi", vram=1 * GiB)
+    said = refused.value.stderr
+    assert "not started (nothing ran)" in said and "vram-request" in said and "needs 8.00 GiB" in said, said
+    assert task_status(c, "e") != "RUNNING"
+    assert running(c, gpu, "a", "p-a") and running(c, gpu, "c", "p-c") and running(c, gpu, "d", "p-d")
+    assert sum("trigger=arbiter" in line for line in log_lines(gpu, "standby parked")) == 2
+    # An exec's Start asks nothing of the arbiter (d's request is for its task, which runs).
+    c.ctr("tasks", "exec", "--exec-id", "probe", "d", "true")
+
+
+def test_a_restore_at_start_gets_room_from_the_arbiter_for_what_its_checkpoint_held(
+        kyb_factory, gpu: GpuNode, tmp_path: Path) -> None:
+    gpu.node.set_gpus([fakegpu.FakeGpu(G0, H100, 12 * GiB)])
+    c = kyb_factory("2.1", runtime_toml=gpu.runtime_toml())
+    standby(gpu, c, tmp_path)
+    run_gpu(c, gpu, "r", "p-r", vram=4 * GiB)
+    with ContainerdApi(c.address, c.namespace) as api:
+        descriptors = api.checkpoint_task("r", exit=True)
+        c.ctr("tasks", "delete", "r")
+        opted = ("standby=true", "standby-idle=1h", "standby-wake=api")
+        for name, more in (("a", ()), ("b", ()), ("c", ("standby-priority=10",))):
+            run_gpu(c, gpu, name, f"p-{name}", *opted, *more, vram=4 * GiB)
+            wait_for(f"hookd to see {name}", lambda n=name: status_once_known(gpu, n).get("vram_bytes") == str(4 * GiB))  # type: ignore[misc]
+        # The GPU is full; r's checkpoint held 4 GiB: a (least recently active, priority 0) makes room.
+        api.create_task_from_checkpoint("r", criu_checkpoint(descriptors))
+        api.start_task("r")
+    assert running(c, gpu, "r", "p-r") and parked(c, gpu, "a", "p-a")
+    assert running(c, gpu, "b", "p-b") and running(c, gpu, "c", "p-c")
+    assert "(restore)" in str(status(gpu, "a")["reason"])
+    assert "for=restore" in log_lines(gpu, "standby arbiter")[-1]

@@ -20,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -38,6 +39,10 @@ from .settings import StandbySettings
 log = logging.getLogger(__name__)
 
 MAX_RETRY_S = 300.0
+# A MakeRoom names at most this many GPUs (as the shim's gpu-map does).
+MAX_ROOM_GPUS = 16
+ROOM_REASONS = ("start", "restore")
+MAX_NEED_BYTES = 1 << 50  # 1 PiB, as the shim's kybernate.io/vram-request
 # The shim's phases a Pause parks from (shim/gpu_steps.py): on the GPU, or after a failed step (the task runs;
 # a Pause from there checkpoints again). Not while a dump or a restore at Start is in progress.
 PARKABLE_PHASES = ("live", "unknown")
@@ -82,6 +87,15 @@ class Managed:
         return self.parked and self.record is not None and self.record.parked
 
 
+@dataclass(slots=True)
+class Hold:
+    """Room made for a starting container: counted as used on its GPUs until it holds that VRAM itself (its
+    model loads for a while after the start) or `until` passes."""
+
+    gpus: dict[str, int]  # GPU UUID -> bytes
+    until: float  # monotonic
+
+
 @dataclass(frozen=True, slots=True)
 class WorkloadStatus:
     namespace: str
@@ -119,6 +133,7 @@ class Controller:
         # By GPU UUID; "all" applies to every GPU without one of its own.
         self.budgets = {k if k == "all" else normalize_uuid(k): v for k, v in settings.gpu_budget_bytes.items()}
         self._managed: dict[tuple[str, str], Managed] = {}
+        self._holds: dict[tuple[str, str], Hold] = {}  # room made for starting containers
         self._gpu_locks: dict[str, asyncio.Lock] = {}
         self._wake_slots = asyncio.Semaphore(max(1, settings.max_parallel_wakes))
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -165,6 +180,7 @@ class Controller:
             gpu_percent = None if util is None else max((util.get(p, 0) for p in pids), default=0)
             m.tracker.observe(counters, gpu_percent, cpu_idle_cores=self.settings.cpu_idle_cores,
                               gpu_idle_percent=self.settings.gpu_idle_percent)
+        self._release_holds(time.monotonic())
         self.metrics.standby_parked(sum(1 for m in self._managed.values() if m.ours))
         if self.settings.ram_budget_bytes:
             await self._demote_over_budget()
@@ -346,10 +362,17 @@ class Controller:
 
     async def _make_room(self, m: Managed, gpu: str, need: int) -> None:
         """Park what the arbiter picks on `gpu` so that `need` bytes fit; StandbyRefused when they cannot."""
+        await self._room_on(gpu, need, m.workload.key, m.workload.policy.priority, "wake")
+
+    async def _room_on(self, gpu: str, need: int, key: tuple[str, str], priority: int, why: str) -> arbiter.Plan | None:
+        """Park what the arbiter picks on `gpu` so that `need` bytes fit for workload `key` (waking, or starting:
+        `why`); StandbyRefused when they cannot. None: nothing to arbitrate (no NVML, or the GPU is gone; the
+        shim's VRAM pre-check of a restore decides)."""
         inventory = await asyncio.to_thread(self.nvml.inventory)
         node_gpu = inventory.gpu(gpu) if inventory is not None else None
         if node_gpu is None:
-            return  # no NVML, or the GPU is gone: the shim's VRAM pre-check decides
+            return None
+        name = "/".join(key)
         now = time.monotonic()
         window = self.settings.busy_window_s
         candidates = [
@@ -357,21 +380,73 @@ class Controller:
                               last_active=o.tracker.last_active,
                               opted_in=o.workload.policy.enabled and not o.workload.policy_error,
                               busy=o.tracker.busy(now, window), evict_busy=o.workload.policy.evict_busy)
-            for o in self._managed.values() if o is not m and not o.parked and not o.busy and gpu in o.gpus]
+            for k, o in self._managed.items() if k != key and not o.parked and not o.busy and gpu in o.gpus]
         budget = self.budgets.get(gpu, self.budgets.get("all"))
-        decision = arbiter.plan(gpu, need, node_gpu.memory_total_bytes, node_gpu.memory_free_bytes, budget,
-                                m.workload.policy.priority, candidates)
-        fields = {"container": m.workload.name, "gpu": gpu, "fits": decision.fits,
+        held = self._held(gpu, key, now)
+        decision = arbiter.plan(gpu, need, node_gpu.memory_total_bytes, max(0, node_gpu.memory_free_bytes - held),
+                                budget, priority, candidates)
+        fields = {"container": name, "for": why, "gpu": gpu, "fits": decision.fits,
                   "victims": ",".join(decision.victims), "reason": decision.reason,
-                  "skipped": "; ".join(decision.skipped)}
+                  "skipped": "; ".join(decision.skipped), "held_for_starts": held or None}
         if not decision.fits:
             log.warning("standby arbiter: no room", extra={"fields": fields})
-            raise StandbyRefused(f"no room on {gpu} to wake {m.workload.name}: {decision.reason}")
+            raise StandbyRefused(f"no room on {gpu} to {why} {name}: {decision.reason}")
         log.info("standby arbiter", extra={"fields": fields})
         for victim in decision.victims:
             o = self.find(victim)
-            await self._park(o, "arbiter", f"to make room for {m.workload.name}: {decision.reason}")
+            await self._park(o, "arbiter", f"to make room for {name} ({why}): {decision.reason}")
             self.metrics.standby_evicted()
+        return decision
+
+    # ---- room before a start ----
+
+    async def make_room(self, namespace: str, container_id: str, bundle: str, needs: Mapping[str, int],
+                        why: str) -> tuple[tuple[str, ...], str]:
+        """Before a GPU container starts (or is restored at its Start): park what the arbiter picks so that
+        `needs` (bytes by GPU UUID, NVML index or "all") fit, and hold that room for it (start_hold_s). Returns
+        the workloads parked and the reasons; StandbyRefused when it cannot fit (nothing parked on that GPU)."""
+        if not namespace or not container_id or len(namespace) + len(container_id) > 512:
+            raise InvalidRequest("MakeRoom names no container (namespace and container_id, at most 512 bytes)")
+        if why not in ROOM_REASONS:
+            raise InvalidRequest(f"MakeRoom why={why[:40]!r}: want start or restore")
+        if not needs or len(needs) > MAX_ROOM_GPUS:
+            raise InvalidRequest(f"MakeRoom names {len(needs)} GPUs: want 1 to {MAX_ROOM_GPUS}")
+        if not os.path.isabs(bundle):
+            raise InvalidRequest(f"MakeRoom bundle {bundle[:80]!r}: want the task's absolute bundle path")
+        inventory = await asyncio.to_thread(self.nvml.inventory)
+        if inventory is None:
+            return (), "no NVML on this node: nothing to arbitrate"
+        resolved = _resolve_needs(inventory, needs)
+        key = (namespace, container_id)
+        name = f"{namespace}/{container_id}"
+        priority = await asyncio.to_thread(_priority_of, bundle, self.settings.defaults, name)
+        victims: list[str] = []
+        reasons: list[str] = []
+        async with self._gpus_locked(sorted(resolved)):
+            for gpu, need in sorted(resolved.items()):
+                decision = await self._room_on(gpu, need, key, priority, why)
+                if decision is not None:
+                    victims += decision.victims
+                    reasons.append(decision.reason)
+            self._holds[key] = Hold(dict(resolved), time.monotonic() + self.settings.start_hold_s)
+        return tuple(victims), "; ".join(reasons)
+
+    def _held(self, gpu: str, key: tuple[str, str], now: float) -> int:
+        """VRAM of `gpu` held for starting containers other than `key` and not yet in their own use."""
+        total = 0
+        for k, hold in self._holds.items():
+            if k == key or now >= hold.until or gpu not in hold.gpus:
+                continue
+            m = self._managed.get(k)
+            total += max(0, hold.gpus[gpu] - (m.gpus.get(gpu, 0) if m is not None else 0))
+        return total
+
+    def _release_holds(self, now: float) -> None:
+        """Holds end when their time is up or their container holds on every GPU what was made room for."""
+        for k, hold in list(self._holds.items()):
+            m = self._managed.get(k)
+            if now >= hold.until or (m is not None and all(m.gpus.get(g, 0) >= n for g, n in hold.gpus.items())):
+                del self._holds[k]
 
     # ---- demotion ----
 
@@ -519,6 +594,41 @@ def _hibernated(state_dir: str, defaults: Any, known: set[tuple[str, str]]) -> l
                                       shim_pid=0, desired=HIBERNATED, phase=HIBERNATED, manifest=None, policy=policy,
                                       policy_error=error))
     return out
+
+
+def _resolve_needs(inventory: Inventory, needs: Mapping[str, int]) -> dict[str, int]:
+    """Bytes by GPU UUID from bytes by UUID, NVML index or "all"; a GPU this node lacks is left out (the start
+    cannot get it anyway; the restore's own check says so). InvalidRequest for a malformed entry."""
+    out: dict[str, int] = {}
+    for gpu, need in needs.items():
+        if not 0 < need <= MAX_NEED_BYTES:
+            raise InvalidRequest(f"MakeRoom need {need} bytes on {gpu[:60]!r}: want 1 byte to 1 PiB")
+        if gpu == "all":
+            found = [g.uuid for g in inventory.gpus]
+        elif gpu.isascii() and gpu.isdigit() and len(gpu) <= 3:
+            found = [g.uuid for g in inventory.gpus if g.index == int(gpu)]
+        elif gpu.upper().startswith("GPU-") and len(gpu) <= 64:
+            node_gpu = inventory.gpu(gpu)
+            found = [node_gpu.uuid] if node_gpu is not None else []
+        else:
+            raise InvalidRequest(f"MakeRoom GPU {gpu[:60]!r}: want a GPU UUID, an NVML index or all")
+        if not found:
+            log.info("standby arbiter: a GPU the starting container names is not on this node",
+                     extra={"fields": {"gpu": gpu}})
+        for uuid in found:
+            out[uuid] = out.get(uuid, 0) + need
+    return out
+
+
+def _priority_of(bundle: str, defaults: settings.Policy, name: str) -> int:
+    """Blocking: the starting container's standby priority from its bundle's annotations (the defaults' when
+    they are unreadable or invalid: the workload's own status says why once it runs)."""
+    try:
+        return settings.policy_of(workloads.bundle_annotations(bundle), defaults).priority
+    except (OSError, ValueError) as err:
+        log.info("standby arbiter: the starting container's policy cannot be read; default priority",
+                 extra={"fields": {"container": name, "error": str(err)[:200]}})
+        return defaults.priority
 
 
 def _pids_of(init_pid: int) -> list[int]:

@@ -14,6 +14,7 @@ from kybernate.api import standby_pb2_grpc
 from kybernate.hooks.api.errors import Code, KybernateError
 
 from ..metrics import Metrics
+from .controller import MAX_ROOM_GPUS as MAX_NEEDS
 from .controller import Controller, WorkloadStatus
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,15 @@ class StandbyService(standby_pb2_grpc.StandbyServicer):
     async def Wake(self, request: pb.WakeRequest, context: Any) -> pb.WorkloadStatus:  # noqa: N802
         controller = await self._enabled(context)
         return status_to_pb(await self._edge("Standby.Wake", context, controller.wake(request.name, "api")))
+
+    async def MakeRoom(self, request: pb.MakeRoomRequest, context: Any) -> pb.MakeRoomResponse:  # noqa: N802
+        controller = await self._enabled(context)
+        needs: dict[str, int] = {}
+        for need in request.needs[:MAX_NEEDS + 1]:
+            needs[need.gpu] = needs.get(need.gpu, 0) + need.bytes
+        victims, reason = await self._edge("Standby.MakeRoom", context, controller.make_room(
+            request.namespace, request.container_id, request.bundle, needs, request.why))
+        return pb.MakeRoomResponse(victims=list(victims), reason=reason)
 
     async def _enabled(self, context: Any) -> Controller:
         if self._controller is None:

@@ -85,6 +85,9 @@ class StandbySettings:
     # Host RAM the RAM-parked workloads may hold together (bytes, their cgroups' memory; 0: no limit). Above it
     # the least recently parked are demoted to disk (hibernated into the store) until they fit.
     ram_budget_bytes: int = 0
+    # Seconds the room made for a starting container stays held for it (counted as used by the arbiter's other
+    # decisions) until NVML shows the container holding that VRAM: a model loads for a while after its start.
+    start_hold_s: float = 120.0
 
 
 def parse_duration(what: str, raw: str) -> float:

@@ -96,3 +96,33 @@ class WorkloadStatus(_message.Message):
     woken_by: str
     parks: int
     def __init__(self, namespace: _Optional[str] = ..., container_id: _Optional[str] = ..., state: _Optional[str] = ..., tier: _Optional[str] = ..., opted_in: _Optional[bool] = ..., policy_error: _Optional[str] = ..., idle_for_s: _Optional[float] = ..., idle_period_s: _Optional[float] = ..., wake: _Optional[str] = ..., priority: _Optional[int] = ..., vram_bytes: _Optional[int] = ..., gpus: _Optional[_Iterable[str]] = ..., host_ram_bytes: _Optional[int] = ..., last_park_s: _Optional[float] = ..., last_wake_s: _Optional[float] = ..., parked_by: _Optional[str] = ..., reason: _Optional[str] = ..., signals: _Optional[_Mapping[str, str]] = ..., listeners: _Optional[_Iterable[_Union[Listener, _Mapping]]] = ..., last_error: _Optional[str] = ..., woken_by: _Optional[str] = ..., parks: _Optional[int] = ...) -> None: ...
+
+class GpuNeed(_message.Message):
+    __slots__ = ("gpu", "bytes")
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    gpu: str
+    bytes: int
+    def __init__(self, gpu: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class MakeRoomRequest(_message.Message):
+    __slots__ = ("namespace", "container_id", "bundle", "needs", "why")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_FIELD_NUMBER: _ClassVar[int]
+    WHY_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    container_id: str
+    bundle: str
+    needs: _containers.RepeatedCompositeFieldContainer[GpuNeed]
+    why: str
+    def __init__(self, namespace: _Optional[str] = ..., container_id: _Optional[str] = ..., bundle: _Optional[str] = ..., needs: _Optional[_Iterable[_Union[GpuNeed, _Mapping]]] = ..., why: _Optional[str] = ...) -> None: ...
+
+class MakeRoomResponse(_message.Message):
+    __slots__ = ("victims", "reason")
+    VICTIMS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    victims: _containers.RepeatedScalarFieldContainer[str]
+    reason: str
+    def __init__(self, victims: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ...) -> None: ...

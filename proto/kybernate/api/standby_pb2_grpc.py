@@ -49,6 +49,11 @@ class StandbyStub:
                 request_serializer=kybernate_dot_api_dot_standby__pb2.WakeRequest.SerializeToString,
                 response_deserializer=kybernate_dot_api_dot_standby__pb2.WorkloadStatus.FromString,
                 _registered_method=True)
+        self.MakeRoom = channel.unary_unary(
+                '/kybernate.standby.v1.Standby/MakeRoom',
+                request_serializer=kybernate_dot_api_dot_standby__pb2.MakeRoomRequest.SerializeToString,
+                response_deserializer=kybernate_dot_api_dot_standby__pb2.MakeRoomResponse.FromString,
+                _registered_method=True)
 
 
 class StandbyServicer:
@@ -75,6 +80,15 @@ class StandbyServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MakeRoom(self, request, context):
+        """Before a GPU container starts (or is restored at its Start): make its VRAM need fit on each of its GPUs,
+        parking what the arbiter picks. The shim calls it only for a container that says what it needs
+        (kybernate.io/vram-request) or restores from a checkpoint whose manifest says it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StandbyServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +106,11 @@ def add_StandbyServicer_to_server(servicer, server):
                     servicer.Wake,
                     request_deserializer=kybernate_dot_api_dot_standby__pb2.WakeRequest.FromString,
                     response_serializer=kybernate_dot_api_dot_standby__pb2.WorkloadStatus.SerializeToString,
+            ),
+            'MakeRoom': grpc.unary_unary_rpc_method_handler(
+                    servicer.MakeRoom,
+                    request_deserializer=kybernate_dot_api_dot_standby__pb2.MakeRoomRequest.FromString,
+                    response_serializer=kybernate_dot_api_dot_standby__pb2.MakeRoomResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +194,33 @@ class Standby:
             '/kybernate.standby.v1.Standby/Wake',
             kybernate_dot_api_dot_standby__pb2.WakeRequest.SerializeToString,
             kybernate_dot_api_dot_standby__pb2.WorkloadStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MakeRoom(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kybernate.standby.v1.Standby/MakeRoom',
+            kybernate_dot_api_dot_standby__pb2.MakeRoomRequest.SerializeToString,
+            kybernate_dot_api_dot_standby__pb2.MakeRoomResponse.FromString,
             options,
             channel_credentials,
             insecure,
