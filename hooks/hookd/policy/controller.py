@@ -607,11 +607,15 @@ def _resolve_needs(inventory: Inventory, needs: Mapping[str, int]) -> dict[str, 
             found = [g.uuid for g in inventory.gpus]
         elif gpu.isascii() and gpu.isdigit() and len(gpu) <= 3:
             found = [g.uuid for g in inventory.gpus if g.index == int(gpu)]
-        elif gpu.upper().startswith("GPU-") and len(gpu) <= 64:
-            node_gpu = inventory.gpu(gpu)
-            found = [node_gpu.uuid] if node_gpu is not None else []
         else:
-            raise InvalidRequest(f"MakeRoom GPU {gpu[:60]!r}: want a GPU UUID, an NVML index or all")
+            try:
+                uuid = normalize_uuid("GPU-" + gpu[4:]) if gpu[:4].upper() == "GPU-" and len(gpu) <= 64 else ""
+            except ValueError:
+                uuid = ""
+            if not uuid:
+                raise InvalidRequest(f"MakeRoom GPU {gpu[:60]!r}: want a GPU UUID, an NVML index or all")
+            node_gpu = inventory.gpu(uuid)
+            found = [node_gpu.uuid] if node_gpu is not None else []
         if not found:
             log.info("standby arbiter: a GPU the starting container names is not on this node",
                      extra={"fields": {"gpu": gpu}})

@@ -203,3 +203,66 @@ def test_sock_diag_sees_a_listener_and_its_pending_connections() -> None:
 def test_sock_diag_of_a_missing_process_says_so() -> None:
     with pytest.raises(sockwatch.SockDiagError, match="network namespace"):
         sockwatch.NetnsDiag(2**22 + 12345)
+
+
+# ---- room before a start (Standby.MakeRoom): what hookd accepts ----
+
+G0 = "GPU-00000000-0000-0000-0000-000000000000"
+G1 = "GPU-11111111-1111-1111-1111-111111111111"
+
+
+def _inventory():
+    from kybernate.hooks.api.model import NodeGpu
+    from kybernate.hooks.gpu.nvml import Inventory
+
+    return Inventory("580.1", (NodeGpu(G0, "H100", 0, 0, 80 * GiB, 80 * GiB),
+                               NodeGpu(G1, "H100", 1, 1, 80 * GiB, 80 * GiB)), ())
+
+
+def test_a_start_names_its_gpus_by_uuid_index_or_all() -> None:
+    from kybernate.hooks.hookd.policy.controller import _resolve_needs
+
+    inv = _inventory()
+    assert _resolve_needs(inv, {"all": 4 * GiB}) == {G0: 4 * GiB, G1: 4 * GiB}
+    assert _resolve_needs(inv, {"1": 2 * GiB, G0.upper().replace("GPU-", "gpu-"): 3 * GiB}) == {G1: 2 * GiB,
+                                                                                               G0: 3 * GiB}
+    # A GPU this node lacks is left out: the start cannot get it anyway (the restore's own check says so).
+    assert _resolve_needs(inv, {"7": GiB, "GPU-99999999-9999-9999-9999-999999999999": GiB}) == {}
+
+
+@pytest.mark.parametrize(("needs", "says"), [
+    ({"../etc": GiB}, "want a GPU UUID, an NVML index or all"),
+    ({"0": 0}, "want 1 byte to 1 PiB"),
+    ({"0": 1 << 60}, "want 1 byte to 1 PiB"),
+    ({"1234": GiB}, "want a GPU UUID"),
+    ({"GPU-zz": GiB}, "want a GPU UUID"),
+])
+def test_a_malformed_need_is_refused(needs: dict[str, int], says: str) -> None:
+    from kybernate.hooks.api.errors import InvalidRequest
+    from kybernate.hooks.hookd.policy.controller import _resolve_needs
+
+    with pytest.raises(InvalidRequest, match=says):
+        _resolve_needs(_inventory(), needs)
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("", "c", "/run/b", {"0": GiB}, "start"), "names no container"),
+    (("k8s.io", "c" * 600, "/run/b", {"0": GiB}, "start"), "names no container"),
+    (("k8s.io", "c", "/run/b", {"0": GiB}, "because"), "want start or restore"),
+    (("k8s.io", "c", "/run/b", {}, "start"), "want 1 to 16"),
+    (("k8s.io", "c", "/run/b", {str(i): GiB for i in range(17)}, "start"), "want 1 to 16"),
+    (("k8s.io", "c", "run/b", {"0": GiB}, "restore"), "absolute bundle path"),
+])
+def test_a_bad_make_room_request_changes_nothing_and_says_what_is_wanted(args: tuple, says: str) -> None:
+    import asyncio
+
+    from kybernate.hooks.api.errors import InvalidRequest
+    from kybernate.hooks.gpu.nvml import Nvml
+    from kybernate.hooks.hookd.metrics import Metrics
+    from kybernate.hooks.hookd.policy.controller import Controller
+    from kybernate.hooks.hookd.policy.settings import StandbySettings
+
+    # An NVML that was never started: the request is refused before anything looks at the GPUs.
+    controller = Controller(StandbySettings(enabled=True), "/nonexistent", Nvml(), Metrics())
+    with pytest.raises(InvalidRequest, match=says):
+        asyncio.run(controller.make_room(*args))
