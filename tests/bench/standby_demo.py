@@ -3,7 +3,8 @@
 On a private containerd (2.1.9 by default) from the test stack, with CNI, and a real kybernate-hookd with
 --standby on the named fake driver (tests/fakes/fakegpu) whose one GPU has 10 GiB. Each server is a CRI pod
 (runtime handler kybernate) holding 4 GiB of fake VRAM and answering GET /model with its checksum, opted in
-to standby with wake on connect. A client sends requests one at a time, round-robin for the first half of
+to standby with wake on connect, and saying its VRAM (`kybernate.io/vram-request`): the third server's
+start gets its room from the arbiter, which parks the least recently used. A client sends requests one at a time, round-robin for the first half of
 the run and at random for the second; a request to a parked server wakes it on connect, and the arbiter
 parks the least recently used of the other two to make room. Every request must succeed with the right
 checksum (exit 1 otherwise). Prints p50/p99 latency of warm and RAM-wake requests and the parks.
@@ -138,8 +139,10 @@ def main() -> int:
         cids: dict[str, str] = {}
         with c.cri() as cri:
             for name in SERVERS:
+                # vram-request: before each server starts, the arbiter makes room for it on the GPU.
                 config = cri.pod_config(name, annotations={"kybernate.io/standby": "true",
-                                                           "kybernate.io/standby-idle": "5s"})
+                                                           "kybernate.io/standby-idle": "5s",
+                                                           "kybernate.io/vram-request": f"{VRAM >> 20}Mi"})
                 pod = cri.run_pod(config, runtime_handler="kybernate")
                 ips[name] = cri.pod_status(pod).network.ip
                 env = {"NVIDIA_VISIBLE_DEVICES": "all", **gpu.node.env,
@@ -150,14 +153,13 @@ def main() -> int:
                                                   command=["sh", "-c", serve], env=env, own_pid_namespace=True)
                 cri.start_container(cids[name])
                 print(f"   {name}: pod {ips[name]}, {VRAM >> 30} GiB of VRAM, checksum {checksum(name)}", flush=True)
-                # The arbiter acts before wakes, not at start: the first ones are parked before the next starts,
-                # so that the GPU never holds more than it has.
-                if name != SERVERS[-1]:
-                    wait_for(f"hookd to list {name}", lambda n=name: any(
-                        w.container_id == cids[n] and w.vram_bytes == VRAM
-                        for w in standby.Status(spb.StatusRequest(), timeout=10).workloads), 30)
-                    standby.Park(spb.ParkRequest(name=cids[name], reason="demo: make room for the next"), timeout=60)
-                    print(f"   {name}: parked (kybernate park)", flush=True)
+                wait_for(f"hookd to list {name}", lambda n=name: any(
+                    w.container_id == cids[n] and w.vram_bytes == VRAM
+                    for w in standby.Status(spb.StatusRequest(), timeout=10).workloads), 30)
+                for w in standby.Status(spb.StatusRequest(), timeout=10).workloads:
+                    if w.state == "parked" and f"for {w.namespace}/{cids[name]} (start)" in w.reason:
+                        parked = next(n for n, cid in cids.items() if cid == w.container_id)
+                        print(f"   {parked}: parked by the arbiter before {name} started", flush=True)
         rng = random.Random(args.seed)
         latencies: dict[str, list[float]] = {"warm": [], "ram-wake": [], "disk-wake": []}
         print(f"== {args.duration:.0f} s of requests: round-robin, then random", flush=True)
