@@ -325,7 +325,7 @@ class Controller:
                 else:
                     for gpu, need in sorted(m.gpus.items()):
                         await self._make_room(m, gpu, need)
-                    seconds = await self._resume_or_wake(m)
+                    seconds = await self._resume_or_wake(m, m.hibernated)
             except (StandbyFailed, StandbyRefused) as err:
                 m.wake_wanted = trigger if trigger != "retry" else (m.wake_wanted or "retry")
                 self._failed(m, err.message)
@@ -350,10 +350,10 @@ class Controller:
             if m.watcher is not None and m.watcher is not asyncio.current_task():
                 m.watcher.cancel()
 
-    async def _resume_or_wake(self, m: Managed) -> float:
+    async def _resume_or_wake(self, m: Managed, hibernated: bool) -> float:
         """The wake itself: containerd's Resume (ram), or the shim's Wake from the store (disk)."""
         w, r = m.workload, m.record
-        if m.hibernated and r is not None:
+        if hibernated and r is not None:
             return await self.executor.wake_from_disk(w.namespace, w.container_id, r.bundle or w.bundle, r.key,
                                                       r.generation)
         return await self.executor.resume(w.namespace, w.container_id)
@@ -382,6 +382,8 @@ class Controller:
         still parked with its GPU state in host RAM (the shim's rule) or still hibernated, and this wake falls back
         to its own GPU as without standby-gpus; a driver that refuses remaps is remembered (until hookd restarts)."""
         own, need = next(iter(m.gpus.items()))
+        # Decided once: a failed wake from disk briefly had a task (and an intent file the tick may have read).
+        hibernated = m.hibernated
         inventory = await asyncio.to_thread(self.nvml.inventory)
         rooms = []
         for uuid in allowed:
@@ -402,11 +404,11 @@ class Controller:
             await self._park(self.find(victim), "arbiter", f"to make room for {m.workload.name}: {choice.plan.reason}")
             self.metrics.standby_evicted()
         if choice.gpu == own:
-            return await self._resume_or_wake(m)
+            return await self._resume_or_wake(m, hibernated)
         key = m.workload.key
         self.overrides.set(key, {own: choice.gpu})
         try:
-            seconds = await self._resume_or_wake(m)
+            seconds = await self._resume_or_wake(m, hibernated)
         except StandbyFailed:
             override = self.overrides.clear(key)
             if override is None or not override.used or not override.error:
@@ -419,7 +421,7 @@ class Controller:
             self.overrides.clear(key)
         # The fallback: its own GPU, as a workload without standby-gpus wakes.
         await self._make_room(m, own, need)
-        return await self._resume_or_wake(m)
+        return await self._resume_or_wake(m, hibernated)
 
     def _remap_failed(self, m: Managed, own: str, target: str, error: str, driver_error: str) -> None:
         fields = {"container": m.workload.name, "own": own, "gpu": target, "driver_error": driver_error or None,
