@@ -385,9 +385,12 @@ class Controller:
         # Decided once: a failed wake from disk briefly had a task (and an intent file the tick may have read).
         hibernated = m.hibernated
         inventory = await asyncio.to_thread(self.nvml.inventory)
+        if inventory is None:  # NVML failed since _allowed_gpus: as without standby-gpus
+            await self._make_room(m, own, need)
+            return await self._resume_or_wake(m, hibernated)
         rooms = []
         for uuid in allowed:
-            g = inventory.gpu(uuid) if inventory is not None else None
+            g = inventory.gpu(uuid)
             if g is not None:
                 rooms.append(placement.GpuRoom(uuid, g.memory_total_bytes, g.memory_free_bytes,
                                                self.budgets.get(uuid, self.budgets.get("all")),
