@@ -15,6 +15,7 @@ from typing import Any
 PREFIX = "kybernate.io/"
 RESTORE_FROM = PREFIX + "restore-from"
 GPU_MAP = PREFIX + "gpu-map"
+STANDBY_GPUS = PREFIX + "standby-gpus"
 
 # Any kybernate.io/* key: longer names are not ours (and Kubernetes allows 63 bytes after the prefix).
 MAX_KEY_BYTES = 128
@@ -25,6 +26,8 @@ MAX_VALUE_BYTES = 256
 MAX_PATH_BYTES = 1024
 # gpu-map lists "<old uuid>=<new uuid>" pairs of 81 bytes: room for 16 GPUs.
 MAX_GPU_MAP_BYTES = 1400
+# standby-gpus (hookd's: docs/standby.md) lists GPU UUIDs of 40 bytes or indexes: room for 16 UUIDs and more.
+MAX_GPU_LIST_BYTES = 1024
 MAX_PATH_COMPONENTS = 32
 MAX_COMPONENT_BYTES = 255
 
@@ -44,7 +47,8 @@ def check(annotations: Mapping[str, Any]) -> None:
         if not isinstance(value, str):
             raise AnnotationError(f"annotation {key}: the value must be a string, got {type(value).__name__}")
         size = len(value.encode(errors="surrogatepass"))
-        limit = {RESTORE_FROM: MAX_PATH_BYTES, GPU_MAP: MAX_GPU_MAP_BYTES}.get(key, MAX_VALUE_BYTES)
+        limit = {RESTORE_FROM: MAX_PATH_BYTES, GPU_MAP: MAX_GPU_MAP_BYTES,
+                 STANDBY_GPUS: MAX_GPU_LIST_BYTES}.get(key, MAX_VALUE_BYTES)
         if size > limit:
             raise AnnotationError(f"annotation {key}: value of {size} bytes is longer than the limit of {limit} bytes")
         bad = next((c for c in value if ord(c) < 0x20 or ord(c) == 0x7F), None)

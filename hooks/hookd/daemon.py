@@ -339,7 +339,8 @@ class Daemon:
             from .policy.executor import Executor as StandbyExecutor
 
             executor = StandbyExecutor(s.standby.containerd_address, s.standby.containerd_timeout_s, store=self.store)
-            self.standby = Controller(s.standby, s.reconcile.intent_dir, self._nvml, self.metrics, executor)
+            self.standby = Controller(s.standby, s.reconcile.intent_dir, self._nvml, self.metrics, executor,
+                                      overrides=self.manager.overrides)
         from kybernate.api import standby_pb2_grpc
 
         from .policy.service import StandbyService

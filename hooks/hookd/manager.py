@@ -70,6 +70,7 @@ from kybernate.hooks.gpu.blocking import StillRunning, run_blocking
 from kybernate.hooks.gpu.cuda import NOT_A_CUDA_PROCESS, CheckpointDriver, CudaError, CudaState, normalize_uuid
 from kybernate.hooks.gpu.nvml import Inventory, Nvml
 
+from .gpu_override import GpuOverrides
 from .metrics import STEPS, Metrics
 from .settings import ManagerSettings
 
@@ -181,6 +182,7 @@ class GpuManager:
         self._settling: set[asyncio.Task[None]] = set()
         self._ops: dict[int, tuple[str, float]] = {}  # id(request) -> (what, since) for the stop log
         self._node_slots = asyncio.Semaphore(settings.max_parallel)  # driver calls on the node
+        self.overrides = GpuOverrides()  # GPU pairs the standby controller sets for a wake onto another GPU
 
     # ---- public: one method per RPC ----------------------------------------------------------
 
@@ -231,6 +233,19 @@ class GpuManager:
 
     async def restore(self, ref: ContainerRef, manifest: GpuManifest | None = None,
                       gpu_map: Mapping[str, str] | None = None) -> RestoreResult:
+        override = self.overrides.get((ref.namespace, ref.container_id))
+        if override is None:
+            return await self._restore(ref, manifest, gpu_map)
+        # A standby wake onto another GPU (gpu_override.py): its pairs win over the request's for those GPUs.
+        override.used = True
+        try:
+            return await self._restore(ref, manifest, {**_valid_gpu_map(gpu_map or {}), **override.pairs})
+        except KybernateError as err:
+            override.error, override.driver_error = err.message, err.driver_error or ""
+            raise
+
+    async def _restore(self, ref: ContainerRef, manifest: GpuManifest | None,
+                       gpu_map: Mapping[str, str] | None) -> RestoreResult:
         gpu_map = _valid_gpu_map(gpu_map or {})
         async with self._container(ref, "restore") as key:
             pids = self._pids(ref)

@@ -14,7 +14,8 @@
 #   --runtime runc|kybernate   runc: stock runc shim, GPU steps done by scenario.py through ctypes.
 #                              kybernate: our shim + kybernate-hookd do the GPU steps inside ctr's calls.
 #   --scenario LIST            comma-separated: driver-floor exit-restore leave-running pause-resume
-#                              export-import remap programs (default: driver-floor,exit-restore,pause-resume,leave-running);
+#                              export-import remap programs remap2 ddp pair
+#                              (default: driver-floor,exit-restore,pause-resume,leave-running);
 #                              `s3` alone: the S3 tier's throughput vs boto3's plain copies (no containerd; carry
 #                              .carry-s3; KYB_S3_MIB (4096), KYB_S3_RUNS (3), KYB_S3_SWEEP (16,32), KYB_CARRY_S3)
 #   --vram-gib N               VRAM the workload fills (default 2.6)

@@ -55,6 +55,12 @@ Scenarios (comma-separated, run in order, each in its own container):
                  + NCCL_SHM_DISABLE=1) until one works; every attempt's errors (ctr's, the CRIU logs,
                  hookd's log) are recorded. --no-gpu: the py backend, its two ranks fake CUDA processes
                  of the fake driver's two GPUs.
+  pair           (kybernate runtime, two GPUs; issue 17) two workloads (workload.py), one per GPU
+                 (CUDA_VISIBLE_DEVICES=i, NVIDIA_VISIBLE_DEVICES=<uuid i>); for GPU 0's alone, GPU 1's
+                 alone, then both started together: ctr t pause, ctr t resume (verified), ctr c checkpoint
+                 --task --rw (then kill, delete), ctr c restore --live --rw (verified: counter continues,
+                 checksum identical, still on its own GPU). Each step: each container's ctr seconds, the
+                 pair's wall seconds, hookd's driver seconds and calls summed over the step's containers.
 
 Verification: the workload's counter must continue past its pre-checkpoint value and its checksum
 must equal the reference taken at start (ok=True).
@@ -79,7 +85,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 ALL_SCENARIOS = ("driver-floor", "exit-restore", "leave-running", "pause-resume", "export-import", "remap", "programs",
-                 "store", "resilience", "remap2", "ddp")
+                 "store", "resilience", "remap2", "ddp", "pair")
+# pair: the steps, in order, for GPU 0's workload alone, GPU 1's alone, then both at once.
+PAIR_STEPS = ("pause", "resume", "checkpoint", "restore")
+# The media types of a containerd checkpoint image's index entries.
+CRIU_TAR = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
+CKPT_CONFIG = "application/vnd.containerd.container.checkpoint.config.v1+proto"
+
 # ddp: NCCL settings tried in order until pause/resume and checkpoint/restore work (NVLink multicast always off).
 DDP_SETTINGS = {
     "default": {},
@@ -353,15 +365,7 @@ class KybernateSteps:
 
     def thaw(self, pid: int, rec: dict, pairs: list[tuple[str, str]] | None = None) -> None:
         """Nothing to do: the shim restored the GPU inside Resume / Start. Record what hookd and the shim did."""
-        after = self.metrics()
-        for step in ("lock", "checkpoint", "restore", "unlock"):
-            key = f'kybernate_hookd_step_duration_seconds_sum{{step="{step}"}}'
-            count = f'kybernate_hookd_step_duration_seconds_count{{step="{step}"}}'
-            rec[f"gpu_{step}_s"] = round(after.get(key, 0.0) - self._metrics0.get(key, 0.0), 4)
-            rec[f"gpu_{step}_calls"] = int(after.get(count, 0.0) - self._metrics0.get(count, 0.0))
-        for direction in ("device_to_host", "host_to_device"):
-            key = f'kybernate_hookd_bytes_total{{direction="{direction}"}}'
-            rec[f"bytes_{direction}"] = int(after.get(key, 0.0) - self._metrics0.get(key, 0.0))
+        rec.update(hookd_deltas(self._metrics0, self.metrics()))
         rec["shim_rpc_ms"] = self.shim_rpcs()
         if self.drv is not None:
             try:
@@ -387,9 +391,38 @@ class KybernateSteps:
         return found
 
 
+def hookd_deltas(before: dict[str, float], after: dict[str, float]) -> dict:
+    """hookd's driver seconds and calls per step and bytes moved between two readings of its metrics."""
+    rec: dict = {}
+    for step in ("lock", "checkpoint", "restore", "unlock"):
+        key = f'kybernate_hookd_step_duration_seconds_sum{{step="{step}"}}'
+        count = f'kybernate_hookd_step_duration_seconds_count{{step="{step}"}}'
+        rec[f"gpu_{step}_s"] = round(after.get(key, 0.0) - before.get(key, 0.0), 4)
+        rec[f"gpu_{step}_calls"] = int(after.get(count, 0.0) - before.get(count, 0.0))
+    for direction in ("device_to_host", "host_to_device"):
+        key = f'kybernate_hookd_bytes_total{{direction="{direction}"}}'
+        rec[f"bytes_{direction}"] = int(after.get(key, 0.0) - before.get(key, 0.0))
+    return rec
+
+
 # ---------------------------------------------------------------------------------------------
 # workload helpers
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class PairMember:
+    """One workload of the pair scenario: its container, results dir, fake-driver id, GPU, reference checksum."""
+
+    cid: str
+    out: str
+    proc: str
+    gpu: str
+    ref: str
+    before: dict = field(default_factory=dict)  # its status before the last pause / checkpoint
+
+    def image(self) -> str:
+        return f"kybernate.test/ckpt/{self.cid}:1"
+
+
 def read_status(out_dir: str) -> dict:
     try:
         with open(os.path.join(out_dir, "status")) as f:
@@ -518,9 +551,12 @@ class Runner:
 
     def start_container(self, cid: str, out: str, command: list[str] | None = None,
                         annotations: dict[str, str] | None = None, vram_gib: float | None = None,
-                        env: list[str] | None = None, mounts: list[str] | None = None) -> tuple[float, list[str]]:
+                        env: list[str] | None = None, mounts: list[str] | None = None,
+                        runtime_config: str = "") -> tuple[float, list[str]]:
         args = ["run", "-d", "--runtime", RUNTIME_NAMES[self.a.runtime], "--cwd", "/",
                 "--log-uri", f"file://{out}/stdout.log"]
+        if runtime_config:
+            args += ["--runtime-config-path", runtime_config]
         for m in mounts or []:
             args += ["--mount", m]
         for k, v in (annotations or {}).items():
@@ -546,11 +582,12 @@ class Runner:
         return dt, args
 
     def launch(self, name: str, rec: dict, vram_gib: float | None = None, annotations: dict[str, str] | None = None,
-               env: list[str] | None = None) -> tuple[str, str, int, str]:
+               env: list[str] | None = None, runtime_config: str = "") -> tuple[str, str, int, str]:
         cid = f"kyb-{name}"
         self.ctr.remove(cid)
         out = self.out_dir(name)
-        dt, _ = self.start_container(cid, out, vram_gib=vram_gib, annotations=annotations, env=env)
+        dt, _ = self.start_container(cid, out, vram_gib=vram_gib, annotations=annotations, env=env,
+                                     runtime_config=runtime_config)
         rec["ctr_run_s"] = round(dt, 3)
         t = time.perf_counter()
         wait_status(out, lambda s: "counter" in s and int(s["counter"]) >= 3, self.a.ready_timeout, "workload ticks")
@@ -1165,6 +1202,124 @@ class Runner:
             raise StepError(f"ddp {name}: steps differ from the reference: {rec['mismatches'][:3]}")
 
     # -- preemption resilience (docs/resilience.md) ---------------------------------------------
+    # -- per GPU and both GPUs at once (issue 17, item 4) -------------------------------------------
+    def s_pair(self, rec: dict) -> None:
+        """Two workloads, one per GPU; pause, resume, checkpoint, restore for GPU 0's alone, GPU 1's alone, both."""
+        if self.a.runtime != "kybernate":
+            raise StepError("pair needs --runtime kybernate (the shim and hookd do the GPU steps)")
+        uuids = self._two_gpus()[:2]
+        rec["gpus"] = uuids
+        members: list[PairMember] = []
+        try:
+            for i, uuid in enumerate(uuids):
+                name = f"pair-g{i}"
+                proc = f"p-{name}"
+                # CUDA sees its own GPU alone (PCI order = nvidia-smi's index order); NVIDIA_VISIBLE_DEVICES tells the
+                # shim and hookd which GPU it is (the VRAM pre-check of the restore looks there).
+                env = ["CUDA_DEVICE_ORDER=PCI_BUS_ID", f"CUDA_VISIBLE_DEVICES={i}", f"NVIDIA_VISIBLE_DEVICES={uuid}",
+                       *self._fake_env(proc, uuid)]
+                sub: dict = {"gpu": uuid}
+                rec[f"g{i}"] = sub
+                # Runtime options of its own (an empty TOML file: the shim's defaults). Without options containerd
+                # 1.6.20's ctr still writes them into each checkpoint as an empty blob, whose digest it loses when
+                # the blob exists already (a later checkpoint, the other container's): the image's index then holds
+                # an empty digest and the restore fails with "unable to read checkpoint runtime". A blob with
+                # content keeps its digest (containerd 2 skips empty options).
+                conf = os.path.join(self.a.base, f"{name}-runtime.toml")
+                with open(conf, "w") as f:
+                    f.write(f"# {name}: the shim's defaults\n")
+                cid, out, pid, ref = self.launch(name, sub, annotations={"kybernate.io/gpu": "true"}, env=env,
+                                                 runtime_config=conf)
+                sub["gpu_before"] = gpu_of(pid, proc, self.a.no_gpu)
+                members.append(PairMember(cid, out, proc, uuid, ref))
+            for mode, who in (("gpu0", members[:1]), ("gpu1", members[1:]), ("both", members)):
+                rounds: dict = {}
+                rec[mode] = rounds
+                for step in PAIR_STEPS:
+                    rounds[step] = self._pair_step(step, who, mode)
+                    log(f"pair {mode} {step}: {json.dumps(rounds[step], default=str)}")
+                    self.save()
+        except Exception:
+            for m in members:
+                self.collect_logs(m.cid, rec.setdefault(f"logs_{m.cid}", {}))
+            rec["hookd_errors"] = hookd_lines(self.a.base, "level=error", "level=warning")[-12:]
+            raise
+        finally:
+            for m in members:
+                self.ctr.remove(m.cid)
+                self.ctr.run("images", "rm", m.image(), check=False)
+
+
+    def _pair_step(self, step: str, who: list[PairMember], mode: str) -> dict:
+        """One step for each of `who`, started together (a barrier); each one's ctr seconds, the pair's wall,
+        hookd's driver seconds and calls over all of them; then what the step must have done, checked."""
+        res: dict = {}
+        for m in who:
+            if step in ("pause", "checkpoint"):
+                m.before = read_status(m.out)  # the state the resume / restore must continue from
+            if step == "checkpoint":
+                # The previous round's image goes first, with its blobs (--sync: garbage-collected now): containerd
+                # 1.6 writes the checkpoint config (the same bytes for the same container every time) in the task
+                # service, which fails with AlreadyExists when the blob is still there, and ctr ignores that
+                # error: the image then silently lacks the CRIU checkpoint.
+                self.ctr.run("images", "rm", "--sync", m.image(), check=False)
+        metrics0 = self.steps.metrics()
+        argv = {"pause": lambda m: ("task", "pause", m.cid), "resume": lambda m: ("task", "resume", m.cid),
+                "checkpoint": lambda m: ("container", "checkpoint", "--task", "--rw", m.cid, m.image()),
+                "restore": lambda m: ("container", "restore", "--live", "--rw", m.cid, m.image())}[step]
+        t_wall0 = time.time()
+        barrier = threading.Barrier(len(who))
+        spans: dict[str, tuple[float, float]] = {}
+        errors: dict[str, str] = {}
+
+        def one(m: PairMember) -> None:
+            barrier.wait(timeout=30)
+            t = time.perf_counter()
+            try:
+                self.ctr.run(*argv(m), timeout=self.a.step_timeout)
+            except Exception as e:  # noqa: BLE001 - reported for both after the join
+                errors[m.cid] = f"{type(e).__name__}: {e}"
+            spans[m.cid] = (t, time.perf_counter())
+
+        threads = [threading.Thread(target=one, args=(m,), name=f"pair-{m.cid}") for m in who]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(self.a.step_timeout + 60)
+        if len(spans) != len(who):
+            raise StepError(f"pair {mode} {step}: a ctr call did not return within {self.a.step_timeout + 60} s")
+        res["wall_s"] = round(max(e for _, e in spans.values()) - min(s for s, _ in spans.values()), 3)
+        res["start_skew_s"] = round(max(s for s, _ in spans.values()) - min(s for s, _ in spans.values()), 4)
+        for m in who:
+            res[m.cid] = {"s": round(spans[m.cid][1] - spans[m.cid][0], 3)}
+        res.update(hookd_deltas(metrics0, self.steps.metrics()))
+        if errors:
+            res["errors"] = errors
+            raise StepError(f"pair {mode} {step} failed: {errors}")
+        for m in who:  # outside the timed part: what the step must have done
+            mine = res[m.cid]
+            if step == "pause":
+                mine["task_status"] = self.ctr.task_status(m.cid)
+                if mine["task_status"] != "PAUSED":
+                    raise StepError(f"pair {mode} pause: {m.cid} is {mine['task_status']}, not PAUSED")
+            elif step == "checkpoint":
+                mine["image_bytes"] = self.image_size(m.image())
+                broken = self._incomplete_checkpoint(m.image())
+                if broken:
+                    raise StepError(f"pair {mode} checkpoint: {broken}")
+                mine["delete_s"] = round(self.ctr.remove(m.cid), 3)  # the restore needs it gone
+            else:  # resume, restore: the workload continues with its checksum
+                pid = self.ctr.task_pid(m.cid)
+                # A tick written after the step began (the status file still holds the killed task's last one).
+                c0 = int(m.before.get("counter", 0))
+                wait_status(m.out, lambda st, c0=c0: float(st.get("ts", 0)) > t_wall0
+                            and int(st.get("counter", -1)) >= c0 + 2, 60, f"{m.cid}: a tick after the {step}")
+                mine.update(verify_continues(m.out, m.before, m.ref, time.time()))
+                mine["gpu_after"] = gpu_of(pid, m.proc, self.a.no_gpu)
+                if mine["gpu_after"] != [m.gpu]:
+                    raise StepError(f"pair {mode} {step}: {m.cid} is on {mine['gpu_after']}, not on {m.gpu}")
+        return res
+
     def s_resilience(self, rec: dict) -> None:
         if self.a.runtime != "kybernate":
             raise StepError("resilience needs --runtime kybernate (checkpoint-on-stop and resume: latest are "
@@ -1312,6 +1467,28 @@ class Runner:
             with open(os.path.join(self.a.base, "hookd.log"), errors="replace") as f:
                 return [line.strip()[-400:] for line in f if "inherited from a CUDA process" in line][-8:]
         except OSError:
+            return []
+
+    def _incomplete_checkpoint(self, ref: str) -> str:
+        """What a checkpoint image lacks ("" when complete): containerd 1.6's ctr can report success for one that
+        has no CRIU checkpoint, or an entry with an empty digest (see _pair_step)."""
+        kinds = {m.get("mediaType", ""): m.get("digest", "") for m in self.checkpoint_index(ref)}
+        missing = [t for t in (CRIU_TAR, CKPT_CONFIG) if t not in kinds]
+        empty = [t for t, d in kinds.items() if not d]
+        if missing or empty:
+            return f"checkpoint image {ref} is incomplete though ctr succeeded: missing {missing}, empty digests " \
+                   f"{empty}"
+        return ""
+
+    def checkpoint_index(self, ref: str) -> list[dict]:
+        """The manifests of a checkpoint image's index ([] if there is no such image)."""
+        _, out = self.ctr.run("images", "ls", check=False)
+        digest = next((p[2] for p in (ln.split() for ln in out.splitlines()[1:]) if len(p) > 2 and p[0] == ref), "")
+        if not digest:
+            return []
+        try:
+            return list(json.loads(self.ctr.run("content", "get", digest, check=False)[1]).get("manifests", []))
+        except ValueError:
             return []
 
     def image_size(self, ref: str) -> int:
@@ -1715,6 +1892,14 @@ def print_summary(results: dict) -> None:
                     print(f"{'resilience ' + part:24s} {r.get('result', '?'):4s} {vals}")
                     if r.get("error"):
                         print(f"{'':24s} error: {r['error'][:600]}")
+            continue
+        if name == "pair":
+            for mode in ("gpu0", "gpu1", "both"):
+                for step, r in (rec.get(mode) or {}).items():
+                    own = " ".join(f"{k}={v['s']}" for k, v in r.items() if isinstance(v, dict) and "s" in v)
+                    print(f"{'pair ' + mode + ' ' + step:24s} wall={r.get('wall_s')} {own} "
+                          f"gpu_ckpt={r.get('gpu_checkpoint_s')} gpu_restore={r.get('gpu_restore_s')}")
+            print(f"{'pair':24s} {rec.get('result', '?')} {rec.get('error', '')[:600]}")
             continue
         if name == "programs":
             for prog, r in rec.items():

@@ -25,6 +25,13 @@ here is an API park or the arbiter's.
    round-robin for the first half and at random for the second. A request to a parked server wakes it on
    connect and the arbiter parks the least recently used one. Every answer must carry the server's checksum
    (bit-identical VRAM). p50/p99 of warm and RAM-wake requests, parks and evictions go to results.json.
+4. cross-GPU (`--cross-gpu`, two GPUs; issue 17 item 2): a `--vram-gib` server X on GPU 0 allowed both GPUs
+   (`kybernate.io/standby-gpus: <gpu0>,<gpu1>`) is parked, a `--cross-fill-gib` (30) server F on GPU 0 fills its
+   budget, and X is woken through the API (`--cross-rounds` (2) times, X parked again between): hookd's placement
+   picks GPU 1, which has room without parking anyone; a driver that accepts GPU pairs restores X there, one that
+   refuses them (driver 580: CUDA_ERROR_INVALID_VALUE) makes the wake fall back to GPU 0, parking F. Recorded per
+   round: the placement and refusal log lines, the GPU X's process is on after the wake (nvidia-smi; the fake
+   driver's record), the wake's seconds, and the checksum of a GET (must be X's).
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import grpc  # noqa: E402
-from scenario import Runner, StepError, log  # noqa: E402
+from scenario import Runner, StepError, gpu_of, gpu_uuids, hookd_lines, log  # noqa: E402
 
 from kybernate.api import standby_pb2 as spb  # noqa: E402
 from kybernate.api import standby_pb2_grpc  # noqa: E402
@@ -74,18 +81,24 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--hookd-socket", default="/run/kybernate/hookd.sock")
     p.add_argument("--hookd-metrics", default="http://127.0.0.1:9464/metrics")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--cross-gpu", action="store_true", help="the cross-GPU part (two GPUs)")
+    p.add_argument("--cross-fill-gib", type=float, default=30.0)
+    p.add_argument("--cross-rounds", type=int, default=2)
+    p.add_argument("--cross-only", action="store_true", help="skip the other parts")
     a, _ = p.parse_known_args(argv)  # on_gpu.sh passes scenario.py's options too
     return a
 
 
-def fake_gpu_env(cid: str, gib: float) -> list[str]:
+def fake_gpu_env(cid: str, gib: float, gpu: str = "") -> list[str]:
     """--no-gpu rehearsal with the fake driver (FAKEGPU_STATE_DIR set, its libcuda/libnvml given to hookd): the
-    server becomes a fake CUDA process holding `gib` on the node's first fake GPU, so hookd parks and wakes it."""
+    server becomes a fake CUDA process holding `gib` on `gpu` (default the node's first fake GPU), so hookd parks
+    and wakes it."""
     state = os.environ.get("FAKEGPU_STATE_DIR", "")
     if not state:
         return []
-    with open(os.path.join(state, "gpus.txt")) as f:
-        gpu = f.readline().split("\t")[0]
+    if not gpu:
+        with open(os.path.join(state, "gpus.txt")) as f:
+            gpu = f.readline().split("\t")[0]
     return ["NVIDIA_VISIBLE_DEVICES=all", f"FAKEGPU_STATE_DIR={state}", f"FAKEGPU_PROC={cid}",
             f"FAKEGPU_GPU={gpu}", f"FAKEGPU_VRAM={int(gib * 2**30)}"]
 
@@ -119,13 +132,18 @@ class Scenario:
         self.ports: dict[str, int] = {}
         self.refs: dict[str, str] = {}
 
-    def start_server(self, name: str, gib: float, port: int) -> None:
+    def start_server(self, name: str, gib: float, port: int, gpu: tuple[int, str] | None = None,
+                     annotations: dict[str, str] | None = None) -> None:
+        """A server; on GPU `gpu` (index, UUID): CUDA sees that one alone, and the container every GPU's device."""
         cid = f"kyb-sb-{name}"
         self.runner.ctr.remove(cid)
         out = self.runner.out_dir(f"sb-{name}")
         command = [sys.executable, "/kyb/standby_server.py", "--vram-gib", str(gib), "--port", str(port),
                    "--out-dir", "/out", "--backend", "py" if self.a.no_gpu else "torch"]
-        self.runner.start_container(cid, out, command, env=fake_gpu_env(cid, gib) if self.a.no_gpu else None)
+        env = fake_gpu_env(cid, gib, gpu[1] if gpu else "") if self.a.no_gpu else []
+        if gpu is not None:
+            env += ["CUDA_DEVICE_ORDER=PCI_BUS_ID", f"CUDA_VISIBLE_DEVICES={gpu[0]}"]
+        self.runner.start_container(cid, out, command, env=env or None, annotations=annotations)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             try:
@@ -290,16 +308,57 @@ class Scenario:
         return result
 
 
+    def cross_gpu(self) -> dict:
+        uuids = gpu_uuids(self.a.no_gpu)
+        if len(uuids) < 2:
+            raise StepError(f"--cross-gpu needs two GPUs, this machine has {uuids or 'none'}")
+        g0, g1 = uuids[0], uuids[1]
+        x, fill = "kyb-sb-x", "kyb-sb-fill"
+        hookd_log = os.path.join(self.a.base, "hookd.log")
+        self.start_server("x", self.a.vram_gib, BASE_PORT + 60, (0, g0), {"kybernate.io/standby-gpus": f"{g0},{g1}"})
+        self.wait_known(x)
+        rounds = []
+        for i in range(self.a.cross_rounds):
+            self.standby.Park(spb.ParkRequest(name=x, reason="cross-gpu"), timeout=600)
+            if i == 0:
+                self.start_server("fill", self.a.cross_fill_gib, BASE_PORT + 61, (0, g0))
+                self.wait_known(fill)
+            elif self.state(fill) == "parked":  # the fallback of the last round parked it: GPU 0 full again
+                self.standby.Wake(spb.WakeRequest(name=fill), timeout=600)
+            placements = len(hookd_lines(self.a.base, 'msg="standby placement'))
+            t0 = time.monotonic()
+            self.standby.Wake(spb.WakeRequest(name=x), timeout=900)
+            wake_s = time.monotonic() - t0
+            _, whole, body = self.get(x)
+            pid = self.runner.ctr.task_pid(x)
+            after = gpu_of(pid, x, self.a.no_gpu)
+            placed = hookd_lines(self.a.base, 'msg="standby placement')[placements:]
+            rounds.append({
+                "wake_s": round(wake_s, 3), "gpu_after": after, "moved": after == [g1],
+                "placement": placed[-1:] or None, "fill_state": self.state(fill),
+                "refused": hookd_lines(self.a.base, "refuses to restore onto another GPU")[-1:],
+                "restored": last_log_fields(hookd_log, "restored"), "request_s": round(whole, 3),
+                "checksum_ok": body == f"{self.refs[x]} True"})
+            log(f"cross-gpu round {i}: woke on {after} in {wake_s:.2f} s, fill {rounds[-1]['fill_state']}, "
+                f"placement {placed[-1:] or 'none (remap refused before)'}")
+        for cid in (x, fill):
+            self.runner.ctr.remove(cid)
+        return {"gpus": [g0, g1], "vram_gib": self.a.vram_gib, "fill_gib": self.a.cross_fill_gib, "rounds": rounds}
+
+
 def main(argv: list[str]) -> int:
     a = parse(argv)
     results: dict = {"scenario": "standby", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                      "argv": argv}
     s = Scenario(a)
     try:
-        results["ttfb"] = s.ttfb()
-        if a.hibernate_rounds:
-            results["hibernate"] = s.hibernate()
-        results["multiplex"] = s.multiplex()
+        if not a.cross_only:
+            results["ttfb"] = s.ttfb()
+            if a.hibernate_rounds:
+                results["hibernate"] = s.hibernate()
+            results["multiplex"] = s.multiplex()
+        if a.cross_gpu:
+            results["cross_gpu"] = s.cross_gpu()
     except (StepError, grpc.RpcError, OSError) as err:
         results["error"] = str(err)
         log(f"standby scenario failed: {err}")
@@ -309,7 +368,8 @@ def main(argv: list[str]) -> int:
             json.dump(results, f, indent=1)
     print(json.dumps({k: v for k, v in results.items() if k != "ctr_commands"}, indent=1))
     bad = ("error" in results or results.get("multiplex", {}).get("failures")
-           or not all(r["checksum_ok"] for r in results.get("hibernate", {}).get("rounds", [])))
+           or not all(r["checksum_ok"] for r in results.get("hibernate", {}).get("rounds", []))
+           or not all(r["checksum_ok"] for r in results.get("cross_gpu", {}).get("rounds", [])))
     return 1 if bad else 0
 
 

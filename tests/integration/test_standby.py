@@ -20,7 +20,7 @@ import pytest
 from conftest import RUNTIME, VENV_BIN
 from harness.containerd import Containerd, CtrError
 from harness.containerd_api import ContainerdApi, criu_checkpoint
-from harness.gpunode import G0, H100, GiB, GpuNode, fakegpu
+from harness.gpunode import G0, G1, H100, GiB, GpuNode, fakegpu
 from harness.images import BUSYBOX_IMAGE
 from harness.workload import task_status, wait_for
 
@@ -79,10 +79,10 @@ def log_lines(gpu: GpuNode, msg: str) -> list[str]:
 
 
 def run_gpu(c: Containerd, gpu: GpuNode, name: str, proc_id: str, *annotations: str, vram: int = 2 * GiB,
-            command: str = SLEEPER) -> None:
+            command: str = SLEEPER, on: str = G0) -> None:
     notes = [arg for a in annotations for arg in ("--annotation", f"kybernate.io/{a}")]
-    c.ctr("run", "-d", "--runtime", RUNTIME, *notes, *gpu.container_env(proc_id, vram=vram), BUSYBOX_IMAGE, name,
-          "sh", "-c", command)
+    c.ctr("run", "-d", "--runtime", RUNTIME, *notes, *gpu.container_env(proc_id, on, vram=vram), BUSYBOX_IMAGE,
+          name, "sh", "-c", command)
 
 
 def parked(c: Containerd, gpu: GpuNode, name: str, proc_id: str) -> bool:
@@ -231,6 +231,60 @@ def test_the_arbiter_parks_by_priority_and_lru_to_fit_a_wake_and_honours_a_budge
     assert parked(c, gpu, "a", "p-a") and running(c, gpu, "d", "p-d") and running(c, gpu, "c", "p-c")
     metrics = log_lines(gpu, "standby parked")
     assert sum("trigger=arbiter" in line for line in metrics) == 3
+
+
+@pytest.mark.parametrize("version", ["1.6", "2.1"])
+def test_a_wake_moves_to_the_allowed_gpu_with_room_and_a_refused_remap_falls_back_to_its_own(
+        kyb_factory, gpu: GpuNode, tmp_path: Path, version: str) -> None:
+    gpu.node.set_gpus([fakegpu.FakeGpu(G0, H100, 16 * GiB), fakegpu.FakeGpu(G1, H100, 16 * GiB)])
+    c = kyb_factory(version, runtime_toml=gpu.runtime_toml())
+    standby(gpu, c, tmp_path, "--standby-gpu-budget", f"{G0}=8Gi", "--standby-gpu-budget", f"{G1}=8Gi")
+    opted = ("standby=true", "standby-idle=1h", "standby-wake=api")
+    # a may use GPUs 0 and 1 (NVML indexes; the GPU it is parked from is always allowed); b and c fill GPU 0's
+    # budget while a is parked.
+    run_gpu(c, gpu, "a", "p-a", *opted, f"standby-gpus={G0},1", vram=4 * GiB)
+    wait_for("hookd to see a", lambda: status_once_known(gpu, "a").get("vram_bytes") == str(4 * GiB))
+    kybernate(gpu, "park", "a")
+    run_gpu(c, gpu, "b", "p-b", *opted, vram=4 * GiB)
+    run_gpu(c, gpu, "c", "p-c", *opted, vram=4 * GiB)
+    for name in "bc":
+        wait_for(f"hookd to see {name}", lambda n=name: status_once_known(gpu, n).get("vram_bytes") == str(4 * GiB))  # type: ignore[misc]
+
+    kybernate(gpu, "wake", "a")  # GPU 0: 8 GiB used of 8; GPU 1 has room without parking anyone
+    assert running(c, gpu, "a", "p-a") and gpu.node.state("p-a")["gpu"] == G1
+    assert running(c, gpu, "b", "p-b") and running(c, gpu, "c", "p-c")
+    choice = log_lines(gpu, "standby placement")[-1]
+    assert f"own={G0}" in choice and f"gpu={G1}" in choice and "own GPU has no room without parking" in choice
+    restore = [e for e in gpu.events("p-a") if e.op == "restore"][-1]
+    assert restore.pairs == 1 and restore.gpu == G1 and restore.result == "CUDA_SUCCESS"
+    assert wait_for("a's status on GPU 1", lambda: status(gpu, "a").get("gpus") == [G1], 30)
+
+    # a's own GPU is now GPU 1. d and e fill its budget; c is parked, so GPU 0 has room. The driver refuses any
+    # GPU pairs (as driver 580 does): the wake chosen for GPU 0 falls back to GPU 1, where the arbiter parks the
+    # least recently active of d and e; a is never stranded.
+    kybernate(gpu, "park", "a")
+    kybernate(gpu, "park", "c")
+    run_gpu(c, gpu, "d", "p-d", *opted, vram=4 * GiB, on=G1)
+    run_gpu(c, gpu, "e", "p-e", *opted, vram=4 * GiB, on=G1)
+    for name in "de":
+        wait_for(f"hookd to see {name}", lambda n=name: status_once_known(gpu, n).get("vram_bytes") == str(4 * GiB))  # type: ignore[misc]
+    gpu.node.set_faults(["restore fail CUDA_ERROR_INVALID_VALUE pairs"])
+    kybernate(gpu, "wake", "a")
+    assert running(c, gpu, "a", "p-a") and gpu.node.state("p-a")["gpu"] == G1
+    assert f"gpu={G0}" in log_lines(gpu, "standby placement")[-1]
+    refused = [line for line in gpu.log.read_text().splitlines() if "the driver refuses to restore onto another GPU"
+               in line]
+    assert len(refused) == 1 and "driver_error=CUDA_ERROR_INVALID_VALUE" in refused[0]
+    tried, done = [e for e in gpu.events("p-a") if e.op == "restore"][-2:]
+    assert (tried.pairs, tried.result) == (1, "CUDA_ERROR_INVALID_VALUE") and (done.pairs, done.gpu) == (0, G1)
+    assert parked(c, gpu, "d", "p-d") and running(c, gpu, "e", "p-e")  # d: the least recently active
+    assert status(gpu, "d")["parked_by"] == "arbiter"
+    # Remembered: the next wake of a stays on its own GPU without a placement (its GPU has room again).
+    placements = len(log_lines(gpu, "standby placement"))
+    kybernate(gpu, "park", "a")
+    kybernate(gpu, "wake", "a")
+    assert running(c, gpu, "a", "p-a") and gpu.node.state("p-a")["gpu"] == G1
+    assert len(log_lines(gpu, "standby placement")) == placements
 
 
 @pytest.mark.parametrize("version", ["1.6", "2.1"])

@@ -31,8 +31,9 @@ from kybernate.hooks.api.errors import InvalidRequest, KybernateError
 from kybernate.hooks.gpu.cuda import normalize_uuid
 from kybernate.hooks.gpu.nvml import Inventory, Nvml
 
+from ..gpu_override import GpuOverrides
 from ..metrics import Metrics
-from . import arbiter, record, settings, signals, sockwatch, workloads
+from . import arbiter, placement, record, settings, signals, sockwatch, workloads
 from .executor import Executor, StandbyFailed, StandbyRefused, UnknownWorkload
 from .settings import StandbySettings
 
@@ -48,6 +49,8 @@ MAX_NEED_BYTES = 1 << 50  # 1 PiB, as the shim's kybernate.io/vram-request
 PARKABLE_PHASES = ("live", "unknown")
 # A hibernated workload's `desired` (tier disk): no process, no intent file; hookd's record says where it is.
 HIBERNATED = "hibernated"
+# What a driver answers a restore with GPU pairs it cannot do (driver 580: INVALID_VALUE for any pairs).
+REMAP_REFUSALS = ("CUDA_ERROR_INVALID_VALUE", "CUDA_ERROR_NOT_SUPPORTED")
 
 
 @dataclass(slots=True)
@@ -124,7 +127,7 @@ class WorkloadStatus:
 
 class Controller:
     def __init__(self, settings: StandbySettings, intent_dir: str, nvml: Nvml, metrics: Metrics,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, overrides: GpuOverrides | None = None) -> None:
         self.settings = settings
         self.intent_dir = intent_dir
         self.nvml = nvml
@@ -138,6 +141,10 @@ class Controller:
         self._wake_slots = asyncio.Semaphore(max(1, settings.max_parallel_wakes))
         self._tasks: set[asyncio.Task[Any]] = set()
         self._util_since_us = 0
+        # Multiplexing across GPUs: the GPU pairs a wake onto another GPU leaves for hookd's RestoreGpu (the
+        # GpuManager's), and the driver's refusal of such a restore once seen (then wakes stay on their own GPU).
+        self.overrides = overrides if overrides is not None else GpuOverrides()
+        self._remap_refused = ""
 
     # ---- the loop ----
 
@@ -323,19 +330,18 @@ class Controller:
 
     async def _wake(self, m: Managed, trigger: str) -> None:
         w = m.workload
-        async with self._wake_slots, self._gpus_locked(sorted(m.gpus)), m.lock:
+        allowed = await self._allowed_gpus(m)  # [] unless it may move to another GPU
+        async with self._wake_slots, self._gpus_locked(sorted(set(m.gpus) | set(allowed))), m.lock:
             if not m.parked:
                 return
             m.busy = "waking"
             try:
-                for gpu, need in sorted(m.gpus.items()):
-                    await self._make_room(m, gpu, need)
-                r = m.record
-                if m.hibernated and r is not None:
-                    seconds = await self.executor.wake_from_disk(w.namespace, w.container_id, r.bundle or w.bundle,
-                                                                 r.key, r.generation)
+                if allowed:
+                    seconds = await self._wake_placed(m, allowed)
                 else:
-                    seconds = await self.executor.resume(w.namespace, w.container_id)
+                    for gpu, need in sorted(m.gpus.items()):
+                        await self._make_room(m, gpu, need)
+                    seconds = await self._resume_or_wake(m, m.hibernated)
             except (StandbyFailed, StandbyRefused) as err:
                 m.wake_wanted = trigger if trigger != "retry" else (m.wake_wanted or "retry")
                 self._failed(m, err.message)
@@ -360,6 +366,104 @@ class Controller:
             if m.watcher is not None and m.watcher is not asyncio.current_task():
                 m.watcher.cancel()
 
+    async def _resume_or_wake(self, m: Managed, hibernated: bool) -> float:
+        """The wake itself: containerd's Resume (ram), or the shim's Wake from the store (disk)."""
+        w, r = m.workload, m.record
+        if hibernated and r is not None:
+            return await self.executor.wake_from_disk(w.namespace, w.container_id, r.bundle or w.bundle, r.key,
+                                                      r.generation)
+        return await self.executor.resume(w.namespace, w.container_id)
+
+    # ---- multiplexing across GPUs (kybernate.io/standby-gpus; placement.py) ----
+
+    async def _allowed_gpus(self, m: Managed) -> list[str]:
+        """Its own GPU first, then the other GPUs its policy allows that this node has; [] when it stays on its own:
+        no other GPU allowed, a workload of several GPUs, no NVML, or a driver that refused a remap before."""
+        if not m.workload.policy.gpus or len(m.gpus) != 1 or self._remap_refused:
+            return []
+        inventory = await asyncio.to_thread(self.nvml.inventory)
+        if inventory is None:
+            return []
+        own = next(iter(m.gpus))
+        allowed, unknown = placement.allowed_gpus(own, m.workload.policy.gpus,
+                                                  {g.index: normalize_uuid(g.uuid) for g in inventory.gpus})
+        if unknown:
+            log.warning("standby: kybernate.io/standby-gpus names GPUs this node does not have; ignored",
+                        extra={"fields": {"container": m.workload.name, "unknown": ",".join(unknown)}})
+        return allowed if len(allowed) > 1 else []
+
+    async def _wake_placed(self, m: Managed, allowed: list[str]) -> float:
+        """Wake on the GPU placement.choose picks among `allowed` (parking its plan's victims there first); onto
+        another GPU than its own through GPU pairs for hookd's RestoreGpu. If that restore fails, the workload is
+        still parked with its GPU state in host RAM (the shim's rule) or still hibernated, and this wake falls back
+        to its own GPU as without standby-gpus; a driver that refuses remaps is remembered (until hookd restarts)."""
+        own, need = next(iter(m.gpus.items()))
+        # Decided once: a failed wake from disk briefly had a task (and an intent file the tick may have read).
+        hibernated = m.hibernated
+        inventory = await asyncio.to_thread(self.nvml.inventory)
+        if inventory is None:  # NVML failed since _allowed_gpus: as without standby-gpus
+            await self._make_room(m, own, need)
+            return await self._resume_or_wake(m, hibernated)
+        rooms = []
+        now = time.monotonic()
+        for uuid in allowed:
+            g = inventory.gpu(uuid)
+            if g is not None:  # room held for starting containers is not free
+                free = max(0, g.memory_free_bytes - self._held(uuid, m.workload.key, now))
+                rooms.append(placement.GpuRoom(uuid, g.memory_total_bytes, free,
+                                               self.budgets.get(uuid, self.budgets.get("all")),
+                                               tuple(self._candidates(m.workload.key, uuid, now))))
+        choice = placement.choose(own, need, m.workload.policy.priority, rooms)
+        fields = {"container": m.workload.name, "own": own, "gpu": choice.gpu or None, "need": need,
+                  "victims": ",".join(choice.plan.victims), "reason": choice.reason,
+                  "skipped": "; ".join(choice.plan.skipped)}
+        if not choice.gpu:
+            log.warning("standby placement: no room", extra={"fields": fields})
+            raise StandbyRefused(f"no room to wake {m.workload.name} on any allowed GPU: {choice.reason}")
+        log.info("standby placement", extra={"fields": fields})
+        for victim in choice.plan.victims:
+            await self._park(self.find(victim), "arbiter", f"to make room for {m.workload.name}: {choice.plan.reason}")
+            self.metrics.standby_evicted()
+        if choice.gpu == own:
+            return await self._resume_or_wake(m, hibernated)
+        key = m.workload.key
+        self.overrides.set(key, {own: choice.gpu})
+        try:
+            seconds = await self._resume_or_wake(m, hibernated)
+        except StandbyFailed:
+            override = self.overrides.clear(key)
+            if override is None or not override.used or not override.error:
+                raise  # it failed before or apart from the restore onto the other GPU
+            self._remap_failed(m, own, choice.gpu, override.error, override.driver_error)
+        else:
+            m.gpus = {choice.gpu: need}
+            return seconds
+        finally:
+            self.overrides.clear(key)
+        # The fallback: its own GPU, as a workload without standby-gpus wakes.
+        await self._make_room(m, own, need)
+        return await self._resume_or_wake(m, hibernated)
+
+    def _remap_failed(self, m: Managed, own: str, target: str, error: str, driver_error: str) -> None:
+        fields = {"container": m.workload.name, "own": own, "gpu": target, "driver_error": driver_error or None,
+                  "error": error}
+        if driver_error in REMAP_REFUSALS:
+            self._remap_refused = driver_error
+            log.warning("standby: the driver refuses to restore onto another GPU; this and later wakes stay on their "
+                        "own GPU until hookd restarts", extra={"fields": fields})
+        else:
+            log.warning("standby: the wake onto another GPU failed; waking on its own GPU", extra={"fields": fields})
+
+    def _candidates(self, key: tuple[str, str], gpu: str, now: float) -> list[arbiter.Candidate]:
+        """The running workloads on `gpu` other than `key` the arbiter may consider parking."""
+        window = self.settings.busy_window_s
+        return [
+            arbiter.Candidate(name=o.workload.name, vram_bytes=o.gpus.get(gpu, 0), priority=o.workload.policy.priority,
+                              last_active=o.tracker.last_active,
+                              opted_in=o.workload.policy.enabled and not o.workload.policy_error,
+                              busy=o.tracker.busy(now, window), evict_busy=o.workload.policy.evict_busy)
+            for k, o in self._managed.items() if k != key and not o.parked and not o.busy and gpu in o.gpus]
+
     async def _make_room(self, m: Managed, gpu: str, need: int) -> None:
         """Park what the arbiter picks on `gpu` so that `need` bytes fit; StandbyRefused when they cannot."""
         await self._room_on(gpu, need, m.workload.key, m.workload.policy.priority, "wake")
@@ -374,13 +478,7 @@ class Controller:
             return None
         name = "/".join(key)
         now = time.monotonic()
-        window = self.settings.busy_window_s
-        candidates = [
-            arbiter.Candidate(name=o.workload.name, vram_bytes=o.gpus.get(gpu, 0), priority=o.workload.policy.priority,
-                              last_active=o.tracker.last_active,
-                              opted_in=o.workload.policy.enabled and not o.workload.policy_error,
-                              busy=o.tracker.busy(now, window), evict_busy=o.workload.policy.evict_busy)
-            for k, o in self._managed.items() if k != key and not o.parked and not o.busy and gpu in o.gpus]
+        candidates = self._candidates(key, gpu, now)
         budget = self.budgets.get(gpu, self.budgets.get("all"))
         held = self._held(gpu, key, now)
         decision = arbiter.plan(gpu, need, node_gpu.memory_total_bytes, max(0, node_gpu.memory_free_bytes - held),

@@ -20,7 +20,8 @@ TIER = PREFIX + "standby-tier"  # "ram" (Pause: VRAM to host RAM, cgroup frozen)
 WAKE = PREFIX + "standby-wake"  # "connect" (a pending connection wakes it) | "api" (only `kybernate wake`)
 PRIORITY = PREFIX + "standby-priority"  # 0..1000; the arbiter parks lower or equal priority only
 EVICT_BUSY = PREFIX + "standby-evict-busy"  # "true": the arbiter may park it despite recent traffic
-KEYS = (STANDBY, IDLE, TIER, WAKE, PRIORITY, EVICT_BUSY)
+GPUS = PREFIX + "standby-gpus"  # GPUs a wake may move it to: "GPU-<uuid>,1" (UUIDs or NVML indexes), its own always
+KEYS = (STANDBY, IDLE, TIER, WAKE, PRIORITY, EVICT_BUSY, GPUS)
 
 TIERS = ("ram", "disk")
 WAKES = ("connect", "api")
@@ -29,6 +30,11 @@ MAX_PRIORITY = 1000
 MIN_IDLE_S, MAX_IDLE_S = 1.0, 7 * 24 * 3600.0
 # Like the shim's annotation limits (shim/annotation_limits.py): these values are short words and numbers.
 MAX_VALUE_BYTES = 64
+# standby-gpus: a list of GPU UUIDs or indexes, at most MAX_GPUS of them (a node has at most a few dozen GPUs).
+MAX_GPUS = 16
+MAX_GPUS_BYTES = 1024
+_GPU_UUID = re.compile(r"^GPU-[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_GPU_INDEX = re.compile(r"^[0-9]{1,3}$")
 _DURATION = re.compile(r"^([0-9]{1,7})(s|m|h)?$")
 _UNIT_S = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -47,6 +53,8 @@ class Policy:
     wake: str = "connect"  # "connect": a pending connection on its listening sockets wakes it; "api": only a call
     priority: int = 0  # 0..1000; the arbiter never parks a higher priority to make room for a lower one
     evict_busy: bool = False  # the arbiter may park it although it had traffic within the last busy_window_s
+    # GPUs besides its own a wake may move it to (UUIDs as written, or NVML indexes as strings), in the order given.
+    gpus: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +136,29 @@ def parse_priority(what: str, raw: str) -> int:
     return int(value)
 
 
+def parse_gpus(what: str, raw: str) -> tuple[str, ...]:
+    """A comma-separated list of GPU UUIDs (`GPU-` and 32 hex digits in the 8-4-4-4-12 form) or NVML indexes
+    (0..255), each once, at most MAX_GPUS; UUIDs lower-cased after `GPU-` as NVML writes them."""
+    entries = [e.strip() for e in raw.split(",")]
+    if not raw.strip() or any(not e for e in entries):
+        raise PolicyError(f"{what}={raw[:80]!r}: want GPU UUIDs or indexes separated by commas, e.g. GPU-3ffe...,1")
+    if len(entries) > MAX_GPUS:
+        raise PolicyError(f"{what}: {len(entries)} GPUs; at most {MAX_GPUS}")
+    out: list[str] = []
+    for e in entries:
+        if _GPU_UUID.match(e):
+            e = "GPU-" + e[4:].lower()
+        elif not _GPU_INDEX.match(e) or int(e) > 255:
+            raise PolicyError(f"{what}: {e[:80]!r} is neither a GPU UUID (GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx) "
+                              "nor an NVML index 0..255")
+        else:
+            e = str(int(e))
+        if e in out:
+            raise PolicyError(f"{what}: {e} is listed twice")
+        out.append(e)
+    return tuple(out)
+
+
 def policy_of(annotations: Mapping[str, Any], defaults: Policy) -> Policy:
     """The workload's policy: the node's defaults with its kybernate.io/standby* annotations applied.
 
@@ -141,8 +172,9 @@ def policy_of(annotations: Mapping[str, Any], defaults: Policy) -> Policy:
             raise PolicyError(f"annotation {key[:80]}: unknown; the standby annotations are {', '.join(KEYS)}")
         if not isinstance(value, str):
             raise PolicyError(f"annotation {key}: the value must be a string, got {type(value).__name__}")
-        if len(value.encode(errors="surrogatepass")) > MAX_VALUE_BYTES:
-            raise PolicyError(f"annotation {key}: value longer than {MAX_VALUE_BYTES} bytes")
+        limit = MAX_GPUS_BYTES if key == GPUS else MAX_VALUE_BYTES
+        if len(value.encode(errors="surrogatepass")) > limit:
+            raise PolicyError(f"annotation {key}: value longer than {limit} bytes")
         what = f"annotation {key}"
         if key == STANDBY:
             changes["enabled"] = parse_bool(what, value)
@@ -154,6 +186,8 @@ def policy_of(annotations: Mapping[str, Any], defaults: Policy) -> Policy:
             changes["wake"] = parse_wake(what, value)
         elif key == PRIORITY:
             changes["priority"] = parse_priority(what, value)
+        elif key == GPUS:
+            changes["gpus"] = parse_gpus(what, value)
         else:
             changes["evict_busy"] = parse_bool(what, value)
     return replace(defaults, **changes) if changes else defaults

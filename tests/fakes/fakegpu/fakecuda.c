@@ -74,8 +74,10 @@ static int wait_for_target(int pid, int stall_ms) {
 
 /* Start of every checkpoint call: who is the target, and what the faults file says about it.
  * Returns 0 to go on, else the CUresult to return (already recorded in events.log). */
-static int enter(struct fg_call *call, const char *op, int pid, struct fg_env *env, struct fg_fault *fault) {
+static int enter_pairs(struct fg_call *call, const char *op, int pid, int pairs, struct fg_env *env,
+                       struct fg_fault *fault) {
     fg_call_begin(call, op, pid);
+    if (pairs >= 0) call->pairs = pairs; /* a `pairs` fault fails the call below: its event still says how many */
     if (!initialized) {
         fg_call_end(call, FG_CUDA_ERROR_NOT_INITIALIZED, -1);
         return FG_CUDA_ERROR_NOT_INITIALIZED;
@@ -90,7 +92,7 @@ static int enter(struct fg_call *call, const char *op, int pid, struct fg_env *e
         return FG_CUDA_ERROR_NOT_INITIALIZED;
     }
     snprintf(call->proc, sizeof call->proc, "%s", env->id);
-    fg_fault_for(op, env->id, pid, fault);
+    fg_fault_for(op, env->id, pid, pairs, fault);
     int stall = fault->kind == FG_FAULT_STALL ? fault->ms : 0;
     int rc = wait_for_target(pid, stall);
     if (rc != FG_CUDA_SUCCESS) {
@@ -111,6 +113,10 @@ static int enter(struct fg_call *call, const char *op, int pid, struct fg_env *e
         return fault->error;
     }
     return 0;
+}
+
+static int enter(struct fg_call *call, const char *op, int pid, struct fg_env *env, struct fg_fault *fault) {
+    return enter_pairs(call, op, pid, -1, env, fault);
 }
 
 /* Move a process from `from` to `to` under the state lock; ILLEGAL_STATE otherwise (measured). */
@@ -215,9 +221,8 @@ int fg_do_restore(int pid, const struct fg_pair *pairs, unsigned count) {
     struct fg_call call;
     struct fg_env env;
     struct fg_fault fault;
-    int rc = enter(&call, "restore", pid, &env, &fault);
+    int rc = enter_pairs(&call, "restore", pid, (int)count, &env, &fault);
     if (rc) return rc;
-    call.pairs = (int)count;
 
     int fd = fg_lock();
     struct fg_state st;

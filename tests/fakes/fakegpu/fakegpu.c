@@ -374,8 +374,10 @@ unsigned long long fg_used_on(const char *gpu, const char *skip) {
 
 /* ---- faults ----------------------------------------------------------------------------------- */
 
-/* faults: `<op|*> <fail|break [CUDA_ERROR_X] | stall|busy|delay <ms>> [proc=<id>] [pid=<n>]`; first match wins. */
-void fg_fault_for(const char *op, const char *proc, int pid, struct fg_fault *out) {
+/* faults: `<op|*> <fail|break [CUDA_ERROR_X] | stall|busy|delay <ms>> [proc=<id>] [pid=<n>] [pairs]`; first match
+ * wins. `pairs`: only a restore that passes GPU pairs (`pairs` > 0; -1 for the other calls), as driver 580 refuses
+ * any pairs with CUDA_ERROR_INVALID_VALUE. */
+void fg_fault_for(const char *op, const char *proc, int pid, int pairs, struct fg_fault *out) {
     memset(out, 0, sizeof *out);
     char path[FG_PATH_LEN], line[512];
     if (fg_path(path, sizeof path, "faults") != 0) return;
@@ -396,6 +398,8 @@ void fg_fault_for(const char *op, const char *proc, int pid, struct fg_fault *ou
                 if (!proc || strcmp(words[i] + 5, proc) != 0) match = 0;
             } else if (strncmp(words[i], "pid=", 4) == 0) {
                 if (atoi(words[i] + 4) != pid) match = 0;
+            } else if (strcmp(words[i], "pairs") == 0) {
+                if (pairs <= 0) match = 0;
             } else if (isdigit((unsigned char)words[i][0])) {
                 fault.ms = atoi(words[i]);
             } else if (fg_error_by_name(words[i]) >= 0) {

@@ -105,7 +105,7 @@ unsigned long long fg_used_on(const char *gpu, const char *skip);
 typedef void (*fg_visit_fn)(int pid, const struct fg_env *env, const struct fg_state *st, void *arg);
 void fg_each_process(fg_visit_fn fn, void *arg);
 
-void fg_fault_for(const char *op, const char *proc, int pid, struct fg_fault *out);
+void fg_fault_for(const char *op, const char *proc, int pid, int pairs, struct fg_fault *out);
 
 long long fg_now_ns(void);
 void fg_sleep_ms(int ms);

@@ -161,6 +161,21 @@ def test_faults_fail_break_busy_and_delay(driver: CudaDriver, node: fakegpu.Fake
     assert driver.get_state(a) is CudaState.RUNNING
 
 
+def test_a_pairs_fault_fails_only_a_restore_with_gpu_pairs(driver: CudaDriver, node: fakegpu.FakeNode,
+                                                           spawn: Callable[..., int]) -> None:
+    """Driver 580 refuses any GPU pairs: `restore fail CUDA_ERROR_INVALID_VALUE pairs` models it."""
+    a = spawn("a")
+    node.set_faults(["restore fail CUDA_ERROR_INVALID_VALUE pairs"])
+    driver.lock(a, 1000)
+    driver.checkpoint(a)
+    assert error_of(lambda: driver.restore(a, [(G0, G1)])) == "CUDA_ERROR_INVALID_VALUE"
+    assert driver.get_state(a) is CudaState.CHECKPOINTED  # changed nothing
+    driver.restore(a)  # without pairs: its own GPU
+    assert driver.get_state(a) is CudaState.LOCKED and node.state("a")["gpu"] == G0
+    assert [(e.pairs, e.result) for e in events_for(node, "restore", a)] == [
+        (1, "CUDA_ERROR_INVALID_VALUE"), (0, "CUDA_SUCCESS")]
+
+
 def test_event_log_lines_parse_and_order_by_monotonic_time(
         driver: CudaDriver, node: fakegpu.FakeNode, spawn: Callable[..., int]) -> None:
     pid = spawn("p")

@@ -295,6 +295,38 @@ def test_an_explicit_gpu_map_wins(make_manager: MakeManager, node: fakegpu.FakeN
     assert node.state("a")["gpu"] == G1
 
 
+def test_a_standby_override_remaps_the_next_restore_and_reports_a_refusal(make_manager: MakeManager,
+                                                                         node: fakegpu.FakeNode, spawn: Spawn) -> None:
+    """The standby controller's GPU pairs (gpu_override.py) reach the driver through a plain RestoreGpu, win over
+    the request's map for that GPU, and a driver that refuses them leaves the process checkpointed, with its error
+    reported back to the controller; without an override the same restore stays on the own GPU."""
+    a = spawn("a", G0, GiB)
+    key = ("k8s.io", "c1")
+
+    async def go() -> None:
+        m = make_manager()
+        await m.checkpoint(ref(a))
+        node.set_faults(["restore fail CUDA_ERROR_INVALID_VALUE pairs"])  # driver 580: any pairs refused
+        override = m.overrides.set(key, {G0: G1})
+        with pytest.raises(StepFailed):
+            await m.restore(ref(a), None, {G0: G0})
+        assert override.used and override.driver_error == "CUDA_ERROR_INVALID_VALUE" and "restore" in override.error
+        assert node.state("a")["state"] == "CHECKPOINTED"  # nothing stranded: restorable as it was
+        m.overrides.clear(key)
+        result = await m.restore(ref(a))  # the fallback: its own GPU, no pairs
+        assert not result.remapped
+        assert node.state("a")["gpu"] == G0
+        node.clear_faults()
+        await m.checkpoint(ref(a))
+        override = m.overrides.set(key, {G0: G1})
+        result = await m.restore(ref(a), None, {G0: G0})
+        assert result.pairs == (GpuPair(G0, G1),) and result.remapped and override.used and not override.error
+
+    run(go())
+    assert node.state("a")["gpu"] == G1
+    assert [e.pairs for e in events_for(node, "restore")] == [1, 0, 1]
+
+
 def test_restore_uses_the_remembered_manifest_when_none_is_given(make_manager: MakeManager, node: fakegpu.FakeNode,
                                                                  spawn: Spawn) -> None:
     a = spawn("a", G0, 4 * GiB)

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from kybernate.hooks.hookd.daemon import parse_args
-from kybernate.hooks.hookd.policy import arbiter, sockwatch
+from kybernate.hooks.hookd.policy import arbiter, placement, sockwatch
 from kybernate.hooks.hookd.policy.settings import Policy, PolicyError, parse_budgets, policy_of
 from kybernate.hooks.hookd.policy.signals import Counters, IdleTracker, packets
 
@@ -266,3 +266,73 @@ def test_a_bad_make_room_request_changes_nothing_and_says_what_is_wanted(args: t
     controller = Controller(StandbySettings(enabled=True), "/nonexistent", Nvml(), Metrics())
     with pytest.raises(InvalidRequest, match=says):
         asyncio.run(controller.make_room(*args))
+
+
+# ---- multiplexing across GPUs: kybernate.io/standby-gpus and the placement of a wake ----
+
+U0 = "GPU-3ffe047a-0b03-a6b5-a359-0ecfad913d83"
+U1 = "GPU-5a1b2c3d-1111-2222-3333-444455556666"
+U2 = "GPU-77777777-0000-0000-0000-000000000000"
+
+
+def test_standby_gpus_takes_uuids_and_indexes_in_order() -> None:
+    p = policy_of({"kybernate.io/standby-gpus": f" GPU-{U1[4:].upper()} ,2, 07"}, DEFAULTS)
+    assert p.gpus == (U1, "2", "7")
+    assert DEFAULTS.gpus == ()
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    ("", "want GPU UUIDs or indexes"),
+    ("1,,2", "want GPU UUIDs or indexes"),
+    ("GPU-xyz", "neither a GPU UUID"),
+    ("256", "nor an NVML index 0..255"),
+    ("-1", "neither a GPU UUID"),
+    ("1,01", "listed twice"),
+    (",".join(str(i) for i in range(17)), "at most 16"),
+    ("1," * 600, "longer than 1024 bytes"),
+])
+def test_a_bad_standby_gpus_is_refused_saying_what_is_wanted(value: str, says: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        policy_of({"kybernate.io/standby-gpus": value}, DEFAULTS)
+    assert says in str(err.value) and "kybernate.io/standby-gpus" in str(err.value)
+
+
+def test_allowed_gpus_are_own_first_then_the_annotation_order_on_this_node() -> None:
+    index = {0: U0, 1: U1}
+    assert placement.allowed_gpus(U0, ("1", U0), index) == ([U0, U1], [])
+    assert placement.allowed_gpus(U1, (U0, "5", U2), index) == ([U1, U0], ["5", U2])
+
+
+def room(uuid: str, free: int, *candidates: arbiter.Candidate, total: int = 80, budget: int | None = None
+         ) -> placement.GpuRoom:
+    return placement.GpuRoom(uuid, total * GiB, free * GiB, None if budget is None else budget * GiB, candidates)
+
+
+def test_own_gpu_with_room_wins_even_when_another_has_more() -> None:
+    c = placement.choose(U0, 10 * GiB, 0, [room(U0, 10), room(U1, 80)])
+    assert c.gpu == U0 and c.plan.victims == () and c.reason.startswith("own GPU has room")
+
+
+def test_without_room_at_home_the_first_allowed_gpu_with_room_without_parking() -> None:
+    c = placement.choose(U0, 10 * GiB, 0, [room(U0, 5, cand("x", 20, 1.0)), room(U1, 5), room(U2, 30)])
+    assert c.gpu == U2 and c.plan.victims == ()
+    assert "own GPU has no room without parking" in c.reason and U2 in c.reason
+    # A budget counts: U1 has 60 GiB free but its budget leaves 2.
+    c = placement.choose(U0, 10 * GiB, 0, [room(U0, 0), room(U1, 60, budget=22), room(U2, 11)])
+    assert c.gpu == U2
+
+
+def test_else_the_fewest_evictions_with_the_own_gpu_preferred_on_a_tie() -> None:
+    own = room(U0, 0, cand("a", 5, 1.0), cand("b", 5, 2.0))  # two parks make room at home
+    other = room(U1, 0, cand("big", 10, 9.0))  # one park makes room there
+    c = placement.choose(U0, 10 * GiB, 0, [own, other])
+    assert c.gpu == U1 and c.plan.victims == ("big",) and "fewest evictions (1)" in c.reason
+    tie = room(U1, 0, cand("c", 5, 1.0), cand("d", 5, 2.0))
+    c = placement.choose(U0, 10 * GiB, 0, [own, tie])
+    assert c.gpu == U0 and c.plan.victims == ("a", "b") and "own GPU" in c.reason
+
+
+def test_no_room_anywhere_is_refused_with_every_gpus_reason() -> None:
+    c = placement.choose(U0, 10 * GiB, 0, [room(U0, 0, cand("vip", 20, 1.0, prio=9)), room(U1, 2)])
+    assert c.gpu == "" and not c.plan.fits
+    assert c.reason.startswith("no allowed GPU can make room") and U0 in c.reason and U1 in c.reason

@@ -30,6 +30,7 @@ def no_filesystem(monkeypatch: pytest.MonkeyPatch) -> None:
         {RESTORE_FROM: "counter.tar"},
         {RESTORE_FROM: "team-a/2026/counter.tar", "kybernate.io/lock-timeout-ms": "5000"},
         {"kybernate.io/gpu": "true", "kybernate.io/pause-releases-vram": "false"},
+        {"kybernate.io/standby-gpus": ",".join(["GPU-3ffe047a-0b03-a6b5-a359-0ecfad913d83"] * 16)},
         {"io.kubernetes.cri.sandbox-id": "x" * 100_000},  # not ours: not our business
     ],
 )
@@ -48,6 +49,7 @@ def test_ordinary_values_pass(no_filesystem: None, annotations: dict[str, str]) 
         ({"kybernate.io/lock-timeout-ms": "9" * 257}, "value of 257 bytes is longer than the limit of 256 bytes"),
         ({"kybernate.io/" + "k" * 200: "1"}, "is longer than 128 bytes"),
         ({"kybernate.io/gpu": 1}, "the value must be a string, got int"),
+        ({"kybernate.io/standby-gpus": "1," * 600}, "value of 1200 bytes is longer than the limit of 1024 bytes"),
     ],
 )
 def test_bad_values_name_the_annotation_and_the_limit(no_filesystem: None, annotations: dict[str, object],
