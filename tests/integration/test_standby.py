@@ -99,7 +99,8 @@ def test_an_idle_opted_in_workload_is_parked_and_an_api_wake_brings_it_back(kyb_
     c = kyb_factory(version, runtime_toml=gpu.runtime_toml())
     standby(gpu, c, tmp_path, "--metrics-address", "127.0.0.1:0")
     port = re.findall(r"metrics=127\.0\.0\.1:(\d+)", gpu.log.read_text())[-1]
-    run_gpu(c, gpu, "idle", "p-idle", "standby=true", "standby-idle=2s", "standby-wake=api")
+    # 4 s: long enough that the check right after the wake cannot race the next park on a loaded machine.
+    run_gpu(c, gpu, "idle", "p-idle", "standby=true", "standby-idle=4s", "standby-wake=api")
     run_gpu(c, gpu, "optout", "p-optout", "standby-idle=2s")  # the node default: parking off
 
     wait_for("the idle workload to be parked", lambda: parked(c, gpu, "idle", "p-idle"), 60)
