@@ -28,8 +28,7 @@ class Client:
     @classmethod
     async def connect(cls, path: str) -> Client:
         """Connect to "unix:///x" or "/x"; OSError if nobody listens there."""
-        reader, writer = await open_unix(socket_path(path))
-        return cls(Connection(reader, writer, name=f"client {path}"))
+        return cls(await open_unix(socket_path(path), name=f"client {path}"))
 
     @property
     def closed(self) -> bool:
@@ -86,13 +85,16 @@ class Client:
             self._pending[stream_id] = future
             return frame
 
-        deadline = asyncio.timeout(timeout)
+        deadline = asyncio.timeout(timeout) if timeout is not None else None
         try:
+            if deadline is None:  # no timer to arm
+                await self._conn.send(open_stream)
+                return await future
             async with deadline:
                 await self._conn.send(open_stream)
                 return await future
         except TimeoutError:
-            if deadline.expired():
+            if deadline is not None and deadline.expired():
                 raise TTRPCError(
                     Code.DEADLINE_EXCEEDED, f"no answer to {service}/{method} within {timeout} s"
                 ) from None
@@ -112,7 +114,7 @@ class Client:
         """Wait until the connection is down, for whatever reason (our close, EOF, reset)."""
         await self._conn.wait_closed()
 
-    async def _on_frame(self, frame: Event) -> None:
+    def _on_frame(self, frame: Event) -> None:
         event = self._protocol.receive(frame)  # a ProtocolError drops the connection
         if isinstance(event, Ignored):
             log.debug("ignored frame", extra={"fields": {"conn": self._conn.name, "stream": event.stream_id,

@@ -265,7 +265,7 @@ class _ServerConnection:
 
     async def run(self, sock: socket.socket) -> None:
         try:
-            reader, writer = await from_socket(sock)
+            conn = await from_socket(sock, name=self.name, budget=self._server.budget, backpressure=True)
         except BaseException as err:
             sock.close()
             self._server._connection_done(self)
@@ -273,7 +273,7 @@ class _ServerConnection:
                 raise
             log.error("cannot set up connection", extra={"fields": {"conn": self.name, "error": err}})
             return
-        conn = self._conn = Connection(reader, writer, name=self.name, budget=self._server.budget)
+        self._conn = conn
         log.debug("connection accepted", extra={"fields": {"conn": self.name}})
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -282,7 +282,7 @@ class _ServerConnection:
                 try:
                     await conn.wait_closed()
                 finally:
-                    # Stop the reader before the group ends so no request starts in a finished group.
+                    # Stop reading before the group ends so no request starts in a finished group.
                     self._tasks = None
                     conn.close()
                     for task in self._requests.values():
@@ -300,7 +300,7 @@ class _ServerConnection:
         for task in self._requests.values():
             task.cancel()
 
-    async def _on_frame(self, frame: Event) -> None:
+    def _on_frame(self, frame: Event) -> None:
         event = self._protocol.receive(frame)  # a ProtocolError drops the connection
         if isinstance(event, RequestReceived):
             if self._tasks is None:
@@ -309,7 +309,7 @@ class _ServerConnection:
             if refused is not None:
                 log.warning("refused request", extra={"fields": {"conn": self.name, "stream": event.stream_id,
                                                                  "rpc": event.request.method, "why": refused}})
-                await self._answer(event.stream_id, Response.from_error(TTRPCError(Code.RESOURCE_EXHAUSTED, refused)))
+                self._answer_now(event.stream_id, Response.from_error(TTRPCError(Code.RESOURCE_EXHAUSTED, refused)))
                 return
             self._server._call_started()
             task = self._tasks.create_task(
@@ -326,7 +326,7 @@ class _ServerConnection:
                 extra={"fields": {"conn": self.name, "stream": event.stream_id, "code": event.error.code.name,
                                   "error": event.error.message}},
             )
-            await self._answer(event.stream_id, Response.from_error(event.error))
+            self._answer_now(event.stream_id, Response.from_error(event.error))
         elif isinstance(event, Ignored):
             log.debug("ignored frame", extra={"fields": {"conn": self.name, "stream": event.stream_id,
                                                          "reason": event.reason}})
@@ -343,18 +343,20 @@ class _ServerConnection:
         deadline = asyncio.get_running_loop().time() + request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
         call = Call(request.service, request.method, request.payload, request.metadata, request.timeout_nano, stream_id,
                     deadline)
-        started = time.monotonic()
+        debug = log.isEnabledFor(logging.DEBUG)  # the call's log line and its timing only when it is written
+        started = time.monotonic() if debug else 0.0
         try:
             try:
                 response = Response(payload=await self._call_handler(call))
             except TTRPCError as err:
                 response = Response.from_error(err)
-            elapsed_ms = round((time.monotonic() - started) * 1e3, 1)
-            log.debug(
-                "call",
-                extra={"fields": {"conn": self.name, "stream": stream_id, "rpc": f"{call.service}/{call.method}",
-                                  "code": response.status_code.name, "ms": elapsed_ms}},
-            )
+            if debug:
+                log.debug(
+                    "call",
+                    extra={"fields": {"conn": self.name, "stream": stream_id, "rpc": f"{call.service}/{call.method}",
+                                      "code": response.status_code.name,
+                                      "ms": round((time.monotonic() - started) * 1e3, 1)}},
+                )
             await self._answer(stream_id, response)
         except Exception:
             log.exception("answering a request failed", extra={"fields": {"conn": self.name, "stream": stream_id}})
@@ -369,14 +371,16 @@ class _ServerConnection:
         """The handler's payload; every failure as a TTRPCError. Cancellation of this task propagates."""
         if call.timeout_nano < 0:
             raise TTRPCError(Code.DEADLINE_EXCEEDED, "deadline exceeded before the call started")
-        deadline = asyncio.timeout_at(call.deadline)
+        deadline = asyncio.timeout_at(call.deadline) if call.deadline is not None else None
         try:
+            if deadline is None:  # no timer to arm (containerd sets none on most calls)
+                return await self._server._handler(call)
             async with deadline:
                 return await self._server._handler(call)
         except TTRPCError:
             raise
         except TimeoutError as err:
-            if deadline.expired():
+            if deadline is not None and deadline.expired():
                 raise TTRPCError(Code.DEADLINE_EXCEEDED, "deadline exceeded") from None
             self._log_failure(call, err)
         except asyncio.CancelledError as err:
@@ -403,5 +407,15 @@ class _ServerConnection:
         assert conn is not None
         try:
             await conn.send(lambda: ServerProtocol.response_frame(stream_id, response))
+        except ConnectionClosed:
+            log.debug("answer dropped: connection closed", extra={"fields": {"conn": self.name, "stream": stream_id}})
+
+    def _answer_now(self, stream_id: int, response: Response) -> None:
+        """An answer from the reader (a refusal): written at once; while answers cannot be written the
+        connection reads no more frames, so these stay few."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.send_now(lambda: ServerProtocol.response_frame(stream_id, response))
         except ConnectionClosed:
             log.debug("answer dropped: connection closed", extra={"fields": {"conn": self.name, "stream": stream_id}})

@@ -61,7 +61,12 @@ def proxy_main(args: argparse.Namespace) -> int:
 
         profiler = cProfile.Profile()
         profiler.enable()
-    asyncio.run(serve_proxy(args.serve, args.child, args.task_api, args.namespace))
+    if os.environ.get("BENCH_PROXY_LOOP") == "uvloop":  # to weigh a faster event loop, not used by the shim
+        import uvloop
+
+        uvloop.run(serve_proxy(args.serve, args.child, args.task_api, args.namespace))
+    else:
+        asyncio.run(serve_proxy(args.serve, args.child, args.task_api, args.namespace))
     if args.profile:
         profiler.disable()
         profiler.dump_stats(args.profile)

@@ -15,7 +15,7 @@ import pytest
 
 from kybernate.shim.ttrpc import server as server_module
 from kybernate.shim.ttrpc.client import Client
-from kybernate.shim.ttrpc.connection import Connection, from_socket
+from kybernate.shim.ttrpc.connection import from_socket
 from kybernate.shim.ttrpc.errors import Code, ConnectionClosed, TTRPCError
 from kybernate.shim.ttrpc.frames import MAX_MESSAGE_LENGTH, Flags, Frame, FrameDecoder, FrameType, encode_frame
 from kybernate.shim.ttrpc.protocol import Request, Response, decode_response, encode_request, encode_response
@@ -279,6 +279,8 @@ def test_too_large_messages_either_way_are_resource_exhausted(arun, sock_dir):
 
 
 def test_client_skips_an_oversized_response_and_keeps_the_connection(arun, sock_dir):
+    served = asyncio.Event()
+
     async def fake_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         decoder = FrameDecoder()
         seen = 0
@@ -291,6 +293,7 @@ def test_client_skips_an_oversized_response_and_keeps_the_connection(arun, sock_
         await writer.drain()
         await reader.read()  # until the client closes
         writer.close()
+        served.set()
 
     async def main() -> None:
         path = os.path.join(sock_dir, "fake.sock")
@@ -303,6 +306,7 @@ def test_client_skips_an_oversized_response_and_keeps_the_connection(arun, sock_
         assert info.value.code == Code.RESOURCE_EXHAUSTED
         assert await second == b"ok"
         await client.close()
+        await served.wait()  # the fake saw the client's EOF (its task is done, not left for the leak check)
         fake.close()
         await fake.wait_closed()
 
@@ -555,10 +559,10 @@ def test_connection_reports_its_end_even_when_closed_before_the_reader_ran(arun)
         left, right = socket.socketpair(socket.AF_UNIX)
         reasons: list[BaseException | None] = []
 
-        async def on_frame(event: object) -> None:
+        def on_frame(event: object) -> None:
             raise AssertionError("no frames expected")
 
-        conn = Connection(*await from_socket(left), name="t")
+        conn = await from_socket(left, name="t")
         conn.start(on_frame, reasons.append)
         conn.close()  # before the reader task ever ran
         await conn.wait_closed()
