@@ -84,7 +84,44 @@ def decode_request(body: bytes) -> Request:
     )
 
 
+# An OK response as every ttrpc server writes it: an empty status (field 1), then the payload (field 2,
+# left out when empty). This shape, by far the most common, is written and read without protobuf.
+_OK_STATUS = b"\x0a\x00"
+_PAYLOAD_TAG = 0x12
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _ok_payload(body: bytes) -> bytes | None:
+    """The payload of a body shaped exactly as an OK response (status empty, then the payload), else None."""
+    if body[:2] != _OK_STATUS:
+        return None
+    if len(body) == 2:
+        return b""
+    if body[2] != _PAYLOAD_TAG:
+        return None
+    length, shift, pos = 0, 0, 3
+    while pos < len(body) and shift < 35:  # a length needs at most 5 bytes (it is below 2**32)
+        byte = body[pos]
+        length |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return body[pos:] if pos + length == len(body) else None
+        shift += 7
+    return None
+
+
 def encode_response(response: Response) -> bytes:
+    if response.status_code == Code.OK and not response.status_message and not response.status_details:
+        payload = response.payload
+        return _OK_STATUS + bytes([_PAYLOAD_TAG]) + _varint(len(payload)) + payload if payload else _OK_STATUS
     status = ttrpc_pb2.Status(
         code=int(response.status_code), message=response.status_message, details=response.status_details
     )
@@ -94,6 +131,9 @@ def encode_response(response: Response) -> bytes:
 
 def decode_response(body: bytes) -> Response:
     """The response in a response frame's body (no status means OK); ProtocolError when it is not one."""
+    payload = _ok_payload(body)
+    if payload is not None:
+        return Response(payload=payload)
     message = ttrpc_pb2.Response()
     try:
         message.ParseFromString(body)
