@@ -80,6 +80,11 @@ class Connection(asyncio.Protocol):
         """True once the connection stopped (or is stopping): nothing more can be sent."""
         return self._closing or self._transport is None or self._transport.is_closing()
 
+    @property
+    def writable(self) -> bool:
+        """True while a frame can be written without waiting: open, and the peer keeps up."""
+        return not self._paused and not self._write_lock.locked() and not self.closed
+
     def start(self, on_frame: OnFrame, on_closed: OnClosed) -> None:
         """Start reading. `on_closed` is called exactly once, when the connection ends for any reason."""
         if self._on_closed is not None:
@@ -95,7 +100,7 @@ class Connection(asyncio.Protocol):
     async def send(self, build: Callable[[], Frame]) -> Frame:
         """Write the frame `build()` returns; build runs right before the write, so ids allocated there
         go out in order. ConnectionClosed if the connection is gone; errors of build propagate."""
-        if not self._paused and not self._write_lock.locked():
+        if self.writable:
             return self.send_now(build)  # the common case: no await at all
         async with self._write_lock:
             while self._paused and not self.closed:

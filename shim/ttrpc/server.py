@@ -1,4 +1,4 @@
-"""A ttrpc server on unix sockets: one task per connection, one task per request.
+"""A ttrpc server on unix sockets: one task per connection, one task per request (or none, passed through).
 
 Structure: serve_socket() owns a TaskGroup holding its accept loop and one task per connection; each
 connection owns a TaskGroup holding one task per in-flight request. Closing the server cancels the
@@ -25,7 +25,6 @@ from .limits import BufferBudget, Limits
 from .protocol import (
     Ignored,
     Metadata,
-    Request,
     RequestReceived,
     Response,
     ServerProtocol,
@@ -58,6 +57,13 @@ class Call:
 
 # Returns the response payload; raises TTRPCError to answer with that status.
 Handler = Callable[[Call], Awaitable[bytes]]
+# Called with the response of a passed-through call, synchronously, when it arrives.
+Answer = Callable[[Response], None]
+# A handler's fast path for calls it would only pass on to another ttrpc peer: sends the call on at once
+# and returns how to forget it (the connection closed, or the deadline passed), or None to leave the call
+# to the handler. Such a call runs without a task of its own: no task, no future, no extra turn of the
+# event loop between the two reads and the two writes (docs/benchmarks.md, the proxied call).
+PassThrough = Callable[[Call, Answer], Callable[[], None] | None]
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -67,8 +73,10 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 
 class Server:
-    def __init__(self, handler: Handler, *, require_same_uid: bool = True, limits: Limits | None = None) -> None:
+    def __init__(self, handler: Handler, *, require_same_uid: bool = True, limits: Limits | None = None,
+                 pass_through: PassThrough | None = None) -> None:
         self._handler = handler
+        self._pass_through = pass_through
         self._require_same_uid = require_same_uid
         self.limits = limits or Limits()
         self.budget = BufferBudget(self.limits)  # bytes all connections hold: frames and running payloads
@@ -261,7 +269,7 @@ class _ServerConnection:
         self._protocol = ServerProtocol()
         self._conn: Connection | None = None
         self._tasks: asyncio.TaskGroup | None = None  # None once requests may no longer start
-        self._requests: dict[int, asyncio.Task[None]] = {}
+        self._requests: dict[int, asyncio.Task[None] | _Passing] = {}
 
     async def run(self, sock: socket.socket) -> None:
         try:
@@ -285,8 +293,8 @@ class _ServerConnection:
                     # Stop reading before the group ends so no request starts in a finished group.
                     self._tasks = None
                     conn.close()
-                    for task in self._requests.values():
-                        task.cancel()
+                    for request in list(self._requests.values()):
+                        request.cancel()
         finally:
             try:
                 await conn.wait_closed()
@@ -297,8 +305,8 @@ class _ServerConnection:
     def _on_closed(self, reason: BaseException | None) -> None:
         # The peer is gone or broke the protocol: nobody is left to read the answers.
         self._tasks = None
-        for task in self._requests.values():
-            task.cancel()
+        for request in list(self._requests.values()):
+            request.cancel()
 
     def _on_frame(self, frame: Event) -> None:
         event = self._protocol.receive(frame)  # a ProtocolError drops the connection
@@ -312,13 +320,17 @@ class _ServerConnection:
                 self._answer_now(event.stream_id, Response.from_error(TTRPCError(Code.RESOURCE_EXHAUSTED, refused)))
                 return
             self._server._call_started()
-            task = self._tasks.create_task(
-                self._serve(event.stream_id, event.request), name=f"ttrpc {self.name} stream {event.stream_id}"
-            )
-            self._requests[event.stream_id] = task
+            request, sid = event.request, event.stream_id
+            timeout = request.timeout_nano
+            deadline = asyncio.get_running_loop().time() + timeout / 1e9 if timeout > 0 else None
+            call = Call(request.service, request.method, request.payload, request.metadata, request.timeout_nano, sid,
+                        deadline)
+            size = len(request.payload)
+            if self._server._pass_through is not None and request.timeout_nano >= 0 and self._pass(call, size):
+                return
+            task = self._tasks.create_task(self._serve(call), name=f"ttrpc {self.name} stream {sid}")
+            self._requests[sid] = task
             # A done-callback, not a finally: it also runs for a task cancelled before it first ran.
-            size = len(event.request.payload)
-            sid = event.stream_id
             task.add_done_callback(lambda _: self._done(sid, size))
         elif isinstance(event, StreamRejected):
             log.warning(
@@ -339,10 +351,8 @@ class _ServerConnection:
         assert self._conn is not None
         return self._conn.reserve(len(event.request.payload))
 
-    async def _serve(self, stream_id: int, request: Request) -> None:
-        deadline = asyncio.get_running_loop().time() + request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
-        call = Call(request.service, request.method, request.payload, request.metadata, request.timeout_nano, stream_id,
-                    deadline)
+    async def _serve(self, call: Call) -> None:
+        stream_id = call.stream_id
         debug = log.isEnabledFor(logging.DEBUG)  # the call's log line and its timing only when it is written
         started = time.monotonic() if debug else 0.0
         try:
@@ -351,15 +361,54 @@ class _ServerConnection:
             except TTRPCError as err:
                 response = Response.from_error(err)
             if debug:
-                log.debug(
-                    "call",
-                    extra={"fields": {"conn": self.name, "stream": stream_id, "rpc": f"{call.service}/{call.method}",
-                                      "code": response.status_code.name,
-                                      "ms": round((time.monotonic() - started) * 1e3, 1)}},
-                )
+                self._log_call(call, response, started)
             await self._answer(stream_id, response)
         except Exception:
             log.exception("answering a request failed", extra={"fields": {"conn": self.name, "stream": stream_id}})
+
+    def _log_call(self, call: Call, response: Response, started: float) -> None:
+        log.debug(
+            "call",
+            extra={"fields": {"conn": self.name, "stream": call.stream_id, "rpc": f"{call.service}/{call.method}",
+                              "code": response.status_code.name, "ms": round((time.monotonic() - started) * 1e3, 1)}},
+        )
+
+    # --- calls passed through without a task (Server(pass_through=...)) -----------------------------
+
+    def _pass(self, call: Call, size: int) -> bool:
+        """Offer the call to the pass-through; True if it took it (the answer comes to _passed)."""
+        assert self._server._pass_through is not None
+        passing = _Passing(self, call, size)
+        forget = self._server._pass_through(call, passing.answer)
+        if forget is None:
+            return False
+        passing.forget = forget
+        if call.deadline is not None:
+            passing.timer = asyncio.get_running_loop().call_at(call.deadline, passing.expire)
+        self._requests[call.stream_id] = passing
+        return True
+
+    def _passed(self, passing: _Passing, response: Response | None) -> None:
+        """A passed-through call ended: answered, out of time (both with `response`), or dropped (None)."""
+        sid = passing.call.stream_id
+        if self._requests.get(sid) is not passing:
+            return  # it ended already
+        del self._requests[sid]
+        if passing.timer is not None:
+            passing.timer.cancel()
+        if response is not None:
+            if passing.started:
+                self._log_call(passing.call, response, passing.started)
+            conn = self._conn
+            assert conn is not None
+            if conn.writable or conn.closed:  # closed: _answer_now drops it, as _answer would
+                self._answer_now(sid, response)
+            elif self._tasks is not None:  # the peer is behind: wait for room in a task, as _serve does
+                task = self._tasks.create_task(self._answer(sid, response), name=f"ttrpc {self.name} stream {sid}")
+                self._requests[sid] = task
+                task.add_done_callback(lambda _: self._done(sid, passing.size))
+                return
+        self._done(sid, passing.size)
 
     def _done(self, stream_id: int, payload_size: int) -> None:
         self._requests.pop(stream_id, None)
@@ -419,3 +468,35 @@ class _ServerConnection:
             conn.send_now(lambda: ServerProtocol.response_frame(stream_id, response))
         except ConnectionClosed:
             log.debug("answer dropped: connection closed", extra={"fields": {"conn": self.name, "stream": stream_id}})
+
+
+class _Passing:
+    """A call passed through without a task: how to forget it upstream, and its deadline's timer."""
+
+    __slots__ = ("owner", "call", "size", "forget", "timer", "started")
+
+    def __init__(self, owner: _ServerConnection, call: Call, size: int) -> None:
+        self.owner = owner
+        self.call = call
+        self.size = size  # its payload's bytes, reserved until it ends
+        self.forget: Callable[[], None] = _nothing
+        self.timer: asyncio.TimerHandle | None = None
+        # For the debug log line's duration, as _serve measures it: only when that line is written.
+        self.started = time.monotonic() if log.isEnabledFor(logging.DEBUG) else 0.0
+
+    def answer(self, response: Response) -> None:
+        self.owner._passed(self, response)
+
+    def expire(self) -> None:
+        """The deadline passed: the answer _call_handler gives; a late answer upstream is dropped."""
+        self.forget()
+        self.owner._passed(self, Response.from_error(TTRPCError(Code.DEADLINE_EXCEEDED, "deadline exceeded")))
+
+    def cancel(self) -> None:
+        """The connection is closing: forget the call, answer nothing (as for a cancelled handler)."""
+        self.forget()
+        self.owner._passed(self, None)
+
+
+def _nothing() -> None:
+    pass

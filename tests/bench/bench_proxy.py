@@ -43,7 +43,7 @@ async def serve_proxy(sock: str, child: str, task_api: int, namespace: str) -> N
 
     upstream = await Upstream.connect(child, task_api)
     service = TaskService(upstream, namespace, RuntimeConfig(), hookd_driver)
-    server = Server(service.handle)
+    server = Server(service.handle, pass_through=service.pass_through)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     serving = asyncio.create_task(server.serve_path(sock))
@@ -61,12 +61,7 @@ def proxy_main(args: argparse.Namespace) -> int:
 
         profiler = cProfile.Profile()
         profiler.enable()
-    if os.environ.get("BENCH_PROXY_LOOP") == "uvloop":  # to weigh a faster event loop, not used by the shim
-        import uvloop
-
-        uvloop.run(serve_proxy(args.serve, args.child, args.task_api, args.namespace))
-    else:
-        asyncio.run(serve_proxy(args.serve, args.child, args.task_api, args.namespace))
+    asyncio.run(serve_proxy(args.serve, args.child, args.task_api, args.namespace))
     if args.profile:
         profiler.disable()
         profiler.dump_stats(args.profile)
