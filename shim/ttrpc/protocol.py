@@ -17,7 +17,7 @@ from .errors import Code, ConnectionClosed, ProtocolError, TTRPCError
 from .frames import MAX_MESSAGE_LENGTH, Event, Flags, Frame, FrameType, OversizedFrame
 
 _MAX_STREAM_ID = 0xFFFF_FFFF
-_STREAMING = Flags.REMOTE_OPEN | Flags.REMOTE_CLOSED
+_STREAMING = int(Flags.REMOTE_OPEN | Flags.REMOTE_CLOSED)  # a plain int: `flags & enum` runs in Python
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -80,7 +80,7 @@ def decode_request(body: bytes) -> Request:
         method=message.method,
         payload=message.payload,
         timeout_nano=message.timeout_nano,
-        metadata=tuple((kv.key, kv.value) for kv in message.metadata),
+        metadata=tuple([(kv.key, kv.value) for kv in message.metadata]),
     )
 
 
