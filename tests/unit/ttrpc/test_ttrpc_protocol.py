@@ -78,6 +78,31 @@ def test_response_round_trip_keeps_status_untouched():
     assert decode_response(encode_response(response)) == response
 
 
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16_383, 16_384, 2_097_152, 4 << 20])
+def test_ok_responses_are_written_exactly_as_protobuf_writes_them_and_read_back(size):
+    payload = bytes(i % 251 for i in range(size))
+    expected = ttrpc_pb2.Response(status=ttrpc_pb2.Status(code=0), payload=payload).SerializeToString()
+    assert encode_response(Response(payload=payload)) == expected
+    assert decode_response(expected) == Response(payload=payload)
+
+
+@pytest.mark.parametrize("body", [
+    b"\x0a\x00\x12\x02ab\x1a\x00",  # a field after the payload
+    b"\x0a\x00\x0a\x02\x08\x05",  # a second status, not empty: the last one counts
+    b"\x12\x02ab\x0a\x00",  # payload first
+    b"\x0a\x00\x12\x82\x01ab",  # a length beyond the body
+])
+def test_responses_of_any_other_shape_read_as_protobuf_reads_them(body):
+    try:
+        message = ttrpc_pb2.Response.FromString(body)
+    except Exception:
+        with pytest.raises(ProtocolError):
+            decode_response(body)
+        return
+    response = decode_response(body)
+    assert (response.status_code, response.payload) == (message.status.code, message.payload)
+
+
 def test_response_without_status_is_ok_and_unknown_codes_read_as_unknown():
     assert decode_response(b"") == Response()
     body = ttrpc_pb2.Response(status=ttrpc_pb2.Status(code=42, message="m")).SerializeToString()
