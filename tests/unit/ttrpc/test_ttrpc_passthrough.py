@@ -4,6 +4,7 @@ unix sockets: a front server that passes calls on to a back server, as the shim 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -189,3 +190,22 @@ def test_a_negative_deadline_never_reaches_the_pass_through(arun, sock_dir):
             await client.close()
 
     arun(main())
+
+
+def test_every_call_gets_its_debug_log_line_passed_through_or_not(arun, sock_dir, caplog):
+    async def main() -> None:
+        async with chain(sock_dir) as (_, front, _, _, path):
+            client = await Client.connect(path)
+            await client.call(SVC, "State", b"")
+            await client.call(SVC, "Slow", b"")
+            with pytest.raises(TTRPCError):
+                await client.call(SVC, "Fail", b"")
+            assert front.passed == ["State", "Fail"] and front.handled == ["Slow"]
+            await client.close()
+
+    with caplog.at_level(logging.DEBUG, logger="kybernate.shim.ttrpc.server"):
+        arun(main())
+    lines = [(r.fields["rpc"], r.fields["code"]) for r in caplog.records  # type: ignore[attr-defined]
+             if r.name == "kybernate.shim.ttrpc.server" and r.msg == "call" and "ms" in r.fields]
+    # One line from the front (passed through or handled) and one from the back, for each call.
+    assert sorted(lines) == sorted([(f"{SVC}/State", "OK"), (f"{SVC}/Slow", "OK"), (f"{SVC}/Fail", "NOT_FOUND")] * 2)
