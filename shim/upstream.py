@@ -10,7 +10,7 @@ from google.protobuf.message import Message
 
 from .ttrpc.client import Client, OnAnswer
 from .ttrpc.errors import Code, ConnectionClosed, TTRPCError
-from .ttrpc.protocol import Response
+from .ttrpc.protocol import Response, renamed_request
 from .ttrpc.server import Call
 
 TASK_V2 = "containerd.task.v2.Task"
@@ -69,8 +69,12 @@ class Upstream:
             on_answer(result)
 
         client = self._client
-        stream = client.call_now(self.service, call.method, call.payload, answered, metadata=call.metadata,
-                                 timeout_nano=call.timeout_nano)
+        if call.body:  # as containerd sent it, the service renamed if need be: nothing decoded or encoded again
+            body = call.body if call.service == self.service else renamed_request(call.body, self.service)
+            stream = client.call_now_encoded(body, answered)
+        else:
+            stream = client.call_now(self.service, call.method, call.payload, answered, metadata=call.metadata,
+                                     timeout_nano=call.timeout_nano)
         if stream is None:
             return None
         return lambda: client.forget(stream)

@@ -10,7 +10,7 @@ from .address import socket_path
 from .connection import Connection, open_unix
 from .errors import Code, ConnectionClosed, TTRPCError
 from .frames import Event, Frame
-from .protocol import ClientProtocol, Ignored, Request, Response, ResponseReceived
+from .protocol import ClientProtocol, Ignored, Request, Response, ResponseReceived, encode_request
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,15 @@ class Client:
         4 MiB): call_raw then waits, or raises the error."""
         if not self._conn.writable:
             return None
-        request = Request(service, method, payload, timeout_nano, tuple(metadata))
+        return self.call_now_encoded(encode_request(Request(service, method, payload, timeout_nano, tuple(metadata))),
+                                     on_answer)
+
+    def call_now_encoded(self, body: bytes, on_answer: OnAnswer) -> int | None:
+        """call_now() for a request already encoded (one passed on as it came)."""
+        if not self._conn.writable:
+            return None
         try:
-            frame = self._conn.send_now(lambda: self._protocol.request_frame(request))
+            frame = self._conn.send_now(lambda: self._protocol.encoded_request_frame(body))
         except (TTRPCError, ConnectionClosed):
             return None
         self._pending[frame.stream_id] = on_answer

@@ -7,7 +7,7 @@ only: a streaming request is answered UNIMPLEMENTED, and data frames are ignored
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
@@ -84,6 +84,13 @@ def decode_request(body: bytes) -> Request:
     )
 
 
+def renamed_request(body: bytes, service: str) -> bytes:
+    """An encoded request with its service replaced and all else as it came: a second service field is
+    appended, and protobuf's rule for a field that occurs twice is that the last one read wins."""
+    name = service.encode()
+    return body + b"\x0a" + _varint(len(name)) + name
+
+
 # An OK response as every ttrpc server writes it: an empty status (field 1), then the payload (field 2,
 # left out when empty). This shape, by far the most common, is written and read without protobuf.
 _OK_STATUS = b"\x0a\x00"
@@ -157,6 +164,7 @@ class RequestReceived:
 
     stream_id: int
     request: Request
+    body: bytes = field(default=b"", compare=False, repr=False)  # the request as it came, encoded
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +233,7 @@ class ServerProtocol:
                     event.stream_id, TTRPCError(Code.UNIMPLEMENTED, "streaming calls are not supported")
                 )
             try:
-                return RequestReceived(event.stream_id, decode_request(event.payload))
+                return RequestReceived(event.stream_id, decode_request(event.payload), event.payload)
             except TTRPCError as err:
                 return StreamRejected(event.stream_id, err)
         if type_ == FrameType.DATA:
@@ -268,7 +276,10 @@ class ClientProtocol:
 
     def request_frame(self, request: Request) -> Frame:
         """The frame opening the next stream; TTRPCError(RESOURCE_EXHAUSTED), using no id, if over 4 MiB."""
-        body = encode_request(request)
+        return self.encoded_request_frame(encode_request(request))
+
+    def encoded_request_frame(self, body: bytes) -> Frame:
+        """request_frame() for a request already encoded."""
         if len(body) > MAX_MESSAGE_LENGTH:
             raise _too_large(OversizedFrame(0, FrameType.REQUEST, len(body)))
         stream_id = self._next_stream_id

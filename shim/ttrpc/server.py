@@ -15,7 +15,7 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .address import socket_path
 from .connection import Connection, from_socket
@@ -53,6 +53,8 @@ class Call:
     # When the server cancels the handler (loop.time(), from timeout_nano as the request arrived);
     # None: no deadline. For handlers that pass a deadline on to calls of their own.
     deadline: float | None = None
+    # The request as it came, encoded (b"" for calls made up locally): passed on without encoding it again.
+    body: bytes = field(default=b"", compare=False, repr=False)
 
 
 # Returns the response payload; raises TTRPCError to answer with that status.
@@ -324,7 +326,7 @@ class _ServerConnection:
             timeout = request.timeout_nano
             deadline = asyncio.get_running_loop().time() + timeout / 1e9 if timeout > 0 else None
             call = Call(request.service, request.method, request.payload, request.metadata, request.timeout_nano, sid,
-                        deadline)
+                        deadline, event.body)
             size = len(request.payload)
             if self._server._pass_through is not None and request.timeout_nano >= 0 and self._pass(call, size):
                 return

@@ -16,7 +16,7 @@ from kybernate.shim.ttrpc.client import Client
 from kybernate.shim.ttrpc.errors import Code, ConnectionClosed, TTRPCError
 from kybernate.shim.ttrpc.protocol import Response
 from kybernate.shim.ttrpc.server import Answer, Call, Server
-from kybernate.shim.upstream import TASK_V2, Upstream
+from kybernate.shim.upstream import TASK_V2, TASK_V3, Upstream
 
 SVC = TASK_V2
 
@@ -73,11 +73,11 @@ async def _serve(server: Server, path: str) -> asyncio.Task[None]:
 
 
 @asynccontextmanager
-async def chain(sock_dir: str) -> AsyncIterator[tuple[Back, Front, Server, Server, str]]:
+async def chain(sock_dir: str, task_api: int = 2) -> AsyncIterator[tuple[Back, Front, Server, Server, str]]:
     back, back_path, front_path = Back(), os.path.join(sock_dir, "back.sock"), os.path.join(sock_dir, "front.sock")
     back_server = Server(back.handle)
     back_task = await _serve(back_server, back_path)
-    upstream = await Upstream.connect(back_path, 2)
+    upstream = await Upstream.connect(back_path, task_api)
     front = Front(upstream)
     front_server = Server(front.handle, pass_through=front.pass_through)
     front_task = await _serve(front_server, front_path)
@@ -107,6 +107,21 @@ def test_passed_calls_carry_everything_and_answer_as_the_handler_would(arun, soc
             assert (state.method, state.payload, state.metadata, state.timeout_nano) == (
                 "State", b"x", meta, 30 * 10**9)
             assert front_server.in_flight == 0 and front_server.budget.used_small == 0
+            await client.close()
+
+    arun(main())
+
+
+def test_a_passed_call_reaches_a_v3_child_under_the_v3_service_with_all_else_as_it_came(arun, sock_dir):
+    async def main() -> None:
+        async with chain(sock_dir, task_api=3) as (back, front, _, _, path):
+            client = await Client.connect(path)
+            meta = (("containerd-namespace-ttrpc", "ns"),)
+            assert await client.call(SVC, "State", b"x", metadata=meta, timeout_nano=30 * 10**9) == b"back:x"
+            assert await client.call(TASK_V3, "State", b"y", metadata=meta) == b"back:y"
+            assert front.passed == ["State", "State"]
+            assert [(c.service, c.method, c.payload, c.metadata, c.timeout_nano) for c in back.calls] == [
+                (TASK_V3, "State", b"x", meta, 30 * 10**9), (TASK_V3, "State", b"y", meta, 0)]
             await client.close()
 
     arun(main())

@@ -26,6 +26,7 @@ from kybernate.shim.ttrpc.protocol import (
     decode_request,
     decode_response,
     encode_request,
+    renamed_request,
     encode_response,
 )
 
@@ -64,6 +65,15 @@ def test_request_bytes_match_the_protobuf_message():
     parsed = ttrpc_pb2.Request.FromString(encode_request(REQ))
     assert (parsed.service, parsed.method, parsed.payload, parsed.timeout_nano) == ("svc", "Method", b"payload", 5)
     assert [(kv.key, kv.value) for kv in parsed.metadata] == [("k", "v")]
+
+
+def test_a_renamed_request_reads_as_the_same_request_for_the_other_service():
+    body = encode_request(REQ)
+    renamed = renamed_request(body, "containerd.task.v3.Task")
+    assert renamed.startswith(body)  # the rest as it came
+    assert decode_request(renamed) == Request("containerd.task.v3.Task", REQ.method, REQ.payload, REQ.timeout_nano,
+                                              REQ.metadata)
+    assert ttrpc_pb2.Request.FromString(renamed).service == "containerd.task.v3.Task"
 
 
 @pytest.mark.parametrize("body", [b"\xff", b"\x0a\x05ab", b"\x0a\x01\xff", b"GARBAGE"])
