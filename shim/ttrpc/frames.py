@@ -121,6 +121,8 @@ class FrameDecoder:
     @property
     def queued_bytes(self) -> int:
         """Body bytes of complete frames not taken out yet."""
+        if not self._events:  # the common case: asked as a new frame's header is read
+            return 0
         return sum(len(e.payload) for e in self._events if isinstance(e, Frame))
 
     @property
