@@ -381,7 +381,11 @@ class _ServerConnection:
         """Offer the call to the pass-through; True if it took it (the answer comes to _passed)."""
         assert self._server._pass_through is not None
         passing = _Passing(self, call, size)
-        forget = self._server._pass_through(call, passing.answer)
+        try:
+            forget = self._server._pass_through(call, passing.answer)
+        except Exception:  # its bug must not take the connection down: the handler gets the call
+            log.exception("pass-through failed", extra={"fields": {"conn": self.name, "stream": call.stream_id}})
+            return False
         if forget is None:
             return False
         passing.forget = forget

@@ -54,6 +54,8 @@ class Front:
     def pass_through(self, call: Call, answer: Answer) -> Callable[[], None] | None:
         if call.method == "Slow":
             return None
+        if call.method == "Boom":
+            raise RuntimeError("a bug in the pass-through")
 
         def answered(result: Response | Exception) -> None:
             answer(result if isinstance(result, Response) else Response.from_error(
@@ -224,3 +226,16 @@ def test_every_call_gets_its_debug_log_line_passed_through_or_not(arun, sock_dir
              if r.name == "kybernate.shim.ttrpc.server" and r.msg == "call" and "ms" in r.fields]
     # One line from the front (passed through or handled) and one from the back, for each call.
     assert sorted(lines) == sorted([(f"{SVC}/State", "OK"), (f"{SVC}/Slow", "OK"), (f"{SVC}/Fail", "NOT_FOUND")] * 2)
+
+
+def test_a_pass_through_that_fails_leaves_the_call_to_the_handler_and_the_connection_up(arun, sock_dir, caplog):
+    async def main() -> None:
+        async with chain(sock_dir) as (_, front, _, _, path):
+            client = await Client.connect(path)
+            assert await client.call(SVC, "Boom", b"b") == b"back:b"
+            assert await client.call(SVC, "State", b"s") == b"back:s"
+            assert front.handled == ["Boom"] and front.passed == ["State"]
+            await client.close()
+
+    arun(main())
+    assert "pass-through failed" in caplog.text
