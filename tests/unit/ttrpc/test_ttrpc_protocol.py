@@ -26,8 +26,8 @@ from kybernate.shim.ttrpc.protocol import (
     decode_request,
     decode_response,
     encode_request,
-    renamed_request,
     encode_response,
+    renamed_request,
 )
 
 REQ = Request("svc", "Method", b"payload", 5, (("k", "v"),))

@@ -126,6 +126,11 @@ def header(length: int, stream_id: int, type_: int) -> bytes:
     return length.to_bytes(4, "big") + stream_id.to_bytes(4, "big") + bytes([type_, 0])
 
 
+def request_bytes(stream_id: int, payload: bytes, method: str = "Echo") -> bytes:
+    """A whole request frame, as a client writes it."""
+    return encode_frame(Frame(stream_id, FrameType.REQUEST, 0, encode_request(Request(SVC, method, payload))))
+
+
 # --- calls -----------------------------------------------------------------------------------------
 
 
@@ -265,8 +270,7 @@ def test_several_requests_in_one_write_are_each_answered(arun, sock_dir):
     async def main() -> None:
         async with serving(sock_dir, Service()) as (server, path):
             peer = await RawPeer.connect(path)
-            wire = b"".join(encode_frame(Frame(i, FrameType.REQUEST, 0, encode_request(Request(SVC, "Echo", b"%d" % i))))
-                            for i in range(1, 40, 2))
+            wire = b"".join(request_bytes(i, b"%d" % i) for i in range(1, 40, 2))
             await peer.send(wire)  # twenty frames reach the server in one read (or a few)
             answers = dict([await peer.response() for _ in range(20)])
             assert answers == {i: Response(payload=b"%d" % i) for i in range(1, 40, 2)}
@@ -284,9 +288,9 @@ def test_a_request_split_across_many_writes_is_answered(arun, sock_dir):
             wire = encode_frame(Frame(1, FrameType.REQUEST, 0, encode_request(Request(SVC, "Echo", b"p" * 70_000))))
             for start in range(0, len(wire), 7_001):  # the header cut after 7 001 bytes of its own frame...
                 await peer.send(wire[start:start + 7_001])
-            await peer.send(encode_frame(Frame(3, FrameType.REQUEST, 0, encode_request(Request(SVC, "Echo", b"q"))))[:4])
+            await peer.send(request_bytes(3, b"q")[:4])
             assert await peer.response() == (1, Response(payload=b"p" * 70_000))
-            await peer.send(encode_frame(Frame(3, FrameType.REQUEST, 0, encode_request(Request(SVC, "Echo", b"q"))))[4:])
+            await peer.send(request_bytes(3, b"q")[4:])
             assert await peer.response() == (3, Response(payload=b"q"))  # ...and a header split in two
             await peer.close()
 
