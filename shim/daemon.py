@@ -134,7 +134,7 @@ async def serve(
     upstream = await Upstream.connect(config.child_address, config.child_task_api)
     events = EventsProxy(config.events_address) if config.events_address else None
     service = TaskService(upstream, config.namespace, config.runtime, hookd_driver, events)
-    server = Server(service.handle)
+    server = Server(service.handle, pass_through=service.pass_through)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

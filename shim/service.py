@@ -28,7 +28,8 @@ from .hibernate import HIBERNATE_SERVICE, Hibernation
 from .runtime_options import KybernateOptions, RuntimeConfig
 from .taskspec import TaskSpec
 from .ttrpc.errors import Code, TTRPCError
-from .ttrpc.server import Call
+from .ttrpc.protocol import Response
+from .ttrpc.server import Answer, Call
 from .upstream import TASK_SERVICES, Upstream
 
 if TYPE_CHECKING:
@@ -93,6 +94,23 @@ class TaskService:
             return await method(call)
         except Exception as err:  # the one place errors become statuses
             raise to_status(err) from err
+
+    def pass_through(self, call: Call, answer: Answer) -> Callable[[], None] | None:
+        """handle()'s plain forward without a task (the server's fast path, ttrpc/server.py PassThrough): for
+        a task call nothing here inspects, while no task of this shim is hibernated. The answer is the one
+        handle() would give: the child's status untouched, errors mapped by to_status."""
+        if call.service not in TASK_SERVICES or call.method in self._intercepted or self.hibernation.entries:
+            return None
+
+        def answered(result: Response | Exception) -> None:
+            if isinstance(result, Response):
+                # A failure goes back as its status alone, as forward() raising it would.
+                answer(result if result.ok else Response.from_error(TTRPCError(
+                    result.status_code, result.status_message, result.status_details)))
+            else:
+                answer(Response.from_error(to_status(result)))
+
+        return self.upstream.forward_now(call, answered)
 
     async def _other_service(self, call: Call) -> bytes:
         """The runc child's events on their way to containerd, and our Hibernate service."""

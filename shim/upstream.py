@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TypeVar
 
 from google.protobuf.message import Message
 
-from .ttrpc.client import Client
+from .ttrpc.client import Client, OnAnswer
 from .ttrpc.errors import Code, ConnectionClosed, TTRPCError
+from .ttrpc.protocol import Response, renamed_request
 from .ttrpc.server import Call
 
 TASK_V2 = "containerd.task.v2.Task"
@@ -53,6 +55,29 @@ class Upstream:
         if error is not None:
             raise error
         return response.payload
+
+    def forward_now(self, call: Call, on_answer: OnAnswer) -> Callable[[], None] | None:
+        """forward() without waiting: sends the call now; `on_answer` gets the child's Response as it came,
+        or the error forward() would raise (UNAVAILABLE when the child's connection closed first). Returns
+        how to forget the call, or None when it cannot be sent at once (then forward() waits or raises)."""
+
+        def answered(result: Response | Exception) -> None:
+            if isinstance(result, ConnectionClosed):
+                error = TTRPCError(Code.UNAVAILABLE, "the runc shim closed its connection")
+                error.__cause__ = result
+                result = error
+            on_answer(result)
+
+        client = self._client
+        if call.body:  # as containerd sent it, the service renamed if need be: nothing decoded or encoded again
+            body = call.body if call.service == self.service else renamed_request(call.body, self.service)
+            stream = client.call_now_encoded(body, answered)
+        else:
+            stream = client.call_now(self.service, call.method, call.payload, answered, metadata=call.metadata,
+                                     timeout_nano=call.timeout_nano)
+        if stream is None:
+            return None
+        return lambda: client.forget(stream)
 
     async def call(
         self, method: str, request: Message, reply: type[M], metadata: tuple[tuple[str, str], ...] = ()

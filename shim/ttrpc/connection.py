@@ -1,7 +1,15 @@
-"""The asyncio adapter under client and server: a reader task feeding a FrameDecoder, one write lock.
+"""The asyncio adapter under client and server: a Protocol feeding a FrameDecoder, writes that never interleave.
 
-What a frame means is the owner's business (`on_frame`); this module moves bytes, serializes writes so
-frames never interleave, and closes once: on EOF, a reset, a protocol violation, or close().
+What a frame means is the owner's business (`on_frame`, called synchronously for each frame as the
+bytes arrive: no reader task, no stream buffer in between); this module moves bytes, keeps frames whole
+on the wire, applies flow control and closes once: on EOF, a reset, a protocol violation, or close().
+
+Writes: a frame is built and handed to the transport in one synchronous step, so frames never
+interleave and ids allocated while building reach the wire in order. While the transport's buffer is
+above its high-water mark (the peer reads slower than we write), senders queue on a lock and each waits
+for the buffer to drain before it writes, so a connection holds at most the high-water mark plus one
+frame. A server connection (`backpressure`) also stops dispatching and reading the peer's frames while
+its answers cannot be written: a peer that does not read gets nothing more read.
 """
 
 from __future__ import annotations
@@ -9,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from typing import cast
 
 from .errors import ConnectionClosed, ProtocolError
 from .frames import Event, Frame, FrameDecoder, encode_frame
@@ -17,89 +26,120 @@ from .limits import BufferBudget
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 256 << 10  # bytes per read; also the StreamReader's buffer limit
+READ_CHUNK = 256 << 10  # the most one read hands over (asyncio's transports read this much at a time)
 CLOSE_TIMEOUT_S = 1.0  # how long close waits for queued bytes to reach a peer that does not read
 
-OnFrame = Callable[[Event], Awaitable[None]]  # may raise ProtocolError to drop the connection
+OnFrame = Callable[[Event], None]  # may raise ProtocolError to drop the connection
 OnClosed = Callable[[BaseException | None], None]  # the reason: None for a clean EOF or close()
 
 
-async def open_unix(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.open_unix_connection(path, limit=READ_CHUNK)
+async def open_unix(path: str, *, name: str, budget: BufferBudget | None = None,
+                    backpressure: bool = False) -> Connection:
+    """A connection to the unix socket at `path` (a plain path); OSError if nobody listens there."""
+    loop = asyncio.get_running_loop()
+    conn = Connection(name=name, budget=budget, backpressure=backpressure)
+    await loop.create_unix_connection(lambda: conn, path)
+    return conn
 
 
-async def from_socket(sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Streams over an already connected (accepted) socket."""
-    return await asyncio.open_unix_connection(sock=sock, limit=READ_CHUNK)
+async def from_socket(sock: socket.socket, *, name: str, budget: BufferBudget | None = None,
+                      backpressure: bool = False) -> Connection:
+    """A connection over an already connected (accepted) socket."""
+    loop = asyncio.get_running_loop()
+    conn = Connection(name=name, budget=budget, backpressure=backpressure)
+    await loop.create_unix_connection(lambda: conn, sock=sock)
+    return conn
 
 
-class Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, name: str,
-                 budget: BufferBudget | None = None) -> None:
+class Connection(asyncio.Protocol):
+    """Made by open_unix() or from_socket(); nothing is read until start()."""
+
+    def __init__(self, *, name: str, budget: BufferBudget | None = None, backpressure: bool = False) -> None:
         self.name = name  # for logs: "server#3", "client /run/x.sock"
-        self._reader = reader
-        self._writer = writer
         # With a budget, each frame's declared bytes are reserved when its header arrives and released
         # when the frame is handed to on_frame; a frame that does not fit is skipped, not buffered.
         self._budget = budget
         self.held = 0  # bytes this connection holds in the budget: its frame being assembled, and
         #               whatever its owner reserved through reserve() (a running request's payload)
         self._decoder = FrameDecoder(admit=self._admit if budget is not None else None)
-        self._write_lock = asyncio.Lock()  # held from building a frame until the socket took it (drain)
-        self._reader_task: asyncio.Task[None] | None = None
+        self._backpressure = backpressure
+        self._transport: asyncio.Transport | None = None
+        self._on_frame: OnFrame | None = None
+        self._on_closed: OnClosed | None = None
+        self._write_lock = asyncio.Lock()  # senders that found the buffer full, in order
+        self._paused = False  # the transport's buffer is above its high-water mark
+        self._drained = asyncio.Event()  # set while not paused, and at the end
+        self._drained.set()
         self._closing = False
+        self._ended = asyncio.Event()  # set once the connection ended (on_closed called, if started)
+        self._lost = asyncio.Event()  # set once the socket is closed
         self.close_reason: BaseException | None = None
 
     @property
     def closed(self) -> bool:
         """True once the connection stopped (or is stopping): nothing more can be sent."""
-        return self._closing or self._writer.is_closing()
+        return self._closing or self._transport is None or self._transport.is_closing()
+
+    @property
+    def writable(self) -> bool:
+        """True while a frame can be written without waiting: open, and the peer keeps up."""
+        return not self._paused and not self._write_lock.locked() and not self.closed
 
     def start(self, on_frame: OnFrame, on_closed: OnClosed) -> None:
-        """Start the reader task. `on_closed` is called exactly once, when it ends for any reason."""
-        if self._reader_task is not None:
+        """Start reading. `on_closed` is called exactly once, when the connection ends for any reason."""
+        if self._on_closed is not None:
             raise RuntimeError("connection already started")
-        task = asyncio.create_task(self._read(on_frame), name=f"ttrpc-reader {self.name}")
-        # A done-callback, not a finally: it also runs when the task is cancelled before it first ran.
-        task.add_done_callback(lambda _: self._finish(on_closed))
-        self._reader_task = task
+        self._on_frame, self._on_closed = on_frame, on_closed
+        if self._ended.is_set():  # it ended before it started (the peer left at once)
+            asyncio.get_running_loop().call_soon(self._report, on_closed)
+        elif self._transport is not None:
+            self._dispatch()  # frames that arrived before (a loop may deliver bytes before pausing took)
+            if not self._ended.is_set() and not (self._backpressure and self._paused):
+                self._transport.resume_reading()
 
     async def send(self, build: Callable[[], Frame]) -> Frame:
-        """Write the frame `build()` returns; build runs under the write lock, so ids allocated there
+        """Write the frame `build()` returns; build runs right before the write, so ids allocated there
         go out in order. ConnectionClosed if the connection is gone; errors of build propagate."""
+        if self.writable:
+            return self.send_now(build)  # the common case: no await at all
         async with self._write_lock:
-            if self.closed:
-                raise ConnectionClosed(f"connection {self.name} is closed")
-            frame = build()
-            data = encode_frame(frame)
-            try:
-                # write() queues the whole frame at once: a cancelled drain never leaves half a frame.
-                self._writer.write(data)
-                await self._writer.drain()
-            except (ConnectionError, OSError) as err:
-                raise ConnectionClosed(f"connection {self.name} lost while writing: {err}") from err
+            while self._paused and not self.closed:
+                await self._drained.wait()
+            return self.send_now(build)
+
+    def send_now(self, build: Callable[[], Frame]) -> Frame:
+        """Write at once, however full the buffer (send() waits for room; on_frame cannot wait)."""
+        if self.closed:
+            raise ConnectionClosed(f"connection {self.name} is closed")
+        assert self._transport is not None
+        frame = build()
+        # One write per frame: the transport queues it whole, whatever happens to the sender after.
+        self._transport.write(encode_frame(frame))
         return frame
 
     def close(self) -> None:
         """Stop reading and close the socket once the frames already queued are written."""
         self._closing = True
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-        self._writer.close()
+        if self._transport is not None:
+            self._transport.close()
+        if not self._ended.is_set():
+            asyncio.get_running_loop().call_soon(self._finish)
 
     async def wait_closed(self) -> None:
-        """Wait until the reader has stopped and the socket is closed (bounded by CLOSE_TIMEOUT_S)."""
-        if self._reader_task is not None:
-            await asyncio.wait([self._reader_task])
-        self._writer.close()
+        """Wait until the connection has ended and its socket is closed; once it ended, queued bytes get
+        CLOSE_TIMEOUT_S to reach the peer, then are dropped."""
+        await self._ended.wait()
+        if self._lost.is_set():
+            return
+        assert self._transport is not None
+        self._transport.close()
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                await self._writer.wait_closed()
+                await self._lost.wait()
         except TimeoutError:
             log.warning("peer does not read; dropping unsent bytes", extra={"fields": {"conn": self.name}})
-            self._writer.transport.abort()
-        except (ConnectionError, OSError):
-            pass  # the peer reset the connection: closed either way
+            self._transport.abort()
+            await self._lost.wait()
 
     def reserve(self, size: int) -> str | None:
         """Count `size` more bytes against this connection and the server; None if they fit, else why not."""
@@ -115,6 +155,73 @@ class Connection:
             self.held -= size
             self._budget.give(size)
 
+    # --- asyncio.Protocol ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # a stream transport (not every loop's subclasses it)
+        if self._on_frame is None:
+            self._transport.pause_reading()  # until start(): nobody to hand frames to yet
+
+    def data_received(self, data: bytes) -> None:
+        self._decoder.feed(data)
+        self._dispatch()
+
+    def eof_received(self) -> bool:
+        if self._decoder.buffered or self._decoder.discarding:
+            self.close_reason = ConnectionClosed(f"connection {self.name}: EOF in the middle of a frame")
+            log.warning("peer closed mid-frame", extra={"fields": {"conn": self.name}})
+        else:
+            log.debug("peer closed", extra={"fields": {"conn": self.name}})
+        self._finish()
+        return False  # the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and not self._ended.is_set():
+            self.close_reason = exc
+            log.info("connection lost", extra={"fields": {"conn": self.name, "error": exc}})
+        self._lost.set()
+        self._finish()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        self._drained.clear()
+        if self._backpressure and self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._drained.set()
+        if self._backpressure and self._on_frame is not None and not self.closed:
+            self._dispatch()  # frames read before the pause
+            if not self._paused and not self.closed:
+                assert self._transport is not None
+                self._transport.resume_reading()
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Hand the complete frames to on_frame; with backpressure, stop while answers cannot be written."""
+        on_frame = self._on_frame
+        if on_frame is None:
+            return  # not started: the frames wait in the decoder
+        try:
+            while not (self._backpressure and self._paused) and not self._ended.is_set():
+                event = self._decoder.next_frame()
+                if event is None:
+                    return
+                if isinstance(event, Frame):
+                    # Handed on: the owner reserves again what it keeps (a request's payload).
+                    self.release(len(event.payload))
+                on_frame(event)
+        except ProtocolError as err:
+            self.close_reason = err
+            log.error("protocol violation, closing connection", extra={"fields": {"conn": self.name, "error": err}})
+            self._finish()
+        except Exception as err:
+            self.close_reason = err
+            log.exception("connection reader failed", extra={"fields": {"conn": self.name}})
+            self._finish()
+
     def _admit(self, length: int) -> str | None:
         # Complete frames still queued are on their way out: they do not count against this connection's
         # cap (two back-to-back frames may share a read), only against the server's.
@@ -127,38 +234,21 @@ class Connection:
                         extra={"fields": {"conn": self.name, "bytes": length, "why": refused}})
         return refused
 
-    async def _read(self, on_frame: OnFrame) -> None:
-        try:
-            while True:
-                data = await self._reader.read(READ_CHUNK)
-                if not data:
-                    if self._decoder.buffered or self._decoder.discarding:
-                        self.close_reason = ConnectionClosed(f"connection {self.name}: EOF in the middle of a frame")
-                        log.warning("peer closed mid-frame", extra={"fields": {"conn": self.name}})
-                    else:
-                        log.debug("peer closed", extra={"fields": {"conn": self.name}})
-                    return
-                self._decoder.feed(data)
-                for event in self._decoder:
-                    if isinstance(event, Frame):
-                        # Handed on: the owner reserves again what it keeps (a request's payload).
-                        self.release(len(event.payload))
-                    await on_frame(event)
-        except ProtocolError as err:
-            self.close_reason = err
-            log.error("protocol violation, closing connection", extra={"fields": {"conn": self.name, "error": err}})
-        except (ConnectionError, OSError) as err:
-            self.close_reason = err
-            log.info("connection lost", extra={"fields": {"conn": self.name, "error": err}})
-        except Exception as err:
-            self.close_reason = err
-            log.exception("connection reader failed", extra={"fields": {"conn": self.name}})
-
-    def _finish(self, on_closed: OnClosed) -> None:
+    def _finish(self) -> None:
+        """The end, once: release what the connection held, wake waiting senders, close, tell the owner."""
+        if self._ended.is_set():
+            return
         self._closing = True
-        # A frame cut off by the end: its reservation goes with it (the owner releases its own).
+        self._ended.set()
+        self._drained.set()  # waiting senders find the connection closed
+        # Frames cut off by the end, or read and not handed on: their reservations go with them.
         self.release(self._decoder.admitted_bytes)
-        self._writer.close()
+        if self._transport is not None:
+            self._transport.close()
+        if self._on_closed is not None:
+            self._report(self._on_closed)
+
+    def _report(self, on_closed: OnClosed) -> None:
         try:
             on_closed(self.close_reason)
         except Exception:

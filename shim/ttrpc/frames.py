@@ -81,11 +81,11 @@ def encode_frame(frame: Frame) -> bytes:
     return HEADER.pack(length, frame.stream_id, frame.type, frame.flags) + frame.payload
 
 
+_FRAME_TYPES: dict[int, int] = {int(t): t for t in FrameType}  # a lookup: cheaper than the enum's constructor
+
+
 def _frame_type(value: int) -> int:
-    try:
-        return FrameType(value)
-    except ValueError:
-        return value
+    return _FRAME_TYPES.get(value, value)
 
 
 class FrameDecoder:
@@ -121,6 +121,8 @@ class FrameDecoder:
     @property
     def queued_bytes(self) -> int:
         """Body bytes of complete frames not taken out yet."""
+        if not self._events:  # the common case: asked as a new frame's header is read
+            return 0
         return sum(len(e.payload) for e in self._events if isinstance(e, Frame))
 
     @property
@@ -131,14 +133,20 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._error is not None:
             return
-        view = memoryview(data)
         if self._discard:
-            skipped = min(self._discard, len(view))
+            skipped = min(self._discard, len(data))
             self._discard -= skipped
-            view = view[skipped:]
-        if view:
-            self._buffer += view
-            self._parse()
+            data = memoryview(data)[skipped:]
+        if not len(data):
+            return
+        buffer = self._buffer
+        if buffer:  # the rest of a frame begun in an earlier read
+            buffer += data
+            del buffer[:self._parse(buffer)]
+        else:  # the common case: parse the read itself, keep only an incomplete tail
+            parsed = self._parse(data)
+            if parsed < len(data):
+                buffer += memoryview(data)[parsed:]
 
     def next_frame(self) -> Event | None:
         """The next complete frame or oversized-frame event; None when more bytes are needed."""
@@ -152,39 +160,42 @@ class FrameDecoder:
         while (event := self.next_frame()) is not None:
             yield event
 
-    def _parse(self) -> None:
-        buffer = self._buffer
+    def _parse(self, data: bytes | bytearray | memoryview) -> int:
+        """Take the complete frames out of `data`; returns how many of its bytes were used."""
         pos = 0
+        size = len(data)
+        events = self._events
         while True:
             if self._discard:
-                skipped = min(self._discard, len(buffer) - pos)
+                skipped = min(self._discard, size - pos)
                 self._discard -= skipped
                 pos += skipped
                 if self._discard:
-                    break
-            if len(buffer) - pos < HEADER_LENGTH:
-                break
-            length, stream_id, type_, flags = HEADER.unpack_from(buffer, pos)
+                    return pos
+            if size - pos < HEADER_LENGTH:
+                return pos
+            length, stream_id, type_, flags = HEADER.unpack_from(data, pos)
             if length > _RESERVED_LENGTH:
                 self._error = ProtocolError(
-                    f"bad frame header {bytes(buffer[pos:pos + HEADER_LENGTH]).hex()}: "
+                    f"bad frame header {bytes(data[pos:pos + HEADER_LENGTH]).hex()}: "
                     f"declared length {length} sets the reserved first byte"
                 )
-                buffer.clear()
-                return
+                return size  # nothing after a bad header is read
             refused = ""
             if length <= self._max_length and self._admit is not None and not self._admitted:
                 refused = self._admit(length) or ""
                 self._admitted = 0 if refused else length
             if length > self._max_length or refused:
-                self._events.append(OversizedFrame(stream_id, _frame_type(type_), length, refused))
+                events.append(OversizedFrame(stream_id, _frame_type(type_), length, refused))
                 pos += HEADER_LENGTH
                 self._discard = length
                 continue
-            end = pos + HEADER_LENGTH + length
-            if len(buffer) < end:
-                break
-            self._events.append(Frame(stream_id, _frame_type(type_), flags, bytes(buffer[pos + HEADER_LENGTH:end])))
+            start = pos + HEADER_LENGTH
+            end = start + length
+            if size < end:
+                return pos
+            # A slice of bytes is bytes already: one copy per payload, not two.
+            payload = data[start:end] if isinstance(data, bytes) else bytes(data[start:end])
+            events.append(Frame(stream_id, _frame_type(type_), flags, payload))
             self._admitted = 0
             pos = end
-        del buffer[:pos]

@@ -3,9 +3,10 @@
 Without these, 300 connections each holding a 4 MiB frame minus one byte grew a shim to 1.76 GB.
 Body bytes are counted from the moment a frame's header declares them (the frame is admitted or
 skipped before its body arrives) until the frame is handed on; a request's payload is counted again
-while its handler runs. Not counted, and bounded per connection on their own: a frame header (10
-bytes) and the stream reader's buffer (at most twice READ_CHUNK, 2 x 256 KiB). Sans-I/O: the server
-and its connections call in, nothing here awaits.
+while its handler runs (or its call is passed through). Not counted, and bounded per connection on their
+own: a frame header (10 bytes), one read (READ_CHUNK, 256 KiB, parsed as it arrives) and the answers
+waiting to be written (asyncio's high-water mark, 64 KiB, plus one frame: connection.py). Sans-I/O: the
+server and its connections call in, nothing here awaits.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ only: a streaming request is answered UNIMPLEMENTED, and data frames are ignored
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
@@ -17,7 +17,7 @@ from .errors import Code, ConnectionClosed, ProtocolError, TTRPCError
 from .frames import MAX_MESSAGE_LENGTH, Event, Flags, Frame, FrameType, OversizedFrame
 
 _MAX_STREAM_ID = 0xFFFF_FFFF
-_STREAMING = Flags.REMOTE_OPEN | Flags.REMOTE_CLOSED
+_STREAMING = int(Flags.REMOTE_OPEN | Flags.REMOTE_CLOSED)  # a plain int: `flags & enum` runs in Python
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -80,11 +80,55 @@ def decode_request(body: bytes) -> Request:
         method=message.method,
         payload=message.payload,
         timeout_nano=message.timeout_nano,
-        metadata=tuple((kv.key, kv.value) for kv in message.metadata),
+        metadata=tuple([(kv.key, kv.value) for kv in message.metadata]),
     )
 
 
+def renamed_request(body: bytes, service: str) -> bytes:
+    """An encoded request with its service replaced and all else as it came: a second service field is
+    appended, and protobuf's rule for a field that occurs twice is that the last one read wins."""
+    name = service.encode()
+    return body + b"\x0a" + _varint(len(name)) + name
+
+
+# An OK response as every ttrpc server writes it: an empty status (field 1), then the payload (field 2,
+# left out when empty). This shape, by far the most common, is written and read without protobuf.
+_OK_STATUS = b"\x0a\x00"
+_PAYLOAD_TAG = 0x12
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _ok_payload(body: bytes) -> bytes | None:
+    """The payload of a body shaped exactly as an OK response (status empty, then the payload), else None."""
+    if body[:2] != _OK_STATUS:
+        return None
+    if len(body) == 2:
+        return b""
+    if body[2] != _PAYLOAD_TAG:
+        return None
+    length, shift, pos = 0, 0, 3
+    while pos < len(body) and shift < 35:  # a length needs at most 5 bytes (it is below 2**32)
+        byte = body[pos]
+        length |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return body[pos:] if pos + length == len(body) else None
+        shift += 7
+    return None
+
+
 def encode_response(response: Response) -> bytes:
+    if response.status_code == Code.OK and not response.status_message and not response.status_details:
+        payload = response.payload
+        return _OK_STATUS + bytes([_PAYLOAD_TAG]) + _varint(len(payload)) + payload if payload else _OK_STATUS
     status = ttrpc_pb2.Status(
         code=int(response.status_code), message=response.status_message, details=response.status_details
     )
@@ -94,6 +138,9 @@ def encode_response(response: Response) -> bytes:
 
 def decode_response(body: bytes) -> Response:
     """The response in a response frame's body (no status means OK); ProtocolError when it is not one."""
+    payload = _ok_payload(body)
+    if payload is not None:
+        return Response(payload=payload)
     message = ttrpc_pb2.Response()
     try:
         message.ParseFromString(body)
@@ -117,6 +164,7 @@ class RequestReceived:
 
     stream_id: int
     request: Request
+    body: bytes = field(default=b"", compare=False, repr=False)  # the request as it came, encoded
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +233,7 @@ class ServerProtocol:
                     event.stream_id, TTRPCError(Code.UNIMPLEMENTED, "streaming calls are not supported")
                 )
             try:
-                return RequestReceived(event.stream_id, decode_request(event.payload))
+                return RequestReceived(event.stream_id, decode_request(event.payload), event.payload)
             except TTRPCError as err:
                 return StreamRejected(event.stream_id, err)
         if type_ == FrameType.DATA:
@@ -228,7 +276,10 @@ class ClientProtocol:
 
     def request_frame(self, request: Request) -> Frame:
         """The frame opening the next stream; TTRPCError(RESOURCE_EXHAUSTED), using no id, if over 4 MiB."""
-        body = encode_request(request)
+        return self.encoded_request_frame(encode_request(request))
+
+    def encoded_request_frame(self, body: bytes) -> Frame:
+        """request_frame() for a request already encoded."""
         if len(body) > MAX_MESSAGE_LENGTH:
             raise _too_large(OversizedFrame(0, FrameType.REQUEST, len(body)))
         stream_id = self._next_stream_id

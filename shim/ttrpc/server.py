@@ -1,4 +1,4 @@
-"""A ttrpc server on unix sockets: one task per connection, one task per request.
+"""A ttrpc server on unix sockets: one task per connection, one task per request (or none, passed through).
 
 Structure: serve_socket() owns a TaskGroup holding its accept loop and one task per connection; each
 connection owns a TaskGroup holding one task per in-flight request. Closing the server cancels the
@@ -15,7 +15,7 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .address import socket_path
 from .connection import Connection, from_socket
@@ -25,7 +25,6 @@ from .limits import BufferBudget, Limits
 from .protocol import (
     Ignored,
     Metadata,
-    Request,
     RequestReceived,
     Response,
     ServerProtocol,
@@ -54,10 +53,19 @@ class Call:
     # When the server cancels the handler (loop.time(), from timeout_nano as the request arrived);
     # None: no deadline. For handlers that pass a deadline on to calls of their own.
     deadline: float | None = None
+    # The request as it came, encoded (b"" for calls made up locally): passed on without encoding it again.
+    body: bytes = field(default=b"", compare=False, repr=False)
 
 
 # Returns the response payload; raises TTRPCError to answer with that status.
 Handler = Callable[[Call], Awaitable[bytes]]
+# Called with the response of a passed-through call, synchronously, when it arrives.
+Answer = Callable[[Response], None]
+# A handler's fast path for calls it would only pass on to another ttrpc peer: sends the call on at once
+# and returns how to forget it (the connection closed, or the deadline passed), or None to leave the call
+# to the handler. Such a call runs without a task of its own: no task, no future, no extra turn of the
+# event loop between the two reads and the two writes (docs/benchmarks.md, the proxied call).
+PassThrough = Callable[[Call, Answer], Callable[[], None] | None]
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -67,8 +75,10 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 
 class Server:
-    def __init__(self, handler: Handler, *, require_same_uid: bool = True, limits: Limits | None = None) -> None:
+    def __init__(self, handler: Handler, *, require_same_uid: bool = True, limits: Limits | None = None,
+                 pass_through: PassThrough | None = None) -> None:
         self._handler = handler
+        self._pass_through = pass_through
         self._require_same_uid = require_same_uid
         self.limits = limits or Limits()
         self.budget = BufferBudget(self.limits)  # bytes all connections hold: frames and running payloads
@@ -261,11 +271,11 @@ class _ServerConnection:
         self._protocol = ServerProtocol()
         self._conn: Connection | None = None
         self._tasks: asyncio.TaskGroup | None = None  # None once requests may no longer start
-        self._requests: dict[int, asyncio.Task[None]] = {}
+        self._requests: dict[int, asyncio.Task[None] | _Passing] = {}
 
     async def run(self, sock: socket.socket) -> None:
         try:
-            reader, writer = await from_socket(sock)
+            conn = await from_socket(sock, name=self.name, budget=self._server.budget, backpressure=True)
         except BaseException as err:
             sock.close()
             self._server._connection_done(self)
@@ -273,7 +283,7 @@ class _ServerConnection:
                 raise
             log.error("cannot set up connection", extra={"fields": {"conn": self.name, "error": err}})
             return
-        conn = self._conn = Connection(reader, writer, name=self.name, budget=self._server.budget)
+        self._conn = conn
         log.debug("connection accepted", extra={"fields": {"conn": self.name}})
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -282,11 +292,11 @@ class _ServerConnection:
                 try:
                     await conn.wait_closed()
                 finally:
-                    # Stop the reader before the group ends so no request starts in a finished group.
+                    # Stop reading before the group ends so no request starts in a finished group.
                     self._tasks = None
                     conn.close()
-                    for task in self._requests.values():
-                        task.cancel()
+                    for request in list(self._requests.values()):
+                        request.cancel()
         finally:
             try:
                 await conn.wait_closed()
@@ -297,10 +307,10 @@ class _ServerConnection:
     def _on_closed(self, reason: BaseException | None) -> None:
         # The peer is gone or broke the protocol: nobody is left to read the answers.
         self._tasks = None
-        for task in self._requests.values():
-            task.cancel()
+        for request in list(self._requests.values()):
+            request.cancel()
 
-    async def _on_frame(self, frame: Event) -> None:
+    def _on_frame(self, frame: Event) -> None:
         event = self._protocol.receive(frame)  # a ProtocolError drops the connection
         if isinstance(event, RequestReceived):
             if self._tasks is None:
@@ -309,16 +319,20 @@ class _ServerConnection:
             if refused is not None:
                 log.warning("refused request", extra={"fields": {"conn": self.name, "stream": event.stream_id,
                                                                  "rpc": event.request.method, "why": refused}})
-                await self._answer(event.stream_id, Response.from_error(TTRPCError(Code.RESOURCE_EXHAUSTED, refused)))
+                self._answer_now(event.stream_id, Response.from_error(TTRPCError(Code.RESOURCE_EXHAUSTED, refused)))
                 return
             self._server._call_started()
-            task = self._tasks.create_task(
-                self._serve(event.stream_id, event.request), name=f"ttrpc {self.name} stream {event.stream_id}"
-            )
-            self._requests[event.stream_id] = task
+            request, sid = event.request, event.stream_id
+            timeout = request.timeout_nano
+            deadline = asyncio.get_running_loop().time() + timeout / 1e9 if timeout > 0 else None
+            call = Call(request.service, request.method, request.payload, request.metadata, request.timeout_nano, sid,
+                        deadline, event.body)
+            size = len(request.payload)
+            if self._server._pass_through is not None and request.timeout_nano >= 0 and self._pass(call, size):
+                return
+            task = self._tasks.create_task(self._serve(call), name=f"ttrpc {self.name} stream {sid}")
+            self._requests[sid] = task
             # A done-callback, not a finally: it also runs for a task cancelled before it first ran.
-            size = len(event.request.payload)
-            sid = event.stream_id
             task.add_done_callback(lambda _: self._done(sid, size))
         elif isinstance(event, StreamRejected):
             log.warning(
@@ -326,7 +340,7 @@ class _ServerConnection:
                 extra={"fields": {"conn": self.name, "stream": event.stream_id, "code": event.error.code.name,
                                   "error": event.error.message}},
             )
-            await self._answer(event.stream_id, Response.from_error(event.error))
+            self._answer_now(event.stream_id, Response.from_error(event.error))
         elif isinstance(event, Ignored):
             log.debug("ignored frame", extra={"fields": {"conn": self.name, "stream": event.stream_id,
                                                          "reason": event.reason}})
@@ -339,25 +353,68 @@ class _ServerConnection:
         assert self._conn is not None
         return self._conn.reserve(len(event.request.payload))
 
-    async def _serve(self, stream_id: int, request: Request) -> None:
-        deadline = asyncio.get_running_loop().time() + request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
-        call = Call(request.service, request.method, request.payload, request.metadata, request.timeout_nano, stream_id,
-                    deadline)
-        started = time.monotonic()
+    async def _serve(self, call: Call) -> None:
+        stream_id = call.stream_id
+        debug = log.isEnabledFor(logging.DEBUG)  # the call's log line and its timing only when it is written
+        started = time.monotonic() if debug else 0.0
         try:
             try:
                 response = Response(payload=await self._call_handler(call))
             except TTRPCError as err:
                 response = Response.from_error(err)
-            elapsed_ms = round((time.monotonic() - started) * 1e3, 1)
-            log.debug(
-                "call",
-                extra={"fields": {"conn": self.name, "stream": stream_id, "rpc": f"{call.service}/{call.method}",
-                                  "code": response.status_code.name, "ms": elapsed_ms}},
-            )
+            if debug:
+                self._log_call(call, response, started)
             await self._answer(stream_id, response)
         except Exception:
             log.exception("answering a request failed", extra={"fields": {"conn": self.name, "stream": stream_id}})
+
+    def _log_call(self, call: Call, response: Response, started: float) -> None:
+        log.debug(
+            "call",
+            extra={"fields": {"conn": self.name, "stream": call.stream_id, "rpc": f"{call.service}/{call.method}",
+                              "code": response.status_code.name, "ms": round((time.monotonic() - started) * 1e3, 1)}},
+        )
+
+    # --- calls passed through without a task (Server(pass_through=...)) -----------------------------
+
+    def _pass(self, call: Call, size: int) -> bool:
+        """Offer the call to the pass-through; True if it took it (the answer comes to _passed)."""
+        assert self._server._pass_through is not None
+        passing = _Passing(self, call, size)
+        try:
+            forget = self._server._pass_through(call, passing.answer)
+        except Exception:  # its bug must not take the connection down: the handler gets the call
+            log.exception("pass-through failed", extra={"fields": {"conn": self.name, "stream": call.stream_id}})
+            return False
+        if forget is None:
+            return False
+        passing.forget = forget
+        if call.deadline is not None:
+            passing.timer = asyncio.get_running_loop().call_at(call.deadline, passing.expire)
+        self._requests[call.stream_id] = passing
+        return True
+
+    def _passed(self, passing: _Passing, response: Response | None) -> None:
+        """A passed-through call ended: answered, out of time (both with `response`), or dropped (None)."""
+        sid = passing.call.stream_id
+        if self._requests.get(sid) is not passing:
+            return  # it ended already
+        del self._requests[sid]
+        if passing.timer is not None:
+            passing.timer.cancel()
+        if response is not None:
+            if passing.started:
+                self._log_call(passing.call, response, passing.started)
+            conn = self._conn
+            assert conn is not None
+            if conn.writable or conn.closed:  # closed: _answer_now drops it, as _answer would
+                self._answer_now(sid, response)
+            elif self._tasks is not None:  # the peer is behind: wait for room in a task, as _serve does
+                task = self._tasks.create_task(self._answer(sid, response), name=f"ttrpc {self.name} stream {sid}")
+                self._requests[sid] = task
+                task.add_done_callback(lambda _: self._done(sid, passing.size))
+                return
+        self._done(sid, passing.size)
 
     def _done(self, stream_id: int, payload_size: int) -> None:
         self._requests.pop(stream_id, None)
@@ -369,14 +426,16 @@ class _ServerConnection:
         """The handler's payload; every failure as a TTRPCError. Cancellation of this task propagates."""
         if call.timeout_nano < 0:
             raise TTRPCError(Code.DEADLINE_EXCEEDED, "deadline exceeded before the call started")
-        deadline = asyncio.timeout_at(call.deadline)
+        deadline = asyncio.timeout_at(call.deadline) if call.deadline is not None else None
         try:
+            if deadline is None:  # no timer to arm (containerd sets none on most calls)
+                return await self._server._handler(call)
             async with deadline:
                 return await self._server._handler(call)
         except TTRPCError:
             raise
         except TimeoutError as err:
-            if deadline.expired():
+            if deadline is not None and deadline.expired():
                 raise TTRPCError(Code.DEADLINE_EXCEEDED, "deadline exceeded") from None
             self._log_failure(call, err)
         except asyncio.CancelledError as err:
@@ -405,3 +464,45 @@ class _ServerConnection:
             await conn.send(lambda: ServerProtocol.response_frame(stream_id, response))
         except ConnectionClosed:
             log.debug("answer dropped: connection closed", extra={"fields": {"conn": self.name, "stream": stream_id}})
+
+    def _answer_now(self, stream_id: int, response: Response) -> None:
+        """An answer from the reader (a refusal): written at once; while answers cannot be written the
+        connection reads no more frames, so these stay few."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.send_now(lambda: ServerProtocol.response_frame(stream_id, response))
+        except ConnectionClosed:
+            log.debug("answer dropped: connection closed", extra={"fields": {"conn": self.name, "stream": stream_id}})
+
+
+class _Passing:
+    """A call passed through without a task: how to forget it upstream, and its deadline's timer."""
+
+    __slots__ = ("owner", "call", "size", "forget", "timer", "started")
+
+    def __init__(self, owner: _ServerConnection, call: Call, size: int) -> None:
+        self.owner = owner
+        self.call = call
+        self.size = size  # its payload's bytes, reserved until it ends
+        self.forget: Callable[[], None] = _nothing
+        self.timer: asyncio.TimerHandle | None = None
+        # For the debug log line's duration, as _serve measures it: only when that line is written.
+        self.started = time.monotonic() if log.isEnabledFor(logging.DEBUG) else 0.0
+
+    def answer(self, response: Response) -> None:
+        self.owner._passed(self, response)
+
+    def expire(self) -> None:
+        """The deadline passed: the answer _call_handler gives; a late answer upstream is dropped."""
+        self.forget()
+        self.owner._passed(self, Response.from_error(TTRPCError(Code.DEADLINE_EXCEEDED, "deadline exceeded")))
+
+    def cancel(self) -> None:
+        """The connection is closing: forget the call, answer nothing (as for a cancelled handler)."""
+        self.forget()
+        self.owner._passed(self, None)
+
+
+def _nothing() -> None:
+    pass

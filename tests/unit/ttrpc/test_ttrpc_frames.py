@@ -65,6 +65,22 @@ def test_every_split_point_gives_the_same_frames():
         assert decoder.buffered == 0
 
 
+def test_bytes_bytearray_and_memoryview_reads_give_the_same_frames_with_bytes_payloads():
+    # A read of bytes is parsed in place; other buffers, and a frame's rest after an earlier read, are copied.
+    for kind in (bytes, bytearray, memoryview):
+        for cut in (0, 3, 10, 25, len(WIRE) - 1):
+            frames = decode_all(FrameDecoder(), kind(WIRE[:cut]), kind(WIRE[cut:]))
+            assert frames == FRAMES, (kind, cut)
+            assert all(type(f.payload) is bytes for f in frames), (kind, cut)
+
+
+def test_a_read_ending_in_a_partial_frame_keeps_only_that_part():
+    decoder = FrameDecoder()
+    assert decode_all(decoder, WIRE + WIRE[:13]) == FRAMES
+    assert decoder.buffered == 13
+    assert decode_all(decoder, WIRE[13:]) == FRAMES and decoder.buffered == 0
+
+
 def test_byte_by_byte():
     decoder = FrameDecoder()
     assert decode_all(decoder, *(WIRE[i:i + 1] for i in range(len(WIRE)))) == FRAMES

@@ -27,6 +27,7 @@ from kybernate.shim.ttrpc.protocol import (
     decode_response,
     encode_request,
     encode_response,
+    renamed_request,
 )
 
 REQ = Request("svc", "Method", b"payload", 5, (("k", "v"),))
@@ -66,6 +67,15 @@ def test_request_bytes_match_the_protobuf_message():
     assert [(kv.key, kv.value) for kv in parsed.metadata] == [("k", "v")]
 
 
+def test_a_renamed_request_reads_as_the_same_request_for_the_other_service():
+    body = encode_request(REQ)
+    renamed = renamed_request(body, "containerd.task.v3.Task")
+    assert renamed.startswith(body)  # the rest as it came
+    assert decode_request(renamed) == Request("containerd.task.v3.Task", REQ.method, REQ.payload, REQ.timeout_nano,
+                                              REQ.metadata)
+    assert ttrpc_pb2.Request.FromString(renamed).service == "containerd.task.v3.Task"
+
+
 @pytest.mark.parametrize("body", [b"\xff", b"\x0a\x05ab", b"\x0a\x01\xff", b"GARBAGE"])
 def test_malformed_request_is_invalid_argument(body):
     with pytest.raises(TTRPCError) as info:
@@ -76,6 +86,31 @@ def test_malformed_request_is_invalid_argument(body):
 def test_response_round_trip_keeps_status_untouched():
     response = Response(Code.FAILED_PRECONDITION, "task is paused", (b"\x0a\x03abc", b""), b"p")
     assert decode_response(encode_response(response)) == response
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16_383, 16_384, 2_097_152, 4 << 20])
+def test_ok_responses_are_written_exactly_as_protobuf_writes_them_and_read_back(size):
+    payload = bytes(i % 251 for i in range(size))
+    expected = ttrpc_pb2.Response(status=ttrpc_pb2.Status(code=0), payload=payload).SerializeToString()
+    assert encode_response(Response(payload=payload)) == expected
+    assert decode_response(expected) == Response(payload=payload)
+
+
+@pytest.mark.parametrize("body", [
+    b"\x0a\x00\x12\x02ab\x1a\x00",  # a field after the payload
+    b"\x0a\x00\x0a\x02\x08\x05",  # a second status, not empty: the last one counts
+    b"\x12\x02ab\x0a\x00",  # payload first
+    b"\x0a\x00\x12\x82\x01ab",  # a length beyond the body
+])
+def test_responses_of_any_other_shape_read_as_protobuf_reads_them(body):
+    try:
+        message = ttrpc_pb2.Response.FromString(body)
+    except Exception:
+        with pytest.raises(ProtocolError):
+            decode_response(body)
+        return
+    response = decode_response(body)
+    assert (response.status_code, response.payload) == (message.status.code, message.payload)
 
 
 def test_response_without_status_is_ok_and_unknown_codes_read_as_unknown():

@@ -15,7 +15,7 @@ import pytest
 
 from kybernate.shim.ttrpc import server as server_module
 from kybernate.shim.ttrpc.client import Client
-from kybernate.shim.ttrpc.connection import Connection, from_socket
+from kybernate.shim.ttrpc.connection import from_socket
 from kybernate.shim.ttrpc.errors import Code, ConnectionClosed, TTRPCError
 from kybernate.shim.ttrpc.frames import MAX_MESSAGE_LENGTH, Flags, Frame, FrameDecoder, FrameType, encode_frame
 from kybernate.shim.ttrpc.protocol import Request, Response, decode_response, encode_request, encode_response
@@ -124,6 +124,11 @@ class RawPeer:
 
 def header(length: int, stream_id: int, type_: int) -> bytes:
     return length.to_bytes(4, "big") + stream_id.to_bytes(4, "big") + bytes([type_, 0])
+
+
+def request_bytes(stream_id: int, payload: bytes, method: str = "Echo") -> bytes:
+    """A whole request frame, as a client writes it."""
+    return encode_frame(Frame(stream_id, FrameType.REQUEST, 0, encode_request(Request(SVC, method, payload))))
 
 
 # --- calls -----------------------------------------------------------------------------------------
@@ -261,6 +266,76 @@ def test_oversized_request_gets_resource_exhausted_and_the_connection_goes_on(ar
     arun(main())
 
 
+def test_several_requests_in_one_write_are_each_answered(arun, sock_dir):
+    async def main() -> None:
+        async with serving(sock_dir, Service()) as (server, path):
+            peer = await RawPeer.connect(path)
+            wire = b"".join(request_bytes(i, b"%d" % i) for i in range(1, 40, 2))
+            await peer.send(wire)  # twenty frames reach the server in one read (or a few)
+            answers = dict([await peer.response() for _ in range(20)])
+            assert answers == {i: Response(payload=b"%d" % i) for i in range(1, 40, 2)}
+            await peer.close()
+            await server.drain(5.0)
+            assert server.budget.used_small == 0
+
+    arun(main())
+
+
+def test_a_request_split_across_many_writes_is_answered(arun, sock_dir):
+    async def main() -> None:
+        async with serving(sock_dir, Service()) as (_, path):
+            peer = await RawPeer.connect(path)
+            wire = encode_frame(Frame(1, FrameType.REQUEST, 0, encode_request(Request(SVC, "Echo", b"p" * 70_000))))
+            for start in range(0, len(wire), 7_001):  # the header cut after 7 001 bytes of its own frame...
+                await peer.send(wire[start:start + 7_001])
+            await peer.send(request_bytes(3, b"q")[:4])
+            assert await peer.response() == (1, Response(payload=b"p" * 70_000))
+            await peer.send(request_bytes(3, b"q")[4:])
+            assert await peer.response() == (3, Response(payload=b"q"))  # ...and a header split in two
+            await peer.close()
+
+    arun(main())
+
+
+def test_a_peer_closing_mid_frame_releases_what_the_frame_held(arun, sock_dir, caplog):
+    async def main() -> None:
+        async with serving(sock_dir, Service()) as (server, path):
+            peer = await RawPeer.connect(path)
+            await peer.send(header(100_000, 1, FrameType.REQUEST) + b"only part of the body")
+            other = await Client.connect(path)  # served while the first peer holds its reservation
+            assert await other.call(SVC, "Echo", b"meanwhile") == b"meanwhile"
+            assert server.budget.used == 100_000
+            await peer.close()
+            await other.close()
+            await server.drain(5.0)
+        assert server.budget.used == 0 and server.budget.used_small == 0
+
+    with caplog.at_level(logging.WARNING):
+        arun(main())
+    assert "peer closed mid-frame" in caplog.text
+
+
+def test_a_peer_that_does_not_read_its_answers_is_not_read_either_until_it_does(arun, sock_dir):
+    async def main() -> None:
+        async with serving(sock_dir, Service()) as (server, path):
+            peer = await RawPeer.connect(path)
+            body = b"a" * 16_000
+            count = 400  # 6.4 MB of answers: far more than the socket buffers and the write buffer hold
+            wire = b"".join(encode_frame(Frame(i, FrameType.REQUEST, 0, encode_request(Request(SVC, "Echo", body))))
+                            for i in range(1, 2 * count, 2))
+            writing = asyncio.create_task(peer.send(wire))
+            done, _ = await asyncio.wait([writing], timeout=0.5)
+            # The server stopped reading once its answers backed up, so our write cannot finish either.
+            assert not done and server.in_flight < count
+            answers = [await peer.response() for _ in range(count)]
+            await writing
+            assert sorted(sid for sid, _ in answers) == list(range(1, 2 * count, 2))
+            assert all(r == Response(payload=body) for _, r in answers)
+            await peer.close()
+
+    arun(main())
+
+
 def test_too_large_messages_either_way_are_resource_exhausted(arun, sock_dir):
     async def main() -> None:
         async with serving(sock_dir, Service()) as (_, path):
@@ -279,6 +354,8 @@ def test_too_large_messages_either_way_are_resource_exhausted(arun, sock_dir):
 
 
 def test_client_skips_an_oversized_response_and_keeps_the_connection(arun, sock_dir):
+    served = asyncio.Event()
+
     async def fake_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         decoder = FrameDecoder()
         seen = 0
@@ -291,6 +368,7 @@ def test_client_skips_an_oversized_response_and_keeps_the_connection(arun, sock_
         await writer.drain()
         await reader.read()  # until the client closes
         writer.close()
+        served.set()
 
     async def main() -> None:
         path = os.path.join(sock_dir, "fake.sock")
@@ -303,6 +381,7 @@ def test_client_skips_an_oversized_response_and_keeps_the_connection(arun, sock_
         assert info.value.code == Code.RESOURCE_EXHAUSTED
         assert await second == b"ok"
         await client.close()
+        await served.wait()  # the fake saw the client's EOF (its task is done, not left for the leak check)
         fake.close()
         await fake.wait_closed()
 
@@ -555,10 +634,10 @@ def test_connection_reports_its_end_even_when_closed_before_the_reader_ran(arun)
         left, right = socket.socketpair(socket.AF_UNIX)
         reasons: list[BaseException | None] = []
 
-        async def on_frame(event: object) -> None:
+        def on_frame(event: object) -> None:
             raise AssertionError("no frames expected")
 
-        conn = Connection(*await from_socket(left), name="t")
+        conn = await from_socket(left, name="t")
         conn.start(on_frame, reasons.append)
         conn.close()  # before the reader task ever ran
         await conn.wait_closed()
