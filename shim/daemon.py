@@ -181,8 +181,12 @@ def _cleanup(config: DaemonConfig) -> None:
 
 
 def _forget_group(config: DaemonConfig) -> None:
-    """The child exited: its record first (no orphan to find), then the socket."""
-    from .manager import GroupState, remove_socket
+    """The child exited: its record first (no orphan to find), then our socket and the child's."""
+    from .manager import SOCKET_DIR, GroupState, remove_socket, socket_path
 
     GroupState.remove(config.address)
     remove_socket(config.address)
+    # containerd 1.6's runc shim removes, on its way out, the socket its bundle's `address` file names: ours,
+    # which we wrote there. Its own would stay behind in /run/containerd/s, one per pod. (2.x's removes its own.)
+    if config.child_address and socket_path(config.child_address).startswith(SOCKET_DIR + "/"):
+        remove_socket(config.child_address)
