@@ -182,7 +182,8 @@ def _cleanup(config: DaemonConfig) -> None:
 
 def _forget_group(config: DaemonConfig) -> None:
     """The child exited: its record first (no orphan to find), then our socket and the child's."""
-    from .manager import SOCKET_DIR, GroupState, remove_socket, socket_path
+    from .manager import SOCKET_DIR, GroupState, remove_socket
+    from .ttrpc.address import socket_path
 
     GroupState.remove(config.address)
     remove_socket(config.address)
