@@ -278,6 +278,10 @@ class GpuSteps:
         if task is not None and task.phase is not Phase.NO_GPU:
             await asyncio.to_thread(intent.remove, task.options.intent_dir, task.spec.namespace, container_id)
 
+    def has_gpu_tasks(self) -> bool:
+        """Whether any task of this shim has GPU state to step (or reconcile)."""
+        return any(task.phase is not Phase.NO_GPU for task in self.tasks.values())
+
     def phase(self, container_id: str) -> Phase:
         task = self.tasks.get(container_id)
         return task.phase if task else Phase.NO_GPU

@@ -5,8 +5,8 @@ here and passes its argv, cwd, environment and its stdin/stdout/stderr. A worker
 environment and cwd and runs the command exactly as shim/cli.py would in a fresh process, but with every
 module already imported. Workers are forked ahead (spares, each waiting on a control socket of its own): the
 resident accepts, passes the connection's fd to a spare and goes back to waiting, so no command waits for a
-fork; spares are forked again when the resident is quiet. The resident itself never runs a command, so a
-crash in one command costs one worker.
+fork; the spare is replaced right after the hand-off, while the client waits on its worker. The resident
+itself never runs a command, so a crash in one command costs one worker.
 
 A new pod's `start` carries on in its worker as that pod's shim daemon once it has answered (no second fork;
 shim/manager.py start_for_this_process): one process per pod, which does not depend on the resident, so pods
@@ -101,8 +101,13 @@ class Pool:
     A connection goes to a spare (its fd passed over the control socket: no fork on the command's path);
     only when none is left is a worker forked for it. A worker says `D` (or closes its control socket)
     once it has answered; a new pod's `start` then carries on in that same process as the pod's daemon
-    (shim/manager.py, daemon_in_this_process), which the resident reaps when the pod ends. Spares are
-    forked again only when the resident has been quiet for QUIET_S, never while a command waits on it.
+    (shim/manager.py, daemon_in_this_process), which the resident reaps when the pod ends.
+
+    A spare handed out is replaced at once (refill), while the client waits on its worker: containerd is
+    blocked on that command then, so the fork (~1 ms here, ~3 ms of the child's CPU) overlaps the command
+    instead of landing in the pod's next CRI call, as it did when spares were forked only after QUIET_S of
+    quiet (StartContainer on containerd 2.1, docs/benchmarks.md). What the refill could not fork (a spare
+    died, max_workers reached) is forked when the resident has been quiet for QUIET_S.
     """
 
     def __init__(self, listener: socket.socket, max_workers: int, spares: int) -> None:
@@ -152,6 +157,11 @@ class Pool:
             self.busy[pid] = control
             return
 
+    def refill(self) -> None:
+        """Fork the spares missing, as far as max_workers allows."""
+        while len(self.spares) < self.spares_wanted and self.in_flight() < self.max_workers:
+            self.fork()
+
     def heard(self, control: socket.socket) -> None:
         """A busy worker answered (`D`) or went (EOF), or a spare died: it no longer counts."""
         for group in (self.busy, self.spares):
@@ -190,6 +200,7 @@ def serve(listener: socket.socket, max_workers: int = MAX_WORKERS, spares: int =
     signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
     listener.setblocking(False)
     pool = Pool(listener, max_workers, spares)
+    pool.refill()  # ready before the first command
     poller = select.poll()
     poller.register(listener, select.POLLIN)
     watched: dict[int, socket.socket] = {}
@@ -212,8 +223,7 @@ def serve(listener: socket.socket, max_workers: int = MAX_WORKERS, spares: int =
         if full:
             poller.modify(listener, select.POLLIN)
         if not events:
-            if len(pool.spares) < pool.spares_wanted and pool.in_flight() < max_workers:
-                pool.fork()
+            pool.refill()
             continue
         for fd, _ in events:
             if fd == listener.fileno():
@@ -223,6 +233,7 @@ def serve(listener: socket.socket, max_workers: int = MAX_WORKERS, spares: int =
                     continue
                 conn.setblocking(True)
                 pool.hand(conn)
+                pool.refill()
             elif fd in watched:
                 control = watched.pop(fd)
                 poller.unregister(fd)

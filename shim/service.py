@@ -63,6 +63,9 @@ class TaskService:
             driver_for=driver_for,
         )
         self._background: set[asyncio.Task[None]] = set()
+        # Tasks whose Start the handler would only forward (no GPU state, no restore, no VRAM to make room for,
+        # no store checkpoints): containerd's Start for them takes the pass-through.
+        self._plain_starts: set[str] = set()
         # Seconds the child took for a task's last dump and restore (runc + CRIU, no GPU step): hibernate's floors.
         self.child_seconds: dict[tuple[str, str], float] = {}
         self._store_checkpoints: StoreCheckpoints | None = None
@@ -97,20 +100,51 @@ class TaskService:
 
     def pass_through(self, call: Call, answer: Answer) -> Callable[[], None] | None:
         """handle()'s plain forward without a task (the server's fast path, ttrpc/server.py PassThrough): for
-        a task call nothing here inspects, while no task of this shim is hibernated. The answer is the one
-        handle() would give: the child's status untouched, errors mapped by to_status."""
-        if call.service not in TASK_SERVICES or call.method in self._intercepted or self.hibernation.entries:
+        a task call nothing here inspects, or an intercepted one whose handler would only forward it this time
+        (_passable), while no task of this shim is hibernated. The answer is the one handle() would give: the
+        child's status untouched, errors mapped by to_status."""
+        if call.service not in TASK_SERVICES or self.hibernation.entries:
             return None
+        reply: Callable[[bytes], bytes] | None = None
+        if call.method in self._intercepted:
+            reply = self._passable(call)
+            if reply is None:
+                return None
 
         def answered(result: Response | Exception) -> None:
             if isinstance(result, Response):
-                # A failure goes back as its status alone, as forward() raising it would.
-                answer(result if result.ok else Response.from_error(TTRPCError(
-                    result.status_code, result.status_message, result.status_details)))
+                if not result.ok:  # a failure goes back as its status alone, as forward() raising it would
+                    answer(Response.from_error(TTRPCError(
+                        result.status_code, result.status_message, result.status_details)))
+                elif reply is None or reply is _as_it_came:
+                    answer(result)
+                else:
+                    try:
+                        answer(Response(payload=reply(result.payload)))
+                    except Exception as err:  # the child's answer did not decode: as handle() would say
+                        answer(Response.from_error(to_status(err)))
             else:
                 answer(Response.from_error(to_status(result)))
 
         return self.upstream.forward_now(call, answered)
+
+    def _passable(self, call: Call) -> Callable[[bytes], bytes] | None:
+        """For an intercepted call whose handler would, this time, only forward it (and maybe rewrite the
+        answer): how the child's answer becomes ours. None: the handler must run. Decided from what is known
+        now; every state these checks read changes only in handlers, which run before or after, never during."""
+        method = call.method
+        if method == "Connect" and not self.gpu.has_gpu_tasks():
+            return _with_our_pid  # nothing to reconcile; no task is hibernated (pass_through checked)
+        if method == "Kill" and self._store_checkpoints is None:
+            return _as_it_came
+        if method == "Start":
+            try:
+                request = task_pb2.StartRequest.FromString(call.payload)
+            except Exception:  # noqa: BLE001 - protobuf's DecodeError: the handler answers INVALID_ARGUMENT
+                return None
+            if request.exec_id or request.id in self._plain_starts:
+                return _as_it_came
+        return None
 
     async def _other_service(self, call: Call) -> bytes:
         """The runc child's events on their way to containerd, and our Hibernate service."""
@@ -155,6 +189,8 @@ class TaskService:
         self.hibernation.created(request.id, sent)
         if spec.resilience is not None:
             self._checkpoints().created(spec)
+        elif phase is Phase.NO_GPU and plan is None and not request.checkpoint and not spec.vram_request:
+            self._plain_starts.add(request.id)
         return reply
 
     async def create_from_image(self, request: Any, spec: TaskSpec, call: Call) -> None:
@@ -288,6 +324,7 @@ class TaskService:
         task = self.gpu.tasks.get(request.id) if not request.exec_id else None
         reply = await self.upstream.forward(call)
         if not request.exec_id:
+            self._plain_starts.discard(request.id)
             await self.gpu.forget(request.id)
             self.hibernation.deleted(request.id)
             self.child_seconds.pop((request.id, "dump"), None)
@@ -300,8 +337,7 @@ class TaskService:
 
     async def connect(self, call: Call) -> bytes:
         reply = task_pb2.ConnectResponse.FromString(await self.upstream.forward(call))
-        # containerd treats the shim pid as the process to watch and kill: that is us, not the child.
-        reply.shim_pid = os.getpid()
+        reply.shim_pid = os.getpid()  # as _with_our_pid
         hibernated_pid = self.hibernation.task_pid(_decode(task_pb2.ConnectRequest, call).id)
         if hibernated_pid is not None:  # the child does not know it while it is hibernated
             reply.task_pid = hibernated_pid
@@ -526,6 +562,18 @@ class TaskService:
     async def _thaw(self, container_id: str) -> None:
         await self.upstream.call("Resume", task_pb2.ResumeRequest(id=container_id), task_pb2.Empty,
                                  metadata=self._metadata())
+
+
+def _as_it_came(payload: bytes) -> bytes:
+    return payload
+
+
+def _with_our_pid(payload: bytes) -> bytes:
+    """The child's ConnectResponse with our pid as the shim's: containerd treats the shim pid as the process
+    to watch and kill, and that is us, not the child."""
+    reply = task_pb2.ConnectResponse.FromString(payload)
+    reply.shim_pid = os.getpid()
+    return reply.SerializeToString()
 
 
 def _decode(kind: type[Any], call: Call) -> Any:

@@ -181,7 +181,7 @@ def wait_until(what: str, condition, timeout: float = 30) -> None:
 
 def test_spares_wait_ahead_serve_commands_and_go_with_the_resident(shimd) -> None:
     # Two idle workers are forked ahead; a command is handed to one (no fork on its path), the spare is
-    # replaced once the resident is quiet, and when the resident dies its spares see EOF and exit: they
+    # replaced right after the hand-off, and when the resident dies its spares see EOF and exit: they
     # hold nothing of it (its socket refuses connections once it is gone).
     sock, env, proc = shimd
     wait_until("two spares", lambda: len(children_of(proc.pid)) == resident.SPARES)
@@ -196,6 +196,30 @@ def test_spares_wait_ahead_serve_commands_and_go_with_the_resident(shimd) -> Non
     proc.wait(10)
     wait_until("spares gone with the resident", lambda: not any(Path(f"/proc/{p}").exists() for p in spares))
     assert not resident_listens(sock)
+
+
+def test_a_spare_handed_out_is_replaced_at_once_not_when_the_resident_is_next_quiet(tmp_path: Path) -> None:
+    # With the quiet-time refill an hour away, only the refill at the hand-off can replace the spare: it
+    # must not wait for a quiet moment, which on a busy node lands in the pod's next CRI call.
+    sock = tmp_path / "shimd.sock"
+    env = {**os.environ, client.SOCKET_ENV: str(sock)}
+    code = ("import sys; from kybernate.shim import resident; resident.QUIET_S = 3600; "
+            f"sys.exit(resident.main(['--socket', {str(sock)!r}]))")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until("kybernate-shimd to listen", lambda: resident_listens(sock) or proc.poll() is not None)
+        wait_until("two spares, forked at the start", lambda: len(children_of(proc.pid)) == resident.SPARES)
+        before = children_of(proc.pid)
+        done = subprocess.run([sys.executable, "-m", "kybernate.shim.client", "-v"], env=env, capture_output=True,
+                              text=True, timeout=30)
+        assert done.returncode == 0 and "Version" in done.stdout
+        wait_until("the used spare replaced", lambda: len(children_of(proc.pid)) == resident.SPARES
+                   and len(children_of(proc.pid) - before) == 1)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_without_spares_each_command_forks_its_worker(tmp_path: Path) -> None:

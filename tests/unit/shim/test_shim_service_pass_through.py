@@ -1,0 +1,169 @@
+"""Which of containerd's task calls the shim's TaskService passes through without a task (shim/service.py
+pass_through, _passable), and that a passed call answers exactly as its handler would.
+
+A real ttrpc server stands in for the runc shim child (answering task calls with real protobuf replies), the
+TaskService serves containerd's side, and a ttrpc client plays containerd, all on real unix sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from kybernate.api import task_pb2
+from kybernate.shim.runtime_options import KybernateOptions, RuntimeConfig
+from kybernate.shim.service import TaskService
+from kybernate.shim.taskspec import GPU
+from kybernate.shim.ttrpc.client import Client
+from kybernate.shim.ttrpc.errors import Code, TTRPCError
+from kybernate.shim.ttrpc.server import Call, Server
+from kybernate.shim.upstream import TASK_V2, Upstream
+
+CHILD_PID = 4242  # the runc shim's pid in its ConnectResponse
+TASK_PID = 77
+
+
+class Child:
+    """The runc shim's side: real replies for the task calls these tests make."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def handle(self, call: Call) -> bytes:
+        self.calls.append(call.method)
+        if call.method == "Connect":
+            return task_pb2.ConnectResponse(shim_pid=CHILD_PID, task_pid=TASK_PID).SerializeToString()
+        if call.method in ("Create", "Start"):
+            reply = task_pb2.StartResponse(pid=TASK_PID) if call.method == "Start" else \
+                task_pb2.CreateTaskResponse(pid=TASK_PID)
+            return reply.SerializeToString()
+        if call.method == "Delete":
+            return task_pb2.DeleteResponse(pid=TASK_PID).SerializeToString()
+        if call.method == "Kill":
+            request = task_pb2.KillRequest.FromString(call.payload)
+            if request.signal == 0:
+                raise TTRPCError(Code.NOT_FOUND, "process already finished")
+            return b""
+        raise TTRPCError(Code.UNIMPLEMENTED, call.method)
+
+
+@dataclass
+class Setup:
+    service: TaskService
+    client: Client
+    child: Child
+    bundles: Path
+    handled: list[str] = field(default_factory=list)
+
+    def bundle(self, container_id: str, annotations: dict[str, str] | None = None) -> str:
+        path = self.bundles / container_id
+        path.mkdir()
+        spec = {"ociVersion": "1.2.1", "process": {"args": ["sleep", "1"], "env": []}, "root": {"path": "rootfs"},
+                "annotations": annotations or {}, "linux": {}}
+        (path / "config.json").write_text(json.dumps(spec))
+        return str(path)
+
+    async def call(self, method: str, request: object) -> bytes:
+        return await self.client.call(TASK_V2, method, request.SerializeToString(),  # type: ignore[attr-defined]
+                                      metadata=(("containerd-namespace-ttrpc", "ns"),))
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="svc-", dir="/tmp")  # unix socket paths are short
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def _listen(server: Server, path: str) -> asyncio.Task[None]:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    return asyncio.create_task(server.serve_socket(listener))
+
+
+@asynccontextmanager
+async def shim(sock_dir: str, tmp_path: Path) -> AsyncIterator[Setup]:
+    child = Child()
+    child_server = Server(child.handle)
+    child_task = await _listen(child_server, os.path.join(sock_dir, "child.sock"))
+    upstream = await Upstream.connect(os.path.join(sock_dir, "child.sock"), 2)
+    defaults = RuntimeConfig(kybernate=KybernateOptions(intent_dir=str(tmp_path / "intent")))
+    service = TaskService(upstream, "ns", defaults, driver_for=lambda options: None)  # type: ignore[arg-type,return-value]
+    handled: list[str] = []
+
+    async def handle(call: Call) -> bytes:
+        handled.append(call.method)
+        return await service.handle(call)
+
+    server = Server(handle, pass_through=service.pass_through)
+    server_task = await _listen(server, os.path.join(sock_dir, "shim.sock"))
+    client = await Client.connect(os.path.join(sock_dir, "shim.sock"))
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    try:
+        yield Setup(service, client, child, bundles, handled)
+    finally:
+        await client.close()
+        for s in (server, child_server):
+            s.close()
+            await s.wait_closed()
+        await asyncio.gather(server_task, child_task)
+        await upstream.close()
+
+
+def test_a_plain_task_starts_connects_and_is_killed_through_the_pass_through(sock_dir, tmp_path) -> None:
+    async def main() -> None:
+        async with shim(sock_dir, tmp_path) as s:
+            await s.call("Create", task_pb2.CreateTaskRequest(id="plain", bundle=s.bundle("plain")))
+            started = task_pb2.StartResponse.FromString(await s.call("Start", task_pb2.StartRequest(id="plain")))
+            connect = await s.call("Connect", task_pb2.ConnectRequest(id="plain"))
+            connected = task_pb2.ConnectResponse.FromString(connect)
+            await s.call("Kill", task_pb2.KillRequest(id="plain", signal=15))
+            with pytest.raises(TTRPCError) as failed:  # the child's status, untouched
+                await s.call("Kill", task_pb2.KillRequest(id="plain", signal=0))
+            assert (failed.value.code, failed.value.message) == (Code.NOT_FOUND, "process already finished")
+            exec_started = await s.call("Start", task_pb2.StartRequest(id="plain", exec_id="e1"))
+            assert s.handled == ["Create"]  # everything after it went without a task
+            assert s.child.calls == ["Create", "Start", "Connect", "Kill", "Kill", "Start"]
+            assert started.pid == TASK_PID and task_pb2.StartResponse.FromString(exec_started).pid == TASK_PID
+            # The handler's rewrite, on the fast path too: containerd watches us, not the child.
+            assert (connected.shim_pid, connected.task_pid) == (os.getpid(), TASK_PID)
+
+            await s.call("Delete", task_pb2.DeleteRequest(id="plain"))
+            assert s.handled == ["Create", "Delete"]
+            # A Start for a task this shim no longer has (or never created) goes to the handler.
+            await s.call("Start", task_pb2.StartRequest(id="plain"))
+            assert s.handled == ["Create", "Delete", "Start"]
+
+    asyncio.run(main())
+
+
+def test_starts_that_need_the_handler_are_not_passed_through(sock_dir, tmp_path) -> None:
+    async def main() -> None:
+        async with shim(sock_dir, tmp_path) as s:
+            # Created from a checkpoint: runc restores at Start, whose errors the handler maps (CRIU's log).
+            await s.call("Create", task_pb2.CreateTaskRequest(id="restored", bundle=s.bundle("restored"),
+                                                              checkpoint=str(tmp_path / "image")))
+            await s.call("Start", task_pb2.StartRequest(id="restored"))
+            # A GPU container (LIVE): while it exists, Connect may have GPU steps to reconcile, so it is handled.
+            await s.call("Create", task_pb2.CreateTaskRequest(id="gpu", bundle=s.bundle("gpu", {GPU: "true"})))
+            await s.call("Connect", task_pb2.ConnectRequest(id="restored"))
+            assert s.handled == ["Create", "Start", "Create", "Connect"]
+            # Bytes that are no StartRequest: the handler's INVALID_ARGUMENT, nothing sent on.
+            before = list(s.child.calls)
+            with pytest.raises(TTRPCError) as bad:
+                await s.client.call(TASK_V2, "Start", b"\xff\xff\xff")
+            assert bad.value.code == Code.INVALID_ARGUMENT and s.child.calls == before
+
+    asyncio.run(main())
