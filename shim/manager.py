@@ -9,6 +9,7 @@ shim does, and also stops a runc shim left behind when our daemon was killed.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -100,10 +101,11 @@ class GroupState:
 
     @classmethod
     def remove(cls, address: str) -> None:
-        try:
-            os.unlink(cls.path_for(address))
-        except FileNotFoundError:
-            pass
+        for path in (cls.path_for(address), alive_path(address)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 def read_spec(bundle: str) -> dict[str, object]:
@@ -250,6 +252,7 @@ def start(args: ShimArgs, stdin: bytes) -> str:
     # the daemon after answering; otherwise the daemon is forked now and its imports, event loop and log
     # come up while the runc shim starts, instead of after it.
     listener = bind_socket(address)
+    hold_alive_lock(address)
     if DAEMON_IN_THIS_PROCESS:
         return start_for_this_process(args, group, address, bundle, runc_shim, runtime_config, listener)
     handoff = fork_daemon(args, group, address, bundle, runtime_config, listener)
@@ -259,6 +262,7 @@ def start(args: ShimArgs, stdin: bytes) -> str:
     except BaseException:
         os.close(handoff)  # the daemon sees EOF and exits without touching anything
         remove_socket(address)
+        drop_alive_lock(address)
         raise
     phases.mark("runc_start")
     # Recorded before the daemon is told: once it has the child, `delete` may need this to find it.
@@ -270,9 +274,11 @@ def start(args: ShimArgs, stdin: bytes) -> str:
         remove_socket(address)
         stop_child_shim(child_shim.address)  # nothing would ever talk to it
         GroupState.remove(address)
+        drop_alive_lock()
         raise StartError(f"cannot hand the runc shim to our shim daemon: {err}") from err
     finally:
         os.close(handoff)
+    drop_alive_lock()  # the daemon holds it now
     write_address(bundle, address)
     phases.mark("handed_over")
     return address
@@ -291,6 +297,7 @@ def start_for_this_process(
     except BaseException:
         listener.close()
         remove_socket(address)
+        drop_alive_lock(address)
         raise
     phases.mark("runc_start")
     state = GroupState(args.namespace, group, address, child_shim.address, child_shim.task_api)
@@ -302,6 +309,7 @@ def start_for_this_process(
         remove_socket(address)
         stop_child_shim(child_shim.address)  # nothing would ever talk to it
         GroupState.remove(address)
+        drop_alive_lock()
         raise StartError(f"cannot record the shim daemon's state: {err}") from err
     config = daemon.DaemonConfig(
         namespace=args.namespace, group=group, address=address, bundle=str(bundle),
@@ -369,6 +377,7 @@ def fork_daemon(
     except OSError as err:
         listener.close()
         remove_socket(address)
+        drop_alive_lock(address)
         raise StartError(f"cannot start the shim daemon: {err}") from err
     if pid == 0:  # the daemon
         code = 1
@@ -408,6 +417,47 @@ def parse_handoff(data: bytes) -> ChildShim | None:
     if not api.isdigit() or not address.startswith("unix://"):
         return None
     return ChildShim(address=address, task_api=int(api))
+
+
+# The pod daemon's exclusive flock on <GROUP_STATE_DIR>/<socket name>.alive, held for as long as it lives: the
+# native client's `start` of a pod's later container tests it (LOCK_SH|LOCK_NB) to know the daemon is there
+# without connecting to it, which cost the daemon an accept and a connection on containerd's path
+# (docs/benchmarks.md, StartContainer on 2.1). The kernel drops the lock when the daemon dies.
+ALIVE_SUFFIX = ".alive"
+_alive_fds: list[int] = []  # never closed: the lock must last as long as this process
+
+
+def alive_path(address: str) -> str:
+    return os.path.join(GROUP_STATE_DIR, os.path.basename(socket_path(address)) + ALIVE_SUFFIX)
+
+
+def hold_alive_lock(address: str) -> None:
+    """Take the group's alive lock for this process and the daemon it becomes or forks (the fd is inherited
+    by a fork, closed by an exec). Without it (an error, or held by another process) the native client finds
+    no live daemon and hands the join to the Python path, which connects: slower, never wrong."""
+    try:
+        os.makedirs(GROUP_STATE_DIR, mode=0o700, exist_ok=True)
+        fd = os.open(alive_path(address), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return
+    _alive_fds.append(fd)
+
+
+def drop_alive_lock(address: str | None = None) -> None:
+    """Close this process's alive-lock fds (a daemon forked from it keeps its own); with `address`, also
+    remove the file: the start failed and no daemon holds it."""
+    while _alive_fds:
+        os.close(_alive_fds.pop())
+    if address is not None:
+        try:
+            os.unlink(alive_path(address))
+        except FileNotFoundError:
+            pass
 
 
 def bind_socket(address: str) -> socket.socket:

@@ -28,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -544,14 +545,28 @@ static void emit_phases(const char *bundle, const char *action, const char *id, 
 
 /* ---- start: join the pod's daemon ----------------------------------------------------------------- */
 
+/* Is the pod's daemon alive, with its socket? It holds an exclusive flock on <state dir>/<hex>.alive for as
+ * long as it lives (manager.hold_alive_lock). Asking the kernel keeps the check off the daemon: connecting
+ * to it cost the daemon an accept and a connection while containerd waited (docs/benchmarks.md). */
+static int daemon_alive(const char *hex, const char *socket_path) {
+    char path[PATH_MAX];
+    const char *dir = getenv("KYBERNATE_SHIM_STATE_DIR");
+    if (snprintf(path, sizeof path, "%s/%s.alive", dir && *dir ? dir : DEFAULT_STATE_DIR, hex) >= (int)sizeof path)
+        return 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    int held = flock(fd, LOCK_SH | LOCK_NB) < 0 && errno == EWOULDBLOCK;
+    close(fd);  /* drops the shared lock when we got it: nobody held the daemon's */
+    struct stat st;
+    return held && stat(socket_path, &st) == 0 && S_ISSOCK(st.st_mode);
+}
+
 static int start_join(const struct args *a, const char *bundle) {
     char path[PATH_MAX], hex[65], address[PATH_MAX + 8], marks[64];
     if (group_socket(a, bundle, path, hex)) return handed_on = "spec", HANDLED_NOT;
     double spec_ms = now_ms() - t0;
-    int probe = unix_connect(path, 1);
-    /* The pod's first container: the resident forks its daemon. */
-    if (probe < 0) return handed_on = "new_daemon", HANDLED_NOT;
-    close(probe);
+    /* The pod's first container, or its daemon is gone: the Python path starts one (through the resident). */
+    if (!daemon_alive(hex, path)) return handed_on = "new_daemon", HANDLED_NOT;
     /* The runtime options containerd writes to stdin are unread, as the runc shim leaves them when it
      * joins a group (containerd ignores the broken pipe): waiting for them costs the scheduler's time. */
     snprintf(address, sizeof address, "unix://%s", path);

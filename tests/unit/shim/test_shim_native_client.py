@@ -7,6 +7,7 @@ either answers exactly as Python would, or hands the command to the Python path,
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,24 @@ def listening() -> Iterator[list[socket.socket]]:
         s.close()
         if isinstance(path, str) and path:
             Path(path).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def alive() -> Iterator[Callable[[str], None]]:
+    """Hold a group's alive lock as its live daemon does (manager.hold_alive_lock); released and removed after."""
+    held: list[tuple[int, str]] = []
+
+    def hold(address: str) -> None:
+        os.makedirs(manager.GROUP_STATE_DIR, exist_ok=True)
+        path = manager.alive_path(address)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        held.append((fd, path))
+
+    yield hold
+    for fd, path in held:
+        os.close(fd)
+        Path(path).unlink(missing_ok=True)
 
 
 def listen_at(address: str, held: list[socket.socket]) -> None:
@@ -117,15 +136,36 @@ DECLINED: list[tuple[str, str]] = [
 
 @pytest.mark.parametrize("name,spec_text", SPECS, ids=[s[0] for s in SPECS])
 def test_start_joins_the_daemon_python_would_name(native: Path, tmp_path: Path, listening: list[socket.socket],
-                                                  name: str, spec_text: str) -> None:
+                                                  alive: Callable[[str], None], name: str, spec_text: str) -> None:
     containerd = f"/run/test-{secrets.token_hex(4)}/containerd.sock"
     bundle = bundle_with(tmp_path, spec_text)
     expected = manager.socket_address(containerd, "k8s.io", manager.group_id(manager.read_spec(str(bundle)), "c1"))
     listen_at(expected, listening)
+    alive(expected)
     done = run(native, [*flags(containerd), "start"], bundle)
     assert (done.returncode, done.stdout, done.stderr) == (0, expected, "")
     assert (bundle / "address").read_text() == expected
     assert not (bundle / ".address.kybernate").exists()
+    # It asked the kernel (the daemon's lock), not the daemon: nothing connected to the daemon's socket.
+    listening[-1].setblocking(False)
+    with pytest.raises(BlockingIOError):
+        listening[-1].accept()
+
+
+def test_start_without_a_live_daemon_goes_to_the_python_path(native: Path, tmp_path: Path,
+                                                              listening: list[socket.socket],
+                                                              alive: Callable[[str], None]) -> None:
+    spec = json.dumps({"annotations": {"io.kubernetes.cri.sandbox-id": SANDBOX}})
+    # A socket still listening but nobody holds the alive lock: its daemon died (or exited) and the socket lingers.
+    containerd = f"/run/test-{secrets.token_hex(4)}/containerd.sock"
+    listen_at(manager.socket_address(containerd, "k8s.io", SANDBOX), listening)
+    done = run(native, [*flags(containerd), "start"], bundle_with(tmp_path, spec))
+    assert done.returncode == 7 and done.stdout.startswith(PYTHON_MARK)
+    # The lock held but the socket gone (removed under a live daemon): no address to give containerd.
+    containerd = f"/run/test-{secrets.token_hex(4)}/containerd.sock"
+    alive(manager.socket_address(containerd, "k8s.io", SANDBOX))
+    done = run(native, [*flags(containerd), "start"], bundle_with(tmp_path, spec))
+    assert done.returncode == 7 and done.stdout.startswith(PYTHON_MARK)
 
 
 @pytest.mark.parametrize("name,spec_text", DECLINED, ids=[s[0] for s in DECLINED])
