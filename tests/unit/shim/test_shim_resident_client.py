@@ -179,18 +179,23 @@ def wait_until(what: str, condition, timeout: float = 30) -> None:
         time.sleep(0.02)
 
 
+def run_one_command_and_see_its_spare_replaced(resident_pid: int, env: dict[str, str]) -> None:
+    """A command through the resident takes one spare (it exits once answered); one new spare takes its place."""
+    before = children_of(resident_pid)
+    done = subprocess.run([sys.executable, "-m", "kybernate.shim.client", "-v"], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0 and "Version" in done.stdout
+    wait_until("the used spare replaced", lambda: len(children_of(resident_pid)) == resident.SPARES
+               and len(children_of(resident_pid) - before) == 1)
+
+
 def test_spares_wait_ahead_serve_commands_and_go_with_the_resident(shimd) -> None:
     # Two idle workers are forked ahead; a command is handed to one (no fork on its path), the spare is
     # replaced right after the hand-off, and when the resident dies its spares see EOF and exit: they
     # hold nothing of it (its socket refuses connections once it is gone).
     sock, env, proc = shimd
     wait_until("two spares", lambda: len(children_of(proc.pid)) == resident.SPARES)
-    before = children_of(proc.pid)
-    done = subprocess.run([sys.executable, "-m", "kybernate.shim.client", "-v"], env=env, capture_output=True,
-                          text=True, timeout=30)
-    assert done.returncode == 0 and "Version" in done.stdout
-    wait_until("the used spare replaced", lambda: len(children_of(proc.pid)) == resident.SPARES
-               and children_of(proc.pid) != before)
+    run_one_command_and_see_its_spare_replaced(proc.pid, env)
     spares = children_of(proc.pid)
     proc.kill()
     proc.wait(10)
@@ -210,12 +215,7 @@ def test_a_spare_handed_out_is_replaced_at_once_not_when_the_resident_is_next_qu
     try:
         wait_until("kybernate-shimd to listen", lambda: resident_listens(sock) or proc.poll() is not None)
         wait_until("two spares, forked at the start", lambda: len(children_of(proc.pid)) == resident.SPARES)
-        before = children_of(proc.pid)
-        done = subprocess.run([sys.executable, "-m", "kybernate.shim.client", "-v"], env=env, capture_output=True,
-                              text=True, timeout=30)
-        assert done.returncode == 0 and "Version" in done.stdout
-        wait_until("the used spare replaced", lambda: len(children_of(proc.pid)) == resident.SPARES
-                   and len(children_of(proc.pid) - before) == 1)
+        run_one_command_and_see_its_spare_replaced(proc.pid, env)
         assert proc.poll() is None
     finally:
         proc.terminate()
