@@ -105,18 +105,19 @@ class TaskService:
         child's status untouched, errors mapped by to_status."""
         if call.service not in TASK_SERVICES or self.hibernation.entries:
             return None
-        reply: Callable[[bytes], bytes] | None = None
+        reply: Callable[[bytes], bytes] = _as_it_came
         if call.method in self._intercepted:
-            reply = self._passable(call)
-            if reply is None:
+            passable = self._passable(call)
+            if passable is None:
                 return None
+            reply = passable
 
         def answered(result: Response | Exception) -> None:
             if isinstance(result, Response):
                 if not result.ok:  # a failure goes back as its status alone, as forward() raising it would
                     answer(Response.from_error(TTRPCError(
                         result.status_code, result.status_message, result.status_details)))
-                elif reply is None or reply is _as_it_came:
+                elif reply is _as_it_came:
                     answer(result)
                 else:
                     try:
