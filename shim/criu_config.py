@@ -2,10 +2,13 @@
 
 runc tells CRIU to read one configuration file on every dump and restore: the file the OCI annotation
 `org.criu.config` names, else the node-wide `/etc/criu/runc.conf`. An empty annotation means no file at
-all. Options in that file win over the ones runc sends over CRIU's RPC. runc reads the annotation from
-the bundle's config.json, at create for a dump and at restore for a restore; so the shim writes a small
-per-container file into the bundle and names it in config.json before it forwards Create. That covers
-every path into runc: `ctr run`, CRI, `ctr c restore`, and `kybernate.io/restore-from` (all Create).
+all. Options in that file win over the ones runc sends over CRIU's RPC; a file that is not there is
+skipped. runc reads the annotation from the bundle's config.json, at create for a dump and at restore for
+a restore; so the shim names a per-container file in config.json before it forwards Create (name_in_spec).
+That covers every path into runc: `ctr run`, CRI, `ctr c restore`, and `kybernate.io/restore-from` (all
+Create). The file itself is written when CRIU will read it: at Create for a task created from a checkpoint,
+else before the shim forwards the first Checkpoint (write_once). A container that is never checkpointed
+(most) costs no file, and its Create no file creation.
 
 A user who sets `org.criu.config` themselves keeps exactly their choice: the shim then writes nothing.
 Nothing here touches `/etc/criu/runc.conf`, so other runtimes on the node see no change.
@@ -59,15 +62,12 @@ def render(extra: Sequence[str] = (), cgroup_root: str | None = None) -> str:
     return "# written by the kybernate shim for this container; see docs/real-programs.md\n" + "\n".join(lines) + "\n"
 
 
-def apply(bundle: str, spec: dict[str, Any], extra: Sequence[str] = (), restoring: bool = False) -> str | None:
-    """Write the container's CRIU config into the bundle and name it in config.json.
-
-    `restoring`: the task is created from a checkpoint, so the file also says where its cgroup is
-    (`cgroup-root`, see restore_cgroup_root).
+def name_in_spec(bundle: str, spec: dict[str, Any]) -> str | None:
+    """Name the container's CRIU config file (in the bundle) in config.json; the file is written later.
 
     Returns the file's path, or None when the spec already carries `org.criu.config` (the user's
     choice, kept as is). `spec` is the bundle's config.json as read at Create; it is updated in place.
-    Costs one small file and one rewrite of config.json.
+    Costs one rewrite of config.json.
     """
     notes = spec.get("annotations")
     if not isinstance(notes, dict):
@@ -75,8 +75,6 @@ def apply(bundle: str, spec: dict[str, Any], extra: Sequence[str] = (), restorin
     if ANNOTATION in notes:
         return None
     path = os.path.join(bundle, FILE_NAME)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(render(extra, restore_cgroup_root(spec) if restoring else None))
     notes[ANNOTATION] = path
     spec["annotations"] = notes
     # Rewritten in place, not renamed over: ext4 pushes a file replaced by rename (or O_TRUNC) to disk
@@ -86,6 +84,24 @@ def apply(bundle: str, spec: dict[str, Any], extra: Sequence[str] = (), restorin
         f.write(json.dumps(spec, separators=(",", ":")))
         f.truncate()
     return path
+
+
+def write(path: str, extra: Sequence[str] = (), cgroup_root: str | None = None) -> None:
+    """Write the file name_in_spec named (replacing one there): the default options, `extra`, and for a
+    task created from a checkpoint where its cgroup is (`cgroup-root`, see restore_cgroup_root)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(render(extra, cgroup_root))
+
+
+def write_once(path: str, extra: Sequence[str] = ()) -> bool:
+    """Before a dump: write the file unless it is there already (written at a restore's Create, with its
+    cgroup-root, or at an earlier dump). Returns whether it wrote it."""
+    try:
+        with open(path, "x", encoding="utf-8") as f:
+            f.write(render(extra))
+    except FileExistsError:
+        return False
+    return True
 
 
 def restore_cgroup_root(spec: dict[str, Any]) -> str | None:

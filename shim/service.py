@@ -66,6 +66,13 @@ class TaskService:
         # Tasks whose Start the handler would only forward (no GPU state, no restore, no VRAM to make room for,
         # no store checkpoints): containerd's Start for them takes the pass-through.
         self._plain_starts: set[str] = set()
+        # Init pids as the child answered them: at Create for a task created without a checkpoint (final from
+        # there on), at Start for every task through start(). containerd's Connect (its pid query) for them is
+        # answered here, without a hop to the child.
+        self._task_pids: dict[str, int] = {}
+        # The CRIU config file each task's config.json names (ours, not a user's) and its extra options: written
+        # before the task's first dump (criu_config.write_once), not at Create.
+        self._criu_files: dict[str, tuple[str, tuple[str, ...]]] = {}
         # Seconds the child took for a task's last dump and restore (runc + CRIU, no GPU step): hibernate's floors.
         self.child_seconds: dict[tuple[str, str], float] = {}
         self._store_checkpoints: StoreCheckpoints | None = None
@@ -102,9 +109,15 @@ class TaskService:
         """handle()'s plain forward without a task (the server's fast path, ttrpc/server.py PassThrough): for
         a task call nothing here inspects, or an intercepted one whose handler would only forward it this time
         (_passable), while no task of this shim is hibernated. The answer is the one handle() would give: the
-        child's status untouched, errors mapped by to_status."""
+        child's status untouched, errors mapped by to_status. A Connect whose answer is known here
+        (_known_connect) is answered without the child."""
         if call.service not in TASK_SERVICES or self.hibernation.entries:
             return None
+        if call.method == "Connect":
+            known = self._known_connect(call)
+            if known is not None:
+                asyncio.get_running_loop().call_soon(answer, Response(payload=known))
+                return _nothing_to_forget
         reply: Callable[[bytes], bytes] = _as_it_came
         if call.method in self._intercepted:
             passable = self._passable(call)
@@ -147,6 +160,21 @@ class TaskService:
                 return _as_it_came
         return None
 
+    def _known_connect(self, call: Call) -> bytes | None:
+        """The runc shim's answer to Connect, without asking it: our pid as the shim's (as _with_our_pid) and
+        the task's init pid, for a task whose pid this shim knows and while no task has GPU state (connect()
+        then settles GPU steps). The runc shim answers exactly these two fields (no version)."""
+        if self.gpu.has_gpu_tasks():
+            return None
+        try:
+            request = task_pb2.ConnectRequest.FromString(call.payload)
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError: the handler answers INVALID_ARGUMENT
+            return None
+        pid = self._task_pids.get(request.id)
+        if pid is None:
+            return None
+        return task_pb2.ConnectResponse(shim_pid=os.getpid(), task_pid=pid).SerializeToString()
+
     async def _other_service(self, call: Call) -> bytes:
         """The runc child's events on their way to containerd, and our Hibernate service."""
         if call.service == EVENTS_SERVICE and self.events is not None:
@@ -171,8 +199,8 @@ class TaskService:
         if plan is not None:
             request.checkpoint = plan.checkpoint_dir  # runc restores from it at Start
             changed = True
-        # runc reads it at dump and restore; ~0.3 ms
-        _write_criu_config(request.bundle, raw_spec, spec.options, restoring=bool(request.checkpoint))
+        restoring = bool(request.checkpoint)
+        criu_file = _name_criu_config(request.bundle, raw_spec, spec.options, restoring)
         phase, manifest = await self._gpu_phase(spec, request.checkpoint)
         # The intent is recorded first: a Create that cannot record it changes nothing.
         await self.gpu.created(TaskGpu(spec, phase, manifest=manifest))
@@ -188,6 +216,10 @@ class TaskService:
             request.checkpoint = ""
             sent = request.SerializeToString()
         self.hibernation.created(request.id, sent)
+        if criu_file is not None:
+            self._criu_files[request.id] = (criu_file, spec.options.criu_options)
+        if not restoring:  # a restore's pid is known only once runc restored it at Start
+            self._task_pids[request.id] = task_pb2.CreateTaskResponse.FromString(reply).pid
         if spec.resilience is not None:
             self._checkpoints().created(spec)
         elif phase is Phase.NO_GPU and plan is None and not request.checkpoint and not spec.vram_request:
@@ -197,8 +229,9 @@ class TaskService:
     async def create_from_image(self, request: Any, spec: TaskSpec, call: Call) -> None:
         """A hibernated task created again in the child from its image (request.checkpoint), as containerd
         created it first: the same request, the same options; runc restores it at Start."""
+        self._task_pids.pop(request.id, None)  # restored at Start with a new pid: Connect asks the child
         raw_spec = _read_spec(request.bundle)
-        _write_criu_config(request.bundle, raw_spec, spec.options, restoring=True)
+        _name_criu_config(request.bundle, raw_spec, spec.options, restoring=True)
         phase, manifest = await self._gpu_phase(spec, request.checkpoint)
         await self.gpu.created(TaskGpu(spec, phase, manifest=manifest))
         try:
@@ -231,6 +264,7 @@ class TaskService:
             reply = await self.upstream.forward(call)
             if not request.exec_id:
                 self.child_seconds[(request.id, "restore")] = time.time() - since
+                self._task_pids[request.id] = task_pb2.StartResponse.FromString(reply).pid  # final for a restore
         except TTRPCError as err:
             if request.exec_id:
                 raise
@@ -283,6 +317,9 @@ class TaskService:
         task = self.gpu.tasks.get(request.id)
         since = time.time()
         try:
+            criu_file = self._criu_files.get(request.id)
+            if criu_file is not None:
+                await asyncio.to_thread(_write_criu_config_once, *criu_file)
             if task is not None and task.phase is Phase.DUMPING and task.manifest is not None and request.path:
                 await asyncio.to_thread(gpu_steps.write_manifest, request.path, task.manifest)
             forwarded = time.time()
@@ -326,6 +363,8 @@ class TaskService:
         reply = await self.upstream.forward(call)
         if not request.exec_id:
             self._plain_starts.discard(request.id)
+            self._task_pids.pop(request.id, None)
+            self._criu_files.pop(request.id, None)
             await self.gpu.forget(request.id)
             self.hibernation.deleted(request.id)
             self.child_seconds.pop((request.id, "dump"), None)
@@ -565,6 +604,10 @@ class TaskService:
                                  metadata=self._metadata())
 
 
+def _nothing_to_forget() -> None:
+    """A call answered here: nothing was sent to the child."""
+
+
 def _as_it_came(payload: bytes) -> bytes:
     return payload
 
@@ -610,8 +653,20 @@ def _read_spec(bundle: str) -> dict[str, Any]:
         raise InvalidArgument(str(err)) from err
 
 
-def _write_criu_config(bundle: str, spec: dict[str, Any], options: KybernateOptions, restoring: bool) -> None:
+def _name_criu_config(bundle: str, spec: dict[str, Any], options: KybernateOptions, restoring: bool) -> str | None:
+    """Name our CRIU config file in config.json (runc reads the name at create); write it now only for a task
+    created from a checkpoint (runc restores at Start). None: the user named their own."""
     try:
-        criu_config.apply(bundle, spec, options.criu_options, restoring)
+        path = criu_config.name_in_spec(bundle, spec)
+        if path is not None and restoring:
+            criu_config.write(path, options.criu_options, criu_config.restore_cgroup_root(spec))
     except OSError as err:
         raise FailedPrecondition(f"cannot write the CRIU configuration into the bundle {bundle}: {err}") from err
+    return path
+
+
+def _write_criu_config_once(path: str, extra: tuple[str, ...]) -> None:
+    try:
+        criu_config.write_once(path, extra)
+    except OSError as err:
+        raise FailedPrecondition(f"cannot write the CRIU configuration {path} before the dump: {err}") from err

@@ -19,6 +19,7 @@ import re
 import secrets
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -853,6 +854,8 @@ def test_restart_and_start_run_in_order_and_only_on_a_change(
     source = (ROOT / "shim/native/shim_client.c").read_bytes()
     build_id = f"kybernate install.py native client {hashlib.sha256(source).hexdigest()[:16]}".encode()
     assert binary.startswith(b"\x7fELF") and build_id in binary
+    # Linked statically (this machine has libc.a): no dynamic loader on each of containerd's execs.
+    assert not _has_interpreter(binary)
     for launcher in ("containerd-shim-kybernate-v1.py", "kybernate-shimd"):
         assert n.path(f"/usr/local/bin/{launcher}").read_text().startswith(f"#!{venv}/bin/python3\n")
     assert os.readlink(n.path(SHIMD_WANTS)) == SHIMD_UNIT
@@ -894,6 +897,33 @@ def test_a_native_client_that_does_not_build_leaves_the_python_launcher(
     r = _install_direct(n, env)
     assert r.returncode == 0 and "build /usr/local/bin/containerd-shim-kybernate-v1 (the native shim client)" in r.stdout
     assert n.path("/usr/local/bin/containerd-shim-kybernate-v1").read_bytes().startswith(b"\x7fELF")
+
+
+def test_a_node_without_a_static_c_library_gets_the_native_client_linked_dynamically(
+    make_node: Callable[..., Node], stand_ins: tuple[dict[str, str], Path], tmp_path: Path
+) -> None:
+    env, _ = stand_ins
+    real_cc = shutil.which("cc")
+    assert real_cc is not None
+    no_static = tmp_path / "no-static-cc"
+    no_static.mkdir()
+    # The node's compiler without libc.a: -static fails as the linker says it there, anything else builds.
+    (no_static / "cc").write_text(
+        "#!/bin/sh\nfor a; do [ \"$a\" = -static ] && { echo 'ld: cannot find -lc' >&2; exit 1; }; done\n"
+        f"exec {real_cc} \"$@\"\n")
+    (no_static / "cc").chmod(0o755)
+    n = make_node("1.6")
+    r = _install_direct(n, {**env, "PATH": f"{no_static}:{env['PATH']}"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "building the native shim client failed" not in r.stdout
+    binary = n.path("/usr/local/bin/containerd-shim-kybernate-v1").read_bytes()
+    assert binary.startswith(b"\x7fELF") and _has_interpreter(binary)
+
+
+def _has_interpreter(elf: bytes) -> bool:
+    """Whether a 64-bit little-endian ELF names a dynamic loader (a PT_INTERP program header)."""
+    offset, size, count = struct.unpack_from("<Q", elf, 0x20)[0], *struct.unpack_from("<HH", elf, 0x36)
+    return any(struct.unpack_from("<I", elf, offset + i * size)[0] == 3 for i in range(count))
 
 
 def test_no_restart_into_a_config_containerd_rejects(

@@ -1,4 +1,5 @@
-"""The per-container CRIU config file and the org.criu.config annotation written at Create."""
+"""The per-container CRIU config file: named in config.json (org.criu.config) at Create, written when CRIU
+will read it."""
 
 from __future__ import annotations
 
@@ -20,22 +21,26 @@ def _bundle(tmp_path: Path, annotations: dict[str, str] | None = None) -> dict:
     return spec
 
 
-def test_writes_the_file_and_names_it_in_config_json(tmp_path: Path) -> None:
+def test_create_names_the_file_in_config_json_and_the_first_dump_writes_it(tmp_path: Path) -> None:
     spec = _bundle(tmp_path, {"io.kubernetes.cri.container-type": "container"})
-    path = criu_config.apply(str(tmp_path), spec, ("ghost-limit 16M",))
+    path = criu_config.name_in_spec(str(tmp_path), spec)
     assert path == str(tmp_path / criu_config.FILE_NAME)
-    lines = [line for line in Path(path).read_text().splitlines() if not line.startswith("#")]
-    assert lines == ["link-remap", "ghost-limit 16M"]
     written = json.loads((tmp_path / "config.json").read_text())
     assert written["annotations"] == {"io.kubernetes.cri.container-type": "container", criu_config.ANNOTATION: path}
     assert written["process"] == {"args": ["sh"]}
     assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o640
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", criu_config.FILE_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # no file until a dump needs it
+    assert criu_config.write_once(path, ("ghost-limit 16M",))
+    lines = [line for line in Path(path).read_text().splitlines() if not line.startswith("#")]
+    assert lines == ["link-remap", "ghost-limit 16M"]
+    # A later dump keeps what is there (a restore's Create wrote its cgroup-root into it).
+    assert not criu_config.write_once(path, ("tcp-close",))
+    assert "tcp-close" not in Path(path).read_text()
 
 
 def test_a_spec_without_annotations_gets_them(tmp_path: Path) -> None:
     spec = _bundle(tmp_path)
-    path = criu_config.apply(str(tmp_path), spec)
+    path = criu_config.name_in_spec(str(tmp_path), spec)
     assert json.loads((tmp_path / "config.json").read_text())["annotations"] == {criu_config.ANNOTATION: path}
 
 
@@ -43,7 +48,7 @@ def test_a_spec_without_annotations_gets_them(tmp_path: Path) -> None:
 def test_the_users_own_annotation_wins_and_nothing_is_written(tmp_path: Path, users: str) -> None:
     spec = _bundle(tmp_path, {criu_config.ANNOTATION: users})
     before = (tmp_path / "config.json").read_bytes()
-    assert criu_config.apply(str(tmp_path), spec, ("tcp-close",)) is None
+    assert criu_config.name_in_spec(str(tmp_path), spec) is None
     assert (tmp_path / "config.json").read_bytes() == before
     assert not (tmp_path / criu_config.FILE_NAME).exists()
 
@@ -89,12 +94,11 @@ def test_a_restore_names_the_new_containers_cgroup_as_criu_cgroup_root(cgroups_p
 
 def test_the_cgroup_root_is_written_for_a_restore_only(tmp_path) -> None:
     spec = {"linux": {"cgroupsPath": "/ns/new"}}
-    (tmp_path / "config.json").write_text("{}")
-    path = criu_config.apply(str(tmp_path), dict(spec), restoring=True)
-    assert path is not None
+    path = str(tmp_path / criu_config.FILE_NAME)
+    criu_config.write(path, (), criu_config.restore_cgroup_root(spec))
     assert "cgroup-root /ns/new\n" in open(path).read()
-    path = criu_config.apply(str(tmp_path), dict(spec), restoring=False)
-    assert path is not None
+    os.unlink(path)
+    assert criu_config.write_once(path)  # before a dump
     assert "cgroup-root" not in open(path).read()
 
 

@@ -31,23 +31,33 @@ from kybernate.shim.upstream import TASK_V2, Upstream
 
 CHILD_PID = 4242  # the runc shim's pid in its ConnectResponse
 TASK_PID = 77
+RESTORED_PID = 88  # a task created from a checkpoint gets its pid when runc restores it at Start
 
 
 class Child:
-    """The runc shim's side: real replies for the task calls these tests make."""
+    """The runc shim's side: real replies for the task calls these tests make, with its rules for pids
+    (a task created from a checkpoint has none until Start; an unknown id has pid 0)."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.pids: dict[str, int] = {}
 
     async def handle(self, call: Call) -> bytes:
         self.calls.append(call.method)
         if call.method == "Connect":
-            return task_pb2.ConnectResponse(shim_pid=CHILD_PID, task_pid=TASK_PID).SerializeToString()
-        if call.method in ("Create", "Start"):
-            reply = task_pb2.StartResponse(pid=TASK_PID) if call.method == "Start" else \
-                task_pb2.CreateTaskResponse(pid=TASK_PID)
-            return reply.SerializeToString()
+            asked = task_pb2.ConnectRequest.FromString(call.payload).id
+            return task_pb2.ConnectResponse(shim_pid=CHILD_PID, task_pid=self.pids.get(asked, 0)).SerializeToString()
+        if call.method == "Create":
+            request = task_pb2.CreateTaskRequest.FromString(call.payload)
+            self.pids[request.id] = 0 if request.checkpoint else TASK_PID
+            return task_pb2.CreateTaskResponse(pid=self.pids[request.id]).SerializeToString()
+        if call.method == "Start":
+            request = task_pb2.StartRequest.FromString(call.payload)
+            if not request.exec_id and self.pids.get(request.id) == 0:
+                self.pids[request.id] = RESTORED_PID
+            return task_pb2.StartResponse(pid=self.pids.get(request.id, TASK_PID)).SerializeToString()
         if call.method == "Delete":
+            self.pids.pop(task_pb2.DeleteRequest.FromString(call.payload).id, None)
             return task_pb2.DeleteResponse(pid=TASK_PID).SerializeToString()
         if call.method == "Kill":
             request = task_pb2.KillRequest.FromString(call.payload)
@@ -135,13 +145,18 @@ def test_a_plain_task_starts_connects_and_is_killed_through_the_pass_through(soc
             assert (failed.value.code, failed.value.message) == (Code.NOT_FOUND, "process already finished")
             exec_started = await s.call("Start", task_pb2.StartRequest(id="plain", exec_id="e1"))
             assert s.handled == ["Create"]  # everything after it went without a task
-            assert s.child.calls == ["Create", "Start", "Connect", "Kill", "Kill", "Start"]
+            # Connect (containerd's pid query) was answered from the pid the child gave at Create.
+            assert s.child.calls == ["Create", "Start", "Kill", "Kill", "Start"]
             assert started.pid == TASK_PID and task_pb2.StartResponse.FromString(exec_started).pid == TASK_PID
             # The handler's rewrite, on the fast path too: containerd watches us, not the child.
             assert (connected.shim_pid, connected.task_pid) == (os.getpid(), TASK_PID)
+            assert connect == task_pb2.ConnectResponse(shim_pid=os.getpid(), task_pid=TASK_PID).SerializeToString()
 
             await s.call("Delete", task_pb2.DeleteRequest(id="plain"))
             assert s.handled == ["Create", "Delete"]
+            # Deleted: its pid is forgotten, and the child answers as it does for an id it does not have.
+            gone = task_pb2.ConnectResponse.FromString(await s.call("Connect", task_pb2.ConnectRequest(id="plain")))
+            assert s.child.calls[-1] == "Connect" and (gone.shim_pid, gone.task_pid) == (os.getpid(), 0)
             # A Start for a task this shim no longer has (or never created) goes to the handler.
             await s.call("Start", task_pb2.StartRequest(id="plain"))
             assert s.handled == ["Create", "Delete", "Start"]
@@ -165,5 +180,33 @@ def test_starts_that_need_the_handler_are_not_passed_through(sock_dir, tmp_path)
             with pytest.raises(TTRPCError) as bad:
                 await s.client.call(TASK_V2, "Start", b"\xff\xff\xff")
             assert bad.value.code == Code.INVALID_ARGUMENT and s.child.calls == before
+
+    asyncio.run(main())
+
+
+def test_connect_asks_the_child_until_a_restored_task_has_its_pid(sock_dir, tmp_path) -> None:
+    async def main() -> None:
+        async with shim(sock_dir, tmp_path) as s:
+            await s.call("Create", task_pb2.CreateTaskRequest(id="restored", bundle=s.bundle("restored"),
+                                                              checkpoint=str(tmp_path / "image")))
+            before = task_pb2.ConnectResponse.FromString(await s.call("Connect", task_pb2.ConnectRequest(id="restored")))
+            assert s.child.calls == ["Create", "Connect"] and before.task_pid == 0  # not restored yet
+            await s.call("Start", task_pb2.StartRequest(id="restored"))
+            after = task_pb2.ConnectResponse.FromString(await s.call("Connect", task_pb2.ConnectRequest(id="restored")))
+            assert s.child.calls == ["Create", "Connect", "Start"]  # the pid runc restored it with, known here
+            assert (after.shim_pid, after.task_pid) == (os.getpid(), RESTORED_PID)
+
+    asyncio.run(main())
+
+
+def test_connect_is_handled_while_a_task_has_gpu_state(sock_dir, tmp_path) -> None:
+    async def main() -> None:
+        async with shim(sock_dir, tmp_path) as s:
+            await s.call("Create", task_pb2.CreateTaskRequest(id="plain", bundle=s.bundle("plain")))
+            await s.call("Create", task_pb2.CreateTaskRequest(id="gpu", bundle=s.bundle("gpu", {GPU: "true"})))
+            reply = task_pb2.ConnectResponse.FromString(await s.call("Connect", task_pb2.ConnectRequest(id="plain")))
+            # connect() ran (it settles GPU steps) and asked the child; the answer is the same.
+            assert s.handled == ["Create", "Create", "Connect"] and s.child.calls[-1] == "Connect"
+            assert (reply.shim_pid, reply.task_pid) == (os.getpid(), TASK_PID)
 
     asyncio.run(main())
