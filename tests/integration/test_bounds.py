@@ -39,12 +39,15 @@ def test_a_stopped_hookd_fails_the_pause_in_seconds_and_nothing_is_left_behind(k
     if when == "mid-checkpoint":
         gpu.node.set_faults(["checkpoint delay 3000"])
     argv = [str(c.binaries.ctr), "--address", str(c.address), "-n", c.namespace, "tasks", "pause", "held"]
-    pause = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=c.env)
-    if when == "mid-checkpoint":
-        wait_for("hookd to lock the process", lambda: [e.op for e in gpu.events("p-held")[started:]] == ["lock"])
-    os.kill(hookd, signal.SIGSTOP)
-    stopped_at = time.monotonic()
     try:
+        if when == "idle":
+            # Stopped before the pause is sent: a pause sent first can be answered before the signal lands.
+            os.kill(hookd, signal.SIGSTOP)
+        pause = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=c.env)
+        if when == "mid-checkpoint":
+            wait_for("hookd to lock the process", lambda: [e.op for e in gpu.events("p-held")[started:]] == ["lock"])
+            os.kill(hookd, signal.SIGSTOP)
+        stopped_at = time.monotonic()
         _, stderr = pause.communicate(timeout=120)
         took = time.monotonic() - stopped_at
         print(f"ctr t pause failed {took:.1f} s after hookd stopped: {stderr.strip()}")
