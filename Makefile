@@ -25,12 +25,13 @@ $(VENV)/.installed: pyproject.toml
 # container and every `delete`, and a static binary skips the dynamic loader (~0.3 ms an exec here,
 # docs/benchmarks.md); else dynamically.
 CC ?= cc
+NATIVE_CFLAGS := -O2 -Wall -Wextra -Werror
 SHIM_BIN := $(VENV)/bin/containerd-shim-kybernate-v1
 $(VENV)/.native: $(VENV)/.installed shim/native/shim_client.c shim/client.py Makefile
 	$(VENV)/bin/python -m kybernate.shim.client --write-launcher $(SHIM_BIN).py
 	if command -v $(CC) >/dev/null; then \
-		{ $(CC) -O2 -Wall -Wextra -Werror -static -o $(SHIM_BIN).tmp shim/native/shim_client.c 2>/dev/null \
-			|| $(CC) -O2 -Wall -Wextra -Werror -o $(SHIM_BIN).tmp shim/native/shim_client.c; } \
+		{ $(CC) $(NATIVE_CFLAGS) -static -o $(SHIM_BIN).tmp shim/native/shim_client.c 2>/dev/null \
+			|| $(CC) $(NATIVE_CFLAGS) -o $(SHIM_BIN).tmp shim/native/shim_client.c; } \
 		&& mv -f $(SHIM_BIN).tmp $(SHIM_BIN); \
 	else \
 		echo "no C compiler ($(CC)): the shim binary stays the Python launcher"; cp -f $(SHIM_BIN).py $(SHIM_BIN); \

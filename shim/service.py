@@ -113,13 +113,16 @@ class TaskService:
         (_known_connect) is answered without the child."""
         if call.service not in TASK_SERVICES or self.hibernation.entries:
             return None
+        reply: Callable[[bytes], bytes] = _as_it_came
         if call.method == "Connect":
+            if self.gpu.has_gpu_tasks():
+                return None  # connect() settles GPU steps
             known = self._known_connect(call)
             if known is not None:
                 asyncio.get_running_loop().call_soon(answer, Response(payload=known))
                 return _nothing_to_forget
-        reply: Callable[[bytes], bytes] = _as_it_came
-        if call.method in self._intercepted:
+            reply = _with_our_pid  # nothing to reconcile; no task is hibernated (checked above)
+        elif call.method in self._intercepted:
             passable = self._passable(call)
             if passable is None:
                 return None
@@ -147,8 +150,6 @@ class TaskService:
         answer): how the child's answer becomes ours. None: the handler must run. Decided from what is known
         now; every state these checks read changes only in handlers, which run before or after, never during."""
         method = call.method
-        if method == "Connect" and not self.gpu.has_gpu_tasks():
-            return _with_our_pid  # nothing to reconcile; no task is hibernated (pass_through checked)
         if method == "Kill" and self._store_checkpoints is None:
             return _as_it_came
         if method == "Start":
@@ -162,10 +163,8 @@ class TaskService:
 
     def _known_connect(self, call: Call) -> bytes | None:
         """The runc shim's answer to Connect, without asking it: our pid as the shim's (as _with_our_pid) and
-        the task's init pid, for a task whose pid this shim knows and while no task has GPU state (connect()
-        then settles GPU steps). The runc shim answers exactly these two fields (no version)."""
-        if self.gpu.has_gpu_tasks():
-            return None
+        the task's init pid, for a task whose pid this shim knows; None for any other. The runc shim answers
+        exactly these two fields (no version)."""
         try:
             request = task_pb2.ConnectRequest.FromString(call.payload)
         except Exception:  # noqa: BLE001 - protobuf's DecodeError: the handler answers INVALID_ARGUMENT
@@ -230,8 +229,7 @@ class TaskService:
         """A hibernated task created again in the child from its image (request.checkpoint), as containerd
         created it first: the same request, the same options; runc restores it at Start."""
         self._task_pids.pop(request.id, None)  # restored at Start with a new pid: Connect asks the child
-        raw_spec = _read_spec(request.bundle)
-        _name_criu_config(request.bundle, raw_spec, spec.options, restoring=True)
+        # CRIU's config needs nothing here: the first Create named it in config.json, the hibernate's dump wrote it.
         phase, manifest = await self._gpu_phase(spec, request.checkpoint)
         await self.gpu.created(TaskGpu(spec, phase, manifest=manifest))
         try:

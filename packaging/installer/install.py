@@ -1315,11 +1315,12 @@ def _plan_shim_binary(plan: Plan, host: Host, host_exec: HostExec, venv: PurePos
     def build() -> None:
         # nsenter runs cc in the node's mount namespace (host paths); direct runs it here (paths under the root).
         out, src_arg = (new, src) if host_exec.mode == "nsenter" else (host.path(new), host.path(src))
-        compile_args = [cc, "-O2", f'-DKYB_BUILD_ID="{build_id}"', "-o", str(out), str(src_arg)]
         # Static where the node's C library allows it (libc.a): no dynamic loader on each of containerd's execs.
-        r = host_exec.run([*compile_args[:2], "-static", *compile_args[2:]], timeout=120)
-        if r.returncode != 0:
-            r = host_exec.run(compile_args, timeout=120)
+        for link in (["-static"], []):
+            r = host_exec.run([cc, "-O2", *link, f'-DKYB_BUILD_ID="{build_id}"', "-o", str(out), str(src_arg)],
+                              timeout=120)
+            if r.returncode == 0:
+                break
         if r.returncode != 0:
             host.path(new).unlink(missing_ok=True)
             _write_atomic(local, launcher.encode(), 0o755)  # slower pod starts, nothing broken
