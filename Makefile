@@ -27,14 +27,20 @@ $(VENV)/.installed: pyproject.toml
 CC ?= cc
 NATIVE_CFLAGS := -O2 -Wall -Wextra -Werror
 SHIM_BIN := $(VENV)/bin/containerd-shim-kybernate-v1
-$(VENV)/.native: $(VENV)/.installed shim/native/shim_client.c shim/client.py Makefile
+# The pass lane (shim/native/passlane.c, loaded by shim/passlane.py from the venv's lib/): the pod daemon's
+# pass-through below Python. Without it every call goes through Python.
+PASSLANE := $(VENV)/lib/kybernate-passlane.so
+$(VENV)/.native: $(VENV)/.installed shim/native/shim_client.c shim/native/passlane.c shim/client.py Makefile
 	$(VENV)/bin/python -m kybernate.shim.client --write-launcher $(SHIM_BIN).py
 	if command -v $(CC) >/dev/null; then \
 		{ $(CC) $(NATIVE_CFLAGS) -static -o $(SHIM_BIN).tmp shim/native/shim_client.c 2>/dev/null \
 			|| $(CC) $(NATIVE_CFLAGS) -o $(SHIM_BIN).tmp shim/native/shim_client.c; } \
-		&& mv -f $(SHIM_BIN).tmp $(SHIM_BIN); \
+		&& mv -f $(SHIM_BIN).tmp $(SHIM_BIN) \
+		&& $(CC) $(NATIVE_CFLAGS) -shared -fPIC -pthread -o $(PASSLANE).tmp shim/native/passlane.c \
+		&& mv -f $(PASSLANE).tmp $(PASSLANE); \
 	else \
-		echo "no C compiler ($(CC)): the shim binary stays the Python launcher"; cp -f $(SHIM_BIN).py $(SHIM_BIN); \
+		echo "no C compiler ($(CC)): the shim binary stays the Python launcher, no pass lane"; \
+		cp -f $(SHIM_BIN).py $(SHIM_BIN); \
 	fi
 	touch $@
 

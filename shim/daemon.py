@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from . import logs
 from .events import EventsProxy
 from .gpu_steps import GpuDriver
+from .passlane import Lane
 from .runtime_options import KybernateOptions, RuntimeConfig
 from .service import TaskService
 from .ttrpc.server import Server
@@ -134,7 +135,9 @@ async def serve(
     upstream = await Upstream.connect(config.child_address, config.child_task_api)
     events = EventsProxy(config.events_address) if config.events_address else None
     service = TaskService(upstream, config.namespace, config.runtime, hookd_driver, events)
-    server = Server(service.handle, pass_through=service.pass_through)
+    lane = Lane.open(config.child_address, upstream.service, config.events_address)
+    service.lane = lane
+    server = Server(service.handle, pass_through=service.pass_through, adopt=lane.adopt if lane else None)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -142,7 +145,7 @@ async def serve(
     log.info(
         "serving",
         extra={"fields": {"ns": config.namespace, "group": config.group, "child": config.child_address,
-                          "task_api": config.child_task_api, "pid": os.getpid(),
+                          "task_api": config.child_task_api, "pid": os.getpid(), "lane": lane is not None,
                           # From the fork (or from being handed the runc shim, after waiting waited_ms for it)
                           # to serving: the part of a pod's start containerd waits on last.
                           "ready_ms": f"{(time.perf_counter() - began) * 1000:.1f}", **waited}},
@@ -154,7 +157,8 @@ async def serve(
     if serving in done and serving.exception() is not None:
         log.error("ttrpc server stopped", exc_info=serving.exception())
     reason = "runc shim exited" if child_gone in done else "signal" if stopped in done else "server stopped"
-    log.info("shutting down", extra={"fields": {"reason": reason}})
+    # lane_calls: calls the pass lane answered or passed on without Python, over the daemon's life.
+    log.info("shutting down", extra={"fields": {"reason": reason, **({"lane_calls": lane.taken} if lane else {})}})
     if child_gone in done:
         # The child is gone, so nothing is left for `delete` to clean up: say so at once, so that
         # containerd's `delete` (it may run already) takes the native client's short path instead of
@@ -167,6 +171,8 @@ async def serve(
     for task in (serving, child_gone, stopped):
         task.cancel()
     await asyncio.gather(serving, child_gone, stopped, return_exceptions=True)
+    if lane is not None:
+        lane.close()
     await upstream.close()
     if events is not None:
         await events.close()

@@ -40,6 +40,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +120,7 @@ class Hibernation:
         self._epoch: dict[str, int] = {}  # bumped when a dump begins: a Wait answered across it is stale
         self._late_start: set[str] = set()  # woken: the child's TaskStart may still be on its way
         self._starting: set[str] = set()  # a Hibernate checking its preconditions
+        self.entries_changed: Callable[[], None] = _nothing  # the task service's pass lane follows `entries`
 
     # --- bookkeeping the task service calls ------------------------------------------------------------
 
@@ -471,6 +473,7 @@ class Hibernation:
     def _update_rule(self) -> None:
         if self.proxy is not None:
             self.proxy.drop_rule = self._drops if (self.entries or self._late_start) else None
+        self.entries_changed()  # nothing passes the pass lane while a task is hibernated
 
     def _drops(self, topic: str, container_id: str) -> bool:
         if topic not in _TOPICS:
@@ -594,3 +597,7 @@ def _write_record(entry: Hibernated) -> None:
 def _remove_record(bundle: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(os.path.join(bundle, RECORD_NAME))
+
+
+def _nothing() -> None:
+    pass

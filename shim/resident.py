@@ -30,7 +30,7 @@ import struct
 import sys
 
 # Pre-imported on purpose: these are what every start, delete and pod daemon would otherwise import.
-from . import cli, client, manager, phases, title
+from . import cli, client, manager, passlane, phases, title
 from . import daemon as _daemon  # noqa: F401 - asyncio, the task service, protobuf, ttrpc
 from . import runtime_options as _runtime_options  # noqa: F401 - protobuf, tomllib
 
@@ -393,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     log.info("ready", extra={"fields": {"socket": args.socket, "pid": os.getpid(), "title_room": title.room(),
                                         **{f"{k}_kib": v for k, v in memory_kib().items()}}})
     title.remember_area()
+    try:
+        passlane.load()  # dlopen once here, not in every pod daemon
+    except OSError as err:
+        log.warning("pass lane not loaded; pod daemons serve every call in Python",
+                    extra={"fields": {"error": str(err)}})
     # Everything imported so far lives as long as the process: keep the collector off those pages, so
     # that workers and pod daemons share them copy-on-write instead of copying them on the first GC.
     gc.freeze()

@@ -35,6 +35,7 @@ from .upstream import TASK_SERVICES, Upstream
 if TYPE_CHECKING:
     from kybernate.hooks.api.model import GpuManifest, StoreCheckpointResult  # loaded when first needed
 
+    from .passlane import Lane
     from .resilience import StoreCheckpoints  # loaded for the first task that asks for store checkpoints
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ class TaskService:
         # there on), at Start for every task through start(). containerd's Connect (its pid query) for them is
         # answered here, without a hop to the child.
         self._task_pids: dict[str, int] = {}
+        # The pass lane (shim/passlane.py), when the daemon has one: what it may do for a task is mirrored into
+        # it from the two tables above (_mirror) and from the gate below (sync_lane), as they change.
+        self.lane: Lane | None = None
         # The CRIU config file each task's config.json names (ours, not a user's) and its extra options: written
         # before the task's first dump (criu_config.write_once), not at Create.
         self._criu_files: dict[str, tuple[str, tuple[str, ...]]] = {}
@@ -77,6 +81,7 @@ class TaskService:
         self.child_seconds: dict[tuple[str, str], float] = {}
         self._store_checkpoints: StoreCheckpoints | None = None
         self.hibernation = Hibernation(self, events)  # standby's disk tier (shim/hibernate.py)
+        self.hibernation.entries_changed = self.sync_lane
         self._intercepted: dict[str, Callable[[Call], Awaitable[bytes]]] = {
             "Create": self.create,
             "Start": self.start_from_containerd,
@@ -104,6 +109,22 @@ class TaskService:
             return await method(call)
         except Exception as err:  # the one place errors become statuses
             raise to_status(err) from err
+        finally:
+            self.sync_lane()
+
+    def sync_lane(self) -> None:
+        """The lane's gate as pass_through() and the events proxy decide: no task call passes while a task is
+        hibernated, Connect is answered without the handler only while no task has GPU state, events pass only
+        while the proxy has no drop rule (no task hibernating or waking). Called wherever any may change."""
+        if self.lane is not None:
+            self.lane.gate(open_=not self.hibernation.entries, connect_local=not self.gpu.has_gpu_tasks(),
+                           events_open=self.events is None or self.events.drop_rule is None)
+
+    def _mirror(self, container_id: str) -> None:
+        """A task's row of _task_pids and _plain_starts, as the lane holds it."""
+        if self.lane is not None:
+            self.lane.task(container_id, pid=self._task_pids.get(container_id, 0),
+                           plain=container_id in self._plain_starts)
 
     def pass_through(self, call: Call, answer: Answer) -> Callable[[], None] | None:
         """handle()'s plain forward without a task (the server's fast path, ttrpc/server.py PassThrough): for
@@ -203,6 +224,7 @@ class TaskService:
         phase, manifest = await self._gpu_phase(spec, request.checkpoint)
         # The intent is recorded first: a Create that cannot record it changes nothing.
         await self.gpu.created(TaskGpu(spec, phase, manifest=manifest))
+        self.sync_lane()  # a task with GPU state takes Connect from the lane before anything is sent
         try:
             sent = request.SerializeToString() if changed else call.payload
             reply = await self.upstream.forward(call, sent)
@@ -223,15 +245,18 @@ class TaskService:
             self._checkpoints().created(spec)
         elif phase is Phase.NO_GPU and plan is None and not request.checkpoint and not spec.vram_request:
             self._plain_starts.add(request.id)
+        self._mirror(request.id)
         return reply
 
     async def create_from_image(self, request: Any, spec: TaskSpec, call: Call) -> None:
         """A hibernated task created again in the child from its image (request.checkpoint), as containerd
         created it first: the same request, the same options; runc restores it at Start."""
         self._task_pids.pop(request.id, None)  # restored at Start with a new pid: Connect asks the child
+        self._mirror(request.id)
         # CRIU's config needs nothing here: the first Create named it in config.json, the hibernate's dump wrote it.
         phase, manifest = await self._gpu_phase(spec, request.checkpoint)
         await self.gpu.created(TaskGpu(spec, phase, manifest=manifest))
+        self.sync_lane()  # a task with GPU state takes Connect from the lane before anything is sent
         try:
             await self.upstream.forward(call, request.SerializeToString())
         except BaseException:
@@ -263,6 +288,7 @@ class TaskService:
             if not request.exec_id:
                 self.child_seconds[(request.id, "restore")] = time.time() - since
                 self._task_pids[request.id] = task_pb2.StartResponse.FromString(reply).pid  # final for a restore
+                self._mirror(request.id)
         except TTRPCError as err:
             if request.exec_id:
                 raise
@@ -362,6 +388,7 @@ class TaskService:
         if not request.exec_id:
             self._plain_starts.discard(request.id)
             self._task_pids.pop(request.id, None)
+            self._mirror(request.id)
             self._criu_files.pop(request.id, None)
             await self.gpu.forget(request.id)
             self.hibernation.deleted(request.id)

@@ -103,6 +103,10 @@ UNIT_SOURCE = "packaging/systemd/kybernate-hookd.service"
 SHIMD_UNIT_SOURCE = "packaging/systemd/kybernate-shimd.service"
 # The native shim client's source, in the kybernate wheel and so in each version's site-packages.
 NATIVE_SOURCE = "kybernate/shim/native/shim_client.c"
+# The pass lane's source (the pod daemon's pass-through below Python), built into each version's venv as
+# lib/kybernate-passlane.so, where shim/passlane.py looks for it.
+PASSLANE_SOURCE = "kybernate/shim/native/passlane.c"
+PASSLANE_LIBRARY = "lib/kybernate-passlane.so"
 
 DEFAULT_CONTAINERD_CONFIG = "/etc/containerd/config.toml"
 OPT = PurePosixPath("/opt/kybernate")
@@ -1222,6 +1226,7 @@ def plan_install(plan: Plan, host: Host, args: argparse.Namespace, host_exec: Ho
     for name, text in launchers.items():
         if name == LAUNCHERS[0]:
             _plan_shim_binary(plan, host, host_exec, venv, version, kyb, text)
+            _plan_passlane(plan, host, host_exec, venv, version, kyb)
         elif _plan_file(plan, host, BIN_DIR / name, text, 0o755, what=f"launcher for {venv}"):
             plan.hookd_changed |= name == LAUNCHERS[1]
             plan.shimd_changed |= name == LAUNCHERS[2]
@@ -1330,6 +1335,44 @@ def _plan_shim_binary(plan: Plan, host: Host, host_exec: HostExec, venv: PurePos
         os.chmod(host.path(new), 0o755)
         os.replace(host.path(new), local)
     plan.add(f"build {binary} (the native shim client) from {src} with the node's {cc}", build)
+    plan.shimd_changed = True
+
+
+def _plan_passlane(plan: Plan, host: Host, host_exec: HostExec, venv: PurePosixPath, version: tuple[int, int],
+                   kyb: Wheel) -> None:
+    """The pass lane in the version's venv, built with the node's cc (its source's digest compiled in, so an
+    unchanged one is not rebuilt). Without a compiler, or if it does not build, pod daemons pass every call
+    through Python: slower proxied calls, nothing broken."""
+    with zipfile.ZipFile(kyb.path) as z:
+        try:
+            source = z.read(PASSLANE_SOURCE)
+        except KeyError:
+            return  # a wheel from before the pass lane
+    library = venv / PASSLANE_LIBRARY
+    build_id = f"{MARK} pass lane {hashlib.sha256(source).hexdigest()[:16]}"
+    local = host.path(library)
+    if local.is_file() and build_id.encode() in local.read_bytes():
+        return
+    cc = _host_cc(host, host_exec)
+    if cc is None:
+        plan.notes.append(f"no C compiler the installer can run on the node: no {library}, so pod daemons pass "
+                          "every call through Python (docs/benchmarks.md)")
+        return
+    src = venv / "lib" / f"python{version[0]}.{version[1]}" / "site-packages" / PASSLANE_SOURCE
+    new = library.with_name(f".{library.name}.new")
+
+    def build() -> None:
+        out, src_arg = (new, src) if host_exec.mode == "nsenter" else (host.path(new), host.path(src))
+        r = host_exec.run([cc, "-O2", "-shared", "-fPIC", "-pthread", f'-DKYB_BUILD_ID="{build_id}"', "-o", str(out),
+                           str(src_arg)], timeout=120)
+        if r.returncode != 0:
+            host.path(new).unlink(missing_ok=True)
+            print(f"note: building the pass lane failed ({r.stderr.strip()[-400:]}); pod daemons pass every call "
+                  "through Python")
+            return
+        os.replace(host.path(new), local)
+
+    plan.add(f"build {library} (the pass lane) from {src} with the node's {cc}", build)
     plan.shimd_changed = True
 
 

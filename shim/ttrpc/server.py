@@ -66,6 +66,9 @@ Answer = Callable[[Response], None]
 # to the handler. Such a call runs without a task of its own: no task, no future, no extra turn of the
 # event loop between the two reads and the two writes (docs/benchmarks.md, the proxied call).
 PassThrough = Callable[[Call, Answer], Callable[[], None] | None]
+# Takes an accepted, admitted connection and returns the socket to serve in its place (shim/passlane.py: the
+# pod daemon's pass lane answers some calls below Python and hands the rest on through that socket).
+Adopt = Callable[[socket.socket], socket.socket]
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -76,9 +79,10 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 class Server:
     def __init__(self, handler: Handler, *, require_same_uid: bool = True, limits: Limits | None = None,
-                 pass_through: PassThrough | None = None) -> None:
+                 pass_through: PassThrough | None = None, adopt: Adopt | None = None) -> None:
         self._handler = handler
         self._pass_through = pass_through
+        self._adopt = adopt
         self._require_same_uid = require_same_uid
         self.limits = limits or Limits()
         self.budget = BufferBudget(self.limits)  # bytes all connections hold: frames and running payloads
@@ -222,6 +226,8 @@ class Server:
                                               "limit": self.limits.max_connections}})
                 conn_sock.close()
                 continue
+            if self._adopt is not None:  # admitted as the peer it is; served through what adopt returns
+                conn_sock = self._adopt(conn_sock)
             connection = _ServerConnection(self, name)
             task = tasks.create_task(connection.run(conn_sock), name=f"ttrpc {name}")
             mine.add(task)

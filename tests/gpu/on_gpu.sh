@@ -269,6 +269,16 @@ PYTHONPATH=$BASE/site exec $PY -c 'import sys; from kybernate.shim.cli import ma
 SHIM
     chmod +x "$BASE/bin/containerd-shim-kybernate-v1"
     "$BASE/bin/containerd-shim-kybernate-v1" -v || return 3
+    # The pass lane (shim/native/passlane.c), built here as the installer builds it on a node; the pod daemons
+    # find it through KYBERNATE_PASSLANE in containerd's environment. Without a compiler they serve in Python.
+    PASSLANE=""
+    if command -v cc >/dev/null && cc -O2 -shared -fPIC -pthread -o "$BASE/kybernate-passlane.so" \
+            "$BASE/site/kybernate/shim/native/passlane.c"; then
+        PASSLANE="$BASE/kybernate-passlane.so"
+        say "pass lane built: $PASSLANE"
+    else
+        say "no pass lane (no cc, or it did not build): pod daemons pass every call through Python"
+    fi
     mkdir -p /run/kybernate
     # hookd owns the checkpoint store (docs/store.md): it reaches our private containerd and writes $BASE/store,
     # which the shims read too (KYBERNATE_STORE in containerd's environment below).
@@ -292,6 +302,7 @@ fi
 say "starting containerd (root $BASE/root, state $BASE/state, socket $ADDR)"
 env -i PATH="$CTRD_PATH" HOME=/root XDG_RUNTIME_DIR="$BASE/tmp" TMPDIR="$BASE/tmp" \
     KYBERNATE_STORE="$KYBERNATE_STORE" KYBERNATE_REGISTRY="$BASE/registry.db" \
+    KYBERNATE_PASSLANE="${PASSLANE:-off}" \
     "$BASE/bin/containerd" --config "$BASE/config.toml" >"$BASE/containerd.log" 2>&1 &
 echo $! >"$BASE/containerd.pid"
 CTR=("$BASE/bin/ctr" --address "$ADDR" --namespace "$NS")
@@ -365,6 +376,8 @@ if [ "$KEEP" != 1 ]; then
     [ -f "$BASE/hookd.pid" ] && kill "$(cat "$BASE/hookd.pid")" 2>/dev/null
     sleep 0.5
 fi
+# Whether the pod daemons served through the pass lane, and how many calls it took without Python.
+grep -o 'lane=[A-Za-z]*\|lane_calls=[0-9]*' "$BASE/containerd.log" 2>/dev/null | sort | uniq -c >"$OUT/lane.txt" || true
 (cd "$BASE" && tar -czf "$OUT/logs.tgz" --ignore-failed-read containerd.log hookd.log config.toml image.json scenario.log \
     logs out 2>/dev/null)
 say "done rc=$RC, wall $(elapsed)s; results in $OUT: $(ls "$OUT" | tr '\n' ' ')"

@@ -10,6 +10,7 @@ run (a temporary root has no way to reach a systemd, and the installer refuses t
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -856,6 +857,11 @@ def test_restart_and_start_run_in_order_and_only_on_a_change(
     assert binary.startswith(b"\x7fELF") and build_id in binary
     # Linked statically (this machine has libc.a): no dynamic loader on each of containerd's execs.
     assert not _has_interpreter(binary)
+    # The pass lane, built into the version's venv where its pod daemons load it (shim/passlane.py).
+    lane = n.path(f"{venv}/lib/kybernate-passlane.so")
+    lane_source = (ROOT / "shim/native/passlane.c").read_bytes()
+    assert f"kybernate install.py pass lane {hashlib.sha256(lane_source).hexdigest()[:16]}".encode() in lane.read_bytes()
+    assert ctypes.CDLL(str(lane)).kyb_lane_new  # it loads, and is the lane
     for launcher in ("containerd-shim-kybernate-v1.py", "kybernate-shimd"):
         assert n.path(f"/usr/local/bin/{launcher}").read_text().startswith(f"#!{venv}/bin/python3\n")
     assert os.readlink(n.path(SHIMD_WANTS)) == SHIMD_UNIT
@@ -889,6 +895,8 @@ def test_a_native_client_that_does_not_build_leaves_the_python_launcher(
     r = _install_direct(n, {**env, "PATH": f"{broken}:{env['PATH']}"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "note: building the native shim client failed (cc: internal compiler error)" in r.stdout
+    assert "note: building the pass lane failed (cc: internal compiler error)" in r.stdout
+    assert not n.path(f"{installed_venv(n)}/lib/kybernate-passlane.so").exists()
     launcher = n.path("/usr/local/bin/containerd-shim-kybernate-v1").read_text()
     assert launcher == n.path("/usr/local/bin/containerd-shim-kybernate-v1.py").read_text()
     assert launcher.startswith(f"#!{installed_venv(n)}/bin/python3\n")
@@ -897,6 +905,7 @@ def test_a_native_client_that_does_not_build_leaves_the_python_launcher(
     r = _install_direct(n, env)
     assert r.returncode == 0 and "build /usr/local/bin/containerd-shim-kybernate-v1 (the native shim client)" in r.stdout
     assert n.path("/usr/local/bin/containerd-shim-kybernate-v1").read_bytes().startswith(b"\x7fELF")
+    assert n.path(f"{installed_venv(n)}/lib/kybernate-passlane.so").read_bytes().startswith(b"\x7fELF")
 
 
 def test_a_node_without_a_static_c_library_gets_the_native_client_linked_dynamically(

@@ -1,5 +1,6 @@
 """Which of containerd's task calls the shim's TaskService passes through without a task (shim/service.py
-pass_through, _passable), and that a passed call answers exactly as its handler would.
+pass_through, _passable), and that a passed call answers exactly as its handler would: served by Python
+alone, and with the pass lane in front (shim/passlane.py), which must answer every call the same way.
 
 A real ttrpc server stands in for the runc shim child (answering task calls with real protobuf replies), the
 TaskService serves containerd's side, and a ttrpc client plays containerd, all on real unix sockets.
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from kybernate.api import task_pb2
+from kybernate.shim.passlane import Lane
 from kybernate.shim.runtime_options import KybernateOptions, RuntimeConfig
 from kybernate.shim.service import TaskService
 from kybernate.shim.taskspec import GPU
@@ -74,6 +76,7 @@ class Setup:
     child: Child
     bundles: Path
     handled: list[str] = field(default_factory=list)
+    lane: Lane | None = None
 
     def bundle(self, container_id: str, annotations: dict[str, str] | None = None) -> str:
         path = self.bundles / container_id
@@ -102,12 +105,19 @@ async def _listen(server: Server, path: str) -> asyncio.Task[None]:
     return asyncio.create_task(server.serve_socket(listener))
 
 
+@pytest.fixture(params=["python", "lane"])
+def via(request: pytest.FixtureRequest) -> str:
+    """Who serves containerd's connection: Python alone, or the pass lane in front of it."""
+    return str(request.param)
+
+
 @asynccontextmanager
-async def shim(sock_dir: str, tmp_path: Path) -> AsyncIterator[Setup]:
+async def shim(sock_dir: str, tmp_path: Path, via: str) -> AsyncIterator[Setup]:
     child = Child()
     child_server = Server(child.handle)
-    child_task = await _listen(child_server, os.path.join(sock_dir, "child.sock"))
-    upstream = await Upstream.connect(os.path.join(sock_dir, "child.sock"), 2)
+    child_path = os.path.join(sock_dir, "child.sock")
+    child_task = await _listen(child_server, child_path)
+    upstream = await Upstream.connect(child_path, 2)
     defaults = RuntimeConfig(kybernate=KybernateOptions(intent_dir=str(tmp_path / "intent")))
     service = TaskService(upstream, "ns", defaults, driver_for=lambda options: None)  # type: ignore[arg-type,return-value]
     handled: list[str] = []
@@ -116,13 +126,16 @@ async def shim(sock_dir: str, tmp_path: Path) -> AsyncIterator[Setup]:
         handled.append(call.method)
         return await service.handle(call)
 
-    server = Server(handle, pass_through=service.pass_through)
+    lane = Lane.open(child_path, upstream.service) if via == "lane" else None
+    assert (lane is None) == (via == "python"), "the pass lane's library is built by make venv"
+    service.lane = lane
+    server = Server(handle, pass_through=service.pass_through, adopt=lane.adopt if lane else None)
     server_task = await _listen(server, os.path.join(sock_dir, "shim.sock"))
     client = await Client.connect(os.path.join(sock_dir, "shim.sock"))
     bundles = tmp_path / "bundles"
     bundles.mkdir()
     try:
-        yield Setup(service, client, child, bundles, handled)
+        yield Setup(service, client, child, bundles, handled, lane)
     finally:
         await client.close()
         for s in (server, child_server):
@@ -130,11 +143,13 @@ async def shim(sock_dir: str, tmp_path: Path) -> AsyncIterator[Setup]:
             await s.wait_closed()
         await asyncio.gather(server_task, child_task)
         await upstream.close()
+        if lane is not None:
+            lane.close()
 
 
-def test_a_plain_task_starts_connects_and_is_killed_through_the_pass_through(sock_dir, tmp_path) -> None:
+def test_a_plain_task_starts_connects_and_is_killed_through_the_pass_through(sock_dir, tmp_path, via) -> None:
     async def main() -> None:
-        async with shim(sock_dir, tmp_path) as s:
+        async with shim(sock_dir, tmp_path, via) as s:
             await s.call("Create", task_pb2.CreateTaskRequest(id="plain", bundle=s.bundle("plain")))
             started = task_pb2.StartResponse.FromString(await s.call("Start", task_pb2.StartRequest(id="plain")))
             connect = await s.call("Connect", task_pb2.ConnectRequest(id="plain"))
@@ -151,6 +166,8 @@ def test_a_plain_task_starts_connects_and_is_killed_through_the_pass_through(soc
             # The handler's rewrite, on the fast path too: containerd watches us, not the child.
             assert (connected.shim_pid, connected.task_pid) == (os.getpid(), TASK_PID)
             assert connect == task_pb2.ConnectResponse(shim_pid=os.getpid(), task_pid=TASK_PID).SerializeToString()
+            if s.lane is not None:  # the plain Start, the Connect and the exec's Start never reached Python
+                assert s.lane.taken == 3
 
             await s.call("Delete", task_pb2.DeleteRequest(id="plain"))
             assert s.handled == ["Create", "Delete"]
@@ -164,9 +181,9 @@ def test_a_plain_task_starts_connects_and_is_killed_through_the_pass_through(soc
     asyncio.run(main())
 
 
-def test_starts_that_need_the_handler_are_not_passed_through(sock_dir, tmp_path) -> None:
+def test_starts_that_need_the_handler_are_not_passed_through(sock_dir, tmp_path, via) -> None:
     async def main() -> None:
-        async with shim(sock_dir, tmp_path) as s:
+        async with shim(sock_dir, tmp_path, via) as s:
             # Created from a checkpoint: runc restores at Start, whose errors the handler maps (CRIU's log).
             await s.call("Create", task_pb2.CreateTaskRequest(id="restored", bundle=s.bundle("restored"),
                                                               checkpoint=str(tmp_path / "image")))
@@ -184,9 +201,9 @@ def test_starts_that_need_the_handler_are_not_passed_through(sock_dir, tmp_path)
     asyncio.run(main())
 
 
-def test_connect_asks_the_child_until_a_restored_task_has_its_pid(sock_dir, tmp_path) -> None:
+def test_connect_asks_the_child_until_a_restored_task_has_its_pid(sock_dir, tmp_path, via) -> None:
     async def main() -> None:
-        async with shim(sock_dir, tmp_path) as s:
+        async with shim(sock_dir, tmp_path, via) as s:
             await s.call("Create", task_pb2.CreateTaskRequest(id="restored", bundle=s.bundle("restored"),
                                                               checkpoint=str(tmp_path / "image")))
             before = task_pb2.ConnectResponse.FromString(await s.call("Connect", task_pb2.ConnectRequest(id="restored")))
@@ -199,14 +216,15 @@ def test_connect_asks_the_child_until_a_restored_task_has_its_pid(sock_dir, tmp_
     asyncio.run(main())
 
 
-def test_connect_is_handled_while_a_task_has_gpu_state(sock_dir, tmp_path) -> None:
+def test_connect_is_handled_while_a_task_has_gpu_state(sock_dir, tmp_path, via) -> None:
     async def main() -> None:
-        async with shim(sock_dir, tmp_path) as s:
+        async with shim(sock_dir, tmp_path, via) as s:
             await s.call("Create", task_pb2.CreateTaskRequest(id="plain", bundle=s.bundle("plain")))
             await s.call("Create", task_pb2.CreateTaskRequest(id="gpu", bundle=s.bundle("gpu", {GPU: "true"})))
             reply = task_pb2.ConnectResponse.FromString(await s.call("Connect", task_pb2.ConnectRequest(id="plain")))
             # connect() ran (it settles GPU steps) and asked the child; the answer is the same.
             assert s.handled == ["Create", "Create", "Connect"] and s.child.calls[-1] == "Connect"
+            assert s.lane is None or s.lane.taken == 0
             assert (reply.shim_pid, reply.task_pid) == (os.getpid(), TASK_PID)
 
     asyncio.run(main())
