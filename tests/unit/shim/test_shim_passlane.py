@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import struct
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import pytest
+from harness.sockets import serve, short_dir
 
 from kybernate.api import task_pb2
 from kybernate.shim.passlane import Lane
@@ -64,28 +63,20 @@ class Setup:
 
 @pytest.fixture
 def sock_dir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="lane-", dir="/tmp")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-async def _listen(server: Server, path: str) -> asyncio.Task[None]:
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen()
-    return asyncio.create_task(server.serve_socket(listener))
+    with short_dir("lane-") as path:
+        yield path
 
 
 @asynccontextmanager
 async def lane_in_front(sock_dir: str, child_service: str = TASK_V2) -> AsyncIterator[Setup]:
     child, python, containerd = Peer("child"), Peer("python"), Peer("containerd")
     child_server, events_server = Server(child.handle), Server(containerd.handle)
-    child_task = await _listen(child_server, os.path.join(sock_dir, "child.sock"))
-    events_task = await _listen(events_server, os.path.join(sock_dir, "events.sock"))
+    child_task = await serve(child_server, os.path.join(sock_dir, "child.sock"))
+    events_task = await serve(events_server, os.path.join(sock_dir, "events.sock"))
     lane = Lane.open(os.path.join(sock_dir, "child.sock"), child_service, os.path.join(sock_dir, "events.sock"))
     assert lane is not None, "the pass lane's library is built by make venv"
     server = Server(python.handle, adopt=lane.adopt)
-    server_task = await _listen(server, os.path.join(sock_dir, "shim.sock"))
+    server_task = await serve(server, os.path.join(sock_dir, "shim.sock"))
     client = await Client.connect(os.path.join(sock_dir, "shim.sock"))
     try:
         yield Setup(lane, child, python, child_server, server, client, sock_dir, containerd, events_server)
@@ -183,7 +174,8 @@ def test_the_runc_shims_events_go_to_containerd_without_python_while_no_task_hib
             s.events_server.close()  # containerd restarts: what is pending is answered, and the child retries
             with pytest.raises(TTRPCError) as gone:
                 await asyncio.wait_for(pending, 5)
-            assert (gone.value.code, gone.value.message) == (Code.UNAVAILABLE, "containerd closed the events connection")
+            assert gone.value.code == Code.UNAVAILABLE
+            assert gone.value.message == "containerd closed the events connection"
             assert await publisher.call(EVENTS, "Forward", b"e6", metadata=NS) == b"python:Forward:e6"  # Python dials
             assert s.containerd.calls == [(EVENTS, "Forward")] * 3
             assert s.python.calls == [(EVENTS, "Forward"), (EVENTS, "Other"), (EVENTS, "Forward")]

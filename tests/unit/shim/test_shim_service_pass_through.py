@@ -11,15 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import socket
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from harness.sockets import serve, short_dir
 
 from kybernate.api import task_pb2
 from kybernate.shim.passlane import Lane
@@ -93,16 +91,8 @@ class Setup:
 
 @pytest.fixture
 def sock_dir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="svc-", dir="/tmp")  # unix socket paths are short
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-async def _listen(server: Server, path: str) -> asyncio.Task[None]:
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen()
-    return asyncio.create_task(server.serve_socket(listener))
+    with short_dir("svc-") as path:
+        yield path
 
 
 @pytest.fixture(params=["python", "lane"])
@@ -116,7 +106,7 @@ async def shim(sock_dir: str, tmp_path: Path, via: str) -> AsyncIterator[Setup]:
     child = Child()
     child_server = Server(child.handle)
     child_path = os.path.join(sock_dir, "child.sock")
-    child_task = await _listen(child_server, child_path)
+    child_task = await serve(child_server, child_path)
     upstream = await Upstream.connect(child_path, 2)
     defaults = RuntimeConfig(kybernate=KybernateOptions(intent_dir=str(tmp_path / "intent")))
     service = TaskService(upstream, "ns", defaults, driver_for=lambda options: None)  # type: ignore[arg-type,return-value]
@@ -130,7 +120,7 @@ async def shim(sock_dir: str, tmp_path: Path, via: str) -> AsyncIterator[Setup]:
     assert (lane is None) == (via == "python"), "the pass lane's library is built by make venv"
     service.lane = lane
     server = Server(handle, pass_through=service.pass_through, adopt=lane.adopt if lane else None)
-    server_task = await _listen(server, os.path.join(sock_dir, "shim.sock"))
+    server_task = await serve(server, os.path.join(sock_dir, "shim.sock"))
     client = await Client.connect(os.path.join(sock_dir, "shim.sock"))
     bundles = tmp_path / "bundles"
     bundles.mkdir()

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import pytest
+from harness.sockets import serve
 
 from kybernate.shim.ttrpc.client import Client
 from kybernate.shim.ttrpc.errors import Code, ConnectionClosed, TTRPCError
@@ -67,22 +67,15 @@ class Front:
         return forget
 
 
-async def _serve(server: Server, path: str) -> asyncio.Task[None]:
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen()
-    return asyncio.create_task(server.serve_socket(listener))
-
-
 @asynccontextmanager
 async def chain(sock_dir: str, task_api: int = 2) -> AsyncIterator[tuple[Back, Front, Server, Server, str]]:
     back, back_path, front_path = Back(), os.path.join(sock_dir, "back.sock"), os.path.join(sock_dir, "front.sock")
     back_server = Server(back.handle)
-    back_task = await _serve(back_server, back_path)
+    back_task = await serve(back_server, back_path)
     upstream = await Upstream.connect(back_path, task_api)
     front = Front(upstream)
     front_server = Server(front.handle, pass_through=front.pass_through)
-    front_task = await _serve(front_server, front_path)
+    front_task = await serve(front_server, front_path)
     try:
         yield back, front, front_server, back_server, front_path
     finally:
