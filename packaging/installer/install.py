@@ -1282,6 +1282,14 @@ def _host_cc(host: Host, host_exec: HostExec) -> str | None:
     return None  # no way to run a program on the node
 
 
+def _compile(host: Host, host_exec: HostExec, cc: str, flags: list[str], src: PurePosixPath,
+             out: PurePosixPath) -> subprocess.CompletedProcess[str]:
+    """The node's cc on the version's `src` into `out` (both node paths). nsenter runs cc in the node's mount
+    namespace (node paths); direct runs it here (the same paths under the host root)."""
+    out_arg, src_arg = (out, src) if host_exec.mode == "nsenter" else (host.path(out), host.path(src))
+    return host_exec.run([cc, "-O2", *flags, "-o", str(out_arg), str(src_arg)], timeout=120)
+
+
 def _native_build_id(source: bytes) -> str:
     return f"{MARK} native client {hashlib.sha256(source).hexdigest()[:16]}"
 
@@ -1318,12 +1326,9 @@ def _plan_shim_binary(plan: Plan, host: Host, host_exec: HostExec, venv: PurePos
     build_id = _native_build_id(source)
 
     def build() -> None:
-        # nsenter runs cc in the node's mount namespace (host paths); direct runs it here (paths under the root).
-        out, src_arg = (new, src) if host_exec.mode == "nsenter" else (host.path(new), host.path(src))
         # Static where the node's C library allows it (libc.a): no dynamic loader on each of containerd's execs.
         for link in (["-static"], []):
-            r = host_exec.run([cc, "-O2", *link, f'-DKYB_BUILD_ID="{build_id}"', "-o", str(out), str(src_arg)],
-                              timeout=120)
+            r = _compile(host, host_exec, cc, [*link, f'-DKYB_BUILD_ID="{build_id}"'], src, new)
             if r.returncode == 0:
                 break
         if r.returncode != 0:
@@ -1362,9 +1367,7 @@ def _plan_passlane(plan: Plan, host: Host, host_exec: HostExec, venv: PurePosixP
     new = library.with_name(f".{library.name}.new")
 
     def build() -> None:
-        out, src_arg = (new, src) if host_exec.mode == "nsenter" else (host.path(new), host.path(src))
-        r = host_exec.run([cc, "-O2", "-shared", "-fPIC", "-pthread", f'-DKYB_BUILD_ID="{build_id}"', "-o", str(out),
-                           str(src_arg)], timeout=120)
+        r = _compile(host, host_exec, cc, ["-shared", "-fPIC", "-pthread", f'-DKYB_BUILD_ID="{build_id}"'], src, new)
         if r.returncode != 0:
             host.path(new).unlink(missing_ok=True)
             print(f"note: building the pass lane failed ({r.stderr.strip()[-400:]}); pod daemons pass every call "

@@ -50,7 +50,6 @@
 #define MAX_TASKS 4096                  /* registered tasks; beyond, Python answers */
 #define MAX_ID 256
 #define WRITE_TIMEOUT_S 30
-#define CHUNK (64u << 10)
 #define UNAVAILABLE 14
 #define DEADLINE_EXCEEDED 4
 #define EVENT_TIMEOUT_S 5 /* shim/events.py FORWARD_TIMEOUT_S */
@@ -154,6 +153,17 @@ static int write_full(int fd, const void *buf, size_t len) {
         }
         p += n;
         len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* n bytes from one socket to the other, through a small buffer. */
+static int relay(int from, int to, size_t n) {
+    unsigned char buf[8192];
+    while (n > 0) {
+        size_t k = n < sizeof buf ? n : sizeof buf;
+        if (read_full(from, buf, k) < 0 || write_full(to, buf, k) < 0) return -1;
+        n -= k;
     }
     return 0;
 }
@@ -377,13 +387,7 @@ static int stream_to_python(struct conn *c, const unsigned char *h, const unsign
                             size_t rest) {
     if (write_full(c->pfd, h, HEADER_LEN) < 0) return -1;
     if (have_len && write_full(c->pfd, have, have_len) < 0) return -1;
-    unsigned char buf[8192];
-    while (rest > 0) {
-        size_t n = rest < sizeof buf ? rest : sizeof buf;
-        if (read_full(c->cfd, buf, n) < 0 || write_full(c->pfd, buf, n) < 0) return -1;
-        rest -= n;
-    }
-    return 0;
+    return relay(c->cfd, c->pfd, rest);
 }
 
 static void *from_containerd(void *arg) {
@@ -423,22 +427,16 @@ static void *from_containerd(void *arg) {
 
 static void *from_python(void *arg) {
     struct conn *c = arg;
-    unsigned char h[HEADER_LEN], *buf = malloc(CHUNK);
-    while (buf && read_full(c->pfd, h, HEADER_LEN) == 0) {
+    unsigned char h[HEADER_LEN];
+    while (read_full(c->pfd, h, HEADER_LEN) == 0) {
         uint32_t len = be32(h);
         if (len > MAX_MESSAGE + 1024) break; /* Python never writes that: the stream is broken */
         /* The frame whole under the write lock, so that the lane's answers land between frames. */
         pthread_mutex_lock(&c->write);
-        int failed = write_full(c->cfd, h, HEADER_LEN) < 0;
-        while (!failed && len > 0) {
-            size_t n = len < CHUNK ? len : CHUNK;
-            failed = read_full(c->pfd, buf, n) < 0 || write_full(c->cfd, buf, n) < 0;
-            len -= (uint32_t)n;
-        }
+        int failed = write_full(c->cfd, h, HEADER_LEN) < 0 || relay(c->pfd, c->cfd, len) < 0;
         pthread_mutex_unlock(&c->write);
         if (failed) break;
     }
-    free(buf);
     shutdown(c->cfd, SHUT_RDWR); /* Python closed the connection: so does containerd's side */
     shutdown(c->pfd, SHUT_RDWR);
     release_conn(c);
